@@ -1,0 +1,15 @@
+"""fastadagrad: the AdaGrad update fused into one compiled pass over memory, CPU and GPU.
+
+>>> import numpy as np, fastadagrad
+>>> opt = fastadagrad.AdaGrad(lr=0.01)          # drop-in for the NumPy class
+
+See :func:`adagrad_update`, :class:`AdaGrad`, :class:`FlatBuffer`.
+"""
+
+from ._hyper import Rule
+from .flat import FlatBuffer
+from .optim import AdaGrad, adagrad_update
+from .presets import PRESETS
+
+__all__ = ["AdaGrad", "FlatBuffer", "PRESETS", "Rule", "adagrad_update"]
+__version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""The thin layer between the public API and the kernels.
+
+Validation (shapes, dtypes, contiguity, writability, aliasing, hyperparameters), the
+CPU/GPU choice, the serial/parallel choice and the chunk tables live here, so that
+``cpu.py`` and ``cuda.py`` stay bare loops. Everything is checked before the first
+write: an error leaves every input bit-unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _hyper as H
+from . import config, cpu
+from ._jit import jit
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Labels:
+    """How one tensor is named in error messages: ``params['fc1.W']`` and friends."""
+
+    __slots__ = ("param", "grad", "state")
+
+    def __init__(self, param: str, grad: str, state: str) -> None:
+        self.param, self.grad, self.state = param, grad, state
+
+    @classmethod
+    def keyed(cls, key: Any, params: str = "params", grads: str = "grads",
+              state: str = "state_sum") -> Labels:
+        return cls(f"{params}[{key!r}]", f"{grads}[{key!r}]", f"{state}[{key!r}]")
+
+
+FUNCTIONAL_LABELS = Labels("param", "grad", "state_sum")
+
+
+def is_cuda_array(x: object) -> bool:
+    """True for objects that live on a CUDA device (Numba, CuPy, torch CUDA tensors)."""
+    if isinstance(x, np.ndarray):
+        return False
+    try:
+        return getattr(x, "__cuda_array_interface__", None) is not None
+    except Exception:  # torch raises RuntimeError for CUDA tensors that require grad
+        return True
+
+
+def describe(x: object) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def check_host_array(x: object, label: str, *, writable: bool) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{label} must be a NumPy array (or, for the GPU path, a CUDA array), "
+            f"got {describe(x)}"
+        )
+    dt = x.dtype
+    if dt not in _FLOATS:
+        raise TypeError(
+            f"{label} has dtype {dt.str if dt.kind == 'f' else dt}; fastadagrad updates "
+            "float32 and float64 arrays in native byte order only"
+        )
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
+                         "(a parameter must be updated in place, so no copy is made)")
+    if writable and not x.flags.writeable:
+        raise ValueError(f"{label} is read-only; it is updated in place")
+    return x
+
+
+def check_triple(p: Any, g: Any, h: Any, labels: Labels) -> None:
+    """Check one (param, grad, state) triple of host arrays."""
+    check_host_array(p, labels.param, writable=True)
+    check_host_array(g, labels.grad, writable=False)
+    check_host_array(h, labels.state, writable=True)
+    for other, label in ((g, labels.grad), (h, labels.state)):
+        if other.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {other.dtype} but {labels.param} has "
+                            f"dtype {p.dtype}; they must match")
+        if other.shape != p.shape:
+            raise ValueError(f"{label} has shape {other.shape} but {labels.param} has "
+                             f"shape {p.shape}; they must match")
+
+
+@jit()
+def _find_overlap(start, end, writable):
+    """Indices ``(i, j)`` of two byte ranges that overlap where one is written, or (-1, -1).
+
+    Sweep over ranges sorted by start, tracking the furthest end seen so far among
+    all ranges and among written ranges. Empty ranges never overlap.
+    """
+    order = np.argsort(start, kind="mergesort")
+    far_all, arg_all = 0, -1
+    far_w, arg_w = 0, -1
+    for k in range(order.size):
+        i = order[k]
+        if end[i] <= start[i]:
+            continue
+        if arg_w >= 0 and start[i] < far_w:
+            return arg_w, i
+        if writable[i] and arg_all >= 0 and start[i] < far_all:
+            return arg_all, i
+        if end[i] > far_all:
+            far_all, arg_all = end[i], i
+        if writable[i] and end[i] > far_w:
+            far_w, arg_w = end[i], i
+    return -1, -1
+
+
+def check_no_overlap(paddr: np.ndarray, gaddr: np.ndarray, haddr: np.ndarray,
+                     nbytes: np.ndarray, labels: Sequence[Labels]) -> None:
+    """Raise if a parameter or state overlaps any other array (grads may share memory)."""
+    n = paddr.size
+    start = np.concatenate((paddr, gaddr, haddr))
+    end = start + np.concatenate((nbytes, nbytes, nbytes))
+    writable = np.ones(3 * n, np.bool_)
+    writable[n:2 * n] = False
+    i, j = _find_overlap(start, end, writable)
+    if i >= 0:
+        def name(k: int) -> str:
+            lab = labels[k % n]
+            return (lab.param, lab.grad, lab.state)[k // n]
+        raise ValueError(f"{name(i)} and {name(j)} share memory; a parameter and its "
+                         "state are updated in place and must not alias any other input")
+
+
+# --- chunk tables -----------------------------------------------------------------
+
+_TABLES: dict[tuple[int, tuple[int, ...]], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def chunk_table(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tensor, start, length) of every span of at most ``config.CHUNK`` elements.
+
+    Cached per model layout: a training loop asks for the same table every step.
+    """
+    key = (config.CHUNK, sizes)
+    table = _TABLES.get(key)
+    if table is None:
+        chunk = config.CHUNK
+        sz = np.asarray(sizes, np.int64)
+        counts = (sz + chunk - 1) // chunk
+        tensor = np.repeat(np.arange(sz.size, dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        start = (np.arange(tensor.size, dtype=np.int64) - first) * chunk
+        length = np.minimum(sz[tensor] - start, chunk)
+        table = (tensor, start, length)
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+# --- CPU --------------------------------------------------------------------------
+
+def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
+                   nonfinite: str, labels: Labels) -> bool:
+    """Fused step on one validated triple; False when ``nonfinite='skip'`` skipped it."""
+    n = p.size
+    pf, gf, hf = p.reshape(-1), g.reshape(-1), h.reshape(-1)
+    if nonfinite != "ignore" and cpu.span_has_nonfinite(gf, coefs[6], coefs[7]):
+        if nonfinite == "raise":
+            raise FloatingPointError(f"{labels.grad} contains NaN or inf; nothing was "
+                                     "updated")
+        return False
+    if n >= config.PARALLEL_THRESHOLD:
+        with cpu.PARALLEL_LOCK:
+            cpu.adagrad_flat_parallel(pf, gf, hf, config.CHUNK, *coefs)
+    elif n:
+        cpu.adagrad_span(pf, gf, hf, *coefs)
+    return True
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]  # type: ignore[no-any-return]
+
+
+def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                    states: Sequence[np.ndarray], labels: Sequence[Labels],
+                    hyper: H.Hyper, step: int, nonfinite: str) -> bool:
+    """Fused step over many validated triples: one compiled call per dtype."""
+    n = len(params)
+    paddr = np.fromiter((_address(a) for a in params), np.int64, n)
+    gaddr = np.fromiter((_address(a) for a in grads), np.int64, n)
+    haddr = np.fromiter((_address(a) for a in states), np.int64, n)
+    sizes = tuple(a.size for a in params)
+    nbytes = np.fromiter((a.nbytes for a in params), np.int64, n)
+    check_no_overlap(paddr, gaddr, haddr, nbytes, labels)
+
+    dtypes = {a.dtype for a in params}
+    groups = []
+    for dt in sorted(dtypes, key=lambda d: d.itemsize):
+        if len(dtypes) == 1:
+            idx = None
+            gsizes = sizes
+        else:
+            idx = np.fromiter((i for i in range(n) if params[i].dtype == dt), np.int64)
+            gsizes = tuple(sizes[i] for i in idx)
+        table = chunk_table(gsizes)
+        sel = (paddr, gaddr, haddr) if idx is None else (paddr[idx], gaddr[idx], haddr[idx])
+        groups.append((np.empty(0, dt), sel, table, sum(gsizes), idx,
+                       hyper.coefficients(dt, step)))
+
+    if nonfinite != "ignore":  # read-only pre-pass over every gradient before any write
+        for proto, (_, ga, _), (ct, cs, cl), total, idx, coefs in groups:
+            fn = (cpu.first_nonfinite_many if total >= config.PARALLEL_THRESHOLD
+                  else cpu.first_nonfinite_many_serial)
+            if fn is cpu.first_nonfinite_many:
+                with cpu.PARALLEL_LOCK:
+                    bad = fn(proto, ga, ct, cs, cl, coefs[6], coefs[7])
+            else:
+                bad = fn(proto, ga, ct, cs, cl, coefs[6], coefs[7])
+            if bad >= 0:
+                if nonfinite == "raise":
+                    k = bad if idx is None else int(idx[bad])
+                    raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
+                                             "nothing was updated")
+                return False
+
+    for proto, (pa, ga, ha), (ct, cs, cl), total, _, coefs in groups:
+        if total >= config.PARALLEL_THRESHOLD:
+            with cpu.PARALLEL_LOCK:
+                cpu.adagrad_many_parallel(proto, pa, ga, ha, ct, cs, cl, *coefs)
+        else:
+            cpu.adagrad_many_serial(proto, pa, ga, ha, ct, cs, cl, *coefs)
+    return True
+
+
+# --- front door -------------------------------------------------------------------
+
+def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+           labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str) -> bool:
+    """Validate everything, then run one fused step on the CPU or the GPU.
+
+    The device is chosen by the kind of arrays passed: NumPy arrays run on the CPU,
+    CUDA arrays (``__cuda_array_interface__``: Numba, CuPy, torch) on the GPU. A mix
+    is an error. Returns False if the step was skipped (``nonfinite='skip'``).
+    """
+    n = len(params)
+    if not (len(grads) == len(states) == len(labels) == n):
+        raise ValueError("params, grads and states must have the same length")
+    cuda_flags = [is_cuda_array(x) for x in params]
+    if any(cuda_flags) or any(is_cuda_array(x) for x in grads) or any(
+            is_cuda_array(x) for x in states):
+        _check_all_device(params, grads, states, labels)
+        from . import cuda
+
+        return cuda.update(params, grads, states, labels, hyper, step, nonfinite)
+    for i in range(n):
+        check_triple(params[i], grads[i], states[i], labels[i])
+    if n == 1:
+        p, g, h = params[0], grads[0], states[0]
+        lab = labels[0]
+        if np.may_share_memory(p, g) or np.may_share_memory(p, h) or \
+                np.may_share_memory(g, h):
+            check_no_overlap(*(np.array([_address(a)], np.int64) for a in (p, g, h)),
+                             np.array([p.nbytes], np.int64), labels)
+        return cpu_update_one(p, g, h, hyper.coefficients(p.dtype, step), nonfinite, lab)
+    return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite)
+
+
+def _check_all_device(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                      labels: Sequence[Labels]) -> None:
+    for seq, attr in ((params, "param"), (grads, "grad"), (states, "state")):
+        for x, lab in zip(seq, labels):
+            if not is_cuda_array(x):
+                raise TypeError(
+                    f"{getattr(lab, attr)} is a host array ({describe(x)}) but other "
+                    "inputs are CUDA arrays; pass all arrays on one device (nothing was "
+                    "updated)")

@@ -1,0 +1,170 @@
+"""Hyperparameters and formula choices, resolved into the scalars the kernels take.
+
+Every backend (CPU serial, CPU parallel, CUDA) runs the same per-element update; it
+is parametrised by a handful of scalars cast to the parameter dtype and a bit mask of
+flags. This module is the single place that turns user-facing options into those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+# Flag bits understood by every kernel (cpu.py, cuda.py). Loop-invariant, so LLVM
+# hoists the tests out of the vectorised loop (measured: no slowdown vs a kernel
+# without them, 2^16..2^24 f32).
+MAXIMIZE = 1
+WD_COUPLED = 2
+WD_DECOUPLED = 4
+FMA_ACCUMULATE = 8
+FMA_WEIGHT_DECAY = 16
+ZERO_WHERE_H0 = 32
+GRAD_SCALE = 64
+
+EpsPlacement = Literal["outside", "inside"]
+WeightDecayMode = Literal["coupled", "decoupled"]
+LrPlacement = Literal["numerator", "after"]
+NonFinite = Literal["ignore", "skip", "raise"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a framework writes the AdaGrad formula (the choices that change bits).
+
+    Attributes:
+        eps_placement: ``"outside"``: ``g / (sqrt(h) + eps)``; ``"inside"``:
+            ``g / sqrt(h + eps)``.
+        fma_accumulate: accumulate with one fused multiply-add, ``h = fma(g, g, h)``
+            (torch's CPU fused kernel) instead of ``h + g*g`` rounded twice.
+        lr_placement: ``"numerator"``: ``p - (lr*g) / d`` (NumPy class, torch,
+            TensorFlow, Keras); ``"after"``: ``p - (g / d) * lr`` (optax).
+        zero_where_h0: give a zero update where the accumulator is exactly 0 (optax).
+        weight_decay_mode: ``"coupled"``: L2 added to the gradient, ``g += wd * p``
+            (torch/apex); ``"decoupled"``: ``p -= lr * wd * p`` before the step (Keras 3).
+        fma_weight_decay: coupled weight decay as ``g = fma(p, wd, g)``.
+    """
+
+    eps_placement: EpsPlacement = "outside"
+    fma_accumulate: bool = False
+    lr_placement: LrPlacement = "numerator"
+    zero_where_h0: bool = False
+    weight_decay_mode: WeightDecayMode = "coupled"
+    fma_weight_decay: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("eps_placement", self.eps_placement, ("outside", "inside"))
+        _choice("lr_placement", self.lr_placement, ("numerator", "after"))
+        _choice("weight_decay_mode", self.weight_decay_mode, ("coupled", "decoupled"))
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_hyper(name: str, value: object, *, positive: bool = False) -> float:
+    """Return ``value`` as a float; raise a ValueError naming it unless finite and >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Validated hyperparameters of one update call (dtype-independent)."""
+
+    lr: float = 0.01
+    eps: float = 1e-7
+    lr_decay: float = 0.0
+    weight_decay: float = 0.0
+    maximize: bool = False
+    grad_scale: float | None = None
+    rule: Rule = Rule()
+
+    @classmethod
+    def make(
+        cls,
+        *,
+        lr: float = 0.01,
+        eps: float = 1e-7,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        grad_scale: float | None = None,
+        rule: Rule | None = None,
+    ) -> Hyper:
+        if not isinstance(maximize, (bool, np.bool_)):
+            raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+        return cls(
+            lr=check_hyper("lr", lr),
+            eps=check_hyper("eps", eps),
+            lr_decay=check_hyper("lr_decay", lr_decay),
+            weight_decay=check_hyper("weight_decay", weight_decay),
+            maximize=bool(maximize),
+            grad_scale=None if grad_scale is None
+            else check_hyper("grad_scale", grad_scale, positive=True),
+            rule=Rule() if rule is None else rule,
+        )
+
+    def clr(self, step: int) -> float:
+        """Learning rate at ``step`` (counted from 1), torch's ``lr_decay`` rule, in double."""
+        return self.lr / (1.0 + (step - 1) * self.lr_decay)
+
+    def coefficients(self, dtype: np.dtype, step: int = 1) -> tuple:
+        """The kernels' scalar arguments for ``dtype`` at ``step``.
+
+        Returns ``(lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)``,
+        the floats as ``dtype`` scalars: the NumPy class computes ``lr * g`` with ``lr``
+        rounded to the array dtype first, and so does every kernel.
+        """
+        t = np.dtype(dtype).type
+        r = self.rule
+        clr = self.clr(step)
+        flags = 0
+        if self.maximize:
+            flags |= MAXIMIZE
+        if self.weight_decay != 0.0:
+            flags |= WD_DECOUPLED if r.weight_decay_mode == "decoupled" else WD_COUPLED
+        if r.fma_accumulate:
+            flags |= FMA_ACCUMULATE
+        if r.fma_weight_decay:
+            flags |= FMA_WEIGHT_DECAY
+        if r.zero_where_h0:
+            flags |= ZERO_WHERE_H0
+        if self.grad_scale is not None:
+            flags |= GRAD_SCALE
+        after = r.lr_placement == "after"
+        inside = r.eps_placement == "inside"
+        return (
+            t(1.0 if after else clr),
+            t(clr if after else 1.0),
+            t(self.eps if inside else 0.0),
+            t(0.0 if inside else self.eps),
+            t(self.weight_decay),
+            t(clr),
+            t(1.0 if self.grad_scale is None else self.grad_scale),
+            flags,
+        )
+
+
+def check_step(step: object) -> int:
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int, got {type(step).__name__}")
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    return int(step)
+
+
+def check_nonfinite(mode: object) -> NonFinite:
+    _choice("nonfinite", mode, ("ignore", "skip", "raise"))
+    return mode  # type: ignore[return-value]

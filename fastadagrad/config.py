@@ -1,0 +1,30 @@
+"""Tunables in one place, so tests and benchmarks can patch them (stumpy's ``config``).
+
+Every number here comes from a measurement on the project's 2-core CI/dev machine
+(AMD EPYC Zen 4, AVX-512, numba 0.68, omp threading layer) unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Below this many elements the serial kernel is used. Waking the omp thread pool costs
+#: ~3 us per call even for 16 elements, while the serial vectorised loop runs at
+#: ~0.2 ns/element in cache (2^14 f32 ~ 3.5 us serial vs ~5 us parallel, measured by
+#: ``bench/test_bench_threshold.py``). Above ~2^15 the second core pays for itself.
+PARALLEL_THRESHOLD: int = 1 << 15
+
+#: Elements per work item of the parallel kernels. Each chunk is a contiguous span that
+#: the inner loop vectorises over; 16k f32 elements = 64 KiB per array, large enough to
+#: amortise the per-chunk bookkeeping and small enough to balance a model whose tensors
+#: differ in size by 1000x (prange schedules chunks statically, by count).
+CHUNK: int = 1 << 14
+
+#: Use Numba's on-disk cache (``cache=True``). Falls back to no cache when no cache
+#: directory is writable. ``FASTADAGRAD_NO_CACHE=1`` turns it off.
+CACHE: bool = os.environ.get("FASTADAGRAD_NO_CACHE", "") not in ("1", "true", "yes")
+
+#: CUDA launch configuration: threads per block for the grid-stride kernels, and how
+#: many blocks per SM the grid is sized to (grid-stride loops cover the rest).
+THREADS_PER_BLOCK: int = 256
+BLOCKS_PER_SM: int = 8

@@ -1,0 +1,114 @@
+"""Flat buffers: a whole model's tensors as views into one contiguous 1-D array."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._dispatch import is_cuda_array
+
+
+class FlatBuffer(Mapping[Any, Any]):
+    """One contiguous 1-D buffer holding many tensors, handed out as shaped views.
+
+    Pack a model's parameters once, give the views back to the layers, and keep the
+    gradients and the optimizer state in buffers of the same layout: then one kernel
+    call updates the whole model (``AdaGrad.update`` detects buffers of one layout).
+
+    ``FlatBuffer`` is a read-only ``Mapping`` from the original keys (or ``0..n-1``
+    for a sequence) to views; writing into a view writes into :attr:`data`.
+
+    Example:
+        >>> import numpy as np, fastadagrad
+        >>> params = fastadagrad.FlatBuffer({"W": np.ones((2, 3)), "b": np.zeros(3)})
+        >>> grads = params.zeros_like()
+        >>> params["W"].shape, params.data.shape
+        ((2, 3), (9,))
+    """
+
+    __slots__ = ("data", "layout", "_views")
+
+    def __init__(self, arrays: Mapping[Any, Any] | Sequence[Any], *,
+                 dtype: Any = None) -> None:
+        items = list(arrays.items()) if isinstance(arrays, Mapping) else list(
+            enumerate(arrays))
+        host = [np.asarray(a) if not is_cuda_array(a) else None for _, a in items]
+        if any(h is None for h in host):
+            raise TypeError("FlatBuffer packs host arrays; build it on the host and call "
+                            ".to_device() to move it to the GPU")
+        if dtype is None:
+            dtypes = {h.dtype for h in host if h is not None}
+            if len(dtypes) > 1:
+                raise TypeError(f"arrays have several dtypes {sorted(map(str, dtypes))}; "
+                                "pass dtype= (one kernel call needs one dtype)")
+            dtype = dtypes.pop() if dtypes else np.float32
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"FlatBuffer dtype must be float32 or float64, got {dt}")
+        layout = []
+        off = 0
+        for (key, _), h in zip(items, host):
+            assert h is not None
+            layout.append((key, tuple(h.shape), off, int(h.size)))
+            off += int(h.size)
+        data = np.empty(off, dt)
+        for (_, shape, o, n), h in zip(layout, host):
+            assert h is not None
+            data[o:o + n] = h.reshape(-1)
+        self._init(data, tuple(layout))
+
+    def _init(self, data: Any, layout: tuple[tuple[Any, tuple[int, ...], int, int], ...]
+              ) -> None:
+        self.data = data
+        self.layout = layout
+        self._views = {key: data[o:o + n].reshape(shape) for key, shape, o, n in layout}
+
+    @classmethod
+    def _from(cls, data: Any, layout: tuple[tuple[Any, tuple[int, ...], int, int], ...]
+              ) -> FlatBuffer:
+        self = cls.__new__(cls)
+        self._init(data, layout)
+        return self
+
+    def full_like(self, value: float) -> FlatBuffer:
+        """A new buffer of the same layout, dtype and device, filled with ``value``."""
+        if is_cuda_array(self.data):
+            from . import cuda
+
+            return FlatBuffer._from(cuda.full(self.data.size, self.data.dtype, value),
+                                    self.layout)
+        return FlatBuffer._from(np.full(self.data.size, value, self.data.dtype),
+                                self.layout)
+
+    def zeros_like(self) -> FlatBuffer:
+        return self.full_like(0.0)
+
+    def same_layout(self, other: object) -> bool:
+        return isinstance(other, FlatBuffer) and (
+            other.layout == self.layout and other.data.dtype == self.data.dtype)
+
+    def to_device(self) -> FlatBuffer:
+        """A copy on the current CUDA device (needs numba-cuda and a GPU)."""
+        from . import cuda
+
+        return FlatBuffer._from(cuda.to_device(self.data), self.layout)
+
+    def to_host(self) -> FlatBuffer:
+        if is_cuda_array(self.data):
+            return FlatBuffer._from(self.data.copy_to_host(), self.layout)
+        return FlatBuffer._from(self.data.copy(), self.layout)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._views[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __repr__(self) -> str:
+        return (f"FlatBuffer({len(self)} tensors, {self.data.size} elements, "
+                f"dtype={self.data.dtype})")

@@ -1,0 +1,235 @@
+"""The public API: the functional update and the drop-in ``AdaGrad`` class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _dispatch as D
+from ._hyper import Hyper, NonFinite, Rule, check_hyper, check_nonfinite, check_step
+from .flat import FlatBuffer
+from .presets import get_preset
+
+
+def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
+                   eps: float = 1e-7, lr_decay: float = 0.0, weight_decay: float = 0.0,
+                   maximize: bool = False, step: int = 1,
+                   grad_scale: float | None = None, nonfinite: NonFinite = "ignore",
+                   rule: Rule | None = None) -> bool:
+    """One fused AdaGrad step, in place, in a single pass over memory.
+
+    With the default rule (the NumPy class the project started from)::
+
+        h <- h + g * g
+        p <- p - lr * g / (sqrt(h) + eps)
+
+    where ``p`` is ``param``, ``g`` is ``grad`` and ``h`` is ``state_sum``, the running
+    sum of squared gradients (start it at zeros, or at ``initial_accumulator_value``).
+    ``eps`` sits outside the square root. Each operation rounds once in the array dtype,
+    exactly as NumPy evaluates ``(lr*g) / (sqrt(h) + eps)``: results are bit-identical.
+
+    Args:
+        param, grad, state_sum: C-contiguous arrays of one shape and dtype (float32 or
+            float64); N-d arrays are processed as flat. NumPy arrays run on the CPU,
+            CUDA arrays (Numba, CuPy, torch) on the GPU. ``param`` and ``state_sum``
+            are updated in place.
+        lr: learning rate (>= 0). eps: added to the denominator (>= 0).
+        lr_decay: ``clr = lr / (1 + (step - 1) * lr_decay)`` (torch's rule).
+        weight_decay: L2 coefficient; coupled (``g += wd*p``) or decoupled
+            (``p -= lr*wd*p``) as ``rule.weight_decay_mode`` says.
+        maximize: ascend instead of descend (``g = -g``).
+        step: the step number, counted from 1 (only ``lr_decay`` uses it).
+        grad_scale: divide the gradient by this inside the same pass (loss scaling).
+        nonfinite: ``"ignore"`` (default: no check, like every framework), ``"skip"``
+            (if any gradient is NaN/inf, change nothing and return False) or
+            ``"raise"`` (change nothing, raise FloatingPointError).
+        rule: formula choices (eps placement, FMA, ...); see :mod:`fastadagrad.presets`.
+
+    Returns:
+        True if the step was applied; False only when ``nonfinite="skip"`` skipped it.
+
+    Raises:
+        TypeError / ValueError naming the offending array, before anything is written.
+
+    Example:
+        >>> import numpy as np, fastadagrad
+        >>> p, g, h = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.zeros(4, np.float32)
+        >>> fastadagrad.adagrad_update(p, g, h, lr=0.1)
+        True
+        >>> p
+        array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+
+    Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
+    and Stochastic Optimization", JMLR 12 (2011).
+    """
+    hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
+                       maximize=maximize, grad_scale=grad_scale, rule=rule)
+    return D.update([param], [grad], [state_sum], [D.FUNCTIONAL_LABELS], hyper,
+                    check_step(step), check_nonfinite(nonfinite))
+
+
+class AdaGrad:
+    """Drop-in, compiled replacement for the NumPy ``AdaGrad`` class.
+
+    ``opt = AdaGrad(lr=0.01); opt.update(params, grads)`` updates every array of
+    ``params`` in place (their identity is kept, so layers holding them see the new
+    values) with the rule of :func:`adagrad_update`::
+
+        h <- h + g * g                          (h starts at initial_accumulator_value)
+        p <- p - lr * g / (sqrt(h) + eps)
+
+    ``params``/``grads``: dicts (any hashable keys, the same keys in both) or
+    lists/tuples of arrays, or :class:`FlatBuffer` objects. The whole model goes
+    through one compiled call per dtype per step; params and grads held in flat
+    buffers of one layout take a single call over one buffer.
+
+    Attributes:
+        h: the accumulators, in the same container type as ``params`` (views into one
+            flat buffer per dtype), ``None`` before the first update.
+        step: number of steps applied. skipped_steps: steps skipped by
+            ``nonfinite="skip"``.
+
+    Example:
+        >>> import numpy as np, fastadagrad
+        >>> params = {"W": np.ones((2, 2), np.float32)}
+        >>> opt = fastadagrad.AdaGrad(lr=0.1)
+        >>> opt.update(params, {"W": np.full((2, 2), 0.5, np.float32)})
+        True
+        >>> params["W"][0, 0]
+        np.float32(0.9)
+
+    Reference: Duchi, Hazan & Singer, JMLR 12 (2011).
+    """
+
+    def __init__(self, lr: float = 0.01, eps: float = 1e-7, *, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 maximize: bool = False, nonfinite: NonFinite = "ignore",
+                 rule: Rule | None = None) -> None:
+        self.hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay,
+                                weight_decay=weight_decay, maximize=maximize, rule=rule)
+        self.initial_accumulator_value = check_hyper("initial_accumulator_value",
+                                                     initial_accumulator_value)
+        self.nonfinite: NonFinite = check_nonfinite(nonfinite)
+        self.h: Any = None
+        self.step = 0
+        self.skipped_steps = 0
+        self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
+
+    @classmethod
+    def from_preset(cls, name: str = "numpy", **overrides: Any) -> AdaGrad:
+        """An optimizer with framework ``name``'s formula and defaults (see presets)."""
+        preset = get_preset(name)
+        kwargs = {**preset.defaults, **overrides}
+        return cls(rule=preset.rule, **kwargs)
+
+    @property
+    def lr(self) -> float:
+        return self.hyper.lr
+
+    def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
+        """Apply one step to every array of ``params``; returns False if it was skipped."""
+        keys, plist, glist, labels = _pair_up(params, grads)
+        hyper = self.hyper if grad_scale is None else Hyper.make(
+            lr=self.hyper.lr, eps=self.hyper.eps, lr_decay=self.hyper.lr_decay,
+            weight_decay=self.hyper.weight_decay, maximize=self.hyper.maximize,
+            grad_scale=grad_scale, rule=self.hyper.rule)
+        if self.h is None:
+            h, flat = self._new_state(params, keys, plist)
+        else:
+            h, flat = self.h, self._flat
+            _check_same_keys(self.h, keys, params)
+        hlist = [h[k] for k in keys]
+
+        # One layout for params, grads and state: one call over the whole buffer.
+        if (isinstance(params, FlatBuffer) and len(flat) == 1 and
+                params.same_layout(grads) and params.same_layout(flat[0])):
+            plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
+            labels = [D.Labels("params (flat buffer)", "grads (flat buffer)",
+                               "state (flat buffer)")]
+        applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
+                           self.nonfinite)
+        if self.h is None:  # commit new state only once the first step went through
+            self.h, self._flat = h, flat
+        if applied:
+            self.step += 1
+        else:
+            self.skipped_steps += 1
+        return applied
+
+    def _new_state(self, params: Any, keys: list[Any], plist: list[Any]
+                   ) -> tuple[Any, list[FlatBuffer]]:
+        """Accumulators for ``params``: one flat buffer per dtype, views per key."""
+        fill = self.initial_accumulator_value
+        if isinstance(params, FlatBuffer):
+            flat = [params.full_like(fill)]
+            views = [flat[0][k] for k in keys]
+        elif any(D.is_cuda_array(p) for p in plist):
+            from . import cuda
+
+            views = [cuda.full_like(p, fill) for p in plist]
+            flat = []
+        else:
+            flat, views = [], [None] * len(plist)
+            by_dtype: dict[Any, list[int]] = {}
+            for i, p in enumerate(plist):
+                dt = getattr(p, "dtype", None)
+                by_dtype.setdefault(dt if dt in D._FLOATS else None, []).append(i)
+            for dt, idx in by_dtype.items():
+                if dt is None:  # let validation name the offending array
+                    for i in idx:
+                        views[i] = np.zeros(np.shape(plist[i]), np.float32)
+                    continue
+                buf = FlatBuffer._from(
+                    np.full(sum(int(np.size(plist[i])) for i in idx), fill, dt),
+                    tuple(_layout_of([(i, plist[i]) for i in idx])))
+                flat.append(buf)
+                for i in idx:
+                    views[i] = buf[i]
+        if isinstance(params, Mapping):
+            return dict(zip(keys, views)), flat
+        return list(views), flat
+
+
+def _layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...], int, int]]:
+    out, off = [], 0
+    for key, a in items:
+        n = int(np.size(a))
+        out.append((key, tuple(np.shape(a)), off, n))
+        off += n
+    return out
+
+
+def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
+                                               list[D.Labels]]:
+    """Keys, parallel lists and error labels for a params/grads pair of containers."""
+    if isinstance(params, Mapping):
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"params is a mapping but grads is {type(grads).__name__}")
+        keys = list(params.keys())
+        if len(grads) != len(keys) or any(k not in grads for k in keys):
+            missing = [k for k in keys if k not in grads]
+            extra = [k for k in grads if k not in params]
+            raise KeyError(f"grads keys do not match params keys: missing {missing}, "
+                           f"extra {extra}")
+        return (keys, [params[k] for k in keys], [grads[k] for k in keys],
+                [D.Labels.keyed(k) for k in keys])
+    if isinstance(params, (list, tuple)):
+        if not isinstance(grads, (list, tuple)):
+            raise TypeError(f"params is a {type(params).__name__} but grads is "
+                            f"{type(grads).__name__}")
+        if len(grads) != len(params):
+            raise ValueError(f"params has {len(params)} arrays but grads has {len(grads)}")
+        keys = list(range(len(params)))
+        return keys, list(params), list(grads), [D.Labels.keyed(k) for k in keys]
+    raise TypeError("params must be a dict (or other mapping), a list/tuple of arrays or "
+                    f"a FlatBuffer, got {type(params).__name__}")
+
+
+def _check_same_keys(h: Any, keys: list[Any], params: Any) -> None:
+    hkeys = list(h.keys()) if isinstance(h, Mapping) else list(range(len(h)))
+    if isinstance(h, Mapping) != isinstance(params, Mapping) or set(hkeys) != set(keys) \
+            or len(hkeys) != len(keys):
+        raise KeyError(f"params do not match the optimizer state: state has keys "
+                       f"{hkeys}, params have {keys}")

@@ -1,0 +1,98 @@
+"""Plain-NumPy reference implementations: the oracle every fast path is tested against.
+
+``NumpyAdaGrad`` is the class the project started from, kept verbatim (lr and the
+1e-7 constant are rounded to the array dtype by NumPy, every operation rounds once).
+``reference_step`` writes the whole family of formulas out with NumPy element-wise
+operations in the array dtype, one operation at a time, so that its rounding is the
+documented rounding of each formula; the kernels must agree with it bit for bit.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from ._hyper import Hyper
+
+
+class NumpyAdaGrad:
+    """The original NumPy AdaGrad (``../shared/seed``), unchanged in behaviour."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        self.lr = lr
+        self.h: dict[Any, np.ndarray] | None = None
+
+    def update(self, params: dict[Any, np.ndarray], grads: dict[Any, np.ndarray]) -> None:
+        if self.h is None:
+            self.h = {}
+            for key, val in params.items():
+                self.h[key] = np.zeros_like(val)
+
+        for key in params.keys():
+            self.h[key] += grads[key] * grads[key]
+            params[key] -= self.lr * grads[key] / (np.sqrt(self.h[key]) + 1e-7)
+
+
+def _round_exact(x: Fraction, dtype: np.dtype) -> np.floating:
+    """Round an exact rational to the nearest ``dtype`` value, ties to even."""
+    t = np.dtype(dtype).type
+    c = t(float(x))  # within one ulp of the answer (double rounding at most)
+    best = c
+    for cand in (np.nextafter(c, t(-np.inf)), np.nextafter(c, t(np.inf))):
+        if not np.isfinite(cand):
+            continue
+        d_best, d_cand = abs(Fraction(float(best)) - x), abs(Fraction(float(cand)) - x)
+        if d_cand < d_best or (d_cand == d_best and
+                               int(cand.view(np.uint64 if t is np.float64 else np.uint32))
+                               % 2 == 0):
+            best = cand
+    return best
+
+
+def exact_fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a*b + c`` with a single correct rounding, element by element (slow, exact)."""
+    a, b, c = np.broadcast_arrays(a, b, c)
+    out = np.empty(a.shape, a.dtype)
+    fa, fb, fc, fo = a.reshape(-1), b.reshape(-1), c.reshape(-1), out.reshape(-1)
+    for i in range(fo.size):
+        x, y, z = float(fa[i]), float(fb[i]), float(fc[i])
+        if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(z)):
+            fo[i] = a.dtype.type(x * y + z)
+            continue
+        fo[i] = _round_exact(Fraction(x) * Fraction(y) + Fraction(z), a.dtype)
+    return out
+
+
+def reference_step(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hyper,
+                   step: int = 1) -> None:
+    """One AdaGrad step in plain NumPy, in place, following ``hyper.rule`` exactly."""
+    t = p.dtype.type
+    r = hyper.rule
+    clr = t(hyper.clr(step))
+    g = g.copy()
+    if hyper.grad_scale is not None:
+        g = g / t(hyper.grad_scale)
+    if hyper.maximize:
+        g = -g
+    wd = t(hyper.weight_decay)
+    pn = p.copy()
+    if hyper.weight_decay != 0.0:
+        if r.weight_decay_mode == "coupled":
+            g = exact_fma(pn, np.full_like(pn, wd), g) if r.fma_weight_decay else g + pn * wd
+        else:
+            pn = pn - (pn * wd) * clr
+    if r.fma_accumulate:
+        h[...] = exact_fma(g, g, h)
+    else:
+        h += g * g
+    eps = t(hyper.eps)
+    denom = np.sqrt(h + eps) if r.eps_placement == "inside" else np.sqrt(h) + eps
+    if r.lr_placement == "after":
+        q = (g / denom) * clr
+    else:
+        q = (clr * g) / denom
+    if r.zero_where_h0:
+        q = np.where(h == 0, t(0), q)
+    p[...] = pn - q
