@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates the
+# virtualenv and installs what it needs the first time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-cpu test-sim bench report lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m fastadagrad demo
+
+# CPU tests, every benchmark once with timing disabled (so a broken benchmark fails),
+# then the CUDA kernels under the simulator (a separate process: the simulator must be
+# switched on before numba is imported).
+test: test-cpu test-sim
+
+test-cpu: $(STAMP)
+	$(PY) -m pytest tests bench --benchmark-disable -p no:cacheprovider
+
+test-sim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json
+	$(PY) bench/report.py bench/results/latest.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fastadagrad tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
