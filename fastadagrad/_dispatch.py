@@ -8,7 +8,9 @@ write: an error leaves every input bit-unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import operator
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,26 @@ class Labels:
     def keyed(cls, key: Any, params: str = "params", grads: str = "grads",
               state: str = "state_sum") -> Labels:
         return cls(f"{params}[{key!r}]", f"{grads}[{key!r}]", f"{state}[{key!r}]")
+
+
+class KeyedLabels(Sequence[Labels]):
+    """Labels for a container's keys, built only when an error needs one.
+
+    Formatting 300 strings per step costs more than the validation itself.
+    """
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: Sequence[Any]) -> None:
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [Labels.keyed(k) for k in self.keys[i]]
+        return Labels.keyed(self.keys[i])
 
 
 FUNCTIONAL_LABELS = Labels("param", "grad", "state_sum")
@@ -110,11 +132,16 @@ def _find_overlap(start, end, writable):
 
 
 def check_no_overlap(paddr: np.ndarray, gaddr: np.ndarray, haddr: np.ndarray,
-                     nbytes: np.ndarray, labels: Sequence[Labels]) -> None:
-    """Raise if a parameter or state overlaps any other array (grads may share memory)."""
+                     nbytes: np.ndarray, labels: Sequence[Labels], *,
+                     grads: bool = True) -> None:
+    """Raise if a parameter or state overlaps any other array (grads may share memory).
+
+    ``grads=False`` leaves the gradients out (their ranges are then ignored).
+    """
     n = paddr.size
     start = np.concatenate((paddr, gaddr, haddr))
-    end = start + np.concatenate((nbytes, nbytes, nbytes))
+    end = start + np.concatenate((nbytes, nbytes if grads else np.zeros_like(nbytes),
+                                  nbytes))
     writable = np.ones(3 * n, np.bool_)
     writable[n:2 * n] = False
     i, j = _find_overlap(start, end, writable)
@@ -177,41 +204,93 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]  # type: ignore[no-any-return]
 
 
-def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
-                    states: Sequence[np.ndarray], labels: Sequence[Labels],
-                    hyper: H.Hyper, step: int, nonfinite: str) -> bool:
-    """Fused step over many validated triples: one compiled call per dtype."""
-    n = len(params)
-    paddr = np.fromiter((_address(a) for a in params), np.int64, n)
-    gaddr = np.fromiter((_address(a) for a in grads), np.int64, n)
-    haddr = np.fromiter((_address(a) for a in states), np.int64, n)
-    sizes = tuple(a.size for a in params)
-    nbytes = np.fromiter((a.nbytes for a in params), np.int64, n)
-    check_no_overlap(paddr, gaddr, haddr, nbytes, labels)
+class Plan:
+    """What stays the same between steps of one optimizer, computed once.
 
-    dtypes = {a.dtype for a in params}
-    groups = []
-    for dt in sorted(dtypes, key=lambda d: d.itemsize):
-        if len(dtypes) == 1:
-            idx = None
-            gsizes = sizes
-        else:
-            idx = np.fromiter((i for i in range(n) if params[i].dtype == dt), np.int64)
-            gsizes = tuple(sizes[i] for i in idx)
-        table = chunk_table(gsizes)
-        sel = (paddr, gaddr, haddr) if idx is None else (paddr[idx], gaddr[idx], haddr[idx])
-        groups.append((np.empty(0, dt), sel, table, sum(gsizes), idx,
-                       hyper.coefficients(dt, step)))
+    A training loop passes the same parameter and state arrays every step: their
+    validation, data addresses, mutual overlap check, dtype groups and chunk tables
+    are kept here while the very same objects come back. Holding references also
+    makes the cached addresses safe: ``ndarray.resize`` refuses to reallocate an
+    array that is referenced elsewhere. Gradients are fresh arrays every step and are
+    checked every step (one ``__array_interface__`` read each: shape, dtype,
+    contiguity and address at once).
+    """
+
+    __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "typestr", "shape",
+                 "groups")
+
+    def __init__(self) -> None:
+        self.params: tuple[Any, ...] = ()
+        self.states: tuple[Any, ...] = ()
+
+    def matches(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
+        return (len(params) == len(self.params) and len(states) == len(self.states)
+                and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, states, self.states)))
+
+    def build(self, params: Sequence[np.ndarray], states: Sequence[np.ndarray],
+              labels: Sequence[Labels]) -> None:
+        """Cache a validated model (params and states checked by the caller)."""
+        n = len(params)
+        self.params, self.states = (), ()
+        paddr = np.fromiter((_address(a) for a in params), np.int64, n)
+        haddr = np.fromiter((_address(a) for a in states), np.int64, n)
+        nbytes = np.fromiter((a.nbytes for a in params), np.int64, n)
+        # params and states must not overlap each other (grads are checked per step)
+        check_no_overlap(paddr, np.zeros(n, np.int64), haddr, nbytes, labels,
+                         grads=False)
+        sizes = [a.size for a in params]
+        dtypes = sorted({a.dtype for a in params}, key=lambda d: d.itemsize)
+        groups = []
+        for dt in dtypes:
+            idx = None if len(dtypes) == 1 else np.fromiter(
+                (i for i in range(n) if params[i].dtype == dt), np.int64)
+            gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
+            groups.append((np.empty(0, dt), idx, chunk_table(gsizes), sum(gsizes)))
+        self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
+        self.typestr = [a.__array_interface__["typestr"] for a in params]
+        self.shape = [a.shape for a in params]
+        self.groups = groups
+        self.params, self.states = tuple(params), tuple(states)
+
+
+def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
+                    states: Sequence[np.ndarray], labels: Sequence[Labels],
+                    hyper: H.Hyper, step: int, nonfinite: str, plan: Plan) -> bool:
+    """Fused step over many triples: one compiled call per dtype.
+
+    ``plan`` must match ``params``/``states`` (validated); grads are checked here.
+    """
+    n = len(params)
+    for i, p in enumerate(params):
+        if not p.flags.writeable:
+            check_host_array(p, labels[i].param, writable=True)
+    gaddr = np.empty(n, np.int64)
+    for i, g in enumerate(grads):
+        ai = getattr(g, "__array_interface__", None) if type(g) is np.ndarray else None
+        if (ai is None or ai["strides"] is not None or ai["typestr"] != plan.typestr[i]
+                or ai["shape"] != plan.shape[i]):
+            check_triple(params[i], g, states[i], labels[i])  # raises, naming it
+            ai = g.__array_interface__  # a C-contiguous array with explicit strides
+        gaddr[i] = ai["data"][0]
+    check_no_overlap(plan.paddr, gaddr, plan.haddr, plan.nbytes, labels)
+
+    runs = []
+    for proto, idx, table, total in plan.groups:
+        coefs = hyper.coefficients(proto.dtype, step)
+        addrs = (plan.paddr, gaddr, plan.haddr) if idx is None else (
+            plan.paddr[idx], gaddr[idx], plan.haddr[idx])
+        runs.append((proto, idx, addrs, table, total, coefs))
 
     if nonfinite != "ignore":  # read-only pre-pass over every gradient before any write
-        for proto, (_, ga, _), (ct, cs, cl), total, idx, coefs in groups:
-            fn = (cpu.first_nonfinite_many if total >= config.PARALLEL_THRESHOLD
-                  else cpu.first_nonfinite_many_serial)
-            if fn is cpu.first_nonfinite_many:
+        for proto, idx, (_, ga, _), (ct, cs, cl), total, coefs in runs:
+            if total >= config.PARALLEL_THRESHOLD:
                 with cpu.PARALLEL_LOCK:
-                    bad = fn(proto, ga, ct, cs, cl, coefs[6], coefs[7])
+                    bad = cpu.first_nonfinite_many(proto, ga, ct, cs, cl, coefs[6],
+                                                   coefs[7])
             else:
-                bad = fn(proto, ga, ct, cs, cl, coefs[6], coefs[7])
+                bad = cpu.first_nonfinite_many_serial(proto, ga, ct, cs, cl, coefs[6],
+                                                      coefs[7])
             if bad >= 0:
                 if nonfinite == "raise":
                     k = bad if idx is None else int(idx[bad])
@@ -219,7 +298,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
                                              "nothing was updated")
                 return False
 
-    for proto, (pa, ga, ha), (ct, cs, cl), total, _, coefs in groups:
+    for proto, _, (pa, ga, ha), (ct, cs, cl), total, coefs in runs:
         if total >= config.PARALLEL_THRESHOLD:
             with cpu.PARALLEL_LOCK:
                 cpu.adagrad_many_parallel(proto, pa, ga, ha, ct, cs, cl, *coefs)
@@ -231,34 +310,39 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
 # --- front door -------------------------------------------------------------------
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
-           labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str) -> bool:
+           labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str,
+           plan: Plan | None = None) -> bool:
     """Validate everything, then run one fused step on the CPU or the GPU.
 
     The device is chosen by the kind of arrays passed: NumPy arrays run on the CPU,
     CUDA arrays (``__cuda_array_interface__``: Numba, CuPy, torch) on the GPU. A mix
     is an error. Returns False if the step was skipped (``nonfinite='skip'``).
+    ``plan`` (optional, owned by an optimizer) caches per-model work across steps.
     """
     n = len(params)
     if not (len(grads) == len(states) == len(labels) == n):
         raise ValueError("params, grads and states must have the same length")
-    cuda_flags = [is_cuda_array(x) for x in params]
-    if any(cuda_flags) or any(is_cuda_array(x) for x in grads) or any(
-            is_cuda_array(x) for x in states):
+    if any(type(x) is not np.ndarray and is_cuda_array(x)
+           for seq in (params, grads, states) for x in seq):
         _check_all_device(params, grads, states, labels)
         from . import cuda
 
         return cuda.update(params, grads, states, labels, hyper, step, nonfinite)
-    for i in range(n):
-        check_triple(params[i], grads[i], states[i], labels[i])
     if n == 1:
         p, g, h = params[0], grads[0], states[0]
         lab = labels[0]
+        check_triple(p, g, h, lab)
         if np.may_share_memory(p, g) or np.may_share_memory(p, h) or \
                 np.may_share_memory(g, h):
             check_no_overlap(*(np.array([_address(a)], np.int64) for a in (p, g, h)),
                              np.array([p.nbytes], np.int64), labels)
         return cpu_update_one(p, g, h, hyper.coefficients(p.dtype, step), nonfinite, lab)
-    return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite)
+    if plan is None or not plan.matches(params, states):
+        plan = plan if plan is not None else Plan()
+        for i in range(n):
+            check_triple(params[i], grads[i], states[i], labels[i])
+        plan.build(params, states, labels)
+    return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite, plan)
 
 
 def _check_all_device(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

@@ -116,6 +116,7 @@ class AdaGrad:
         self.step = 0
         self.skipped_steps = 0
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
+        self._plan = D.Plan()  # per-model work cached across steps
 
     @classmethod
     def from_preset(cls, name: str = "numpy", **overrides: Any) -> AdaGrad:
@@ -149,7 +150,7 @@ class AdaGrad:
             labels = [D.Labels("params (flat buffer)", "grads (flat buffer)",
                                "state (flat buffer)")]
         applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
-                           self.nonfinite)
+                           self.nonfinite, self._plan)
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
         if applied:
@@ -202,7 +203,7 @@ def _layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...],
 
 
 def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
-                                               list[D.Labels]]:
+                                               D.KeyedLabels]:
     """Keys, parallel lists and error labels for a params/grads pair of containers."""
     if isinstance(params, Mapping):
         if not isinstance(grads, Mapping):
@@ -214,7 +215,7 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
             raise KeyError(f"grads keys do not match params keys: missing {missing}, "
                            f"extra {extra}")
         return (keys, [params[k] for k in keys], [grads[k] for k in keys],
-                [D.Labels.keyed(k) for k in keys])
+                D.KeyedLabels(keys))
     if isinstance(params, (list, tuple)):
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"params is a {type(params).__name__} but grads is "
@@ -222,7 +223,7 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
         if len(grads) != len(params):
             raise ValueError(f"params has {len(params)} arrays but grads has {len(grads)}")
         keys = list(range(len(params)))
-        return keys, list(params), list(grads), [D.Labels.keyed(k) for k in keys]
+        return keys, list(params), list(grads), D.KeyedLabels(keys)
     raise TypeError("params must be a dict (or other mapping), a list/tuple of arrays or "
                     f"a FlatBuffer, got {type(params).__name__}")
 
