@@ -61,7 +61,10 @@ def exact_fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
         if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(z)):
             fo[i] = a.dtype.type(x * y + z)
             continue
-        fo[i] = _round_exact(Fraction(x) * Fraction(y) + Fraction(z), a.dtype)
+        exact = Fraction(x) * Fraction(y) + Fraction(z)
+        # a zero result takes its sign from IEEE rules, which float arithmetic follows
+        # exactly here (x*y is then 0 or exactly -z); Fractions have no signed zero
+        fo[i] = a.dtype.type(x * y + z) if exact == 0 else _round_exact(exact, a.dtype)
     return out
 
 

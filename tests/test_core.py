@@ -1,0 +1,329 @@
+"""The CPU fast paths against the plain-NumPy reference, bit for bit (issue 2)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_bits_equal
+
+import fastadagrad
+from fastadagrad import _dispatch, config, cpu
+from fastadagrad._hyper import Hyper
+from fastadagrad.reference import NumpyAdaGrad, reference_step
+
+SIZES = [0, 1, 15, 16, 17, 1000, 2**20 + 3]
+DTYPES = [np.float32, np.float64]
+
+
+def _grads(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, steps: int
+           ) -> list[np.ndarray]:
+    return [rng.standard_normal(shape).astype(dtype) for _ in range(steps)]
+
+
+@pytest.fixture(params=["parallel", "serial"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run each test through the parallel kernel (threshold 0) and the serial one."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0 if request.param == "parallel"
+                        else 1 << 62)
+    # small chunks so that several chunks and a ragged last chunk run at modest sizes
+    monkeypatch.setattr(config, "CHUNK", 64)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_functional_matches_reference(rng, path, n, dtype):
+    steps = 3 if n > 10**5 else 12
+    p0 = rng.standard_normal(n).astype(dtype)
+    p, h = p0.copy(), np.zeros(n, dtype)
+    pr, hr = p0.copy(), np.zeros(n, dtype)
+    hyper = Hyper.make(lr=0.05, eps=1e-7)
+    for g in _grads(rng, (n,), dtype, steps):
+        assert fastadagrad.adagrad_update(p, g, h, lr=0.05, eps=1e-7) is True
+        reference_step(pr, g, hr, hyper)
+    assert_bits_equal(p, pr, "param")
+    assert_bits_equal(h, hr, "state")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_class_matches_numpy_class(rng, path, n, dtype):
+    """Drop-in: bit-identical to the NumPy class the project started from."""
+    steps = 3 if n > 10**5 else 20
+    init = {"w": rng.standard_normal(n).astype(dtype),
+            "b": rng.standard_normal(7).astype(dtype)}
+    ours = {k: v.copy() for k, v in init.items()}
+    theirs = {k: v.copy() for k, v in init.items()}
+    opt, ref = fastadagrad.AdaGrad(lr=0.01), NumpyAdaGrad(lr=0.01)
+    for _ in range(steps):
+        grads = {k: rng.standard_normal(v.shape).astype(dtype) for k, v in init.items()}
+        opt.update(ours, grads)
+        ref.update(theirs, grads)
+    for k in init:
+        assert_bits_equal(ours[k], theirs[k], k)
+        assert_bits_equal(opt.h[k], ref.h[k], f"h[{k}]")
+
+
+@pytest.mark.parametrize("shape", [(), (3, 5), (2, 3, 4, 5), (1, 1, 17), (0, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nd_shapes_are_flat(rng, path, shape, dtype):
+    p = rng.standard_normal(shape).astype(dtype)
+    pr = p.copy()
+    h, hr = np.zeros_like(p), np.zeros_like(p)
+    for g in _grads(rng, shape, dtype, 5):
+        fastadagrad.adagrad_update(p, g, h)
+        reference_step(pr, g, hr, Hyper.make())
+    assert p.shape == shape
+    assert_bits_equal(p, pr)
+    assert_bits_equal(h, hr)
+
+
+def test_hand_computed_values():
+    """Guards against the kernel and the reference drifting together.
+
+    p0 = 1, g = 0.5 every step, lr = 0.1: h_k = 0.25 k, so
+    p_k = 1 - sum_{j<=k} 0.05 / (0.5 sqrt(j) + 1e-7), summed here in Python floats.
+    """
+    p, g, h = np.ones(3), np.full(3, 0.5), np.zeros(3)
+    expected = 1.0
+    for k in range(1, 6):
+        fastadagrad.adagrad_update(p, g, h, lr=0.1)
+        expected -= 0.05 / (0.5 * math.sqrt(k) + 1e-7)
+        np.testing.assert_allclose(p, expected, rtol=1e-15)
+        np.testing.assert_allclose(h, 0.25 * k, rtol=0)
+    # first float32 step by hand: float32(0.5 + 1e-7) = 0.50000011920928955 (one ulp at
+    # 0.5 is 2^-24 ~ 6e-8, so 1e-7 rounds to 2 ulp); f32(0.1)*0.5 / that = 0.099999979...,
+    # rounds to 0.09999998; 1 - 0.09999998 = 0.90000002 -> nearest float32 is 0.90000004
+    p32 = np.ones(1, np.float32)
+    fastadagrad.adagrad_update(p32, np.full(1, 0.5, np.float32), np.zeros(1, np.float32),
+                               lr=0.1)
+    assert p32[0] == np.float32(0.90000004)
+
+
+class Layer:
+    """A layer that holds references to its parameter arrays, as real code does."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray) -> None:
+        self.W, self.b = w, b
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.W + self.b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_drop_in_two_layer_net_keeps_identity(rng, dtype):
+    shapes = {"W1": (784, 50), "b1": (50,), "W2": (50, 10), "b2": (10,)}
+    params = {k: (0.01 * rng.standard_normal(s)).astype(dtype) for k, s in shapes.items()}
+    ref_params = {k: v.copy() for k, v in params.items()}
+    layers = [Layer(params["W1"], params["b1"]), Layer(params["W2"], params["b2"])]
+    ids = {k: id(v) for k, v in params.items()}
+    opt, ref = fastadagrad.AdaGrad(), NumpyAdaGrad()
+    for _ in range(30):
+        grads = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        opt.update(params, grads)
+        ref.update(ref_params, grads)
+    assert {k: id(v) for k, v in params.items()} == ids
+    assert layers[0].W is params["W1"] and layers[1].b is params["b2"]
+    for k in shapes:
+        assert_bits_equal(params[k], ref_params[k], k)
+    x = rng.standard_normal((2, 784)).astype(dtype)
+    out = layers[1].forward(layers[0].forward(x))
+    ref_out = (x @ ref_params["W1"] + ref_params["b1"]) @ ref_params["W2"] + ref_params["b2"]
+    assert_bits_equal(out, ref_out)
+
+
+def test_list_params_and_mixed_dtypes(rng, path):
+    init = [rng.standard_normal(s).astype(dt) for s, dt in
+            [((40, 3), np.float32), ((100,), np.float64), ((5,), np.float32), (17, np.float64)]]
+    ours = [a.copy() for a in init]
+    theirs = {i: a.copy() for i, a in enumerate(init)}
+    opt, ref = fastadagrad.AdaGrad(lr=0.03), NumpyAdaGrad(lr=0.03)
+    for _ in range(10):
+        grads = [rng.standard_normal(a.shape).astype(a.dtype) for a in init]
+        opt.update(ours, grads)
+        ref.update(theirs, dict(enumerate(grads)))
+    assert isinstance(opt.h, list)
+    for i in range(len(init)):
+        assert_bits_equal(ours[i], theirs[i], str(i))
+
+
+def test_hashable_keys(rng):
+    keys = [("layer", 0), 3, frozenset({"a"}), "x"]
+    params = {k: rng.standard_normal(9).astype(np.float32) for k in keys}
+    ref_params = {k: v.copy() for k, v in params.items()}
+    opt, ref = fastadagrad.AdaGrad(), NumpyAdaGrad()
+    grads = {k: rng.standard_normal(9).astype(np.float32) for k in keys}
+    opt.update(params, grads)
+    ref.update(ref_params, grads)
+    for k in keys:
+        assert_bits_equal(params[k], ref_params[k])
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    calls = [0]
+    real = getattr(cpu, name)
+
+    def counting(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(cpu, name, counting)
+    return calls
+
+
+def test_flat_buffers_take_one_kernel_call(rng, monkeypatch):
+    shapes = {f"t{i}": (int(s),) for i, s in enumerate(rng.integers(1, 5000, 30))}
+    init = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    params = fastadagrad.FlatBuffer(init)
+    ref_params = {k: v.copy() for k, v in init.items()}
+    opt, ref = fastadagrad.AdaGrad(), NumpyAdaGrad()
+    calls = _count_calls(monkeypatch, "adagrad_flat_parallel")
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)
+    for step in range(5):
+        grads = params.zeros_like()
+        for k in shapes:
+            grads[k][...] = rng.standard_normal(shapes[k])
+        opt.update(params, grads)
+        ref.update(ref_params, {k: grads[k].copy() for k in shapes})
+        assert calls[0] == step + 1
+    for k in shapes:
+        assert_bits_equal(params[k], ref_params[k], k)
+    assert np.shares_memory(params["t0"], params.data)
+
+
+def test_separate_arrays_take_one_call_per_dtype(rng, monkeypatch):
+    """A whole model of separate arrays goes through ONE compiled call per step."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)
+    calls = _count_calls(monkeypatch, "adagrad_many_parallel")
+    params = {f"t{i}": rng.standard_normal(int(s)).astype(np.float32)
+              for i, s in enumerate(rng.integers(1, 70000, 100))}
+    ref_params = {k: v.copy() for k, v in params.items()}
+    opt, ref = fastadagrad.AdaGrad(), NumpyAdaGrad()
+    for step in range(3):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+        opt.update(params, grads)
+        ref.update(ref_params, grads)
+        assert calls[0] == step + 1
+    for k in params:
+        assert_bits_equal(params[k], ref_params[k], k)
+
+
+def test_flatbuffer_views_and_layout(rng):
+    arrays = {"a": rng.standard_normal((2, 3)), "b": rng.standard_normal(4), "c": np.zeros(())}
+    buf = fastadagrad.FlatBuffer(arrays)
+    assert list(buf) == ["a", "b", "c"] and len(buf) == 3
+    assert buf.data.shape == (11,) and buf.data.flags.c_contiguous
+    for k, v in arrays.items():
+        assert buf[k].shape == v.shape and np.array_equal(buf[k], v)
+        assert np.shares_memory(buf[k], buf.data)
+    buf["b"][1] = 42.0
+    assert buf.data[7] == 42.0
+    z = buf.full_like(0.5)
+    assert z.same_layout(buf) and np.all(z.data == 0.5)
+    with pytest.raises(TypeError, match="several dtypes"):
+        fastadagrad.FlatBuffer({"x": np.ones(2, np.float32), "y": np.ones(2)})
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fastadagrad.FlatBuffer({"x": np.ones(2, np.int64)})
+
+
+def test_no_recompilation(rng):
+    """Repeated calls with the same dtypes reuse one compiled signature per dtype."""
+    for _ in range(3):
+        for dt in DTYPES:
+            for n in (10, config.PARALLEL_THRESHOLD + 5):
+                p, g, h = np.ones(n, dt), np.ones(n, dt), np.zeros(n, dt)
+                fastadagrad.adagrad_update(p, g, h)
+            params = {"a": np.ones(10, dt), "b": np.ones(config.PARALLEL_THRESHOLD, dt)}
+            opt = fastadagrad.AdaGrad()
+            opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+            opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    assert len(cpu.adagrad_span.signatures) == 2
+    assert len(cpu.adagrad_flat_parallel.signatures) == 2
+    assert len(cpu.adagrad_many_parallel.signatures) == 2
+    assert len(cpu.adagrad_many_serial.signatures) == 2
+
+
+def test_state_commits_only_after_a_successful_first_step():
+    opt = fastadagrad.AdaGrad()
+    params = {"a": np.ones(3, np.float32)}
+    with pytest.raises(TypeError):
+        opt.update(params, {"a": np.ones(3, np.float64)})
+    assert opt.h is None and opt.step == 0
+    opt.update(params, {"a": np.ones(3, np.float32)})
+    assert opt.step == 1 and opt.h["a"].dtype == np.float32
+
+
+def test_import_without_writable_cache(tmp_path):
+    """Importing and running must work where Numba has no usable cache location.
+
+    The package is imported from a zip archive with ``HOME`` and ``XDG_CACHE_HOME``
+    pointing where no directory can be made (even as root): Numba accepts
+    ``cache=True`` there but fails with OSError when it first writes the cache.
+    """
+    pkg = Path(fastadagrad.__file__).parent
+    archive = tmp_path / "fastadagrad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in pkg.glob("*.py"):
+            zf.write(f, f"fastadagrad/{f.name}")
+    code = ("import sys;"  # drop an editable install's finder so the zip copy is imported
+            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)];"
+            "import numpy as np, fastadagrad, fastadagrad.cpu as c;"
+            "assert 'zip' in fastadagrad.__file__, fastadagrad.__file__;"
+            "assert type(c.adagrad_span._cache).__name__ == 'NullCache';"
+            "p = np.ones(3); fastadagrad.adagrad_update(p, np.ones(3), np.zeros(3));"
+            "print(p[0])")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(archive), HOME="/proc/nonexistent",
+               XDG_CACHE_HOME="/proc/nonexistent")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) == 1 - 0.01 / (1 + 1e-7)
+
+
+def test_cache_fallback_unit(monkeypatch):
+    from fastadagrad import _jit
+
+    real = _jit.njit
+
+    def picky(**kw):
+        if kw.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(**kw)
+
+    monkeypatch.setattr(_jit, "njit", picky)
+    f = _jit.jit()(lambda x: x + 1)
+    assert f(1) == 2
+
+
+def test_threshold_dispatch(monkeypatch):
+    """Small buffers take the serial kernel, large ones the parallel one."""
+    par = _count_calls(monkeypatch, "adagrad_flat_parallel")
+    n = config.PARALLEL_THRESHOLD
+    fastadagrad.adagrad_update(np.ones(n - 1), np.ones(n - 1), np.zeros(n - 1))
+    assert par[0] == 0
+    fastadagrad.adagrad_update(np.ones(n), np.ones(n), np.zeros(n))
+    assert par[0] == 1
+
+
+def test_chunk_table_covers_every_element():
+    sizes = (0, 1, 5, 64, 65, 200, 3)
+    old = config.CHUNK
+    try:
+        config.CHUNK = 64
+        t, s, ln = _dispatch.chunk_table(sizes)
+    finally:
+        config.CHUNK = old
+    covered = {i: [] for i in range(len(sizes))}
+    for ti, si, li in zip(t, s, ln):
+        assert 0 < li <= 64
+        covered[int(ti)].extend(range(int(si), int(si + li)))
+    for i, n in enumerate(sizes):
+        assert covered[i] == list(range(n))
