@@ -78,6 +78,10 @@ def check_host_array(x: object, label: str, *, writable: bool) -> np.ndarray:
             f"{label} must be a NumPy array (or, for the GPU path, a CUDA array), "
             f"got {describe(x)}"
         )
+    if type(x) is not np.ndarray and isinstance(x, (np.matrix, np.ma.MaskedArray)):
+        raise TypeError(f"{label} is a {describe(x)}: the flat in-place update would "
+                        "ignore its mask or 2-d indexing; pass a plain ndarray "
+                        "(np.asarray(...) shares its memory)")
     dt = x.dtype
     if dt not in _FLOATS:
         raise TypeError(
@@ -283,6 +287,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
         runs.append((proto, idx, addrs, table, total, coefs))
 
     if nonfinite != "ignore":  # read-only pre-pass over every gradient before any write
+        first = -1
         for proto, idx, (_, ga, _), (ct, cs, cl), total, coefs in runs:
             if total >= config.PARALLEL_THRESHOLD:
                 with cpu.PARALLEL_LOCK:
@@ -292,11 +297,13 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
                 bad = cpu.first_nonfinite_many_serial(proto, ga, ct, cs, cl, coefs[6],
                                                       coefs[7])
             if bad >= 0:
-                if nonfinite == "raise":
-                    k = bad if idx is None else int(idx[bad])
-                    raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
-                                             "nothing was updated")
-                return False
+                if nonfinite == "skip":
+                    return False
+                k = bad if idx is None else int(idx[bad])
+                first = k if first < 0 else min(first, k)  # dtype groups: name the 1st
+        if first >= 0:
+            raise FloatingPointError(f"{labels[first].grad} contains NaN or inf; nothing "
+                                     "was updated")
 
     for proto, _, (pa, ga, ha), (ct, cs, cl), total, coefs in runs:
         if total >= config.PARALLEL_THRESHOLD:
@@ -347,10 +354,13 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
 
 def _check_all_device(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                       labels: Sequence[Labels]) -> None:
-    for seq, attr in ((params, "param"), (grads, "grad"), (states, "state")):
+    roles = ((params, "param"), (grads, "grad"), (states, "state"))
+    device = next(getattr(lab, attr) for seq, attr in roles
+                  for x, lab in zip(seq, labels) if is_cuda_array(x))
+    for seq, attr in roles:
         for x, lab in zip(seq, labels):
             if not is_cuda_array(x):
                 raise TypeError(
-                    f"{getattr(lab, attr)} is a host array ({describe(x)}) but other "
-                    "inputs are CUDA arrays; pass all arrays on one device (nothing was "
+                    f"{getattr(lab, attr)} is a host array ({describe(x)}) but {device} "
+                    "is a CUDA array; pass all arrays on one device (nothing was "
                     "updated)")

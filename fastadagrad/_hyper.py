@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -45,6 +46,10 @@ class Rule:
         weight_decay_mode: ``"coupled"``: L2 added to the gradient, ``g += wd * p``
             (torch/apex); ``"decoupled"``: ``p -= lr * wd * p`` before the step (Keras 3).
         fma_weight_decay: coupled weight decay as ``g = fma(p, wd, g)``.
+        fma_lr_decay: ``clr = lr / fma(step - 1, lr_decay, 1)``: the denominator rounded
+            once (torch's C++ computes it in double and the compiler contracts it);
+            otherwise ``1 + (step - 1) * lr_decay`` rounds twice. Host-side only: the
+            kernels just receive ``clr``.
     """
 
     eps_placement: EpsPlacement = "outside"
@@ -53,6 +58,7 @@ class Rule:
     zero_where_h0: bool = False
     weight_decay_mode: WeightDecayMode = "coupled"
     fma_weight_decay: bool = False
+    fma_lr_decay: bool = False
 
     def __post_init__(self) -> None:
         _choice("eps_placement", self.eps_placement, ("outside", "inside"))
@@ -61,7 +67,7 @@ class Rule:
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
@@ -105,6 +111,9 @@ class Hyper:
     ) -> Hyper:
         if not isinstance(maximize, (bool, np.bool_)):
             raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
+        if rule is not None and not isinstance(rule, Rule):
+            raise TypeError(f"rule must be a fastadagrad.Rule (see fastadagrad.presets), "
+                            f"got {type(rule).__name__}")
         return cls(
             lr=check_hyper("lr", lr),
             eps=check_hyper("eps", eps),
@@ -118,6 +127,10 @@ class Hyper:
 
     def clr(self, step: int) -> float:
         """Learning rate at ``step`` (counted from 1), torch's ``lr_decay`` rule, in double."""
+        if self.lr_decay == 0.0:
+            return self.lr
+        if self.rule.fma_lr_decay:  # exact rational, rounded once (math.fma is 3.13+)
+            return self.lr / float(Fraction(step - 1) * Fraction(self.lr_decay) + 1)
         return self.lr / (1.0 + (step - 1) * self.lr_decay)
 
     def coefficients(self, dtype: np.dtype, step: int = 1) -> tuple:
@@ -130,6 +143,11 @@ class Hyper:
         t = np.dtype(dtype).type
         r = self.rule
         clr = self.clr(step)
+        gs = self.grad_scale
+        if t is np.float32 and (  # plain float compares: cheap on the per-step path
+                max(clr, self.eps, self.weight_decay, gs or 0.0) >= _F32_INF_FROM
+                or (gs is not None and gs <= _F32_ZERO_TO)):
+            _raise_float32(clr, self.eps, self.weight_decay, gs, step)
         flags = 0
         if self.maximize:
             flags |= MAXIMIZE
@@ -155,6 +173,29 @@ class Hyper:
             t(1.0 if self.grad_scale is None else self.grad_scale),
             flags,
         )
+
+
+# A finite double at or above this rounds to inf in float32 (the midpoint between the
+# largest float32 and 2**128 rounds up, to even); at or below 2**-150 it rounds to 0.
+_F32_INF_FROM = 2.0**128 - 2.0**103
+_F32_ZERO_TO = 2.0**-150
+
+
+def _raise_float32(clr: float, eps: float, weight_decay: float,
+                   grad_scale: float | None, step: int) -> None:
+    """Name the hyperparameter that is finite in double but inf (or 0) in float32.
+
+    Kernels take every coefficient rounded to the array dtype: lr=1e39 would silently
+    become inf, grad_scale=1e-50 a division by 0.
+    """
+    for name, v in (("lr", clr), ("eps", eps), ("weight_decay", weight_decay),
+                    ("grad_scale", grad_scale)):
+        if v is not None and v >= _F32_INF_FROM:
+            what = f"lr at step {step} is {v}" if name == "lr" else f"{name}={v}"
+            raise ValueError(f"{what}, which overflows to inf in float32; nothing was "
+                             "updated")
+    raise ValueError(f"grad_scale={grad_scale} rounds to 0 in float32; nothing was "
+                     "updated")
 
 
 def check_step(step: object) -> int:

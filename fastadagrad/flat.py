@@ -35,18 +35,34 @@ class FlatBuffer(Mapping[Any, Any]):
         items = list(arrays.items()) if isinstance(arrays, Mapping) else list(
             enumerate(arrays))
         host = [np.asarray(a) if not is_cuda_array(a) else None for _, a in items]
-        if any(h is None for h in host):
-            raise TypeError("FlatBuffer packs host arrays; build it on the host and call "
-                            ".to_device() to move it to the GPU")
+        for (key, _), h in zip(items, host, strict=True):
+            if h is None:
+                raise TypeError(f"arrays[{key!r}] is a CUDA array; FlatBuffer packs host "
+                                "arrays: build it on the host and call .to_device()")
         if dtype is None:
-            dtypes = {h.dtype for h in host if h is not None}
-            if len(dtypes) > 1:
-                raise TypeError(f"arrays have several dtypes {sorted(map(str, dtypes))}; "
-                                "pass dtype= (one kernel call needs one dtype)")
-            dtype = dtypes.pop() if dtypes else np.float32
+            first: dict[Any, Any] = {}  # dtype -> first key holding it (to name it)
+            for (key, _), h in zip(items, host, strict=True):
+                assert h is not None
+                first.setdefault(h.dtype, key)
+            if len(first) > 1:
+                (k0, d0), (k1, d1) = [(k, d) for d, k in first.items()][:2]
+                raise TypeError(f"arrays[{k1!r}] has dtype {d1} but arrays[{k0!r}] has "
+                                f"dtype {d0}; pass dtype= (one kernel call needs one "
+                                "dtype)")
+            dtype = next(iter(first)) if first else np.float32
+            if first and np.dtype(dtype) not in (np.dtype(np.float32),
+                                                 np.dtype(np.float64)):
+                raise TypeError(f"arrays[{first[dtype]!r}] has dtype {np.dtype(dtype)}; "
+                                "FlatBuffer holds float32 or float64 (pass dtype= to "
+                                "convert)")
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"FlatBuffer dtype must be float32 or float64, got {dt}")
+        for (key, _), h in zip(items, host, strict=True):
+            assert h is not None
+            if h.dtype.kind not in "biuf":  # complex, object, strings: no lossless cast
+                raise TypeError(f"arrays[{key!r}] has dtype {h.dtype}, which does not "
+                                f"convert to {dt}")
         layout = []
         off = 0
         for (key, _), h in zip(items, host):

@@ -166,7 +166,7 @@ class AdaGrad:
         if isinstance(params, FlatBuffer):
             flat = [params.full_like(fill)]
             views = [flat[0][k] for k in keys]
-        elif any(D.is_cuda_array(p) for p in plist):
+        elif plist and all(D.is_cuda_array(p) for p in plist):
             from . import cuda
 
             views = [cuda.full_like(p, fill) for p in plist]
@@ -176,7 +176,8 @@ class AdaGrad:
             by_dtype: dict[Any, list[int]] = {}
             for i, p in enumerate(plist):
                 dt = getattr(p, "dtype", None)
-                by_dtype.setdefault(dt if dt in D._FLOATS else None, []).append(i)
+                ok = dt in D._FLOATS and not D.is_cuda_array(p)  # host/device mixed
+                by_dtype.setdefault(dt if ok else None, []).append(i)
             for dt, idx in by_dtype.items():
                 if dt is None:  # let validation name the offending array
                     for i in idx:
