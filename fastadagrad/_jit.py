@@ -11,7 +11,8 @@ at decoration and the function is compiled in memory if it cannot be created.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from numba import njit
 
