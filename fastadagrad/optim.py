@@ -149,8 +149,13 @@ class AdaGrad:
             plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
             labels = [D.Labels("params (flat buffer)", "grads (flat buffer)",
                                "state (flat buffer)")]
-        applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
-                           self.nonfinite, self._plan)
+        try:
+            applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
+                               self.nonfinite, self._plan)
+        except FloatingPointError:
+            if plist and plist[0] is getattr(params, "data", None):
+                _raise_nonfinite_key(grads, hyper)  # one flat call: name the tensor
+            raise
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
         if applied:
@@ -192,6 +197,20 @@ class AdaGrad:
         if isinstance(params, Mapping):
             return dict(zip(keys, views)), flat
         return list(views), flat
+
+
+def _raise_nonfinite_key(grads: FlatBuffer, hyper: Hyper) -> None:
+    """Name the first tensor of a host flat buffer whose gradient is NaN/inf."""
+    if D.is_cuda_array(grads.data):
+        return
+    for key in grads:
+        g = grads[key]
+        with np.errstate(all="ignore"):
+            if hyper.grad_scale is not None:
+                g = g / g.dtype.type(hyper.grad_scale)
+            if not np.isfinite(g).all():
+                raise FloatingPointError(f"grads[{key!r}] (in a flat buffer) contains NaN "
+                                         "or inf; nothing was updated") from None
 
 
 def _layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...], int, int]]:
