@@ -1,0 +1,28 @@
+"""The memory-bandwidth limit for the AdaGrad update, as a kernel.
+
+``roofline`` makes exactly the memory traffic of the fused update — reads ``p``, ``g``,
+``h`` once and writes ``p``, ``h`` once per element (20 B per float32 element, 40 B
+per float64) — with trivial math (two adds), so the time it takes is what moving
+those bytes costs on this machine. A fused AdaGrad kernel cannot be faster than this
+at sizes that do not fit in cache; the benchmark report quotes every implementation as
+a multiple of it.
+
+It is compiled the same way as the library's parallel kernel (``parallel=True``, omp,
+``error_model='numpy'`` so the loop vectorises, on-disk cache) but has no chunking
+and no serial fallback: one ``prange`` over the elements, split statically across the
+threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def roofline(p: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
+    """``h += g; p -= g``: the fused update's loads and stores, none of its math."""
+    for i in prange(p.size):
+        gi = g[i]
+        h[i] = h[i] + gi
+        p[i] = p[i] - gi

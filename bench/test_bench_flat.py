@@ -1,0 +1,89 @@
+"""Scenario (a): one flat buffer of 2^k elements, float32 and float64.
+
+Also the option benchmarks of issues 5 and 6 at 2^24 float32: every option on vs the
+defaults, and ``nonfinite='skip'`` (a read-only check pass first) vs ``'ignore'``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import benchlib as B
+from fastadagrad import config
+
+FLAT_IMPLS = (B.FAST, B.FAST_SERIAL, B.NUMPY, B.TORCH_FORLOOP, B.TORCH_FOREACH,
+              B.TORCH_FUSED, B.ROOFLINE, B.DEEPSPEED)
+
+
+def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    p0, g = B.flat_source(n, dtype)
+    p, h = p0.copy(), np.zeros(n, dtype)
+    if impl == B.FAST:
+        return B.fast_functional(p, g, h)
+    if impl == B.FAST_SERIAL:  # the same public call with the parallel path switched off
+        monkeypatch.setattr(config, "PARALLEL_THRESHOLD", sys.maxsize)
+        return B.fast_functional(p, g, h)
+    if impl == B.NUMPY:
+        return B.numpy_dict({"w": p}, [{"w": g}])
+    if impl in B.TORCH_MODES:
+        B.require_torch()
+        return B.torch_step([p], [g], impl)
+    if impl == B.ROOFLINE:
+        return B.roofline_step(n, dtype, p0, g)
+    if impl == B.DEEPSPEED:
+        B.require_deepspeed(dtype)
+        return B.deepspeed_step([p], [g])
+    raise AssertionError(impl)
+
+
+@pytest.mark.parametrize("impl", FLAT_IMPLS)
+@pytest.mark.parametrize("exponent", B.FLAT_EXPONENTS, ids=lambda k: f"2_{k}")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flat(run: Any, elements: Any, monkeypatch: pytest.MonkeyPatch, impl: str,
+              exponent: int, dtype: str) -> None:
+    n = elements(exponent)
+    step = make_flat_step(impl, n, dtype, monkeypatch)
+    run(step, scenario="flat", impl=impl, dtype=dtype, n=n,
+        group=f"a. flat {dtype} 2^{exponent:02d}")
+
+
+#: Issue 5: every option on at once (a different formula, so this measures the cost of
+#: the extra flag tests and operations in the fused loop, not a like-for-like update).
+ALL_OPTIONS = {"lr_decay": 0.01, "weight_decay": 1e-4, "maximize": True,
+               "grad_scale": 1024.0, "step": 10}
+
+
+@pytest.mark.parametrize("variant", ["defaults", "all options", "roofline"])
+def test_options(run: Any, elements: Any, variant: str) -> None:
+    from fastadagrad import Rule
+
+    n = elements(24)
+    p0, g = B.flat_source(n, np.float32)
+    p, h = p0.copy(), np.zeros(n, np.float32)
+    if variant == "defaults":
+        step = B.fast_functional(p, g, h)
+    elif variant == "all options":
+        step = B.fast_functional(p, g, h, rule=Rule(eps_placement="inside",
+                                                    fma_accumulate=True), **ALL_OPTIONS)
+    else:
+        step = B.roofline_step(n, np.float32, p0, g)
+    run(step, scenario="options", impl=variant, dtype=np.float32, n=n,
+        group="e. options float32 2^24")
+
+
+@pytest.mark.parametrize("variant", ["ignore", "skip", "roofline"])
+def test_nonfinite_check(run: Any, elements: Any, variant: str) -> None:
+    """Issue 6: the checked mode reads the gradient once more (4 B/elem extra in f32)."""
+    n = elements(24)
+    p0, g = B.flat_source(n, np.float32)
+    p, h = p0.copy(), np.zeros(n, np.float32)
+    if variant == "roofline":
+        step = B.roofline_step(n, np.float32, p0, g)
+    else:
+        step = B.fast_functional(p, g, h, nonfinite=variant)
+    run(step, scenario="nonfinite", impl=f"nonfinite={variant!r}" if variant != "roofline"
+        else variant, dtype=np.float32, n=n, group="f. nonfinite float32 2^24")
