@@ -8,6 +8,7 @@ write: an error leaves every input bit-unchanged.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,8 @@ def is_cuda_array(x: object) -> bool:
     """True for objects that live on a CUDA device (Numba, CuPy, torch CUDA tensors)."""
     if isinstance(x, np.ndarray):
         return False
+    if getattr(type(x), "__cuda_ndarray__", False):  # Numba device arrays, incl. the
+        return True  # CUDA simulator's (which have no __cuda_array_interface__)
     try:
         return getattr(x, "__cuda_array_interface__", None) is not None
     except Exception:  # torch raises RuntimeError for CUDA tensors that require grad
@@ -186,6 +189,19 @@ def chunk_table(sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 # --- CPU --------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=512)
+def _coefficients(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple:
+    return hyper.coefficients(dtype, step)
+
+
+def coefficients(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple:
+    """``hyper.coefficients`` memoised: ~2 us of scalar casts saved on every call.
+
+    The step only matters through ``lr_decay``; without it every step shares one entry.
+    """
+    return _coefficients(hyper, dtype, step if hyper.lr_decay else 1)
+
+
 def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
                    nonfinite: str, labels: Labels) -> bool:
     """Fused step on one validated triple; False when ``nonfinite='skip'`` skipped it."""
@@ -281,7 +297,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
 
     runs = []
     for proto, idx, table, total in plan.groups:
-        coefs = hyper.coefficients(proto.dtype, step)
+        coefs = coefficients(hyper, proto.dtype, step)
         addrs = (plan.paddr, gaddr, plan.haddr) if idx is None else (
             plan.paddr[idx], gaddr[idx], plan.haddr[idx])
         runs.append((proto, idx, addrs, table, total, coefs))
@@ -343,7 +359,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                 np.may_share_memory(g, h):
             check_no_overlap(*(np.array([_address(a)], np.int64) for a in (p, g, h)),
                              np.array([p.nbytes], np.int64), labels)
-        return cpu_update_one(p, g, h, hyper.coefficients(p.dtype, step), nonfinite, lab)
+        return cpu_update_one(p, g, h, coefficients(hyper, p.dtype, step), nonfinite, lab)
     if plan is None or not plan.matches(params, states):
         plan = plan if plan is not None else Plan()
         for i in range(n):
