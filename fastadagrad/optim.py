@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -64,10 +65,20 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
     and Stochastic Optimization", JMLR 12 (2011).
     """
-    hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
-                       maximize=maximize, grad_scale=grad_scale, rule=rule)
+    try:  # validated once per distinct set of hyperparameters
+        hyper = _cached_hyper(lr, eps, lr_decay, weight_decay, maximize, grad_scale, rule)
+    except TypeError:  # unhashable argument: let Hyper.make name what is wrong with it
+        hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
+                           maximize=maximize, grad_scale=grad_scale, rule=rule)
     return D.update([param], [grad], [state_sum], [D.FUNCTIONAL_LABELS], hyper,
                     check_step(step), check_nonfinite(nonfinite))
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _cached_hyper(lr: float, eps: float, lr_decay: float, weight_decay: float,
+                  maximize: bool, grad_scale: float | None, rule: Rule | None) -> Hyper:
+    return Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
+                      maximize=maximize, grad_scale=grad_scale, rule=rule)
 
 
 class AdaGrad:
