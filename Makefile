@@ -27,8 +27,12 @@ test-cpu: $(STAMP)
 test-sim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda -p no:cacheprovider
 
+# Timed benchmarks (medians of >= 15 rounds, ~15 min on 2 cores), import/first-call
+# times with a cold and a warm Numba cache, then the report: bench/results/latest.{md,png}
+# and the README block between the bench:start/bench:end markers.
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json
+	$(PY) -m pytest bench --benchmark-only --benchmark-min-rounds=15 --benchmark-json=bench/results/latest.json
+	$(PY) bench/startup.py --json bench/results/startup.json
 	$(PY) bench/report.py bench/results/latest.json
 
 lint: $(STAMP)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _LOAD_AT_START = os.getloadavg()
 
 
+def _threading_layer() -> str:
+    import numba
+
+    try:
+        return str(numba.threading_layer())  # the layer actually in use
+    except ValueError:  # no parallel kernel has run in this process
+        return f"{numba.config.THREADING_LAYER} (none started)"
+
+
 def _version(mod: str) -> str:
     try:
         m = __import__(mod)
@@ -86,7 +96,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config,
 
     threads: dict[str, Any] = {
         "numba": numba.get_num_threads(),
-        "numba_threading_layer": numba.config.THREADING_LAYER,
+        "numba_threading_layer": _threading_layer(),
         "os_cpu_count": os.cpu_count(),
     }
     try:
@@ -117,7 +127,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config,
         },
         "parallel_threshold": __import__("fastadagrad.config").config.PARALLEL_THRESHOLD,
         "chunk": __import__("fastadagrad.config").config.CHUNK,
-        "command": "python -m pytest " + " ".join(sys.argv[1:]),
+        "command": "python -m pytest " + shlex.join(sys.argv[1:]),
         # The machine is shared: other processes on its 2 cores show up as noise.
         "loadavg_start": _LOAD_AT_START,
         "loadavg_end": os.getloadavg(),

@@ -1,0 +1,397 @@
+"""Turn a pytest-benchmark ``--benchmark-json`` file into the benchmark report.
+
+Usage::
+
+    python bench/report.py bench/results/latest.json [--readme README.md] [--no-readme]
+
+Writes, next to the JSON (``latest.json`` -> ``latest.md``, ``latest.png``):
+
+* a markdown report: ratio table (fastadagrad vs torch fused, vs the NumPy class, vs
+  the roofline kernel), the targets of issues 2 and 4 with pass/fail, every
+  implementation's median, the option benchmarks, the startup times (from
+  ``startup.json`` in the same folder, written by ``bench/startup.py``) and a footnote
+  naming machine, CPU, threads, date, versions and the exact command;
+* a PNG plot: effective GB/s against buffer size (log-log), one line per
+  implementation, float32 and float64 side by side. Effective bytes per step are
+  5 arrays-worth per element (p, g, h read; p, h written): 20 B in float32, 40 B in
+  float64, whatever an implementation actually moves.
+
+and rewrites the block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in
+the README with the headline tables, the plot and the footnote. Every number comes
+from the JSON: nothing here is typed by hand. Times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+FAST, FAST_FLAT, NUMPY = "fastadagrad", "fastadagrad FlatBuffer", "NumPy class"
+TORCH_FUSED, ROOFLINE = "torch fused", "roofline"
+IMPL_ORDER = ("fastadagrad", "fastadagrad serial", "fastadagrad FlatBuffer", "NumPy class",
+              "torch for-loop", "torch foreach", "torch fused", "roofline", "DeepSpeed CPU")
+SCENARIO_LABEL = {"flat": "flat buffer", "model100": "100-tensor model",
+                  "mlp784-50-10": "784-50-10 net"}
+DT = {"float32": "f32", "float64": "f64"}
+
+
+# --- loading ------------------------------------------------------------------------
+
+class Run:
+    """The benchmarks of one JSON file, indexed by case and implementation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raw = json.loads(path.read_text())
+        self.times: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
+        self.info: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.rounds: list[int] = []
+        for b in self.raw["benchmarks"]:
+            x = b.get("extra_info", {})
+            if "impl" not in x:  # not one of ours (e.g. the GPU file's)
+                continue
+            key = (x["scenario"], x["dtype"], int(x["n"]))
+            self.times[key][x["impl"]] = float(b["stats"]["median"])
+            self.info[key] = x
+            self.rounds.append(int(b["stats"]["rounds"]))
+
+    def cases(self, scenarios: tuple[str, ...]) -> list[tuple[str, str, int]]:
+        order = {s: i for i, s in enumerate(scenarios)}
+        keys = [k for k in self.times if k[0] in order]
+        return sorted(keys, key=lambda k: (order[k[0]], k[1], k[2]))
+
+    def t(self, key: tuple[str, str, int], impl: str) -> float | None:
+        return self.times.get(key, {}).get(impl)
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:,.3g} µs" if s * 1e6 < 100 else f"{s * 1e6:,.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:,.3g} ms" if s * 1e3 < 100 else f"{s * 1e3:,.0f} ms"
+    return f"{s:,.3g} s"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def fmt_ratio(r: float | None, suffix: str = "×") -> str:
+    return "—" if r is None else f"{r:,.2f}{suffix}" if r < 10 else f"{r:,.1f}{suffix}"
+
+
+def case_label(key: tuple[str, str, int], info: dict[str, Any]) -> str:
+    scenario, dtype, n = key
+    if scenario == "flat":
+        return f"flat {DT[dtype]} 2^{n.bit_length() - 1}"
+    label = SCENARIO_LABEL.get(scenario, scenario)
+    extra = f", {info['tensors']} tensors" if "tensors" in info else ""
+    return f"{label} {DT[dtype]} ({n / 1e6:.2f}M{extra})" if n >= 100_000 else \
+        f"{label} {DT[dtype]} ({n:,}{extra})"
+
+
+# --- tables -------------------------------------------------------------------------
+
+def ratio_table(run: Run) -> str:
+    """fastadagrad (and its FlatBuffer variant on models) against the three anchors."""
+    lines = [
+        "| case | implementation | median | speed-up vs torch fused | speed-up vs NumPy "
+        "class | time ÷ roofline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key in run.cases(("flat", "model100", "mlp784-50-10")):
+        for impl in (FAST, FAST_FLAT):
+            t = run.t(key, impl)
+            if t is None:
+                continue
+            lines.append(
+                f"| {case_label(key, run.info[key])} | {impl} | {fmt_time(t)} | "
+                f"{fmt_ratio(ratio(run.t(key, TORCH_FUSED), t))} | "
+                f"{fmt_ratio(ratio(run.t(key, NUMPY), t))} | "
+                f"{fmt_ratio(ratio(t, run.t(key, ROOFLINE)), '')} |")
+    return "\n".join(lines)
+
+
+def medians_table(run: Run) -> str:
+    keys = run.cases(("flat", "model100", "mlp784-50-10"))
+    impls = [i for i in IMPL_ORDER if any(i in run.times[k] for k in keys)]
+    lines = ["| case | " + " | ".join(impls) + " |", "|---|" + "---:|" * len(impls)]
+    for key in keys:
+        row = run.times[key]
+        best = min(v for i, v in row.items() if i != ROOFLINE) if row else None
+        cells = []
+        for i in impls:
+            v = row.get(i)
+            s = fmt_time(v)
+            cells.append(f"**{s}**" if v is not None and v == best else s)
+        lines.append(f"| {case_label(key, run.info[key])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(run: Run) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for the targets of issue 4 (and issue 2, item 10)."""
+    f32 = "float32"
+    out: list[tuple[str, str, bool | None]] = []
+
+    def add(name: str, value: float | None, ok: bool | None, unit: str) -> None:
+        out.append((name, fmt_ratio(value, unit), None if value is None else ok))
+
+    k24, k16, k20 = ("flat", f32, 1 << 24), ("flat", f32, 1 << 16), ("flat", f32, 1 << 20)
+    r = ratio(run.t(k24, FAST), run.t(k24, ROOFLINE))
+    add("2^24 f32: time within 10% of the roofline kernel (≤ 1.10)", r,
+        r is not None and r <= 1.10, "")
+    r = ratio(run.t(k16, TORCH_FUSED), run.t(k16, FAST))
+    add("2^16 f32: ≥ 2.5× faster than torch fused", r, r is not None and r >= 2.5, "×")
+    model = next((k for k in run.times if k[0] == "model100" and k[1] == f32), None)
+    r = ratio(run.t(model, TORCH_FUSED), run.t(model, FAST)) if model else None
+    add("100-tensor model f32 (dict API, separate grads): ≥ 2× faster than torch fused",
+        r, r is not None and r >= 2.0, "×")
+    r = ratio(run.t(k20, NUMPY), run.t(k20, FAST))
+    add("2^20 f32: ≥ 20× faster than the NumPy class", r, r is not None and r >= 20, "×")
+    return out
+
+
+def targets_table(run: Run) -> str:
+    lines = ["| target (issue 4; issue 2 item 10) | measured | met |", "|---|---:|:---:|"]
+    for name, value, ok in targets(run):
+        mark = "not measured" if ok is None else "yes" if ok else "**no**"
+        lines.append(f"| {name} | {value} | {mark} |")
+    return "\n".join(lines)
+
+
+def options_table(run: Run) -> str:
+    """Issue 5 (all options vs defaults) and issue 6 (nonfinite check) at 2^24 f32."""
+    lines = ["| benchmark | variant | median | ÷ baseline | ÷ roofline |",
+             "|---|---|---:|---:|---:|"]
+    spec = (("options", "defaults", "issue 5: every option on vs defaults"),
+            ("nonfinite", "nonfinite='ignore'", "issue 6: gradient check vs none"))
+    any_row = False
+    for scenario, base, title in spec:
+        for key in run.cases((scenario,)):
+            row = run.times[key]
+            for impl in sorted(row, key=lambda i: (i == ROOFLINE, i != base, i)):
+                if impl == ROOFLINE:
+                    continue
+                any_row = True
+                lines.append(
+                    f"| {title} ({DT[key[1]]} 2^{key[2].bit_length() - 1}) | {impl} | "
+                    f"{fmt_time(row[impl])} | {fmt_ratio(ratio(row[impl], row.get(base)), '')}"
+                    f" | {fmt_ratio(ratio(row[impl], row.get(ROOFLINE)), '')} |")
+    return "\n".join(lines) if any_row else ""
+
+
+def startup_table(path: Path) -> str:
+    if not path.exists():
+        return ""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from startup import table  # the same formatting as the script prints
+
+    data = json.loads(path.read_text())
+    return table({"cold": data["cold"], "warm": data["warm"]}, data["repeat"])
+
+
+def _num(x: object) -> str:
+    return f"{x:,}" if isinstance(x, int) else "?"
+
+
+def footnote(run: Run, command: str) -> str:
+    m = run.raw["machine_info"]
+    f = m.get("fastadagrad", {})
+    th = f.get("threads", {})
+    v = f.get("versions", {})
+    c = run.raw.get("commit_info", {})
+    date = datetime.fromisoformat(run.raw["datetime"]).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = f.get("cpu_model") or m.get("cpu", {}).get("brand_raw", "?")
+    l2 = m.get("cpu", {}).get("l2_cache_size")
+    load = ""
+    if f.get("loadavg_start") and f.get("loadavg_end"):
+        load = (f" 1-minute load average {f['loadavg_start'][0]:.2f} at the start, "
+                f"{f['loadavg_end'][0]:.2f} at the end (the machine is shared; other "
+                "processes on its cores are noise).")
+    rounds = f"at least {min(run.rounds)}" if run.rounds else "?"
+    commit = c.get("id", "?")[:10] + (" + uncommitted changes" if c.get("dirty") else "")
+    versions = ", ".join(f"{k} {val}" for k, val in v.items())
+    return (
+        f"Measured {date} on `{m.get('node', '?')}` ({m.get('system', '')} "
+        f"{m.get('release', '')}, {m.get('machine', '')}): {cpu}, "
+        f"{th.get('os_cpu_count', '?')} CPUs"
+        + (f", L2 {l2 // 1024} KiB per core" if isinstance(l2, int) else "")
+        + f"; numba {th.get('numba', '?')} threads ({th.get('numba_threading_layer', '?')}),"
+        f" torch {th.get('torch', '?')} threads. {versions}; fastadagrad commit {commit};"
+        f" serial below {_num(f.get('parallel_threshold'))} elements, chunk "
+        f"{_num(f.get('chunk'))}. Medians of {rounds} rounds per case (pytest-benchmark "
+        f"{run.raw.get('version', '?')}), after warm-up calls that compile the kernels "
+        f"and fault in every page.{load} Command: {command}."
+    )
+
+
+def report_command(run: Run, json_path: Path) -> str:
+    """The commands that produced the report, and whether they are ``make bench``'s."""
+    pytest_cmd = run.raw["machine_info"].get("fastadagrad", {}).get("command", "pytest ...")
+    rel = json_path.resolve()
+    try:
+        rel = rel.relative_to(REPO)
+    except ValueError:
+        pass
+    cmd = f"`{pytest_cmd}`, then `python bench/report.py {rel}`"
+    makefile = REPO / "Makefile"
+    args = pytest_cmd.removeprefix("python -m pytest ")
+    if makefile.exists() and f"pytest {args}" in makefile.read_text():
+        return f"`make bench`, which runs {cmd}"
+    return cmd
+
+
+# --- plot ---------------------------------------------------------------------------
+
+def plot(run: Run, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = [d for d in ("float32", "float64") if any(k[0] == "flat" and k[1] == d
+                                                        for k in run.times)]
+    fig, axes = plt.subplots(1, max(len(dtypes), 1), figsize=(6.4 * len(dtypes), 4.8),
+                             sharey=True, squeeze=False)
+    styles = {ROOFLINE: dict(color="black", linestyle="--"),
+              FAST: dict(color="tab:red", linewidth=2.5)}
+    for ax, dtype in zip(axes[0], dtypes, strict=False):
+        keys = [k for k in run.cases(("flat",)) if k[1] == dtype]
+        for impl in IMPL_ORDER:
+            pts = [(k[2], run.info[k]["bytes"] / run.times[k][impl] / 1e9) for k in keys
+                   if impl in run.times[k]]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.plot(x, y, marker="o", markersize=4, label=impl, **styles.get(impl, {}))
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("elements in the buffer")
+        ax.set_title(f"one flat buffer, {dtype} ({20 if dtype == 'float32' else 40} B/element)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("effective GB/s (p, g, h read + p, h written) / median time")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    date = datetime.fromisoformat(run.raw["datetime"]).strftime("%Y-%m-%d")
+    cpu = run.raw["machine_info"].get("fastadagrad", {}).get("cpu_model", "")
+    fig.suptitle(f"AdaGrad step throughput, {cpu}, {date} (higher is better)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --- output -------------------------------------------------------------------------
+
+WORKFLOW = """\
+#### Checking a change against a saved baseline
+
+```sh
+# 1. on the baseline commit: time the cases you care about and save them
+#    (stored under .benchmarks/, which is git-ignored)
+.venv/bin/pytest bench --benchmark-only -k "flat and float32" --benchmark-save=baseline
+# 2. make the change, then rerun the same cases against the latest saved run
+#    (or --benchmark-compare=0001 for a specific one); fail if a median is >10% slower
+.venv/bin/pytest bench --benchmark-only -k "flat and float32" \\
+    --benchmark-compare --benchmark-compare-fail=median:10%
+# 3. or compare saved runs side by side, without running anything
+.venv/bin/pytest-benchmark compare 0001 0002 --group-by=group --columns=median,iqr
+```
+
+Medians on this shared 2-core machine move by 5-20% between runs; compare
+interleaved runs of the same cases, not numbers from different days. `make test` runs
+every benchmark once with timing disabled (`--benchmark-disable`, at most 2^16
+elements), so a broken benchmark fails CI.
+"""
+
+
+def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[str, str]:
+    """(full markdown report, README block body); links are relative to ``base``."""
+    command = report_command(run, json_path)
+    startup = startup_table(json_path.parent / "startup.json")
+    opts = options_table(run)
+
+    def rel(p: Path, to: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(to.resolve()))
+        except ValueError:
+            return str(p.resolve())
+
+    head = [
+        "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy class the project "
+        "started from and the roofline kernel (`bench/roofline.py`: the same reads and "
+        "writes, trivial math). Speed-ups are ratios of medians from one run; "
+        "\"time ÷ roofline\" of 1.00 is the memory-bandwidth limit.",
+        "",
+        ratio_table(run),
+        "",
+        targets_table(run),
+    ]
+    full = ["# Benchmark report", "", *head, "",
+            f"![effective GB/s vs size]({rel(png, md.parent)})", "",
+            "## Median time per step, every implementation", "",
+            "Bold: the fastest implementation of the case (the roofline excluded).", "",
+            medians_table(run), ""]
+    if opts:
+        full += ["## Options (issues 5 and 6)", "", opts, ""]
+    if startup:
+        full += ["## Import and first-update time (`bench/startup.py`)", "", startup, ""]
+    full += ["---", "", footnote(run, command), ""]
+    readme = [*head, "",
+              f"![effective GB/s vs size]({rel(png, base)})", "",
+              f"Every implementation's median, the option benchmarks and more: "
+              f"[{rel(md, base)}]({rel(md, base)})."]
+    if startup:
+        readme += ["", "#### Import and first update", "", startup]
+    readme += ["", "<sub>" + footnote(run, command) + "</sub>", "", WORKFLOW]
+    return "\n".join(full), "\n".join(readme)
+
+
+def write_readme_block(readme: Path, body: str) -> None:
+    block = f"{START}\n<!-- generated by bench/report.py from the benchmark JSON; edits "\
+            f"here are overwritten -->\n{body.rstrip()}\n{END}"
+    if not readme.exists():
+        readme.write_text(f"# fastadagrad\n\n{block}\n")
+        return
+    text = readme.read_text()
+    if START in text and END in text and text.index(START) < text.index(END):
+        pre, rest = text.split(START, 1)
+        post = rest.split(END, 1)[1]
+        readme.write_text(pre + block + post)
+    else:
+        readme.write_text(text.rstrip() + "\n\n" + block + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", type=Path, help="pytest-benchmark --benchmark-json output")
+    ap.add_argument("--readme", type=Path, default=REPO / "README.md")
+    ap.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    args = ap.parse_args(argv)
+
+    run = Run(args.json)
+    if not run.times:
+        print(f"{args.json}: no fastadagrad benchmarks in this file", file=sys.stderr)
+        return 1
+    png, md = args.json.with_suffix(".png"), args.json.with_suffix(".md")
+    plot(run, png)
+    full, block = render(run, args.json, png, md, args.readme.resolve().parent)
+    md.write_text(full)
+    if not args.no_readme:
+        write_readme_block(args.readme, block)
+    print(ratio_table(run))
+    print()
+    print(targets_table(run))
+    print(f"\nwrote {md}, {png}" + ("" if args.no_readme else f" and the block in {args.readme}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
