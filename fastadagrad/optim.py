@@ -209,6 +209,45 @@ class AdaGrad:
             return dict(zip(keys, views)), flat
         return list(views), flat
 
+    # -- state and checkpoints (the logic lives in checkpoint.py) ----------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state in ``torch.optim.Adagrad.state_dict()``'s layout, as NumPy arrays.
+
+        ``{"state": {i: {"sum": array, "step": 0-d array}}, "param_groups": [{"lr",
+        "lr_decay", "eps", "weight_decay", "initial_accumulator_value", "maximize", ...,
+        "params": [0..n-1]}]}``, ``i`` the parameter's position (dict order). The
+        arrays are copies. See :mod:`fastadagrad.checkpoint`.
+        """
+        from . import checkpoint
+
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state_dict: Any, params: Any = None) -> None:
+        """Load hyperparameters, step and accumulators, e.g. from a torch Adagrad state
+        dict converted with ``.numpy()``; validated before anything changes.
+
+        Before the first update the state is created from ``state_dict``, keyed like
+        ``params`` if given (else by its ``param_names``, else as a list).
+        """
+        from . import checkpoint
+
+        checkpoint.load_state_dict(self, state_dict, params)
+
+    def save(self, path: Any) -> None:
+        """Write the state to one ``.npz`` at ``path``, atomically (temp file, fsync,
+        rename, directory fsync): a crash leaves the previous file intact."""
+        from . import checkpoint
+
+        checkpoint.save(self, path)
+
+    def load(self, path: Any, params: Any = None) -> None:
+        """Load a checkpoint written by :meth:`save`; a truncated, corrupted or
+        mismatched file raises :class:`fastadagrad.checkpoint.CheckpointError`."""
+        from . import checkpoint
+
+        checkpoint.load(self, path, params)
+
 
 def _raise_nonfinite_key(grads: FlatBuffer, hyper: Hyper) -> None:
     """Name the first tensor of a host flat buffer whose gradient is NaN/inf."""
