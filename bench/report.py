@@ -263,8 +263,12 @@ def plot(run: Run, out: Path) -> None:
                                                         for k in run.times)]
     fig, axes = plt.subplots(1, max(len(dtypes), 1), figsize=(6.4 * len(dtypes), 4.8),
                              sharey=True, squeeze=False)
-    styles = {ROOFLINE: dict(color="black", linestyle="--"),
-              FAST: dict(color="tab:red", linewidth=2.5)}
+    styles: dict[str, dict[str, Any]] = {
+        FAST: dict(color="tab:red", linewidth=2.5), "fastadagrad serial": dict(color="tab:orange"),
+        FAST_FLAT: dict(color="tab:pink"), NUMPY: dict(color="tab:gray"),
+        "torch for-loop": dict(color="tab:green"), "torch foreach": dict(color="tab:olive"),
+        TORCH_FUSED: dict(color="tab:blue", linewidth=2), "DeepSpeed CPU": dict(color="tab:purple"),
+        ROOFLINE: dict(color="black", linestyle="--")}
     for ax, dtype in zip(axes[0], dtypes, strict=False):
         keys = [k for k in run.cases(("flat",)) if k[1] == dtype]
         for impl in IMPL_ORDER:
@@ -278,7 +282,7 @@ def plot(run: Run, out: Path) -> None:
         ax.set_xlabel("elements in the buffer")
         ax.set_title(f"one flat buffer, {dtype} ({20 if dtype == 'float32' else 40} B/element)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("effective GB/s (p, g, h read + p, h written) / median time")
+    axes[0][0].set_ylabel("effective GB/s = 5 × itemsize × n / median time")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     date = datetime.fromisoformat(run.raw["datetime"]).strftime("%Y-%m-%d")
     cpu = run.raw["machine_info"].get("fastadagrad", {}).get("cpu_model", "")
