@@ -1,0 +1,113 @@
+"""Launch-configuration sweep for the CUDA kernel (run by hand on a GPU machine).
+
+``python bench/gpu_sweep.py``: times ``fastadagrad.cuda`` 's update kernel (numpy rule)
+for several threads-per-block / blocks-per-SM settings at 2^26 float32 and float64,
+next to a device-to-device copy moving the same bytes, and prints registers per thread.
+It also times an experimental 4-way unrolled variant (same math) to see whether more
+loads in flight per thread help. This is how ``config.THREADS_PER_BLOCK`` and
+``config.BLOCKS_PER_SM`` were chosen; numbers are printed, never stored by hand.
+"""
+
+# ruff: noqa: B023, F821  (timed lambdas are called inside the loop iteration that made them)
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from numba import cuda
+from numba.cuda import libdevice as L
+
+from fastadagrad import config
+from fastadagrad import cuda as fc
+from fastadagrad._hyper import Hyper
+
+
+def gpu_time(fn, reps=30):
+    fn()
+    cuda.synchronize()
+    s, e = cuda.event(), cuda.event()
+    best = float("inf")
+    for _ in range(3):
+        s.record()
+        for _ in range(reps):
+            fn()
+        e.record()
+        e.synchronize()
+        best = min(best, cuda.event_elapsed_time(s, e) / 1e3 / reps)
+    return best
+
+
+@cuda.jit
+def unrolled4(p, g, h, lr, eps):
+    n = np.uint64(p.size)
+    i = np.uint64(cuda.grid(1))
+    s = np.uint64(cuda.gridsize(1))
+    s2 = s + s
+    s3 = s2 + s
+    s4 = s2 + s2
+    while i + s3 < n:
+        g0, g1, g2, g3 = g[i], g[i + s], g[i + s2], g[i + s3]
+        h0, h1, h2, h3 = h[i], h[i + s], h[i + s2], h[i + s3]
+        p0, p1, p2, p3 = p[i], p[i + s], p[i + s2], p[i + s3]
+        h0 = L.fadd_rn(h0, L.fmul_rn(g0, g0))
+        h1 = L.fadd_rn(h1, L.fmul_rn(g1, g1))
+        h2 = L.fadd_rn(h2, L.fmul_rn(g2, g2))
+        h3 = L.fadd_rn(h3, L.fmul_rn(g3, g3))
+        h[i], h[i + s], h[i + s2], h[i + s3] = h0, h1, h2, h3
+        p[i] = L.fadd_rn(p0, -L.fdiv_rn(L.fmul_rn(lr, g0), L.fadd_rn(L.fsqrt_rn(h0), eps)))
+        p[i + s] = L.fadd_rn(p1, -L.fdiv_rn(L.fmul_rn(lr, g1), L.fadd_rn(L.fsqrt_rn(h1), eps)))
+        p[i + s2] = L.fadd_rn(p2, -L.fdiv_rn(L.fmul_rn(lr, g2),
+                                                L.fadd_rn(L.fsqrt_rn(h2), eps)))
+        p[i + s3] = L.fadd_rn(p3, -L.fdiv_rn(L.fmul_rn(lr, g3),
+                                                L.fadd_rn(L.fsqrt_rn(h3), eps)))
+        i += s4
+    while i < n:
+        gi = g[i]
+        hi = L.fadd_rn(h[i], L.fmul_rn(gi, gi))
+        h[i] = hi
+        p[i] = L.fadd_rn(p[i], -L.fdiv_rn(L.fmul_rn(lr, gi), L.fadd_rn(L.fsqrt_rn(hi), eps)))
+        i += s
+
+
+def main() -> int:
+    n = 1 << 26
+    sms = fc._sm_count()
+    print(f"{cuda.get_current_device().name} SMs={sms}")
+    for dt in (np.float32, np.float64):
+        isz = np.dtype(dt).itemsize
+        nbytes = 5 * n * isz
+        p = cuda.to_device(np.random.default_rng(0).standard_normal(n).astype(dt))
+        g = cuda.to_device(np.random.default_rng(1).standard_normal(n).astype(dt) * 1e-2)
+        h = cuda.to_device(np.zeros(n, dt))
+        coefs = Hyper.make().coefficients(dt, 1)
+        kern = fc.kernels(np.dtype(dt), coefs[7])[0]
+        src = cuda.device_array(nbytes // 2, np.uint8)
+        dst = cuda.device_array(nbytes // 2, np.uint8)
+        tc = gpu_time(lambda: dst.copy_to_device(src))
+        print(f"{np.dtype(dt).name}: copy {nbytes / tc / 1e9:.0f} GB/s")
+        for tpb in (128, 256, 512, 1024):
+            for bps in (2, 4, 8, 16, 32):
+                if tpb * bps > 2048 * 2:
+                    continue
+                blocks = sms * bps
+                t = gpu_time(lambda: kern[blocks, tpb](p, g, h, *coefs[:7]))
+                print(f"  tpb={tpb:5} blocks/SM={bps:3}: {t * 1e6:8.1f} us "
+                      f"{nbytes / t / 1e9:7.0f} GB/s {100 * tc / t:5.1f}% of copy")
+        blocks = (n + 255) // 256
+        t = gpu_time(lambda: kern[blocks, 256](p, g, h, *coefs[:7]))
+        print(f"  one thread per element (tpb=256, {blocks} blocks): {t * 1e6:8.1f} us "
+              f"{100 * tc / t:5.1f}% of copy")
+        if dt == np.float32:
+            for bps in (4, 8):
+                t = gpu_time(lambda: unrolled4[sms * bps, 256](p, g, h, coefs[0], coefs[3]))
+                print(f"  unrolled x4 tpb=256 blocks/SM={bps}: {t * 1e6:8.1f} us "
+                      f"{100 * tc / t:5.1f}% of copy")
+        print("  registers/thread:", kern.get_regs_per_thread())
+        del p, g, h, src, dst
+    print(f"config: THREADS_PER_BLOCK={config.THREADS_PER_BLOCK} "
+          f"BLOCKS_PER_SM={config.BLOCKS_PER_SM}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
