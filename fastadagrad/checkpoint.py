@@ -161,6 +161,10 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     number, shapes and dtypes. Otherwise the state is created from ``sd``: keyed like
     ``params`` if given (a dict or list of the parameter arrays, in the order the state
     dict numbers them), else by ``param_names`` if present, else as a list.
+
+    The formula (``opt.hyper.rule``) is replaced only by the one a fastadagrad state
+    dict records; a torch state dict has none, so load it into
+    ``AdaGrad.from_preset("torch")`` to continue bit-identically.
     """
     from .flat import FlatBuffer
     from .optim import _layout_of
