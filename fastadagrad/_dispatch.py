@@ -65,6 +65,9 @@ def is_cuda_array(x: object) -> bool:
         return False
     if getattr(type(x), "__cuda_ndarray__", False):  # Numba device arrays, incl. the
         return True  # CUDA simulator's (which have no __cuda_array_interface__)
+    is_cuda = getattr(x, "is_cuda", None)  # torch tensors: an attribute, not a dict built
+    if isinstance(is_cuda, bool) and type(x).__module__.startswith("torch"):  # per call
+        return is_cuda
     try:
         return getattr(x, "__cuda_array_interface__", None) is not None
     except Exception:  # torch raises RuntimeError for CUDA tensors that require grad

@@ -314,6 +314,11 @@ def _flat(d: _Dev, dt: np.dtype) -> Any:
     n = d.size
     if simulator():
         return d.obj.reshape(n)
+    obj = d.obj
+    if getattr(type(obj), "__cuda_ndarray__", False):
+        # a Numba device array (e.g. a FlatBuffer's data): use it, or a reshaped view,
+        # directly; wrapping its interface again costs ~17 us per array per step (H100)
+        return obj if obj.ndim == 1 else obj.reshape(n)
     desc = {"shape": (n,), "typestr": d.typestr, "data": (d.ptr, False), "strides": None,
             "version": 3, "stream": None}
     # sync=False: the kernel is launched on the producer's stream, which orders it.
@@ -331,7 +336,9 @@ def _stream_for(x: Any, d: _Dev) -> Any:
     if _is_torch(x):
         import torch
 
-        ptr = int(torch.cuda.current_stream(x.device).cuda_stream)
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # ~1 us, vs ~27 us
+        ptr = int(raw(x.device.index) if raw is not None  # for current_stream() (H100)
+                  else torch.cuda.current_stream(x.device).cuda_stream)
         if ptr == 0:  # torch's default stream is the legacy NULL stream
             return cuda.legacy_default_stream()
     elif isinstance(d.stream, int) and d.stream:  # CAI v3 "stream" (CuPy exports one)
@@ -365,7 +372,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     non-finite check of ``"skip"``/``"raise"``, which reads its flags back.
     """
     cuda = require_gpu()
-    from ._dispatch import check_no_overlap
+    from ._dispatch import check_no_overlap, coefficients
 
     n = len(params)
     triples = []
@@ -405,7 +412,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     for dp, dg, dh, dt in triples:
         if dp.size:
             work.append((_flat(dp, dt), _flat(dg, dt), _flat(dh, dt), dt,
-                         hyper.coefficients(dt, step)))
+                         coefficients(hyper, dt, step)))
 
     if nonfinite != "ignore" and work:
         found = cuda.to_device(np.zeros(len(work), np.int32), stream=stream)

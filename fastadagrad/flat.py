@@ -70,7 +70,7 @@ class FlatBuffer(Mapping[Any, Any]):
             layout.append((key, tuple(h.shape), off, int(h.size)))
             off += int(h.size)
         data = np.empty(off, dt)
-        for (_, shape, o, n), h in zip(layout, host):
+        for (_, _shape, o, n), h in zip(layout, host):
             assert h is not None
             data[o:o + n] = h.reshape(-1)
         self._init(data, tuple(layout))
@@ -103,7 +103,8 @@ class FlatBuffer(Mapping[Any, Any]):
 
     def same_layout(self, other: object) -> bool:
         return isinstance(other, FlatBuffer) and (
-            other.layout == self.layout and other.data.dtype == self.data.dtype)
+            (other.layout is self.layout or other.layout == self.layout)
+            and other.data.dtype == self.data.dtype)
 
     def to_device(self) -> FlatBuffer:
         """A copy on the current CUDA device (needs numba-cuda and a GPU)."""
