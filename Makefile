@@ -27,7 +27,7 @@ test-cpu: $(STAMP)
 test-sim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda -p no:cacheprovider
 
-# Timed benchmarks (medians of >= 15 rounds, ~15 min on 2 cores), import/first-call
+# Timed benchmarks (medians of >= 15 rounds, ~4 min on the 2-core machine), import/first-call
 # times with a cold and a warm Numba cache, then the report: bench/results/latest.{md,png}
 # and the README block between the bench:start/bench:end markers.
 bench: $(STAMP)

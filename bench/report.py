@@ -16,9 +16,13 @@ Writes, next to the JSON (``latest.json`` -> ``latest.md``, ``latest.png``):
   5 arrays-worth per element (p, g, h read; p, h written): 20 B in float32, 40 B in
   float64, whatever an implementation actually moves.
 
-and rewrites the block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in
+rewrites the block between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in
 the README with the headline tables, the plot and the footnote. Every number comes
 from the JSON: nothing here is typed by hand. Times are medians.
+
+It also drops the per-round timings (``stats.data``, up to millions of numbers per case,
+~150 MB for the full suite) from the JSON in place, keeping every statistic, so that the
+file can be committed next to the report (``--keep-data`` leaves it alone).
 """
 
 from __future__ import annotations
@@ -138,34 +142,49 @@ def medians_table(run: Run) -> str:
     return "\n".join(lines)
 
 
-def targets(run: Run) -> list[tuple[str, str, bool | None]]:
-    """(target, measured, met) for the targets of issue 4 (and issue 2, item 10)."""
-    f32 = "float32"
-    out: list[tuple[str, str, bool | None]] = []
+def targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
+    """(target, measured, ceiling, met) for the targets of issue 4 (and issue 2, item 10).
 
-    def add(name: str, value: float | None, ok: bool | None, unit: str) -> None:
-        out.append((name, fmt_ratio(value, unit), None if value is None else ok))
+    The ceiling is the same ratio for the roofline kernel: what any kernel making the
+    update's reads and writes could reach here if it cost nothing but memory traffic.
+    """
+    f32 = "float32"
+    out: list[tuple[str, str, str, bool | None]] = []
+
+    def add(name: str, value: float | None, bound: float | None, ok: bool | None,
+            unit: str) -> None:
+        out.append((name, fmt_ratio(value, unit), fmt_ratio(bound, unit),
+                    None if value is None else ok))
 
     k24, k16, k20 = ("flat", f32, 1 << 24), ("flat", f32, 1 << 16), ("flat", f32, 1 << 20)
     r = ratio(run.t(k24, FAST), run.t(k24, ROOFLINE))
     add("2^24 f32: time within 10% of the roofline kernel (≤ 1.10)", r,
-        r is not None and r <= 1.10, "")
+        1.0 if r is not None else None, r is not None and r <= 1.10, "")
     r = ratio(run.t(k16, TORCH_FUSED), run.t(k16, FAST))
-    add("2^16 f32: ≥ 2.5× faster than torch fused", r, r is not None and r >= 2.5, "×")
+    add("2^16 f32: ≥ 2.5× faster than torch fused", r,
+        ratio(run.t(k16, TORCH_FUSED), run.t(k16, ROOFLINE)), r is not None and r >= 2.5, "×")
     model = next((k for k in run.times if k[0] == "model100" and k[1] == f32), None)
     r = ratio(run.t(model, TORCH_FUSED), run.t(model, FAST)) if model else None
     add("100-tensor model f32 (dict API, separate grads): ≥ 2× faster than torch fused",
-        r, r is not None and r >= 2.0, "×")
+        r, ratio(run.t(model, TORCH_FUSED), run.t(model, ROOFLINE)) if model else None,
+        r is not None and r >= 2.0, "×")
     r = ratio(run.t(k20, NUMPY), run.t(k20, FAST))
-    add("2^20 f32: ≥ 20× faster than the NumPy class", r, r is not None and r >= 20, "×")
+    add("2^20 f32: ≥ 20× faster than the NumPy class", r,
+        ratio(run.t(k20, NUMPY), run.t(k20, ROOFLINE)), r is not None and r >= 20, "×")
     return out
 
 
 def targets_table(run: Run) -> str:
-    lines = ["| target (issue 4; issue 2 item 10) | measured | met |", "|---|---:|:---:|"]
-    for name, value, ok in targets(run):
+    lines = ["| target (issue 4; issue 2 item 10) | measured | same ratio for the roofline "
+             "kernel | met |", "|---|---:|---:|:---:|"]
+    for name, value, bound, ok in targets(run):
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
-        lines.append(f"| {name} | {value} | {mark} |")
+        lines.append(f"| {name} | {value} | {bound} | {mark} |")
+    lines += ["", "The roofline column is the ceiling for a kernel that makes the update's "
+              "reads and writes and costs nothing else: a speed-up target above it cannot be "
+              "met on this machine by any such kernel. Where the measured ratio is below the "
+              "ceiling, the difference is the arithmetic (IEEE `sqrt` and `/`) and call "
+              "overhead."]
     return "\n".join(lines)
 
 
@@ -202,6 +221,23 @@ def startup_table(path: Path) -> str:
 
 def _num(x: object) -> str:
     return f"{x:,}" if isinstance(x, int) else "?"
+
+
+def llc_note(run: Run) -> str:
+    """Which flat sizes fit in the last-level cache the CPU reports (p, g, h resident)."""
+    l3 = run.raw["machine_info"].get("cpu", {}).get("l3_cache_size")
+    if not isinstance(l3, int) or l3 <= 0:
+        return ""
+    fits = {}
+    for dtype, size in (("float32", 4), ("float64", 8)):
+        ns = [k[2] for k in run.cases(("flat",)) if k[1] == dtype and 3 * size * k[2] <= l3]
+        if ns:
+            fits[dtype] = f"2^{max(ns).bit_length() - 1} {DT[dtype]}"
+    if not fits:
+        return ""
+    return (f" The CPU reports a {l3 / 2**20:,.0f} MiB last-level cache: the flat buffers up "
+            f"to {' / '.join(fits.values())} (p, g and h together) fit in it, so only larger "
+            "ones are bound by DRAM bandwidth.")
 
 
 def footnote(run: Run, command: str) -> str:
@@ -332,7 +368,7 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
         "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy class the project "
         "started from and the roofline kernel (`bench/roofline.py`: the same reads and "
         "writes, trivial math). Speed-ups are ratios of medians from one run; "
-        "\"time ÷ roofline\" of 1.00 is the memory-bandwidth limit.",
+        "\"time ÷ roofline\" of 1.00 is the memory-bandwidth limit." + llc_note(run),
         "",
         ratio_table(run),
         "",
@@ -373,12 +409,24 @@ def write_readme_block(readme: Path, body: str) -> None:
         readme.write_text(text.rstrip() + "\n\n" + block + "\n")
 
 
+def strip_round_data(path: Path) -> None:
+    raw = json.loads(path.read_text())
+    if any("data" in b.get("stats", {}) for b in raw.get("benchmarks", [])):
+        for b in raw["benchmarks"]:
+            b.get("stats", {}).pop("data", None)
+        path.write_text(json.dumps(raw, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", type=Path, help="pytest-benchmark --benchmark-json output")
     ap.add_argument("--readme", type=Path, default=REPO / "README.md")
     ap.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep the per-round timings in the JSON (default: strip them)")
     args = ap.parse_args(argv)
+    if not args.keep_data:
+        strip_round_data(args.json)
 
     run = Run(args.json)
     if not run.times:

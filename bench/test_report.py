@@ -28,7 +28,7 @@ def fake_run(path: Path) -> None:
                 "extra_info": {"scenario": scenario, "impl": impl, "dtype": dtype, "n": n,
                                "bytes": 5 * (4 if dtype == "float32" else 8) * n,
                                **({"tensors": 100} if scenario == "model100" else {})},
-                "stats": {"median": t, "rounds": 15}})
+                "stats": {"median": t, "rounds": 15, "data": [t] * 15}})
     path.write_text(json.dumps({
         "machine_info": {"node": "ci", "system": "Linux", "release": "x", "machine": "x86_64",
                          "cpu": {"brand_raw": "Some CPU"},
@@ -53,10 +53,14 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
     assert "| flat f32 2^24 | fastadagrad | 16.8 ms | 3.00× | 25.0× | 1.05 |" in text
     assert "](results/run.png)" in text
     assert (data.with_suffix(".png")).stat().st_size > 1000
+    assert all("data" not in b["stats"] and b["stats"]["median"] > 0
+               for b in json.loads(data.read_text())["benchmarks"])
     md = data.with_suffix(".md").read_text()
     assert "all options" in md and "nonfinite='skip'" in md
     # 2^24 f32 at 1.05x the roofline, 3x torch fused at 2^16, 25x NumPy: all four met.
     assert md.count("| yes |") == 4
+    # the ceilings: torch fused / roofline = 3 / 0.95, NumPy / roofline = 25 / 0.95
+    assert "| 3.00× | 3.16× | yes |" in md and "| 25.0× | 26.3× | yes |" in md
 
 
 def test_report_creates_readme_when_missing(tmp_path: Path) -> None:

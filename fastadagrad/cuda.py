@@ -325,7 +325,17 @@ def _flat(d: _Dev, dt: np.dtype) -> Any:
     return _cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False)
 
 
-_STREAMS: dict[int, Any] = {}
+_STREAMS: dict[Any, Any] = {}
+
+
+def _builtin_stream(kind: str) -> Any:
+    """``numba.cuda.default_stream()`` and friends, made once: each call of those looks
+    the CUDA context up again (``_require_cuda_context``), the largest single cost of a
+    step's host overhead in a profile on the H100 machine."""
+    s = _STREAMS.get(kind)
+    if s is None:
+        s = _STREAMS[kind] = getattr(_cuda, kind)()
+    return s
 
 
 def _stream_for(x: Any, d: _Dev) -> Any:
@@ -340,16 +350,16 @@ def _stream_for(x: Any, d: _Dev) -> Any:
         ptr = int(raw(x.device.index) if raw is not None  # for current_stream() (H100)
                   else torch.cuda.current_stream(x.device).cuda_stream)
         if ptr == 0:  # torch's default stream is the legacy NULL stream
-            return cuda.legacy_default_stream()
+            return _builtin_stream("legacy_default_stream")
     elif isinstance(d.stream, int) and d.stream:  # CAI v3 "stream" (CuPy exports one)
         ptr = d.stream
         if ptr == 1:
-            return cuda.legacy_default_stream()
+            return _builtin_stream("legacy_default_stream")
         if ptr == 2:
-            return cuda.per_thread_default_stream()
+            return _builtin_stream("per_thread_default_stream")
     else:  # Numba device arrays carry a stream (0: Numba's default stream)
         s = getattr(x, "stream", 0)
-        return s if s else cuda.default_stream()
+        return s if s else _builtin_stream("default_stream")
     s = _STREAMS.get(ptr)
     if s is None:
         if len(_STREAMS) > 64:
