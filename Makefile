@@ -28,12 +28,12 @@ test-sim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda -p no:cacheprovider
 
 # Timed benchmarks (medians of >= 15 rounds, ~4 min on the 2-core machine), import/first-call
-# times with a cold and a warm Numba cache, then the report: bench/results/latest.{md,png}
+# times with a cold and a warm Numba cache, then the report: bench/results/cpu.{json,md,png}
 # and the README block between the bench:start/bench:end markers.
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-min-rounds=15 --benchmark-json=bench/results/latest.json
+	$(PY) -m pytest bench --benchmark-only --benchmark-min-rounds=15 --benchmark-json=bench/results/cpu.json
 	$(PY) bench/startup.py --json bench/results/startup.json
-	$(PY) bench/report.py bench/results/latest.json
+	$(PY) bench/report.py bench/results/cpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastadagrad tests bench

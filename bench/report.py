@@ -2,9 +2,9 @@
 
 Usage::
 
-    python bench/report.py bench/results/latest.json [--readme README.md] [--no-readme]
+    python bench/report.py bench/results/cpu.json [--readme README.md] [--no-readme]
 
-Writes, next to the JSON (``latest.json`` -> ``latest.md``, ``latest.png``):
+Writes, next to the JSON (``cpu.json`` -> ``cpu.md``, ``cpu.png``):
 
 * a markdown report: ratio table (fastadagrad vs torch fused, vs the NumPy class, vs
   the roofline kernel), the targets of issues 2 and 4 with pass/fail, every
@@ -45,6 +45,11 @@ IMPL_ORDER = ("fastadagrad", "fastadagrad serial", "fastadagrad FlatBuffer", "Nu
 SCENARIO_LABEL = {"flat": "flat buffer", "model100": "100-tensor model",
                   "mlp784-50-10": "784-50-10 net"}
 DT = {"float32": "f32", "float64": "f64"}
+#: A median this many times the fastest round marks a case as disturbed: on 2 cores a
+#: process that takes one core for a while stalls every parallel kernel at its barrier.
+NOISY = 1.5
+NOISY_NOTE = (f"†: median more than {NOISY}× the fastest round of the case — another "
+              "process shared the cores while it ran; rerun before trusting that number.")
 
 
 # --- loading ------------------------------------------------------------------------
@@ -58,12 +63,16 @@ class Run:
         self.times: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
         self.info: dict[tuple[str, str, int], dict[str, Any]] = {}
         self.rounds: list[int] = []
+        self.noisy: set[tuple[tuple[str, str, int], str]] = set()
         for b in self.raw["benchmarks"]:
             x = b.get("extra_info", {})
             if "impl" not in x:  # not one of ours (e.g. the GPU file's)
                 continue
             key = (x["scenario"], x["dtype"], int(x["n"]))
-            self.times[key][x["impl"]] = float(b["stats"]["median"])
+            st = b["stats"]
+            self.times[key][x["impl"]] = float(st["median"])
+            if "min" in st and st["median"] > NOISY * st["min"]:
+                self.noisy.add((key, x["impl"]))
             self.info[key] = x
             self.rounds.append(int(b["stats"]["rounds"]))
 
@@ -71,6 +80,10 @@ class Run:
         order = {s: i for i, s in enumerate(scenarios)}
         keys = [k for k in self.times if k[0] in order]
         return sorted(keys, key=lambda k: (order[k[0]], k[1], k[2]))
+
+    def mark(self, key: tuple[str, str, int], *impls: str) -> str:
+        """"†" if any of these implementations' medians in this case is disturbed."""
+        return "†" if any((key, i) in self.noisy for i in impls) else ""
 
     def t(self, key: tuple[str, str, int], impl: str) -> float | None:
         return self.times.get(key, {}).get(impl)
@@ -113,16 +126,21 @@ def ratio_table(run: Run) -> str:
         "class | time ÷ roofline |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    marked = False
     for key in run.cases(("flat", "model100", "mlp784-50-10")):
         for impl in (FAST, FAST_FLAT):
             t = run.t(key, impl)
             if t is None:
                 continue
+            m = run.mark(key, impl, TORCH_FUSED, NUMPY, ROOFLINE)
+            marked = marked or bool(m)
             lines.append(
-                f"| {case_label(key, run.info[key])} | {impl} | {fmt_time(t)} | "
+                f"| {case_label(key, run.info[key])} | {impl} | {fmt_time(t)}{m} | "
                 f"{fmt_ratio(ratio(run.t(key, TORCH_FUSED), t))} | "
                 f"{fmt_ratio(ratio(run.t(key, NUMPY), t))} | "
                 f"{fmt_ratio(ratio(t, run.t(key, ROOFLINE)), '')} |")
+    if marked:
+        lines += ["", NOISY_NOTE]
     return "\n".join(lines)
 
 
@@ -137,8 +155,11 @@ def medians_table(run: Run) -> str:
         for i in impls:
             v = row.get(i)
             s = fmt_time(v)
-            cells.append(f"**{s}**" if v is not None and v == best else s)
+            s = f"**{s}**" if v is not None and v == best else s
+            cells.append(s + run.mark(key, i))
         lines.append(f"| {case_label(key, run.info[key])} | " + " | ".join(cells) + " |")
+    if any(k in keys for k, _ in run.noisy):
+        lines += ["", NOISY_NOTE]
     return "\n".join(lines)
 
 
@@ -194,7 +215,7 @@ def options_table(run: Run) -> str:
              "|---|---|---:|---:|---:|"]
     spec = (("options", "defaults", "issue 5: every option on vs defaults"),
             ("nonfinite", "nonfinite='ignore'", "issue 6: gradient check vs none"))
-    any_row = False
+    any_row = marked = False
     for scenario, base, title in spec:
         for key in run.cases((scenario,)):
             row = run.times[key]
@@ -202,10 +223,15 @@ def options_table(run: Run) -> str:
                 if impl == ROOFLINE:
                     continue
                 any_row = True
+                m = run.mark(key, impl, base, ROOFLINE)
+                marked = marked or bool(m)
                 lines.append(
                     f"| {title} ({DT[key[1]]} 2^{key[2].bit_length() - 1}) | {impl} | "
-                    f"{fmt_time(row[impl])} | {fmt_ratio(ratio(row[impl], row.get(base)), '')}"
+                    f"{fmt_time(row[impl])}{m} | "
+                    f"{fmt_ratio(ratio(row[impl], row.get(base)), '')}"
                     f" | {fmt_ratio(ratio(row[impl], row.get(ROOFLINE)), '')} |")
+    if marked:
+        lines += ["", NOISY_NOTE]
     return "\n".join(lines) if any_row else ""
 
 

@@ -28,7 +28,8 @@ def fake_run(path: Path) -> None:
                 "extra_info": {"scenario": scenario, "impl": impl, "dtype": dtype, "n": n,
                                "bytes": 5 * (4 if dtype == "float32" else 8) * n,
                                **({"tensors": 100} if scenario == "model100" else {})},
-                "stats": {"median": t, "rounds": 15, "data": [t] * 15}})
+                "stats": {"median": t, "min": t / (2 if impl == "all options" else 1),
+                          "rounds": 15, "data": [t] * 15}})
     path.write_text(json.dumps({
         "machine_info": {"node": "ci", "system": "Linux", "release": "x", "machine": "x86_64",
                          "cpu": {"brand_raw": "Some CPU"},
@@ -57,6 +58,8 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
                for b in json.loads(data.read_text())["benchmarks"])
     md = data.with_suffix(".md").read_text()
     assert "all options" in md and "nonfinite='skip'" in md
+    # a median twice the fastest round is flagged as disturbed, and only that one
+    assert md.count("†") == 2 and "| all options | 33.6 ms† |" in md
     # 2^24 f32 at 1.05x the roofline, 3x torch fused at 2^16, 25x NumPy: all four met.
     assert md.count("| yes |") == 4
     # the ceilings: torch fused / roofline = 3 / 0.95, NumPy / roofline = 25 / 0.95
