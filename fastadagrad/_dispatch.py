@@ -205,12 +205,20 @@ def coefficients(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple:
     return _coefficients(hyper, dtype, step if hyper.lr_decay else 1)
 
 
+def _has_nonfinite(g: np.ndarray, coefs: tuple) -> bool:
+    if g.size >= config.PARALLEL_THRESHOLD:
+        with cpu.PARALLEL_LOCK:
+            return bool(cpu.flat_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
+                                                         coefs[7]))
+    return bool(cpu.span_has_nonfinite(g, coefs[6], coefs[7]))
+
+
 def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
                    nonfinite: str, labels: Labels) -> bool:
     """Fused step on one validated triple; False when ``nonfinite='skip'`` skipped it."""
     n = p.size
     pf, gf, hf = p.reshape(-1), g.reshape(-1), h.reshape(-1)
-    if nonfinite != "ignore" and cpu.span_has_nonfinite(gf, coefs[6], coefs[7]):
+    if nonfinite != "ignore" and _has_nonfinite(gf, coefs):
         if nonfinite == "raise":
             raise FloatingPointError(f"{labels.grad} contains NaN or inf; nothing was "
                                      "updated")
