@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_bits_equal
 
 from fastadagrad import AdaGrad, FlatBuffer, adagrad_update
 from fastadagrad._hyper import Hyper
 from fastadagrad.reference import NumpyAdaGrad, reference_step
+from fastadagrad.testing import assert_bits_equal
 
 SHAPE = (2, 3)
 LR = 0.1

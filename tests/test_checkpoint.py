@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_bits_equal
 
 import fastadagrad
 from fastadagrad.checkpoint import CheckpointError
 from fastadagrad.presets import PRESETS
+from fastadagrad.testing import assert_bits_equal
 
 torch = pytest.importorskip("torch")
 

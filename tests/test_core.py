@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_bits_equal
 
 import fastadagrad
 from fastadagrad import _dispatch, config, cpu
 from fastadagrad._hyper import Hyper
 from fastadagrad.reference import NumpyAdaGrad, reference_step
+from fastadagrad.testing import assert_bits_equal
 
 SIZES = [0, 1, 15, 16, 17, 1000, 2**20 + 3]
 DTYPES = [np.float32, np.float64]

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_bits_equal
 
 from fastadagrad import AdaGrad, FlatBuffer, adagrad_update, config
 from fastadagrad._hyper import Hyper
 from fastadagrad.reference import reference_step
+from fastadagrad.testing import assert_bits_equal
 
 LR = 0.05
 BAD = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_bits_equal
 
 import fastadagrad
 from fastadagrad._hyper import Rule
 from fastadagrad.presets import PRESETS, get_preset
 from fastadagrad.reference import NumpyAdaGrad, exact_fma
+from fastadagrad.testing import assert_bits_equal
 
 DTYPES = [np.float32, np.float64]
 # 2^16+7: the vector body over 4096 AVX-512 lanes and a 7-element scalar tail; the small

@@ -4,7 +4,6 @@ give exactly the plain-NumPy reference's bits, on the serial and the parallel ke
 from __future__ import annotations
 
 import numpy as np
-from conftest import assert_bits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -13,6 +12,7 @@ import fastadagrad
 from fastadagrad import config
 from fastadagrad._hyper import Hyper, Rule
 from fastadagrad.reference import reference_step
+from fastadagrad.testing import assert_bits_equal
 
 finite = dict(allow_nan=False, allow_infinity=False, allow_subnormal=True)
 

@@ -14,9 +14,9 @@ import tracemalloc
 
 import numba
 import numpy as np
-from conftest import assert_bits_equal
 
 from fastadagrad import AdaGrad, config
+from fastadagrad.testing import assert_bits_equal
 
 STEPS = 10_000
 WARMUP = 500

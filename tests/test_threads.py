@@ -21,9 +21,9 @@ from typing import Any
 
 import numba
 import numpy as np
-from conftest import assert_bits_equal
 
 from fastadagrad import AdaGrad, FlatBuffer, adagrad_update, config
+from fastadagrad.testing import assert_bits_equal
 
 STEPS = 1000
 BANK = 4  # gradient sets cycled through (fresh copies each step)
