@@ -51,13 +51,14 @@ def test_flat(run: Any, elements: Any, monkeypatch: pytest.MonkeyPatch, impl: st
         group=f"a. flat {dtype} 2^{exponent:02d}")
 
 
-#: Issue 5: every option on at once (a different formula, so this measures the cost of
-#: the extra flag tests and operations in the fused loop, not a like-for-like update).
-ALL_OPTIONS = {"lr_decay": 0.01, "weight_decay": 1e-4, "maximize": True,
-               "grad_scale": 1024.0, "step": 10}
+#: Issue 5: every option of that issue on at once (a different formula, so this measures
+#: the cost of the extra flag tests and operations in the fused loop, not a like-for-like
+#: update). Loss scaling (issue 6) adds an IEEE division per element: its own variant.
+ALL_OPTIONS = {"lr_decay": 0.01, "weight_decay": 1e-4, "maximize": True, "step": 10}
 
 
-@pytest.mark.parametrize("variant", ["defaults", "all options", "roofline"])
+@pytest.mark.parametrize("variant", ["defaults", "all options", "all options + grad_scale",
+                                     "roofline"])
 def test_options(run: Any, elements: Any, variant: str) -> None:
     from fastadagrad import Rule
 
@@ -66,9 +67,12 @@ def test_options(run: Any, elements: Any, variant: str) -> None:
     p, h = p0.copy(), np.zeros(n, np.float32)
     if variant == "defaults":
         step = B.fast_functional(p, g, h)
-    elif variant == "all options":
+    elif variant.startswith("all options"):
+        extra = {"grad_scale": 1024.0} if variant.endswith("grad_scale") else {}
         step = B.fast_functional(p, g, h, rule=Rule(eps_placement="inside",
-                                                    fma_accumulate=True), **ALL_OPTIONS)
+                                                    fma_accumulate=True,
+                                                    fma_weight_decay=True),
+                                 **ALL_OPTIONS, **extra)
     else:
         step = B.roofline_step(n, np.float32, p0, g)
     run(step, scenario="options", impl=variant, dtype=np.float32, n=n,
