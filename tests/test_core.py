@@ -240,10 +240,11 @@ def test_no_recompilation(rng):
             for n in (10, config.PARALLEL_THRESHOLD + 5):
                 p, g, h = np.ones(n, dt), np.ones(n, dt), np.zeros(n, dt)
                 fastadagrad.adagrad_update(p, g, h)
-            params = {"a": np.ones(10, dt), "b": np.ones(config.PARALLEL_THRESHOLD, dt)}
-            opt = fastadagrad.AdaGrad()
-            opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
-            opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+            for big in (config.PARALLEL_THRESHOLD, 5):  # parallel and serial many-kernels
+                params = {"a": np.ones(10, dt), "b": np.ones(big, dt)}
+                opt = fastadagrad.AdaGrad()
+                opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+                opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
     assert len(cpu.adagrad_span.signatures) == 2
     assert len(cpu.adagrad_flat_parallel.signatures) == 2
     assert len(cpu.adagrad_many_parallel.signatures) == 2
