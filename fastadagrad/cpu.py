@@ -213,11 +213,26 @@ def span_has_nonfinite(g, grad_scale, flags):
     Read-only; an integer OR-reduction so the loop vectorises (a float sum would not:
     without reassociation LLVM keeps float reductions in order).
     """
+    n = g.size
+    line = max(1, 64 // g.itemsize)
+    nb = n // (4 * BLOCK)
+    bad = False
+    for b in range(nb):  # blocks, prefetching ahead like adagrad_span
+        s = b * 4 * BLOCK
+        if s + 4 * PREFETCH < n:
+            for k in range(0, 4 * BLOCK, line):
+                _prefetch(g, s + 4 * PREFETCH + k)
+        bad |= _block_has_nonfinite(g[s:s + 4 * BLOCK], grad_scale, flags)
+    return bad | _block_has_nonfinite(g[nb * 4 * BLOCK:], grad_scale, flags)
+
+
+@jit(error_model="numpy", inline="always")
+def _block_has_nonfinite(g, grad_scale, flags):
     scale = (flags & H.GRAD_SCALE) != 0
-    bad = 0
+    bad = np.int32(0)
     for i in range(g.size):
         x = g[i] / grad_scale if scale else g[i]
-        bad |= not math.isfinite(x)
+        bad |= np.int32(not math.isfinite(x))
     return bad != 0
 
 
