@@ -39,8 +39,9 @@ BLOCKS_PER_SM: int = 4096
 #: default spins ~300k iterations, and a training loop that alternates NumPy matmuls
 #: (OpenBLAS threads also spin after each product) with optimizer steps then has two
 #: thread pools fighting over the cores. `make demo` on the 2-core machine, optimizer
-#: step median: 4.25 ms by default, 1.24 ms with 10000 (NumPy class: 2.95 ms), while
-#: back-to-back kernels stay as fast (2^16 f32: 20.5 vs 20.8 us; 1000 slowed it to 74 us).
+#: step median: 2.4-4.3 ms with libgomp's default, 0.9-1.2 ms with 10000 (NumPy class:
+#: ~2.8 ms), while back-to-back kernels stay as fast (2^16 f32: 20.5 vs 20.8 us; a
+#: spin count of 1000 slowed that to 74 us).
 OMP_SPINCOUNT: str = "10000"
 
 
