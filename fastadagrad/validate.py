@@ -175,15 +175,21 @@ def run_array_case(case: Case, n: int, dtype: Any, steps: int, grads: list[np.nd
                                steps=steps, max_ulp_param=up, max_ulp_state=uh,
                                bits_differ=np_ + nh, ok=(np_ + nh) == 0)
     if timing:
-        nbytes = 5 * n * np.dtype(dtype).itemsize
-        t = _time_gpu(lambda: fa.adagrad_update(dp, dgs[0], dh, step=steps, rule=rule,
-                                                **case.hyper), nbytes, cuda)
-        if nbytes not in copy_cache:
-            copy_cache[nbytes] = copy_seconds(nbytes, cuda)
-        tc = copy_cache[nbytes]
-        row.update(gpu_us=t * 1e6, gbps=nbytes / t / 1e9, copy_gbps=nbytes / tc / 1e9,
-                   frac_copy=tc / t)
+        _add_timing(row, lambda: fa.adagrad_update(dp, dgs[0], dh, step=steps, rule=rule,
+                                                   **case.hyper),
+                    5 * n * np.dtype(dtype).itemsize, cuda, copy_cache)
     return row
+
+
+def _add_timing(row: dict[str, Any], step: Any, nbytes: int, cuda: Any,
+                copy_cache: dict[int, float]) -> None:
+    """Time ``step`` and a device-to-device copy of ``nbytes`` (once per size) into ``row``."""
+    t = _time_gpu(step, nbytes, cuda)
+    if nbytes not in copy_cache:
+        copy_cache[nbytes] = copy_seconds(nbytes, cuda)
+    tc = copy_cache[nbytes]
+    row.update(gpu_us=t * 1e6, gbps=nbytes / t / 1e9, copy_gbps=nbytes / tc / 1e9,
+               frac_copy=tc / t)
 
 
 def model_layout(seed: int, max_dim: int = 700) -> list[tuple[int, ...]]:
@@ -232,14 +238,8 @@ def run_flat_case(case: Case, dtype: Any, steps: int, cuda: Any, seed: int, timi
                                max_ulp_param=up, max_ulp_state=uh, bits_differ=np_ + nh,
                                ok=(np_ + nh) == 0)
     if timing:
-        nbytes = 5 * n * np.dtype(dtype).itemsize
-        t = _time_gpu(lambda: opt_g.update(dparams, gbufs[0][1], grad_scale=scale),
-                      nbytes, cuda)
-        if nbytes not in copy_cache:
-            copy_cache[nbytes] = copy_seconds(nbytes, cuda)
-        tc = copy_cache[nbytes]
-        row.update(gpu_us=t * 1e6, gbps=nbytes / t / 1e9, copy_gbps=nbytes / tc / 1e9,
-                   frac_copy=tc / t)
+        _add_timing(row, lambda: opt_g.update(dparams, gbufs[0][1], grad_scale=scale),
+                    5 * n * np.dtype(dtype).itemsize, cuda, copy_cache)
     return row
 
 
