@@ -254,27 +254,32 @@ def flat_has_nonfinite_parallel(g, chunk, grad_scale, flags):
 
 @jit(parallel=True)
 def first_nonfinite_many(proto, gaddr, ctensor, cstart, clen, grad_scale, flags):
-    """Index of the first tensor whose gradient has a NaN/inf, or -1. Read-only."""
+    """Lowest index of a tensor whose gradient has a NaN/inf, or -1. Read-only."""
     isz = proto.itemsize
     nc = ctensor.size
     bad = np.zeros(nc, np.bool_)
     for c in prange(nc):
         g = carray(_as_pointer(gaddr[ctensor[c]] + cstart[c] * isz, proto), clen[c])
         bad[c] = span_has_nonfinite(g, grad_scale, flags)
+    first = -1  # the lowest tensor index: the table may be in any order
     for c in range(nc):
-        if bad[c]:
-            return ctensor[c]
-    return -1
+        if bad[c] and (first < 0 or ctensor[c] < first):
+            first = ctensor[c]
+    return first
 
 
 @jit()
 def first_nonfinite_many_serial(proto, gaddr, ctensor, cstart, clen, grad_scale, flags):
     isz = proto.itemsize
+    first = -1  # the lowest tensor index: the table may be in any order
     for c in range(ctensor.size):
-        g = carray(_as_pointer(gaddr[ctensor[c]] + cstart[c] * isz, proto), clen[c])
+        t = ctensor[c]
+        if first >= 0 and t >= first:
+            continue
+        g = carray(_as_pointer(gaddr[t] + cstart[c] * isz, proto), clen[c])
         if span_has_nonfinite(g, grad_scale, flags):
-            return ctensor[c]
-    return -1
+            first = t
+    return first
 
 
 #: Parallel kernels are called under this lock: Numba's workqueue layer aborts the

@@ -314,12 +314,13 @@ def test_threshold_dispatch(monkeypatch):
     assert par[0] == 1
 
 
-def test_chunk_table_covers_every_element():
-    sizes = (0, 1, 5, 64, 65, 200, 3)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_chunk_table_covers_every_element(threads):
+    sizes = (0, 1, 5, 64, 65, 200, 3, 1000, 7)
     old = config.CHUNK
     try:
         config.CHUNK = 64
-        t, s, ln = _dispatch.chunk_table(sizes)
+        t, s, ln = _dispatch.chunk_table(sizes, threads)
     finally:
         config.CHUNK = old
     covered = {i: [] for i in range(len(sizes))}
@@ -327,7 +328,11 @@ def test_chunk_table_covers_every_element():
         assert 0 < li <= 64
         covered[int(ti)].extend(range(int(si), int(si + li)))
     for i, n in enumerate(sizes):
-        assert covered[i] == list(range(n))
+        assert sorted(covered[i]) == list(range(n))
+    if threads > 1:  # contiguous runs of the table carry about equal work per thread
+        runs = np.array_split(ln, threads)
+        work = [int(r.sum()) for r in runs]
+        assert max(work) - min(work) <= 64, work
 
 
 @pytest.mark.parametrize("preset", [None, "300000"])
