@@ -32,19 +32,3 @@ CACHE: bool = os.environ.get("FASTADAGRAD_NO_CACHE", "") not in ("1", "true", "y
 THREADS_PER_BLOCK: int = 256
 BLOCKS_PER_SM: int = 4096
 
-#: Spin count of Numba's OpenMP (libgomp) worker threads after a parallel kernel, set
-#: as ``GOMP_SPINCOUNT`` when fastadagrad is imported, unless the user set
-#: ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` (libgomp reads them when Numba first starts
-#: its thread pool, so this only applies if that has not happened yet). libgomp's
-#: default spins ~300k iterations, and a training loop that alternates NumPy matmuls
-#: (OpenBLAS threads also spin after each product) with optimizer steps then has two
-#: thread pools fighting over the cores. `make demo` on the 2-core machine, optimizer
-#: step median: 2.4-4.3 ms with libgomp's default, 0.9-1.2 ms with 10000 (NumPy class:
-#: ~2.8 ms), while back-to-back kernels stay as fast (2^16 f32: 20.5 vs 20.8 us; a
-#: spin count of 1000 slowed that to 74 us).
-OMP_SPINCOUNT: str = "10000"
-
-
-def apply_thread_env() -> None:
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = OMP_SPINCOUNT

@@ -11,8 +11,10 @@ optimizer-step time of each (median over steps) and writes a PNG plot of both cu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -91,7 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512])
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--plot", default="demo_out/adagrad_demo.png")
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="threads for NumPy's BLAS during training (0: leave as is). "
+                         "BLAS threads keep spinning after each matmul and compete with "
+                         "the optimizer's threads on small machines (README, Performance)")
     args = ap.parse_args(argv)
+    with _blas_threads(args.blas_threads):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _blas_threads(n: int) -> Iterator[None]:
+    if n <= 0:
+        yield
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        print("threadpoolctl is not installed: BLAS threads left as they are")
+        yield
+        return
+    with threadpool_limits(limits=n, user_api="blas"):
+        print(f"NumPy's BLAS limited to {n} thread(s) during training (--blas-threads)")
+        yield
+
+
+def _run(args: argparse.Namespace) -> int:
 
     # warm-up: compile the kernels (or load them from Numba's cache) outside the timing
     train(AdaGrad(lr=args.lr), argparse.Namespace(**{**vars(args), "steps": 2}))

@@ -334,16 +334,3 @@ def test_chunk_table_covers_every_element(threads):
         work = [int(r.sum()) for r in runs]
         assert max(work) - min(work) <= 64, work
 
-
-@pytest.mark.parametrize("preset", [None, "300000"])
-def test_gomp_spincount_default_respects_user(preset):
-    """Importing sets a short libgomp spin unless the user chose one (config.py says why)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    if preset:
-        env["GOMP_SPINCOUNT"] = preset
-    out = subprocess.run([sys.executable, "-c", "import os, fastadagrad; "
-                          "print(os.environ['GOMP_SPINCOUNT'])"], env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == (preset or config.OMP_SPINCOUNT)
