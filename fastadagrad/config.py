@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 
-#: Below this many elements the serial kernel is used. Waking the omp thread pool costs
-#: ~3 us per call even for 16 elements, while the serial vectorised loop runs at
-#: ~0.2 ns/element in cache (2^14 f32 ~ 3.5 us serial vs ~5 us parallel, measured by
-#: ``bench/test_bench_threshold.py``). Above ~2^15 the second core pays for itself.
+#: Below this many elements the serial kernel is used: waking the omp thread pool costs
+#: a few microseconds per call (NUMBA_NOTES: ~3 us even for 16 elements). In
+#: ``make bench`` (bench/results/cpu.md, f32) the default dispatch and the serial kernel
+#: tie at 2^14 (10.6 vs 10.5 us) and the parallel kernel wins at 2^16 (19.3 vs 28.8 us).
 PARALLEL_THRESHOLD: int = 1 << 15
 
 #: Elements per work item of the parallel kernels. Each chunk is a contiguous span that
