@@ -70,34 +70,59 @@ class MLP:
         return loss, grads
 
 
-def train(opt: Any, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, MLP]:
+def train(opt: Any, args: argparse.Namespace, label: str = "", progress: int = 0
+          ) -> tuple[np.ndarray, np.ndarray, MLP]:
+    """Train a fresh network; every ``progress`` steps print a line (0: none)."""
     x, y = make_data(args.samples, 784, 10, seed=1)
     net = MLP([784, *args.hidden, 10], seed=2)
     rng = np.random.default_rng(3)
     losses, times = [], []
-    for _ in range(args.steps):
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
         idx = rng.integers(0, x.shape[0], args.batch)
         loss, grads = net.loss_and_grads(x[idx], y[idx])
         t0 = time.perf_counter()
         opt.update(net.params, grads)
         times.append(time.perf_counter() - t0)
         losses.append(loss)
+        if progress and (step % progress == 0 or step == args.steps):
+            print(f"  {label:<12} step {step:>{len(str(args.steps))}}/{args.steps}  "
+                  f"loss {loss:.4f}  optimizer step {np.median(times) * 1e3:.3f} ms "
+                  f"(median so far)  {time.perf_counter() - start:.1f} s elapsed",
+                  flush=True)
     return np.array(losses), np.array(times), net
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastadagrad demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512])
-    ap.add_argument("--lr", type=float, default=0.001)
-    ap.add_argument("--plot", default="demo_out/adagrad_demo.png")
-    ap.add_argument("--blas-threads", type=int, default=1,
-                    help="threads for NumPy's BLAS during training (0: leave as is). "
-                         "BLAS threads keep spinning after each matmul and compete with "
-                         "the optimizer's threads on small machines (README, Performance)")
+    ap = argparse.ArgumentParser(
+        prog="python -m fastadagrad demo", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300,
+                    help="training steps per optimizer (default 300)")
+    ap.add_argument("--batch", type=int, default=64, help="minibatch size (default 64)")
+    ap.add_argument("--samples", type=int, default=4096,
+                    help="size of the generated training set (default 4096)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512], metavar="N",
+                    help="hidden layer widths (default: 1024 512, i.e. a 784-1024-512-10 "
+                         "network, 1.3M parameters)")
+    ap.add_argument("--lr", type=float, default=0.001,
+                    help="learning rate of both optimizers (default 0.001)")
+    ap.add_argument("--progress", type=int, default=50, metavar="N",
+                    help="print a progress line every N steps (default 50; 0: none)")
+    ap.add_argument("--plot", default="demo_out/adagrad_demo.png", metavar="PATH",
+                    help="where to write the PNG plot of both loss curves (default "
+                         "demo_out/adagrad_demo.png; an empty string: no plot)")
+    ap.add_argument("--blas-threads", type=int, default=1, metavar="N",
+                    help="threads for NumPy's BLAS during training (default 1; 0: leave "
+                         "as is). BLAS threads keep spinning after each matmul and compete "
+                         "with the optimizer's threads on small machines (README, "
+                         "Performance)")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch", "samples"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    if min(args.hidden) < 1 or args.progress < 0:
+        ap.error("--hidden widths must be at least 1 and --progress at least 0")
     with _blas_threads(args.blas_threads):
         return _run(args)
 
@@ -119,12 +144,18 @@ def _blas_threads(n: int) -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-
+    print(f"training a 784-{'-'.join(map(str, args.hidden))}-10 network for {args.steps} "
+          f"steps of batch {args.batch}, first with the NumPy AdaGrad class, then with "
+          "fastadagrad.AdaGrad", flush=True)
     # warm-up: compile the kernels (or load them from Numba's cache) outside the timing
+    t0 = time.perf_counter()
     train(AdaGrad(lr=args.lr), argparse.Namespace(**{**vars(args), "steps": 2}))
+    print(f"  fastadagrad kernels ready in {time.perf_counter() - t0:.1f} s (two untimed "
+          "steps)", flush=True)
 
-    ref_losses, ref_times, ref_net = train(NumpyAdaGrad(lr=args.lr), args)
-    losses, times, net = train(AdaGrad(lr=args.lr), args)
+    ref_losses, ref_times, ref_net = train(NumpyAdaGrad(lr=args.lr), args, "NumPy",
+                                           args.progress)
+    losses, times, net = train(AdaGrad(lr=args.lr), args, "fastadagrad", args.progress)
     nparams = sum(p.size for p in net.params.values())
     same_loss = np.array_equal(losses, ref_losses)
     same_params = all(np.array_equal(net.params[k], ref_net.params[k]) for k in net.params)
