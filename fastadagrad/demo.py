@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numba
 import numpy as np
 
 from .optim import AdaGrad
@@ -117,14 +118,34 @@ def main(argv: list[str] | None = None) -> int:
                          "as is). BLAS threads keep spinning after each matmul and compete "
                          "with the optimizer's threads on small machines (README, "
                          "Performance)")
+    ap.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="threads for fastadagrad's parallel kernels (numba.set_num_threads;"
+                         " default 0: Numba's default, one per core)")
     args = ap.parse_args(argv)
     for name in ("steps", "batch", "samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
-    if min(args.hidden) < 1 or args.progress < 0:
-        ap.error("--hidden widths must be at least 1 and --progress at least 0")
-    with _blas_threads(args.blas_threads):
+    if min(args.hidden) < 1 or args.progress < 0 or args.threads < 0:
+        ap.error("--hidden widths must be at least 1, --progress and --threads at least 0")
+    if args.threads > numba.config.NUMBA_NUM_THREADS:
+        ap.error(f"--threads {args.threads}: Numba was started with "
+                 f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+    with _blas_threads(args.blas_threads), _numba_threads(args.threads):
         return _run(args)
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int) -> Iterator[None]:
+    if n <= 0:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    print(f"fastadagrad's parallel kernels use {n} thread(s) (--threads)")
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -170,6 +191,14 @@ def _run(args: argparse.Namespace) -> int:
           f"speedup {med_ref / med_fast:.1f}x")
     print(f"optimizer time, total: NumPy {ref_times.sum():.3f} s, fastadagrad "
           f"{times.sum():.3f} s")
+    if med_fast > med_ref:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"fastadagrad was SLOWER than the NumPy class in this run. The two known "
+              f"causes (README, Performance): a small model, where the fixed cost of each "
+              f"call dominates (this one has {nparams:,} parameters), and cores shared with "
+              f"other processes or BLAS threads (1-minute load average {load:.2f} on "
+              f"{os.cpu_count()} CPUs), which stall the parallel kernel at its barrier: "
+              "try --threads 1 (numba.set_num_threads(1) in your own loop).")
     if args.plot:
         _plot(args.plot, ref_losses, losses, med_ref, med_fast)
         print(f"plot written to {args.plot}")
