@@ -242,7 +242,7 @@ def startup_table(path: Path) -> str:
     from startup import table  # the same formatting as the script prints
 
     data = json.loads(path.read_text())
-    return table({"cold": data["cold"], "warm": data["warm"]}, data["repeat"])
+    return table({k: v for k, v in data.items() if k != "repeat"}, data["repeat"])
 
 
 def _num(x: object) -> str:
