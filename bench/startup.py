@@ -175,10 +175,9 @@ def table(result: dict[str, dict[str, float]], repeat: int) -> str:
         lines[-1] += (" \"after `warmup`\": a directory filled only by `python -m "
                       "fastadagrad warmup --dtype float32`"
                       + (f", which took {w:.1f} s with an empty cache" if w else "") + ".")
-    counts = [f"{c} {result[c].get(k, 0):.0f}" for c in cols for k in COUNTS[:1]]
     if "compiled" in result["cold"]:
-        lines.append("Functions Numba compiled in the process timed in the rows above: " + ", ".join(counts)
-                     + ".")
+        counts = ", ".join(f"{c} {result[c]['compiled']:.0f}" for c in cols)
+        lines.append(f"Functions Numba compiled in the process timed in the rows above: {counts}.")
     return "\n".join(lines)
 
 
