@@ -192,17 +192,28 @@ def _run(args: argparse.Namespace) -> int:
     print(f"optimizer time, total: NumPy {ref_times.sum():.3f} s, fastadagrad "
           f"{times.sum():.3f} s")
     if med_fast > med_ref:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"fastadagrad was SLOWER than the NumPy class in this run. The two known "
-              f"causes (README, Performance): a small model, where the fixed cost of each "
-              f"call dominates (this one has {nparams:,} parameters), and cores shared with "
-              f"other processes or BLAS threads (1-minute load average {load:.2f} on "
-              f"{os.cpu_count()} CPUs), which stall the parallel kernel at its barrier: "
-              "try --threads 1 (numba.set_num_threads(1) in your own loop).")
+        print(_slower_hint(nparams, numba.get_num_threads()))
     if args.plot:
         _plot(args.plot, ref_losses, losses, med_ref, med_fast)
         print(f"plot written to {args.plot}")
     return 0 if (same_loss and same_params) else 1
+
+
+def _slower_hint(nparams: int, threads: int) -> str:
+    """Why fastadagrad can lose to the NumPy class (README: "Where fastadagrad is not
+    faster"), for the causes that apply to this run."""
+    hint = ("fastadagrad was SLOWER than the NumPy class in this run (README, Performance: "
+            "where fastadagrad is not faster).")
+    if nparams < 100_000:
+        hint += (f" This model is small ({nparams:,} parameters): the fixed cost of each "
+                 "call weighs more than the passes over memory it saves.")
+    if threads > 1:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        hint += (f" The parallel kernel waits for all {threads} threads at every step, so "
+                 f"a core kept busy by another process (1-minute load average {load:.2f} "
+                 f"on {os.cpu_count()} CPUs) or by BLAS threads stalls it: try --threads 1 "
+                 "(numba.set_num_threads(1) in your own loop).")
+    return hint
 
 
 def _plot(path: str, ref: np.ndarray, fast: np.ndarray, t_ref: float, t_fast: float

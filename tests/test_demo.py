@@ -60,4 +60,14 @@ def test_demo_says_why_when_fastadagrad_is_slower(monkeypatch, capsys):
                  "--progress", "0", "--plot", ""]) == 0
     out = capsys.readouterr().out
     assert "fastadagrad was SLOWER than the NumPy class" in out
-    assert "--threads 1" in out and "load average" in out
+    assert "This model is small" in out
+
+
+def test_slower_hint_names_the_causes_that_apply():
+    from fastadagrad.demo import _slower_hint
+
+    both = _slower_hint(50_000, 2)
+    assert "small (50,000 parameters)" in both and "all 2 threads" in both
+    assert "--threads 1" in both and "load average" in both
+    neither = _slower_hint(2_000_000, 1)
+    assert "small" not in neither and "threads" not in neither
