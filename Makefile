@@ -8,11 +8,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-# what each extra brings, for the one-line message printed before its install
-ABOUT_demo := numba, numpy, matplotlib, threadpoolctl (about 40 s)
-ABOUT_test := the test set: pytest, hypothesis, torch (CPU), numba-cuda and the CUDA \
-              toolkit wheels (about 2 min)
-ABOUT_bench := pytest-benchmark, matplotlib, torch (CPU)
+# what each extra brings, for the one-line message printed before its install (times:
+# fresh clones on a shared 2-core machine with an empty pip cache, README Quick start)
+ABOUT_demo := numba, numpy, matplotlib, threadpoolctl: about 105 MB of wheels, about 30 s
+ABOUT_test := the test set: pytest, hypothesis, torch (CPU build), numba-cuda and the CUDA \
+              toolkit wheels: about 515 MB of wheels with the above, 1 to 2 minutes
+ABOUT_bench := pytest-benchmark, matplotlib, torch (CPU build)
 ABOUT_dev := everything above and ruff
 
 .PHONY: demo test test-cpu test-sim bench report lint clean
