@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._dispatch import is_cuda_array
+from ._arrays import is_cuda_array
 
 
 class FlatBuffer(Mapping[Any, Any]):
@@ -87,6 +87,11 @@ class FlatBuffer(Mapping[Any, Any]):
         self = cls.__new__(cls)
         self._init(data, layout)
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copy and pickle the buffer and layout; the views are rebuilt over the copy
+        (a default deep copy would give views that no longer point into ``data``)."""
+        return (FlatBuffer._from, (self.data, self.layout))
 
     def full_like(self, value: float) -> FlatBuffer:
         """A new buffer of the same layout, dtype and device, filled with ``value``."""

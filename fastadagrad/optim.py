@@ -133,6 +133,36 @@ class AdaGrad:
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
 
+    # -- copy and pickle ---------------------------------------------------------------
+    # The accumulators are views into the flat buffers in ``_flat``: a default deep copy
+    # or pickle would copy each view on its own, so the copy would update its buffers
+    # while ``h`` (and state_dict/save) kept reading frozen copies. Record where each
+    # view sits instead and rebuild the views over the copied buffers. The per-model
+    # plan (cached addresses) is never carried over.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        h = self.h
+        if h is not None and self._flat:
+            where = {id(v): (j, lk) for j, fb in enumerate(self._flat)
+                     for lk, v in fb.items()}
+            items = list(h.items()) if isinstance(h, Mapping) else list(enumerate(h))
+            if all(id(v) in where for _, v in items):
+                state["h"] = None
+                state["_h_views"] = (isinstance(h, Mapping),
+                                     [(k, where[id(v)]) for k, v in items])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        views = state.pop("_h_views", None)
+        self.__dict__.update(state)
+        self._plan = D.Plan()
+        if views is not None:
+            is_map, located = views
+            pairs = [(k, self._flat[j][lk]) for k, (j, lk) in located]
+            self.h = dict(pairs) if is_map else [v for _, v in pairs]
+
     @classmethod
     def from_preset(cls, name: str = "numpy", **overrides: Any) -> AdaGrad:
         """An optimizer with framework ``name``'s formula and defaults (see presets)."""

@@ -1,0 +1,330 @@
+"""Per-model plans: the work that stays the same between steps of one optimizer.
+
+A training loop passes the same parameter and state arrays every step. Their
+validation, data addresses, mutual overlap check, dtype groups and chunk tables are
+computed once and kept in a :class:`Plan`. A cache of raw addresses is only safe while
+it still describes the arrays, so every step :func:`scan` re-reads, in ONE compiled
+call, what each cached array is *now* (type, data address, dtype, shape, contiguity,
+writability) and compares it with the plan; the same call reads the fresh gradients'
+addresses and checks that no gradient overlaps a parameter or state. Anything that no
+longer matches (an in-place ``dtype``/``shape`` change, ``resize(refcheck=False)``, a
+deep copy or an unpickled optimizer) sends the caller back to full validation, which
+re-plans or raises naming the array. Nothing is written through an address that was
+not confirmed in the same call.
+
+The fields are read from NumPy's ``PyArrayObject`` struct (``numpy/ndarraytypes.h``:
+``data``, ``nd``, ``dimensions``, ``descr``, ``flags`` after the object header): it is
+the layout every compiled NumPy extension is built against, so it is stable across
+releases, but it is not a Python API. :func:`struct_layout_ok` checks it against
+``__array_interface__`` on probe arrays at first use; if it ever differs the fast scan is
+switched off with one logged warning and every step takes the slow, Python-level path
+(same checks, ~1 us per array instead of ~0.03 us).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from . import config
+from ._arrays import Labels, _address, check_no_overlap
+from ._jit import jit
+
+log = logging.getLogger("fastadagrad")
+
+# --- reading NumPy's array struct ------------------------------------------------
+
+#: Byte offsets in PyArrayObject_fields on a 64-bit CPython: ob_refcnt, ob_type, data,
+#: nd (int, padded), dimensions, strides, base, descr, flags (int).
+OFF_TYPE, OFF_DATA, OFF_ND, OFF_DIMS, OFF_DESCR, OFF_FLAGS = 8, 16, 24, 32, 56, 64
+C_CONTIGUOUS, WRITEABLE = 0x0001, 0x0400  # NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE
+
+
+@intrinsic
+def _load_i64(typingctx, address):  # type: ignore[no-untyped-def]
+    """The 8-byte integer at ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(ptr)
+
+    return types.int64(address), codegen
+
+
+@intrinsic
+def _load_i32(typingctx, address):  # type: ignore[no-untyped-def]
+    """The 4-byte integer at ``address``, widened to int64."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.sext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(address), codegen
+
+
+@jit()
+def read_fields(obj, out):
+    """``out[k] = (type, data, nd, descr, flags, dims...)`` of the array at ``obj[k]``.
+
+    Used once, to check the struct layout against NumPy's own accessors.
+    """
+    for k in range(obj.size):
+        o = obj[k]
+        out[k, 0] = _load_i64(o + OFF_TYPE)
+        out[k, 1] = _load_i64(o + OFF_DATA)
+        nd = _load_i32(o + OFF_ND)
+        out[k, 2] = nd
+        out[k, 3] = _load_i64(o + OFF_DESCR)
+        out[k, 4] = _load_i32(o + OFF_FLAGS)
+        dims = _load_i64(o + OFF_DIMS)
+        for d in range(min(nd, out.shape[1] - 5)):
+            out[k, 5 + d] = _load_i64(dims + 8 * d)
+
+
+_LAYOUT_OK: bool | None = None
+
+
+def struct_layout_ok() -> bool:
+    """True if :data:`OFF_DATA` and friends describe this NumPy's arrays (checked once)."""
+    global _LAYOUT_OK
+    if _LAYOUT_OK is None:
+        _LAYOUT_OK = _probe_layout()
+        if not _LAYOUT_OK:
+            log.warning("fastadagrad: NumPy's array struct does not have the expected "
+                        "layout; per-step checks fall back to Python (slower, same "
+                        "checks)")
+    return _LAYOUT_OK
+
+
+def _probe_layout() -> bool:
+    if sys.maxsize != 2**63 - 1:
+        return False
+    base = np.arange(24, dtype=np.float64)
+    probes = [np.zeros(5, np.float32), base.reshape(2, 3, 4), base[::2],
+              np.ones((3, 1), np.float64).T, np.zeros(0, np.float32),
+              np.zeros((), np.float64)]
+    ro = np.ones(3, np.float32)
+    ro.flags.writeable = False
+    probes.append(ro)
+    obj = np.fromiter(map(id, probes), np.int64, len(probes))
+    out = np.zeros((len(probes), 5 + 3), np.int64)
+    try:
+        read_fields(obj, out)
+    except Exception:  # pragma: no cover - a Numba that cannot compile the reader
+        return False
+    for a, row in zip(probes, out):
+        ai = a.__array_interface__
+        if (row[0] != id(np.ndarray) or row[1] != ai["data"][0] or row[2] != a.ndim
+                or row[3] != id(a.dtype)
+                or bool(row[4] & C_CONTIGUOUS) != a.flags.c_contiguous
+                or bool(row[4] & WRITEABLE) != a.flags.writeable
+                or tuple(row[5:5 + a.ndim]) != a.shape):
+            return False
+    return True
+
+
+# --- the per-step scan --------------------------------------------------------------
+
+@jit()
+def scan(obj, n, ndarray_type, descr, ndim, shape, shape_off, cached, w_start, w_end,
+         gaddr):
+    """Check a cached model against what its arrays are now; read the grads' addresses.
+
+    ``obj`` holds the object addresses of ``n`` params, then ``n`` states, then ``n``
+    grads. Each must be a plain ndarray (``ob_type == ndarray_type``), C-contiguous,
+    with shape ``shape[shape_off[i]:shape_off[i+1]]`` and dtype object ``descr[k]``
+    (``descr[i]``, the param's, for grad ``i``). Params and states must also be
+    writable and still at data address ``cached[k]``. Grads' addresses go to
+    ``gaddr``; ``cached[2n + i]`` is tensor ``i``'s size in bytes. ``w_start``/``w_end``:
+    the params' and states' non-empty byte ranges sorted by start (they do not overlap
+    each other: checked when the plan was built); a non-empty grad range that
+    intersects one is reported.
+
+    Returns -1 when everything holds, ``k`` (< 3n) for the first array that does not
+    (params and states first), or ``3n + i`` when grad ``i`` overlaps a param or state.
+    """
+    for k in range(3 * n):
+        o = obj[k]
+        i = k % n
+        grad = k >= 2 * n
+        if _load_i64(o + OFF_TYPE) != ndarray_type:
+            return k
+        if _load_i64(o + OFF_DESCR) != descr[i if grad else k]:
+            return k
+        nd = _load_i32(o + OFF_ND)
+        b = shape_off[i]
+        if nd != shape_off[i + 1] - b:
+            return k
+        dims = _load_i64(o + OFF_DIMS)
+        for d in range(nd):
+            if _load_i64(dims + 8 * d) != shape[b + d]:
+                return k
+        flags = _load_i32(o + OFF_FLAGS)
+        data = _load_i64(o + OFF_DATA)
+        if grad:  # read only
+            if (flags & C_CONTIGUOUS) == 0:
+                return k
+            gaddr[i] = data
+        elif (flags & (C_CONTIGUOUS | WRITEABLE)) != (C_CONTIGUOUS | WRITEABLE) \
+                or data != cached[k]:
+            return k
+    m = w_start.size
+    for i in range(n):
+        nb = cached[2 * n + i]
+        if nb == 0 or m == 0:
+            continue
+        gs = gaddr[i]
+        j = np.searchsorted(w_end, gs, side="right")  # first written range ending after gs
+        if j < m and w_start[j] < gs + nb:
+            return 3 * n + i
+    return -1
+
+
+# --- chunk tables -----------------------------------------------------------------
+
+_TABLES: dict[tuple[int, int, tuple[int, ...]],
+              tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def chunk_table(sizes: tuple[int, ...], threads: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tensor, start, length) of every span of at most ``config.CHUNK`` elements.
+
+    With ``threads > 1`` the spans are ordered for the parallel kernel's static
+    schedule, which hands each thread one contiguous run of the table: longest first,
+    dealt round-robin into one run per thread, so every thread gets about the same
+    number of elements. In tensor order a 100-tensor model (2.95M f32) gave one thread
+    1.16M elements and the other 1.79M: the kernel took 960 us, balanced 761 us (a flat
+    buffer: 671 us). Cached per model layout: a training loop asks for the same table
+    every step.
+    """
+    key = (config.CHUNK, threads, sizes)
+    table = _TABLES.get(key)
+    if table is None:
+        chunk = config.CHUNK
+        sz = np.asarray(sizes, np.int64)
+        counts = (sz + chunk - 1) // chunk
+        tensor = np.repeat(np.arange(sz.size, dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        start = (np.arange(tensor.size, dtype=np.int64) - first) * chunk
+        length = np.minimum(sz[tensor] - start, chunk)
+        if threads > 1 and tensor.size > 1:
+            order = np.argsort(-length, kind="stable")
+            order = np.concatenate([order[k::threads] for k in range(threads)])
+            tensor, start, length = tensor[order], start[order], length[order]
+        table = (tensor, start, length)
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+# --- the plan ---------------------------------------------------------------------
+
+class Plan:
+    """What stays the same between steps of one optimizer, computed once.
+
+    Holds references to the validated param and state arrays (so their ids stay
+    valid), their addresses and descriptions, dtype groups and chunk tables. A plan is
+    never copied or pickled with its contents: ``copy.deepcopy`` and ``pickle`` give an
+    empty plan (the copy's arrays live elsewhere), rebuilt at the next step.
+    """
+
+    __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "descr",
+                 "ndim", "shape", "shape_off", "cached", "w_start", "w_end", "groups",
+                 "threads", "fast")
+
+    def __init__(self) -> None:
+        self.params: tuple[Any, ...] = ()
+        self.states: tuple[Any, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
+        return (Plan, ())
+
+    def clear(self) -> None:
+        self.params, self.states = (), ()
+
+    def matches(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
+        """The same array objects as when the plan was built (their contents and
+        description are checked every step by :meth:`check`)."""
+        return (len(params) == len(self.params) and len(states) == len(self.states)
+                and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, states, self.states)))
+
+    def build(self, params: Sequence[np.ndarray], states: Sequence[np.ndarray],
+              labels: Sequence[Labels]) -> None:
+        """Cache a validated model (params and states checked by the caller)."""
+        n = len(params)
+        self.params, self.states = (), ()
+        paddr = np.fromiter((_address(a) for a in params), np.int64, n)
+        haddr = np.fromiter((_address(a) for a in states), np.int64, n)
+        nbytes = np.fromiter((a.nbytes for a in params), np.int64, n)
+        # params and states must not overlap each other (grads are checked per step)
+        check_no_overlap(paddr, np.zeros(n, np.int64), haddr, nbytes, labels,
+                         grads=False)
+        obj = np.zeros(3 * n, np.int64)
+        obj[:n] = np.fromiter(map(id, params), np.int64, n)
+        obj[n:2 * n] = np.fromiter(map(id, states), np.int64, n)
+        shapes = [a.shape for a in params]
+        ndim = np.fromiter(map(len, shapes), np.int64, n)
+        shape_off = np.zeros(n + 1, np.int64)
+        np.cumsum(ndim, out=shape_off[1:])
+        shape = np.fromiter((d for s in shapes for d in s), np.int64, int(shape_off[-1]))
+        cached = np.concatenate((paddr, haddr, nbytes))
+        start = np.concatenate((paddr, haddr))
+        size = np.concatenate((nbytes, nbytes))
+        keep = size > 0
+        order = np.argsort(start[keep], kind="stable")
+        self.w_start = np.ascontiguousarray(start[keep][order])
+        self.w_end = self.w_start + size[keep][order]
+        self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
+        self.obj, self.ndim, self.shape, self.shape_off = obj, ndim, shape, shape_off
+        self.descr = np.fromiter((id(a.dtype) for seq in (params, states) for a in seq),
+                                 np.int64, 2 * n)
+        self.cached = cached
+        self.fast = struct_layout_ok()
+        self.params, self.states = tuple(params), tuple(states)
+        self.plan_groups(numba.get_num_threads())
+
+    def check(self, grads: Sequence[Any]) -> tuple[int, np.ndarray]:
+        """:func:`scan` this step: ``(code, grad addresses)``; code -1 means all holds."""
+        n = len(self.params)
+        gaddr = np.empty(n, np.int64)
+        if not self.fast:
+            return 0, gaddr
+        obj = self.obj
+        obj[2 * n:] = np.fromiter(map(id, grads), np.int64, n)
+        code = scan(obj, n, _NDARRAY, self.descr, self.ndim, self.shape, self.shape_off,
+                    self.cached, self.w_start, self.w_end, gaddr)
+        return int(code), gaddr
+
+    def plan_groups(self, threads: int) -> None:
+        """Dtype groups and their chunk tables, balanced for ``threads`` threads."""
+        params = self.params
+        n = len(params)
+        sizes = [a.size for a in params]
+        dtypes = sorted({a.dtype for a in params}, key=lambda d: d.itemsize)
+        groups = []
+        for dt in dtypes:
+            idx = None if len(dtypes) == 1 else np.fromiter(
+                (i for i in range(n) if params[i].dtype == dt), np.int64)
+            gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
+            groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
+                           sum(gsizes)))
+        self.groups, self.threads = groups, threads
+
+
+_NDARRAY = id(np.ndarray)
