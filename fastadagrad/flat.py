@@ -134,3 +134,13 @@ class FlatBuffer(Mapping[Any, Any]):
     def __repr__(self) -> str:
         return (f"FlatBuffer({len(self)} tensors, {self.data.size} elements, "
                 f"dtype={self.data.dtype})")
+
+
+def layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...], int, int]]:
+    """``(key, shape, offset, size)`` of each ``(key, array)`` packed one after another."""
+    out, off = [], 0
+    for key, a in items:
+        n = int(np.size(a))
+        out.append((key, tuple(np.shape(a)), off, n))
+        off += n
+    return out
