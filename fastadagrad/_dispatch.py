@@ -69,9 +69,10 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     code, gaddr = plan.check(grads)
     if code != -1:
         gaddr = _check_slowly(params, grads, states, labels, plan, code)
-    threads = numba.get_num_threads()  # thread-local: a caller may change it any time
-    if threads != plan.threads:
-        plan.plan_groups(threads)
+    if plan.largest >= config.PARALLEL_THRESHOLD:  # the table's balance matters
+        threads = numba.get_num_threads()  # thread-local: may change any time
+        if threads != plan.threads:
+            plan.plan_groups(threads)
 
     runs = []
     for proto, idx, table, total in plan.groups:
@@ -123,7 +124,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     n = len(params)
     if not (len(grads) == len(states) == len(labels) == n):
         raise ValueError("params, grads and states must have the same length")
-    if plan is not None and n > 1 and plan.matches(params, states):
+    if plan is not None and n and plan.matches(params, states):
         # the same host params and states as the last step: only the grads are new,
         # and cpu_update_many checks each of them (a CUDA grad there is a mix error)
         return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite,
@@ -134,7 +135,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         from . import cuda
 
         return cuda.update(params, grads, states, labels, hyper, step, nonfinite)
-    if n == 1:
+    if n == 1 and plan is None:
         p, g, h = params[0], grads[0], states[0]
         lab = labels[0]
         check_triple(p, g, h, lab)

@@ -142,6 +142,7 @@ class AdaGrad:
         self.skipped_steps = 0
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
+        self._keys_seen: tuple[Any, list[Any]] | None = None
 
     # -- copy and pickle ---------------------------------------------------------------
     # The accumulators are views into the flat buffers in ``_flat``: a default deep copy
@@ -153,6 +154,7 @@ class AdaGrad:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_plan"] = None
+        state["_keys_seen"] = None
         h = self.h
         if h is not None and self._flat:
             where = {id(v): (j, lk) for j, fb in enumerate(self._flat)
@@ -249,8 +251,11 @@ class AdaGrad:
                 h, flat = self._new_state(params, keys, plist)
             else:
                 h, flat = self.h, self._flat
-                _check_same_keys(self.h, keys, params)
-            hlist = [h[k] for k in keys]
+                seen = self._keys_seen  # the keys already matched against this state
+                if seen is None or seen[0] is not h or seen[1] != keys:
+                    _check_same_keys(h, keys, params)
+                    self._keys_seen = (h, keys)
+            hlist = [h[k] for k in keys] if isinstance(h, Mapping) else list(h)
             # One layout for params, grads and state: one call over the whole buffer.
             if (isinstance(params, FlatBuffer) and len(flat) == 1 and
                     params.same_layout(grads) and params.same_layout(flat[0])):
@@ -375,14 +380,17 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
     if isinstance(params, Mapping):
         if not isinstance(grads, Mapping):
             raise TypeError(f"params is a mapping but grads is {type(grads).__name__}")
-        keys = list(params.keys())
-        if len(grads) != len(keys) or any(k not in grads for k in keys):
+        keys = list(params)
+        try:
+            glist = [grads[k] for k in keys]
+        except KeyError:
+            glist = None
+        if glist is None or len(grads) != len(keys):
             missing = [k for k in keys if k not in grads]
             extra = [k for k in grads if k not in params]
             raise KeyError(f"grads keys do not match params keys: missing {missing}, "
                            f"extra {extra}")
-        return (keys, [params[k] for k in keys], [grads[k] for k in keys],
-                D.KeyedLabels(keys))
+        return keys, list(params.values()), glist, D.KeyedLabels(keys)
     if isinstance(params, (list, tuple)):
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"params is a {type(params).__name__} but grads is "
