@@ -61,14 +61,13 @@ def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
 
 def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
                     states: Sequence[np.ndarray], labels: Sequence[Labels],
-                    hyper: H.Hyper, step: int, nonfinite: str, plan: Plan) -> bool:
-    """Fused step over many triples: one compiled call per dtype.
+                    hyper: H.Hyper, step: int, nonfinite: str, plan: Plan,
+                    gaddr: np.ndarray) -> bool:
+    """Fused step over many validated triples: one compiled call per dtype.
 
-    ``plan`` must match ``params``/``states`` (validated); grads are checked here.
+    ``plan`` describes ``params``/``states`` and ``gaddr`` holds the grads' data
+    addresses, both confirmed in this call.
     """
-    code, gaddr = plan.check(grads)
-    if code != -1:
-        gaddr = _check_slowly(params, grads, states, labels, plan, code)
     if plan.largest >= config.PARALLEL_THRESHOLD:  # the table's balance matters
         threads = numba.get_num_threads()  # thread-local: may change any time
         if threads != plan.threads:
@@ -119,16 +118,21 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     The device is chosen by the kind of arrays passed: NumPy arrays run on the CPU,
     CUDA arrays (``__cuda_array_interface__``: Numba, CuPy, torch) on the GPU. A mix
     is an error. Returns False if the step was skipped (``nonfinite='skip'``).
-    ``plan`` (optional, owned by an optimizer) caches per-model work across steps.
+    ``plan`` (optional, owned by an optimizer) caches per-model work across steps; it
+    is re-checked against the arrays passed, in one compiled call, at every step.
     """
     n = len(params)
     if not (len(grads) == len(states) == len(labels) == n):
         raise ValueError("params, grads and states must have the same length")
-    if plan is not None and n and plan.matches(params, states):
-        # the same host params and states as the last step: only the grads are new,
-        # and cpu_update_many checks each of them (a CUDA grad there is a mix error)
-        return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite,
-                               plan)
+    if plan is not None and n:
+        code, gaddr = plan.check(params, states, grads)
+        if code == -1:  # the plan's arrays, unchanged; grads checked: the common case
+            return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite,
+                                   plan, gaddr)
+        if code >= 2 * n and plan.matches(params, states):  # a grad to look at closely
+            gaddr = _check_grads(params, grads, states, labels, plan)
+            return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite,
+                                   plan, gaddr)
     if any(type(x) is not np.ndarray and is_cuda_array(x)
            for seq in (params, grads, states) for x in seq):
         _check_all_device(params, grads, states, labels)
@@ -144,37 +148,35 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
             check_no_overlap(*(np.array([_address(a)], np.int64) for a in (p, g, h)),
                              np.array([p.nbytes], np.int64), labels)
         return cpu_update_one(p, g, h, coefficients(hyper, p.dtype, step), nonfinite, lab)
-    if plan is None or not plan.matches(params, states):
-        plan = plan if plan is not None else Plan()
-        for i in range(n):
-            check_triple(params[i], grads[i], states[i], labels[i])
-        plan.build(params, states, labels)
-    return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite, plan)
+    # a new model, or the cached one changed (in place, or other arrays): start again
+    plan = plan if plan is not None else Plan()
+    for i in range(n):
+        check_triple(params[i], grads[i], states[i], labels[i])  # raises, naming it
+    plan.build(params, states, labels)
+    code, gaddr = plan.check(params, states, grads)
+    if code != -1:
+        gaddr = _check_grads(params, grads, states, labels, plan)
+    return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite, plan,
+                           gaddr)
 
 
-def _check_slowly(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
-                  labels: Sequence[Labels], plan: Plan, code: int) -> np.ndarray:
-    """The plan's fast scan failed with ``code``: find out why in Python.
+def _check_grads(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                 labels: Sequence[Labels], plan: Plan) -> np.ndarray:
+    """Check the grads against a plan that holds, in Python: the slow path.
 
-    A param or state that changed since the plan was built (in-place ``dtype``/``shape``
-    change, ``resize``, a copy with the same identity) is re-validated and re-planned,
-    or raises naming it; a gradient the scan could not confirm (another type, a dtype
-    object that is equal but not the same, a non-contiguous array) is checked through
-    NumPy's interface, or raises naming it. Returns the grads' data addresses.
+    For what the compiled scan could not confirm: another array type, a dtype object
+    that is equal but not the same, a non-contiguous array (raises naming it), an
+    overlap (raises naming both), or a NumPy whose struct layout is not the expected
+    one. Returns the grads' data addresses.
     """
     n = len(params)
     if any(type(g) is not np.ndarray and is_cuda_array(g) for g in grads):
         _check_all_device(params, grads, states, labels)  # raises: a host/device mix
-    if code < 2 * n:  # the cached description no longer holds: start again
-        for i in range(n):
-            check_triple(params[i], grads[i], states[i], labels[i])
-        plan.build(params, states, labels)
-    else:
-        for i in range(n):
-            p, g, h = params[i], grads[i], states[i]
-            if (type(g) is not np.ndarray or not g.flags.c_contiguous
-                    or g.dtype != p.dtype or g.shape != p.shape):
-                check_triple(p, g, h, labels[i])  # raises, naming it
+    for i in range(n):
+        p, g = params[i], grads[i]
+        if (type(g) is not np.ndarray or not g.flags.c_contiguous
+                or g.dtype != p.dtype or g.shape != p.shape):
+            check_triple(p, g, states[i], labels[i])  # raises, naming it
     gaddr = np.fromiter((_address(g) for g in grads), np.int64, n)
     check_no_overlap(plan.paddr, gaddr, plan.haddr, plan.nbytes, labels)
     return gaddr

@@ -47,6 +47,8 @@ log = logging.getLogger("fastadagrad")
 #: nd (int, padded), dimensions, strides, base, descr, flags (int).
 OFF_TYPE, OFF_DATA, OFF_ND, OFF_DIMS, OFF_DESCR, OFF_FLAGS = 8, 16, 24, 32, 56, 64
 C_CONTIGUOUS, WRITEABLE = 0x0001, 0x0400  # NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE
+#: CPython's PyListObject: ob_size (after ob_refcnt, ob_type), then ob_item.
+OFF_LIST_SIZE, OFF_LIST_ITEMS = 16, 24
 
 
 @intrinsic
@@ -94,6 +96,16 @@ def read_fields(obj, out):
             out[k, 5 + d] = _load_i64(dims + 8 * d)
 
 
+@jit()
+def read_list(lst, out):
+    """``out = [len, item addresses...]`` of the Python list at ``lst`` (layout probe)."""
+    size = _load_i64(lst + OFF_LIST_SIZE)
+    out[0] = size
+    items = _load_i64(lst + OFF_LIST_ITEMS)
+    for k in range(min(size, out.size - 1)):
+        out[1 + k] = _load_i64(items + 8 * k)
+
+
 _LAYOUT_OK: bool | None = None
 
 
@@ -121,9 +133,13 @@ def _probe_layout() -> bool:
     probes.append(ro)
     obj = np.fromiter(map(id, probes), np.int64, len(probes))
     out = np.zeros((len(probes), 5 + 3), np.int64)
+    listed = np.zeros(len(probes) + 1, np.int64)
     try:
         read_fields(obj, out)
+        read_list(id(probes), listed)
     except Exception:  # pragma: no cover - a Numba that cannot compile the reader
+        return False
+    if listed[0] != len(probes) or list(listed[1:]) != list(obj):
         return False
     for a, row in zip(probes, out):
         ai = a.__array_interface__
@@ -138,17 +154,36 @@ def _probe_layout() -> bool:
 
 # --- the per-step scan --------------------------------------------------------------
 
+@jit(inline="always")
+def _same(o, ndarray_type, descr, shape, b, e, flags):
+    """The array at ``o`` is a plain ndarray with dtype object ``descr``, shape
+    ``shape[b:e]`` and all of ``flags`` set."""
+    if _load_i64(o + OFF_TYPE) != ndarray_type or _load_i64(o + OFF_DESCR) != descr:
+        return False
+    if (_load_i32(o + OFF_FLAGS) & flags) != flags or _load_i32(o + OFF_ND) != e - b:
+        return False
+    dims = _load_i64(o + OFF_DIMS)
+    for d in range(e - b):
+        if _load_i64(dims + 8 * d) != shape[b + d]:
+            return False
+    return True
+
+
 @jit()
-def scan(obj, gaddr, meta, n, m, ndarray_type):
+def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     """Check a cached model against what its arrays are now; read the grads' addresses.
 
-    ``obj`` holds the object addresses of ``n`` params, then ``n`` states, then ``n``
-    grads. ``meta`` packs, in this order: ``descr`` (2n: each param's and state's dtype
-    object), ``cached`` (3n: params' and states' data addresses, then each tensor's
-    size in bytes), ``shape_off`` (n + 1) and ``w_start``/``w_end`` (m each: the
-    params' and states' non-empty byte ranges sorted by start, which do not overlap
-    each other: checked when the plan was built), then the shapes, concatenated (one
-    array argument instead of seven: each costs ~0.1 us of unboxing per call).
+    ``plist``, ``hlist``, ``glist`` are the addresses of three Python lists (params,
+    states, grads), whose item pointers are read here (``PyListObject.ob_item``): no
+    per-array Python work at all. ``obj`` holds the cached params' then states' object
+    addresses: the lists must hold exactly those objects (the plan keeps them alive,
+    so an equal address is the same object). ``meta`` packs, in this order:
+    ``descr`` (2n: each param's and state's dtype object), ``cached`` (3n: params' and
+    states' data addresses, then each tensor's size in bytes), ``shape_off`` (n + 1)
+    and ``w_start``/``w_end`` (m each: the params' and states' non-empty byte ranges
+    sorted by start, which do not overlap each other: checked when the plan was
+    built), then the shapes, concatenated (one array argument instead of seven: each
+    costs ~0.1 us of unboxing per call).
 
     Each array must be a plain ndarray (``ob_type == ndarray_type``), C-contiguous,
     with shape ``shape[shape_off[i]:shape_off[i+1]]`` and dtype object ``descr[k]``
@@ -165,31 +200,27 @@ def scan(obj, gaddr, meta, n, m, ndarray_type):
     w_start = meta[6 * n + 1:6 * n + 1 + m]
     w_end = meta[6 * n + 1 + m:6 * n + 1 + 2 * m]
     shape = meta[6 * n + 1 + 2 * m:]
-    for k in range(3 * n):
-        o = obj[k]
-        i = k % n
-        grad = k >= 2 * n
-        if _load_i64(o + OFF_TYPE) != ndarray_type:
+    if _load_i64(plist + OFF_LIST_SIZE) != n or _load_i64(hlist + OFF_LIST_SIZE) != n:
+        return 0
+    if _load_i64(glist + OFF_LIST_SIZE) != n:
+        return 2 * n
+    pitems = _load_i64(plist + OFF_LIST_ITEMS)
+    hitems = _load_i64(hlist + OFF_LIST_ITEMS)
+    items = _load_i64(glist + OFF_LIST_ITEMS)
+    for k in range(2 * n):  # params, then states: unchanged since the plan was built
+        i = k if k < n else k - n
+        if _load_i64((pitems if k < n else hitems) + 8 * i) != obj[k]:
             return k
-        if _load_i64(o + OFF_DESCR) != descr[i if grad else k]:
+        if not _same(obj[k], ndarray_type, descr[k], shape, shape_off[i],
+                     shape_off[i + 1], C_CONTIGUOUS | WRITEABLE) \
+                or _load_i64(obj[k] + OFF_DATA) != cached[k]:
             return k
-        nd = _load_i32(o + OFF_ND)
-        b = shape_off[i]
-        if nd != shape_off[i + 1] - b:
-            return k
-        dims = _load_i64(o + OFF_DIMS)
-        for d in range(nd):
-            if _load_i64(dims + 8 * d) != shape[b + d]:
-                return k
-        flags = _load_i32(o + OFF_FLAGS)
-        data = _load_i64(o + OFF_DATA)
-        if grad:  # read only
-            if (flags & C_CONTIGUOUS) == 0:
-                return k
-            gaddr[i] = data
-        elif (flags & (C_CONTIGUOUS | WRITEABLE)) != (C_CONTIGUOUS | WRITEABLE) \
-                or data != cached[k]:
-            return k
+    for i in range(n):  # grads: fresh arrays of the params' dtypes and shapes
+        o = _load_i64(items + 8 * i)
+        if not _same(o, ndarray_type, descr[i], shape, shape_off[i], shape_off[i + 1],
+                     C_CONTIGUOUS):
+            return 2 * n + i
+        gaddr[i] = _load_i64(o + OFF_DATA)
     m = w_start.size
     for i in range(n):
         nb = cached[2 * n + i]
@@ -258,6 +289,7 @@ class Plan:
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
         self.states: tuple[Any, ...] = ()
+        self.gaddr = np.empty(0, np.int64)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
         return (Plan, ())
@@ -283,9 +315,9 @@ class Plan:
         # params and states must not overlap each other (grads are checked per step)
         check_no_overlap(paddr, np.zeros(n, np.int64), haddr, nbytes, labels,
                          grads=False)
-        obj = np.zeros(3 * n, np.int64)
+        obj = np.zeros(2 * n, np.int64)
         obj[:n] = np.fromiter(map(id, params), np.int64, n)
-        obj[n:2 * n] = np.fromiter(map(id, states), np.int64, n)
+        obj[n:] = np.fromiter(map(id, states), np.int64, n)
         shapes = [a.shape for a in params]
         shape_off = np.zeros(n + 1, np.int64)
         np.cumsum(np.fromiter(map(len, shapes), np.int64, n), out=shape_off[1:])
@@ -306,17 +338,22 @@ class Plan:
         self.params, self.states = tuple(params), tuple(states)
         self.plan_groups(numba.get_num_threads())
 
-    def check(self, grads: Sequence[Any]) -> tuple[int, np.ndarray]:
-        """:func:`scan` this step: ``(code, grad addresses)``; code -1 means all holds.
+    def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
+              ) -> tuple[int, np.ndarray]:
+        """:func:`scan` this step: ``(code, grad addresses)``.
 
-        The returned address array is the plan's own, overwritten by the next check.
+        Code -1: ``params`` and ``states`` are the plan's arrays, unchanged, and the
+        grads are plain C-contiguous arrays of their dtypes and shapes that overlap
+        neither. Below ``2n``: a param or state is not what the plan describes (build
+        again). From ``2n``: a grad needs a closer look. The returned address array is
+        the plan's own, overwritten by the next check.
         """
-        n = len(self.params)
-        if not self.fast:
+        if not self.params or not self.fast:
             return 0, self.gaddr
-        obj = self.obj
-        obj[2 * n:] = list(map(id, grads))
-        return scan(obj, self.gaddr, self.meta, n, self.nw, _NDARRAY), self.gaddr
+        lists = [x if type(x) is list else list(x) for x in (params, states, grads)]
+        code = scan(id(lists[0]), id(lists[1]), id(lists[2]), self.obj, self.gaddr,
+                    self.meta, len(self.params), self.nw, _NDARRAY)
+        return code, self.gaddr
 
     def plan_groups(self, threads: int) -> None:
         """Dtype groups and their chunk tables, balanced for ``threads`` threads."""
