@@ -73,9 +73,12 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
         if threads != plan.threads:
             plan.plan_groups(threads)
 
+    key = (hyper, step if hyper.lr_decay else 1)
+    if plan.coef_key is None or plan.coef_key[0] is not hyper or plan.coef_key != key:
+        plan.coefs = [coefficients(hyper, g[0].dtype, step) for g in plan.groups]
+        plan.coef_key = key
     runs = []
-    for proto, idx, table, total in plan.groups:
-        coefs = coefficients(hyper, proto.dtype, step)
+    for (proto, idx, table, total), coefs in zip(plan.groups, plan.coefs):
         addrs = (plan.paddr, gaddr, plan.haddr) if idx is None else (
             plan.paddr[idx], gaddr[idx], plan.haddr[idx])
         runs.append((proto, idx, addrs, table, total, coefs))

@@ -284,12 +284,14 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "meta", "nw",
-                 "gaddr", "groups", "threads", "fast", "largest")
+                 "gaddr", "groups", "threads", "fast", "largest", "coef_key", "coefs")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
         self.states: tuple[Any, ...] = ()
         self.gaddr = np.empty(0, np.int64)
+        self.coef_key: tuple[Any, int] | None = None  # (hyper, step) of ``coefs``
+        self.coefs: list[tuple] = []  # the kernels' scalars, per dtype group
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
         return (Plan, ())
@@ -369,6 +371,7 @@ class Plan:
             groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
                            sum(gsizes)))
         self.groups, self.threads = groups, threads
+        self.coef_key = None
         self.largest = max((g[3] for g in groups), default=0)
 
 

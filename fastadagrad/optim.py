@@ -228,7 +228,7 @@ class AdaGrad:
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
         """Apply one step to every array of ``params``; returns False if it was skipped."""
-        hyper = self._hyper_at(self.step + 1)
+        hyper = self.hyper if self._schedule is None else self._hyper_at(self.step + 1)
         if grad_scale is not None:
             hyper = Hyper.make(lr=hyper.lr, eps=hyper.eps, lr_decay=hyper.lr_decay,
                                weight_decay=hyper.weight_decay, maximize=hyper.maximize,
@@ -255,7 +255,7 @@ class AdaGrad:
                 if seen is None or seen[0] is not h or seen[1] != keys:
                     _check_same_keys(h, keys, params)
                     self._keys_seen = (h, keys)
-            hlist = [h[k] for k in keys] if isinstance(h, Mapping) else list(h)
+            hlist = [h[k] for k in keys] if type(h) is dict else list(h)
             # One layout for params, grads and state: one call over the whole buffer.
             if (isinstance(params, FlatBuffer) and len(flat) == 1 and
                     params.same_layout(grads) and params.same_layout(flat[0])):
@@ -377,7 +377,7 @@ def _raise_nonfinite_key(grads: FlatBuffer, hyper: Hyper) -> None:
 def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
                                                D.KeyedLabels]:
     """Keys, parallel lists and error labels for a params/grads pair of containers."""
-    if isinstance(params, Mapping):
+    if type(params) is dict or isinstance(params, Mapping):
         if not isinstance(grads, Mapping):
             raise TypeError(f"params is a mapping but grads is {type(grads).__name__}")
         keys = list(params)
