@@ -7,7 +7,9 @@ flags. This module is the single place that turns user-facing options into those
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -72,12 +74,21 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def check_hyper(name: str, value: object, *, positive: bool = False) -> float:
-    """Return ``value`` as a float; raise a ValueError naming it unless finite and >= 0."""
+    """Return ``value`` as a float; raise a ValueError naming it unless finite and >= 0.
+
+    Any real number is accepted (int, float, NumPy scalars, ``fractions.Fraction``,
+    ``decimal.Decimal``...), bools are not.
+    """
     if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
+        value, (numbers.Real, np.integer, np.floating, decimal.Decimal)
     ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except (OverflowError, ValueError, decimal.InvalidOperation) as e:
+        r = repr(value)
+        r = r if len(r) <= 40 else f"{r[:20]}...({len(r)} characters)"
+        raise ValueError(f"{name}={r} is not representable as a float ({e})") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if v < 0 or (positive and v == 0):
@@ -196,6 +207,13 @@ def _raise_float32(clr: float, eps: float, weight_decay: float,
                              "updated")
     raise ValueError(f"grad_scale={grad_scale} rounds to 0 in float32; nothing was "
                      "updated")
+
+
+def check_in_dtype(name: str, value: float, dtype: np.dtype) -> None:
+    """Raise a ValueError naming ``name`` if ``value`` overflows to inf in ``dtype``."""
+    if np.dtype(dtype) == np.float32 and abs(value) >= _F32_INF_FROM:
+        raise ValueError(f"{name}={value} overflows to inf in float32; nothing was "
+                         "changed")
 
 
 def check_step(step: object) -> int:

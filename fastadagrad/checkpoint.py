@@ -31,16 +31,16 @@ import dataclasses
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ._hyper import Hyper, Rule, check_hyper, check_nonfinite
+from ._arrays import is_cuda_array
+from ._hyper import Hyper, Rule, check_hyper, check_in_dtype
+from .flat import FlatBuffer, layout_of
 
-if TYPE_CHECKING:
-    from .optim import AdaGrad
+AdaGrad = Any  # the optimizer (optim.py imports this module, not the other way round)
 
 FORMAT = "fastadagrad-adagrad-checkpoint"
 VERSION = 1
@@ -71,7 +71,7 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
 
     hy = opt.hyper
     group: dict[str, Any] = {
-        "lr": hy.lr, "lr_decay": hy.lr_decay, "eps": hy.eps,
+        "lr": float(opt.lr), "lr_decay": hy.lr_decay, "eps": hy.eps,
         "weight_decay": hy.weight_decay,
         "initial_accumulator_value": opt.initial_accumulator_value,
         "foreach": None, "maximize": hy.maximize, "differentiable": False,
@@ -87,11 +87,18 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
         group["params"] = list(range(len(keys)))
         if isinstance(opt.h, Mapping) and all(isinstance(k, str) for k in keys):
             group["param_names"] = list(keys)
+        if isinstance(opt.h, Mapping) and all(_json_key(k) for k in keys):
+            group["fastadagrad"]["keys"] = list(keys)  # str and int keys, for the file
+        group["fastadagrad"]["container"] = "dict" if isinstance(opt.h, Mapping) else "list"
         for i, k in enumerate(keys):
             s = _to_host(opt.h[k])
             state[i] = {"step": np.array(float(opt.step)),  # float64: exact to 2^53
                         "sum": np.array(s, copy=True) if copy else s}
     return {"state": state, "param_groups": [group]}
+
+
+def _json_key(k: Any) -> bool:
+    return isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
 
 
 def _err(msg: str, where: str = "state_dict") -> CheckpointError:
@@ -100,6 +107,16 @@ def _err(msg: str, where: str = "state_dict") -> CheckpointError:
 
 def _parse(sd: Any, where: str) -> tuple[dict[str, Any], list[np.ndarray], int | None]:
     """Validate a state dict; return its param group, the sums in order and the step."""
+    try:
+        return _parse_checked(sd, where)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
+        raise _err(f"malformed ({type(e).__name__}: {e})", where) from e
+
+
+def _parse_checked(sd: Any, where: str
+                   ) -> tuple[dict[str, Any], list[np.ndarray], int | None]:
     if not isinstance(sd, Mapping) or set(sd) != {"state", "param_groups"}:
         got = sorted(map(str, sd)) if isinstance(sd, Mapping) else type(sd).__name__
         raise _err(f"expected a dict with keys ['param_groups', 'state'], got {got}", where)
@@ -152,105 +169,191 @@ def _parse(sd: Any, where: str) -> tuple[dict[str, Any], list[np.ndarray], int |
     return group, sums, steps.pop()
 
 
+def _names(group: Mapping[str, Any], n: int, where: str) -> list[Any] | None:
+    """The saved parameters' names (keys), in state-dict order, or None if unnamed."""
+    fa = group.get("fastadagrad", {})
+    names = fa.get("keys", group.get("param_names"))
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(_json_key(k) for k in names):
+        raise _err(f"'param_names' must be a list of str or int, got {names!r}", where)
+    names = list(names)
+    if len(names) != n or len(set(names)) != n:
+        raise _err(f"'param_names' {names} does not name the {n} parameters one to one",
+                   where)
+    return names
+
+
+def _order(saved: list[Any] | None, keys: list[Any], named: bool, what: str,
+           where: str) -> list[int]:
+    """Which saved entry goes to each of ``keys``: by name when both sides have names,
+    else by position (torch's rule). Refuses names that do not match."""
+    if saved is not None and named:
+        if set(saved) != set(keys):
+            missing = [k for k in keys if k not in saved]
+            extra = [k for k in saved if k not in keys]
+            raise _err(f"saved parameter names do not match {what}: {what} has "
+                       f"{missing} that the state lacks, the state has {extra} that "
+                       f"{what} lacks", where)
+        at = {k: i for i, k in enumerate(saved)}
+        return [at[k] for k in keys]
+    return list(range(len(keys)))
+
+
 def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
                     where: str = "state_dict") -> None:
-    """Load ``sd`` into ``opt``: hyperparameters, step and accumulators.
+    """Load ``sd`` into ``opt``: accumulators, step counters and hyperparameters.
 
-    Everything is validated before anything is changed. If ``opt`` already has state
-    (it has stepped), the sums are copied into its arrays in place and must match their
-    number, shapes and dtypes. Otherwise the state is created from ``sd``: keyed like
-    ``params`` if given (a dict or list of the parameter arrays, in the order the state
-    dict numbers them), else by ``param_names`` if present, else as a list.
+    Everything is validated before anything is changed. What a state dict carries:
 
-    The formula (``opt.hyper.rule``) is replaced only by the one a fastadagrad state
-    dict records; a torch state dict has none, so load it into
-    ``AdaGrad.from_preset("torch")`` to continue bit-identically.
+    * the accumulators, ``step`` and ``skipped_steps``: the whole training state is
+      replaced (a state dict with no accumulators resets ``opt`` to a fresh optimizer);
+    * the formula's hyperparameters ``lr``, ``eps``, ``lr_decay``, ``weight_decay``,
+      ``maximize``, ``initial_accumulator_value`` and the rule, as
+      ``torch.optim.Optimizer.load_state_dict`` does (a torch state dict has no rule:
+      load it into ``AdaGrad.from_preset("torch")`` to continue bit-identically). If
+      ``opt`` has a learning-rate schedule, the schedule stays and the saved ``lr`` is
+      not used;
+    * not ``nonfinite``: how to treat NaN/inf gradients stays what ``opt`` was built
+      with (the file records it for information only).
+
+    Accumulators are matched to parameters **by name** when the state dict names them
+    (``param_names``, or the keys fastadagrad records for str and int dict keys) and
+    the optimizer or ``params`` is keyed: different names raise. Unnamed state (a list,
+    a torch state dict) is matched by position. If ``opt`` already has state, the sums
+    are copied into its arrays in place (same keys, shapes and dtypes). Otherwise it is
+    created from ``sd``: keyed like ``params`` if given, else by the saved names, else
+    as a list; on the device of ``params`` when those are CUDA arrays (or a device
+    :class:`~fastadagrad.FlatBuffer`, whose layout the state then shares).
     """
-    from .flat import FlatBuffer
-    from .optim import _layout_of
-
     group, sums, step = _parse(sd, where)
     fa = group.get("fastadagrad", {})
+    if not isinstance(fa, Mapping):
+        raise _err(f"'fastadagrad' entry must be a dict, got {type(fa).__name__}", where)
     try:
         rule = Rule(**fa["rule"]) if "rule" in fa else opt.hyper.rule
-        hyper = Hyper.make(lr=group["lr"], eps=group["eps"], lr_decay=group["lr_decay"],
+        hyper = Hyper.make(lr=opt.hyper.lr if opt.schedule is not None else group["lr"],
+                           eps=group["eps"], lr_decay=group["lr_decay"],
                            weight_decay=group["weight_decay"],
                            maximize=bool(group["maximize"]), rule=rule)
         iav = check_hyper("initial_accumulator_value", group["initial_accumulator_value"])
-        nonfinite = check_nonfinite(fa.get("nonfinite", opt.nonfinite))
+        for s in sums:
+            check_in_dtype("initial_accumulator_value", iav, s.dtype)
     except (TypeError, ValueError) as e:
         raise _err(f"bad hyperparameter in the param group: {e}", where) from e
-    skipped = int(fa.get("skipped_steps", 0))
+    skipped = fa.get("skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) \
+            or skipped < 0:
+        raise _err(f"'skipped_steps' must be a whole number >= 0, got {skipped!r}", where)
+    saved = _names(group, len(sums), where) if sums else None
 
-    new_h, new_flat = None, None
+    new_h: Any = None
+    new_flat: list[Any] = []
     if sums and opt.h is not None:
         keys = _keys(opt.h)
         if len(keys) != len(sums):
             raise _err(f"has state for {len(sums)} parameters, the optimizer for "
                        f"{len(keys)}", where)
-        for i, (k, s) in enumerate(zip(keys, sums)):
-            cur = opt.h[k]
+        order = _order(saved, keys, isinstance(opt.h, Mapping), "the optimizer", where)
+        for k, j in zip(keys, order):
+            cur, s = opt.h[k], sums[j]
             if tuple(cur.shape) != s.shape or np.dtype(cur.dtype) != s.dtype:
-                raise _err(f"state[{i}]['sum'] is {s.dtype}{list(s.shape)} but parameter "
+                raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but parameter "
                            f"{k!r} is {np.dtype(cur.dtype)}{list(cur.shape)}", where)
+        copies = [(opt.h[k], sums[j]) for k, j in zip(keys, order)]
     elif sums:
+        copies = []
         if params is not None:
+            if not isinstance(params, (Mapping, list, tuple)):
+                raise _err("params must be a dict, a list/tuple of arrays or a "
+                           f"FlatBuffer, got {type(params).__name__}", where)
             pkeys = list(params.keys()) if isinstance(params, Mapping) \
                 else list(range(len(params)))
-            plist = [params[k] for k in pkeys]
-            if len(plist) != len(sums):
+            if len(pkeys) != len(sums):
                 raise _err(f"has state for {len(sums)} parameters, params has "
-                           f"{len(plist)}", where)
-            for i, (k, p, s) in enumerate(zip(pkeys, plist, sums)):
+                           f"{len(pkeys)}", where)
+            order = _order(saved, pkeys, isinstance(params, Mapping), "params", where)
+            for k, j in zip(pkeys, order):
+                p, s = params[k], sums[j]
                 if tuple(np.shape(p)) != s.shape or np.dtype(p.dtype) != s.dtype:
-                    raise _err(f"state[{i}]['sum'] is {s.dtype}{list(s.shape)} but "
+                    raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but "
                                f"params[{k!r}] is {np.dtype(p.dtype)}{list(np.shape(p))}",
                                where)
+            sums = [sums[j] for j in order]
             as_dict = isinstance(params, Mapping)
-        elif "param_names" in group:
-            pkeys = list(group["param_names"])
-            if len(pkeys) != len(sums) or len(set(pkeys)) != len(pkeys):
-                raise _err(f"'param_names' {pkeys} does not name the {len(sums)} "
-                           "parameters one to one", where)
-            as_dict = True
+            device = [is_cuda_array(params[k]) for k in pkeys]
+            if any(device) and not all(device):
+                raise _err("params mixes host and CUDA arrays", where)
         else:
-            pkeys, as_dict = list(range(len(sums))), False
-        # one flat buffer per dtype, views per key: the layout update() creates
-        new_flat, views = [], [None] * len(sums)
-        for dt in _FLOATS:
-            idx = [i for i, s in enumerate(sums) if s.dtype == dt]
-            if not idx:
-                continue
-            buf = FlatBuffer._from(
-                np.concatenate([sums[i].reshape(-1) for i in idx]) if idx else
-                np.empty(0, dt), tuple(_layout_of([(i, sums[i]) for i in idx])))
-            new_flat.append(buf)
-            for i in idx:
-                views[i] = buf[i]
+            container = fa.get("container")
+            as_dict = saved is not None or container == "dict"
+            pkeys = saved if saved is not None else list(range(len(sums)))
+            device = [False] * len(sums)
+        if isinstance(params, FlatBuffer):
+            # the state shares the params' layout: one kernel call over the whole model
+            data = np.concatenate([s.reshape(-1) for s in sums]) if sums else np.empty(
+                0, params.data.dtype)
+            buf = FlatBuffer._from(data, params.layout)
+            if is_cuda_array(params.data):
+                buf = buf.to_device()
+            new_flat = [buf]
+            views = [buf[k] for k in pkeys]
+        elif all(device):
+            from . import cuda
+
+            views = [cuda.to_device(np.ascontiguousarray(s)) for s in sums]
+        else:
+            # one flat buffer per dtype, views per key: the layout update() creates
+            views = [None] * len(sums)
+            for dt in _FLOATS:
+                idx = [i for i, s in enumerate(sums) if s.dtype == dt]
+                if not idx:
+                    continue
+                buf = FlatBuffer._from(
+                    np.concatenate([sums[i].reshape(-1) for i in idx]),
+                    tuple(layout_of([(pkeys[i], sums[i]) for i in idx])))
+                new_flat.append(buf)
+                for i in idx:
+                    views[i] = buf[pkeys[i]]
         new_h = dict(zip(pkeys, views)) if as_dict else views
 
     # ---- validated: commit
-    if sums and opt.h is not None:
-        for k, s in zip(_keys(opt.h), sums):
-            cur = opt.h[k]
+    if opt.h is not None and sums:
+        for cur, s in copies:
             if isinstance(cur, np.ndarray):
                 np.copyto(cur, s)
             else:  # device array
                 cur.copy_to_device(np.ascontiguousarray(s))
-    elif sums:
+    else:  # new state, or none at all (a never-stepped checkpoint: a fresh optimizer)
         opt.h, opt._flat = new_h, new_flat
+        opt._plan.clear()
     opt.hyper = hyper
     opt.initial_accumulator_value = iav
-    opt.nonfinite = nonfinite
     opt.step = step if step is not None else 0
-    opt.skipped_steps = skipped
+    opt.skipped_steps = int(skipped)
 
 
 # ------------------------------------------------------------------------ files
 
-def save(opt: AdaGrad, path: str | os.PathLike[str]) -> None:
-    """Write ``opt``'s state to ``path`` (one ``.npz``), atomically (see module doc)."""
-    path = os.fspath(path)
+def checkpoint_path(path: str | bytes | os.PathLike[Any]) -> str:
+    """``path`` as :func:`save` writes it: ``.npz`` appended unless it ends with it
+    (as ``np.savez`` does); a symbolic link is followed, so the file it points to is
+    replaced and the link stays."""
+    path = os.fsdecode(os.fspath(path))
+    if not path.endswith(".npz"):
+        path += ".npz"
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def save(opt: AdaGrad, path: str | bytes | os.PathLike[Any]) -> str:
+    """Write ``opt``'s state to ``path`` (one ``.npz``), atomically (see module doc).
+
+    ``.npz`` is appended to ``path`` unless it already ends with it, like
+    ``np.savez``; a symbolic link is written through (its target is replaced). Returns
+    the path written. Raises FileNotFoundError naming the folder if it does not exist.
+    """
+    given = os.fsdecode(os.fspath(path))
+    path = checkpoint_path(path)
     sd = state_dict(opt, copy=False)
     group = sd["param_groups"][0]
     arrays = {f"sum_{i}": np.ascontiguousarray(e["sum"]) for i, e in sd["state"].items()}
@@ -261,6 +364,9 @@ def save(opt: AdaGrad, path: str | os.PathLike[str]) -> None:
                        for k, a in arrays.items()}}
     arrays["meta"] = np.array(json.dumps(meta))
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot save checkpoint {given!r}: folder "
+                                f"{os.path.dirname(given) or directory!r} does not exist")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
@@ -277,6 +383,7 @@ def save(opt: AdaGrad, path: str | os.PathLike[str]) -> None:
             pass
         raise
     _fsync_dir(directory)
+    return path
 
 
 def _fsync_dir(directory: str) -> None:
@@ -293,45 +400,62 @@ def _fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
-def load(opt: AdaGrad, path: str | os.PathLike[str], params: Any = None) -> None:
+def load(opt: AdaGrad, path: str | bytes | os.PathLike[Any], params: Any = None) -> None:
     """Load a checkpoint written by :func:`save` into ``opt`` (see :func:`load_state_dict`).
+
+    ``path`` is read as given, or with ``.npz`` appended if only that exists (so the
+    same name works for :func:`save` and :func:`load`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is truncated, corrupted, not a fastadagrad checkpoint,
             or does not fit ``opt``; ``opt`` is then unchanged.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(os.fspath(path))
+    if not os.path.exists(path) and not path.endswith(".npz") \
+            and os.path.exists(path + ".npz"):
+        path += ".npz"
     where = f"checkpoint {path!r}"
     try:
-        # our own file object: np.load leaks its file when a broken zip makes it fail
-        with open(path, "rb") as fh:
-            z = np.load(fh, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise _err("not a fastadagrad checkpoint (a single .npy array, not a "
-                           ".npz)", where)
-            with z:
-                if "meta" not in z.files:
-                    raise _err("not a fastadagrad checkpoint (no 'meta' entry)", where)
-                meta = json.loads(str(z["meta"][()]))
-                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                    raise _err("not a fastadagrad checkpoint (unknown format)", where)
-                if meta.get("version") != VERSION:
-                    raise _err(f"format version {meta.get('version')!r}; this "
-                               f"fastadagrad reads version {VERSION}", where)
-                specs = meta["arrays"]
-                if sorted(specs) != sorted(f for f in z.files if f != "meta"):
-                    raise _err(f"entries {sorted(z.files)} do not match its index "
-                               f"{sorted(specs)}", where)
-                arrays = {k: z[k] for k in specs}  # each member read whole: CRC checked
-    except FileNotFoundError:
+        fh = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
+    except OSError as e:
+        raise _err(f"cannot be opened ({type(e).__name__}: {e})", where) from e
+    try:
+        # our own file object: np.load leaks its file when a broken zip makes it fail
+        with fh:
+            sd = _read(fh, where)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, TypeError,
-            json.JSONDecodeError) as e:
+    except Exception as e:  # a damaged file can make zipfile/np.load raise anything
         raise _err(f"cannot be read, truncated or corrupted ({type(e).__name__}: {e})",
                    where) from e
+    load_state_dict(opt, sd, params, where=where)
+
+
+def _read(fh: Any, where: str) -> dict[str, Any]:
+    """The state dict stored in an open checkpoint file, its index checked."""
+    z = np.load(fh, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise _err("not a fastadagrad checkpoint (a single .npy array, not a .npz)", where)
+    with z:
+        if "meta" not in z.files:
+            raise _err("not a fastadagrad checkpoint (no 'meta' entry)", where)
+        meta = json.loads(str(z["meta"][()]))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise _err("not a fastadagrad checkpoint (unknown format)", where)
+        if meta.get("version") != VERSION:
+            raise _err(f"format version {meta.get('version')!r}; this fastadagrad reads "
+                       f"version {VERSION}", where)
+        specs = meta.get("arrays")
+        if not isinstance(specs, dict) or not all(
+                isinstance(v, dict) and set(v) == {"shape", "dtype"} for v in specs.values()):
+            raise _err("its index of arrays is malformed", where)
+        if sorted(specs) != sorted(f for f in z.files if f != "meta"):
+            raise _err(f"entries {sorted(z.files)} do not match its index "
+                       f"{sorted(specs)}", where)
+        arrays = {k: z[k] for k in specs}  # each member read whole: CRC checked
     for k, spec in specs.items():
         a = arrays[k]
         if list(a.shape) != spec["shape"] or a.dtype.str != spec["dtype"]:
@@ -340,8 +464,12 @@ def load(opt: AdaGrad, path: str | os.PathLike[str], params: Any = None) -> None
     n = len(specs)
     if sorted(specs) != sorted(f"sum_{i}" for i in range(n)):
         raise _err(f"entries {sorted(specs)} are not sum_0..sum_{n - 1}", where)
-    step = meta["step"]
-    sd = {"state": {i: {"sum": arrays[f"sum_{i}"], "step": np.float64(step or 0)}
-                    for i in range(n)},
-          "param_groups": [meta["param_group"]]}
-    load_state_dict(opt, sd, params, where=where)
+    step = meta.get("step")
+    if n and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise _err(f"its step must be a whole number >= 0, got {step!r}", where)
+    group = meta.get("param_group")
+    if not isinstance(group, dict):
+        raise _err("its param group is missing or malformed", where)
+    return {"state": {i: {"sum": arrays[f"sum_{i}"], "step": np.float64(step or 0)}
+                      for i in range(n)},
+            "param_groups": [group]}

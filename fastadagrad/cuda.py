@@ -383,7 +383,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     non-finite check of ``"skip"``/``"raise"``, which reads its flags back.
     """
     cuda = require_gpu()
-    from ._dispatch import check_no_overlap, coefficients
+    from ._arrays import check_no_overlap, coefficients
 
     n = len(params)
     triples = []

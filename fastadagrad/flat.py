@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._dispatch import is_cuda_array
+from ._arrays import is_cuda_array
 
 
 class FlatBuffer(Mapping[Any, Any]):
@@ -88,6 +88,11 @@ class FlatBuffer(Mapping[Any, Any]):
         self._init(data, layout)
         return self
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copy and pickle the buffer and layout; the views are rebuilt over the copy
+        (a default deep copy would give views that no longer point into ``data``)."""
+        return (FlatBuffer._from, (self.data, self.layout))
+
     def full_like(self, value: float) -> FlatBuffer:
         """A new buffer of the same layout, dtype and device, filled with ``value``."""
         if is_cuda_array(self.data):
@@ -129,3 +134,13 @@ class FlatBuffer(Mapping[Any, Any]):
     def __repr__(self) -> str:
         return (f"FlatBuffer({len(self)} tensors, {self.data.size} elements, "
                 f"dtype={self.data.dtype})")
+
+
+def layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...], int, int]]:
+    """``(key, shape, offset, size)`` of each ``(key, array)`` packed one after another."""
+    out, off = [], 0
+    for key, a in items:
+        n = int(np.size(a))
+        out.append((key, tuple(np.shape(a)), off, n))
+        off += n
+    return out

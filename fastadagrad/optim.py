@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from . import _dispatch as D
-from ._hyper import Hyper, NonFinite, Rule, check_hyper, check_nonfinite, check_step
-from .flat import FlatBuffer
+from ._hyper import (
+    Hyper,
+    NonFinite,
+    Rule,
+    check_hyper,
+    check_in_dtype,
+    check_nonfinite,
+    check_step,
+)
+from .flat import FlatBuffer, layout_of
 from .presets import get_preset
 
 
@@ -118,11 +127,12 @@ class AdaGrad:
     Reference: Duchi, Hazan & Singer, JMLR 12 (2011).
     """
 
-    def __init__(self, lr: float = 0.01, eps: float = 1e-7, *, lr_decay: float = 0.0,
-                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
-                 maximize: bool = False, nonfinite: NonFinite = "ignore",
-                 rule: Rule | None = None) -> None:
-        self.hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay,
+    def __init__(self, lr: float | Callable[[int], float] = 0.01, eps: float = 1e-7, *,
+                 lr_decay: float = 0.0, weight_decay: float = 0.0,
+                 initial_accumulator_value: float = 0.0, maximize: bool = False,
+                 nonfinite: NonFinite = "ignore", rule: Rule | None = None) -> None:
+        self._schedule: Callable[[int], float] | None = lr if callable(lr) else None
+        self.hyper = Hyper.make(lr=0.0 if callable(lr) else lr, eps=eps, lr_decay=lr_decay,
                                 weight_decay=weight_decay, maximize=maximize, rule=rule)
         self.initial_accumulator_value = check_hyper("initial_accumulator_value",
                                                      initial_accumulator_value)
@@ -132,6 +142,38 @@ class AdaGrad:
         self.skipped_steps = 0
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
+        self._keys_seen: tuple[Any, list[Any]] | None = None
+
+    # -- copy and pickle ---------------------------------------------------------------
+    # The accumulators are views into the flat buffers in ``_flat``: a default deep copy
+    # or pickle would copy each view on its own, so the copy would update its buffers
+    # while ``h`` (and state_dict/save) kept reading frozen copies. Record where each
+    # view sits instead and rebuild the views over the copied buffers. The per-model
+    # plan (cached addresses) is never carried over.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        state["_keys_seen"] = None
+        h = self.h
+        if h is not None and self._flat:
+            where = {id(v): (j, lk) for j, fb in enumerate(self._flat)
+                     for lk, v in fb.items()}
+            items = list(h.items()) if isinstance(h, Mapping) else list(enumerate(h))
+            if all(id(v) in where for _, v in items):
+                state["h"] = None
+                state["_h_views"] = (isinstance(h, Mapping),
+                                     [(k, where[id(v)]) for k, v in items])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        views = state.pop("_h_views", None)
+        self.__dict__.update(state)
+        self._plan = D.Plan()
+        if views is not None:
+            is_map, located = views
+            pairs = [(k, self._flat[j][lk]) for k, (j, lk) in located]
+            self.h = dict(pairs) if is_map else [v for _, v in pairs]
 
     @classmethod
     def from_preset(cls, name: str = "numpy", **overrides: Any) -> AdaGrad:
@@ -140,16 +182,57 @@ class AdaGrad:
         kwargs = {**preset.defaults, **overrides}
         return cls(rule=preset.rule, **kwargs)
 
+    # -- learning rate -----------------------------------------------------------------
+
     @property
     def lr(self) -> float:
-        return self.hyper.lr
+        """The learning rate the next step uses (before ``lr_decay``).
+
+        Settable between steps: a number (validated like the constructor's), or a
+        schedule, a callable ``step -> lr`` called with the number of the step about to
+        be applied (counted from 1; skipped steps do not count), optax-style. With a
+        schedule the value is validated at every step, before anything is written.
+        ``lr_decay`` is one such rule built in, ``lr / (1 + (step - 1) * lr_decay)``,
+        applied on top of a schedule if both are given.
+        """
+        if self._schedule is None:
+            return self.hyper.lr
+        return self._hyper_at(self.step + 1).lr
+
+    @lr.setter
+    def lr(self, value: float | Callable[[int], float]) -> None:
+        if callable(value):
+            self._schedule = value
+        else:
+            self.hyper = dataclasses.replace(self.hyper, lr=check_hyper("lr", value))
+            self._schedule = None
+
+    @property
+    def schedule(self) -> Callable[[int], float] | None:
+        """The learning-rate schedule, or None when ``lr`` is a number."""
+        return self._schedule
+
+    def _hyper_at(self, step: int) -> Hyper:
+        """The hyperparameters of step ``step``: the schedule's lr, validated."""
+        if self._schedule is None:
+            return self.hyper
+        try:
+            value = self._schedule(step)
+            lr = check_hyper("lr", value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"the learning-rate schedule at step {step}: {e} (nothing was "
+                          "updated)") from e
+        if lr != self.hyper.lr:
+            self.hyper = dataclasses.replace(self.hyper, lr=lr)
+        return self.hyper
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
         """Apply one step to every array of ``params``; returns False if it was skipped."""
-        hyper = self.hyper if grad_scale is None else Hyper.make(
-            lr=self.hyper.lr, eps=self.hyper.eps, lr_decay=self.hyper.lr_decay,
-            weight_decay=self.hyper.weight_decay, maximize=self.hyper.maximize,
-            grad_scale=grad_scale, rule=self.hyper.rule)
+        hyper = self.hyper if self._schedule is None else self._hyper_at(self.step + 1)
+        if grad_scale is not None:
+            hyper = Hyper.make(lr=hyper.lr, eps=hyper.eps, lr_decay=hyper.lr_decay,
+                               weight_decay=hyper.weight_decay, maximize=hyper.maximize,
+                               grad_scale=grad_scale, rule=hyper.rule)
         flat_state = self._flat[0] if len(self._flat) == 1 else None
         if (self.h is not None and isinstance(params, FlatBuffer)
                 and isinstance(self.h, Mapping) and params.same_layout(grads)
@@ -162,12 +245,17 @@ class AdaGrad:
             labels: Any = _FLAT_LABELS
         else:
             keys, plist, glist, labels = _pair_up(params, grads)
+            if not plist:
+                raise ValueError("params is empty: there is nothing to update")
             if self.h is None:
                 h, flat = self._new_state(params, keys, plist)
             else:
                 h, flat = self.h, self._flat
-                _check_same_keys(self.h, keys, params)
-            hlist = [h[k] for k in keys]
+                seen = self._keys_seen  # the keys already matched against this state
+                if seen is None or seen[0] is not h or seen[1] != keys:
+                    _check_same_keys(h, keys, params)
+                    self._keys_seen = (h, keys)
+            hlist = [h[k] for k in keys] if type(h) is dict else list(h)
             # One layout for params, grads and state: one call over the whole buffer.
             if (isinstance(params, FlatBuffer) and len(flat) == 1 and
                     params.same_layout(grads) and params.same_layout(flat[0])):
@@ -192,6 +280,10 @@ class AdaGrad:
                    ) -> tuple[Any, list[FlatBuffer]]:
         """Accumulators for ``params``: one flat buffer per dtype, views per key."""
         fill = self.initial_accumulator_value
+        for p in plist:
+            dt = getattr(p, "dtype", None)
+            if isinstance(dt, np.dtype) and dt in D._FLOATS:
+                check_in_dtype("initial_accumulator_value", fill, dt)
         if isinstance(params, FlatBuffer):
             flat = [params.full_like(fill)]
             views = [flat[0][k] for k in keys]
@@ -214,10 +306,10 @@ class AdaGrad:
                     continue
                 buf = FlatBuffer._from(
                     np.full(sum(int(np.size(plist[i])) for i in idx), fill, dt),
-                    tuple(_layout_of([(i, plist[i]) for i in idx])))
+                    tuple(layout_of([(keys[i], plist[i]) for i in idx])))
                 flat.append(buf)
                 for i in idx:
-                    views[i] = buf[i]
+                    views[i] = buf[keys[i]]
         if isinstance(params, Mapping):
             return dict(zip(keys, views)), flat
         return list(views), flat
@@ -247,12 +339,18 @@ class AdaGrad:
 
         checkpoint.load_state_dict(self, state_dict, params)
 
-    def save(self, path: Any) -> None:
+    def save(self, path: Any) -> str:
         """Write the state to one ``.npz`` at ``path``, atomically (temp file, fsync,
-        rename, directory fsync): a crash leaves the previous file intact."""
+        rename, directory fsync): a crash leaves the previous file intact.
+
+        ``.npz`` is appended unless ``path`` ends with it (as ``np.savez`` does); a
+        symbolic link is written through. Returns the path written. A learning-rate
+        schedule is not saved (its current value is); see
+        :func:`fastadagrad.checkpoint.load_state_dict` for what a checkpoint carries.
+        """
         from . import checkpoint
 
-        checkpoint.save(self, path)
+        return checkpoint.save(self, path)
 
     def load(self, path: Any, params: Any = None) -> None:
         """Load a checkpoint written by :meth:`save`; a truncated, corrupted or
@@ -276,29 +374,23 @@ def _raise_nonfinite_key(grads: FlatBuffer, hyper: Hyper) -> None:
                                          "or inf; nothing was updated") from None
 
 
-def _layout_of(items: list[tuple[Any, Any]]) -> list[tuple[Any, tuple[int, ...], int, int]]:
-    out, off = [], 0
-    for key, a in items:
-        n = int(np.size(a))
-        out.append((key, tuple(np.shape(a)), off, n))
-        off += n
-    return out
-
-
 def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
                                                D.KeyedLabels]:
     """Keys, parallel lists and error labels for a params/grads pair of containers."""
-    if isinstance(params, Mapping):
+    if type(params) is dict or isinstance(params, Mapping):
         if not isinstance(grads, Mapping):
             raise TypeError(f"params is a mapping but grads is {type(grads).__name__}")
-        keys = list(params.keys())
-        if len(grads) != len(keys) or any(k not in grads for k in keys):
+        keys = list(params)
+        try:
+            glist = [grads[k] for k in keys]
+        except KeyError:
+            glist = None
+        if glist is None or len(grads) != len(keys):
             missing = [k for k in keys if k not in grads]
             extra = [k for k in grads if k not in params]
             raise KeyError(f"grads keys do not match params keys: missing {missing}, "
                            f"extra {extra}")
-        return (keys, [params[k] for k in keys], [grads[k] for k in keys],
-                D.KeyedLabels(keys))
+        return keys, list(params.values()), glist, D.KeyedLabels(keys)
     if isinstance(params, (list, tuple)):
         if not isinstance(grads, (list, tuple)):
             raise TypeError(f"params is a {type(params).__name__} but grads is "

@@ -1,0 +1,378 @@
+"""Per-model plans: the work that stays the same between steps of one optimizer.
+
+A training loop passes the same parameter and state arrays every step. Their
+validation, data addresses, mutual overlap check, dtype groups and chunk tables are
+computed once and kept in a :class:`Plan`. A cache of raw addresses is only safe while
+it still describes the arrays, so every step :func:`scan` re-reads, in ONE compiled
+call, what each cached array is *now* (type, data address, dtype, shape, contiguity,
+writability) and compares it with the plan; the same call reads the fresh gradients'
+addresses and checks that no gradient overlaps a parameter or state. Anything that no
+longer matches (an in-place ``dtype``/``shape`` change, ``resize(refcheck=False)``, a
+deep copy or an unpickled optimizer) sends the caller back to full validation, which
+re-plans or raises naming the array. Nothing is written through an address that was
+not confirmed in the same call.
+
+The fields are read from NumPy's ``PyArrayObject`` struct (``numpy/ndarraytypes.h``:
+``data``, ``nd``, ``dimensions``, ``descr``, ``flags`` after the object header): it is
+the layout every compiled NumPy extension is built against, so it is stable across
+releases, but it is not a Python API. :func:`struct_layout_ok` checks it against
+``__array_interface__`` on probe arrays at first use; if it ever differs the fast scan is
+switched off with one logged warning and every step takes the slow, Python-level path
+(same checks, ~1 us per array instead of ~0.03 us).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from . import config
+from ._arrays import Labels, _address, check_no_overlap
+from ._jit import jit
+
+log = logging.getLogger("fastadagrad")
+
+# --- reading NumPy's array struct ------------------------------------------------
+
+#: Byte offsets in PyArrayObject_fields on a 64-bit CPython: ob_refcnt, ob_type, data,
+#: nd (int, padded), dimensions, strides, base, descr, flags (int).
+OFF_TYPE, OFF_DATA, OFF_ND, OFF_DIMS, OFF_DESCR, OFF_FLAGS = 8, 16, 24, 32, 56, 64
+C_CONTIGUOUS, WRITEABLE = 0x0001, 0x0400  # NPY_ARRAY_C_CONTIGUOUS, NPY_ARRAY_WRITEABLE
+#: CPython's PyListObject: ob_size (after ob_refcnt, ob_type), then ob_item.
+OFF_LIST_SIZE, OFF_LIST_ITEMS = 16, 24
+
+
+@intrinsic
+def _load_i64(typingctx, address):  # type: ignore[no-untyped-def]
+    """The 8-byte integer at ``address``."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load(ptr)
+
+    return types.int64(address), codegen
+
+
+@intrinsic
+def _load_i32(typingctx, address):  # type: ignore[no-untyped-def]
+    """The 4-byte integer at ``address``, widened to int64."""
+    if not isinstance(address, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ptr = builder.inttoptr(args[0], ir.IntType(32).as_pointer())
+        return builder.sext(builder.load(ptr), ir.IntType(64))
+
+    return types.int64(address), codegen
+
+
+@jit()
+def read_fields(obj, out):
+    """``out[k] = (type, data, nd, descr, flags, dims...)`` of the array at ``obj[k]``.
+
+    Used once, to check the struct layout against NumPy's own accessors.
+    """
+    for k in range(obj.size):
+        o = obj[k]
+        out[k, 0] = _load_i64(o + OFF_TYPE)
+        out[k, 1] = _load_i64(o + OFF_DATA)
+        nd = _load_i32(o + OFF_ND)
+        out[k, 2] = nd
+        out[k, 3] = _load_i64(o + OFF_DESCR)
+        out[k, 4] = _load_i32(o + OFF_FLAGS)
+        dims = _load_i64(o + OFF_DIMS)
+        for d in range(min(nd, out.shape[1] - 5)):
+            out[k, 5 + d] = _load_i64(dims + 8 * d)
+
+
+@jit()
+def read_list(lst, out):
+    """``out = [len, item addresses...]`` of the Python list at ``lst`` (layout probe)."""
+    size = _load_i64(lst + OFF_LIST_SIZE)
+    out[0] = size
+    items = _load_i64(lst + OFF_LIST_ITEMS)
+    for k in range(min(size, out.size - 1)):
+        out[1 + k] = _load_i64(items + 8 * k)
+
+
+_LAYOUT_OK: bool | None = None
+
+
+def struct_layout_ok() -> bool:
+    """True if :data:`OFF_DATA` and friends describe this NumPy's arrays (checked once)."""
+    global _LAYOUT_OK
+    if _LAYOUT_OK is None:
+        _LAYOUT_OK = _probe_layout()
+        if not _LAYOUT_OK:
+            log.warning("fastadagrad: NumPy's array struct does not have the expected "
+                        "layout; per-step checks fall back to Python (slower, same "
+                        "checks)")
+    return _LAYOUT_OK
+
+
+def _probe_layout() -> bool:
+    if sys.maxsize != 2**63 - 1:
+        return False
+    base = np.arange(24, dtype=np.float64)
+    probes = [np.zeros(5, np.float32), base.reshape(2, 3, 4), base[::2],
+              np.ones((3, 1), np.float64).T, np.zeros(0, np.float32),
+              np.zeros((), np.float64)]
+    ro = np.ones(3, np.float32)
+    ro.flags.writeable = False
+    probes.append(ro)
+    obj = np.fromiter(map(id, probes), np.int64, len(probes))
+    out = np.zeros((len(probes), 5 + 3), np.int64)
+    listed = np.zeros(len(probes) + 1, np.int64)
+    try:
+        read_fields(obj, out)
+        read_list(id(probes), listed)
+    except Exception:  # pragma: no cover - a Numba that cannot compile the reader
+        return False
+    if listed[0] != len(probes) or list(listed[1:]) != list(obj):
+        return False
+    for a, row in zip(probes, out):
+        ai = a.__array_interface__
+        if (row[0] != id(np.ndarray) or row[1] != ai["data"][0] or row[2] != a.ndim
+                or row[3] != id(a.dtype)
+                or bool(row[4] & C_CONTIGUOUS) != a.flags.c_contiguous
+                or bool(row[4] & WRITEABLE) != a.flags.writeable
+                or tuple(row[5:5 + a.ndim]) != a.shape):
+            return False
+    return True
+
+
+# --- the per-step scan --------------------------------------------------------------
+
+@jit(inline="always")
+def _same(o, ndarray_type, descr, shape, b, e, flags):
+    """The array at ``o`` is a plain ndarray with dtype object ``descr``, shape
+    ``shape[b:e]`` and all of ``flags`` set."""
+    if _load_i64(o + OFF_TYPE) != ndarray_type or _load_i64(o + OFF_DESCR) != descr:
+        return False
+    if (_load_i32(o + OFF_FLAGS) & flags) != flags or _load_i32(o + OFF_ND) != e - b:
+        return False
+    dims = _load_i64(o + OFF_DIMS)
+    for d in range(e - b):
+        if _load_i64(dims + 8 * d) != shape[b + d]:
+            return False
+    return True
+
+
+@jit()
+def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
+    """Check a cached model against what its arrays are now; read the grads' addresses.
+
+    ``plist``, ``hlist``, ``glist`` are the addresses of three Python lists (params,
+    states, grads), whose item pointers are read here (``PyListObject.ob_item``): no
+    per-array Python work at all. ``obj`` holds the cached params' then states' object
+    addresses: the lists must hold exactly those objects (the plan keeps them alive,
+    so an equal address is the same object). ``meta`` packs, in this order:
+    ``descr`` (2n: each param's and state's dtype object), ``cached`` (3n: params' and
+    states' data addresses, then each tensor's size in bytes), ``shape_off`` (n + 1)
+    and ``w_start``/``w_end`` (m each: the params' and states' non-empty byte ranges
+    sorted by start, which do not overlap each other: checked when the plan was
+    built), then the shapes, concatenated (one array argument instead of seven: each
+    costs ~0.1 us of unboxing per call).
+
+    Each array must be a plain ndarray (``ob_type == ndarray_type``), C-contiguous,
+    with shape ``shape[shape_off[i]:shape_off[i+1]]`` and dtype object ``descr[k]``
+    (``descr[i]``, the param's, for grad ``i``). Params and states must also be
+    writable and still at data address ``cached[k]``. Grads' addresses go to
+    ``gaddr``; a non-empty grad range that intersects a written range is reported.
+
+    Returns -1 when everything holds, ``k`` (< 3n) for the first array that does not
+    (params and states first), or ``3n + i`` when grad ``i`` overlaps a param or state.
+    """
+    descr = meta[:2 * n]
+    cached = meta[2 * n:5 * n]
+    shape_off = meta[5 * n:6 * n + 1]
+    w_start = meta[6 * n + 1:6 * n + 1 + m]
+    w_end = meta[6 * n + 1 + m:6 * n + 1 + 2 * m]
+    shape = meta[6 * n + 1 + 2 * m:]
+    if _load_i64(plist + OFF_LIST_SIZE) != n or _load_i64(hlist + OFF_LIST_SIZE) != n:
+        return 0
+    if _load_i64(glist + OFF_LIST_SIZE) != n:
+        return 2 * n
+    pitems = _load_i64(plist + OFF_LIST_ITEMS)
+    hitems = _load_i64(hlist + OFF_LIST_ITEMS)
+    items = _load_i64(glist + OFF_LIST_ITEMS)
+    for k in range(2 * n):  # params, then states: unchanged since the plan was built
+        i = k if k < n else k - n
+        if _load_i64((pitems if k < n else hitems) + 8 * i) != obj[k]:
+            return k
+        if not _same(obj[k], ndarray_type, descr[k], shape, shape_off[i],
+                     shape_off[i + 1], C_CONTIGUOUS | WRITEABLE) \
+                or _load_i64(obj[k] + OFF_DATA) != cached[k]:
+            return k
+    for i in range(n):  # grads: fresh arrays of the params' dtypes and shapes
+        o = _load_i64(items + 8 * i)
+        if not _same(o, ndarray_type, descr[i], shape, shape_off[i], shape_off[i + 1],
+                     C_CONTIGUOUS):
+            return 2 * n + i
+        gaddr[i] = _load_i64(o + OFF_DATA)
+    m = w_start.size
+    for i in range(n):
+        nb = cached[2 * n + i]
+        if nb == 0 or m == 0:
+            continue
+        gs = gaddr[i]
+        j = np.searchsorted(w_end, gs, side="right")  # first written range ending after gs
+        if j < m and w_start[j] < gs + nb:
+            return 3 * n + i
+    return -1
+
+
+# --- chunk tables -----------------------------------------------------------------
+
+_TABLES: dict[tuple[int, int, tuple[int, ...]],
+              tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def chunk_table(sizes: tuple[int, ...], threads: int = 1
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tensor, start, length) of every span of at most ``config.CHUNK`` elements.
+
+    With ``threads > 1`` the spans are ordered for the parallel kernel's static
+    schedule, which hands each thread one contiguous run of the table: longest first,
+    dealt round-robin into one run per thread, so every thread gets about the same
+    number of elements. In tensor order a 100-tensor model (2.95M f32) gave one thread
+    1.16M elements and the other 1.79M: the kernel took 960 us, balanced 761 us (a flat
+    buffer: 671 us). Cached per model layout: a training loop asks for the same table
+    every step.
+    """
+    key = (config.CHUNK, threads, sizes)
+    table = _TABLES.get(key)
+    if table is None:
+        chunk = config.CHUNK
+        sz = np.asarray(sizes, np.int64)
+        counts = (sz + chunk - 1) // chunk
+        tensor = np.repeat(np.arange(sz.size, dtype=np.int64), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        start = (np.arange(tensor.size, dtype=np.int64) - first) * chunk
+        length = np.minimum(sz[tensor] - start, chunk)
+        if threads > 1 and tensor.size > 1:
+            order = np.argsort(-length, kind="stable")
+            order = np.concatenate([order[k::threads] for k in range(threads)])
+            tensor, start, length = tensor[order], start[order], length[order]
+        table = (tensor, start, length)
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+# --- the plan ---------------------------------------------------------------------
+
+class Plan:
+    """What stays the same between steps of one optimizer, computed once.
+
+    Holds references to the validated param and state arrays (so their ids stay
+    valid), their addresses and descriptions, dtype groups and chunk tables. A plan is
+    never copied or pickled with its contents: ``copy.deepcopy`` and ``pickle`` give an
+    empty plan (the copy's arrays live elsewhere), rebuilt at the next step.
+    """
+
+    __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "meta", "nw",
+                 "gaddr", "groups", "threads", "fast", "largest", "coef_key", "coefs")
+
+    def __init__(self) -> None:
+        self.params: tuple[Any, ...] = ()
+        self.states: tuple[Any, ...] = ()
+        self.gaddr = np.empty(0, np.int64)
+        self.coef_key: tuple[Any, int] | None = None  # (hyper, step) of ``coefs``
+        self.coefs: list[tuple] = []  # the kernels' scalars, per dtype group
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
+        return (Plan, ())
+
+    def clear(self) -> None:
+        self.params, self.states = (), ()
+
+    def matches(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
+        """The same array objects as when the plan was built (their contents and
+        description are checked every step by :meth:`check`)."""
+        return (len(params) == len(self.params) and len(states) == len(self.states)
+                and all(map(operator.is_, params, self.params))
+                and all(map(operator.is_, states, self.states)))
+
+    def build(self, params: Sequence[np.ndarray], states: Sequence[np.ndarray],
+              labels: Sequence[Labels]) -> None:
+        """Cache a validated model (params and states checked by the caller)."""
+        n = len(params)
+        self.params, self.states = (), ()
+        paddr = np.fromiter((_address(a) for a in params), np.int64, n)
+        haddr = np.fromiter((_address(a) for a in states), np.int64, n)
+        nbytes = np.fromiter((a.nbytes for a in params), np.int64, n)
+        # params and states must not overlap each other (grads are checked per step)
+        check_no_overlap(paddr, np.zeros(n, np.int64), haddr, nbytes, labels,
+                         grads=False)
+        obj = np.zeros(2 * n, np.int64)
+        obj[:n] = np.fromiter(map(id, params), np.int64, n)
+        obj[n:] = np.fromiter(map(id, states), np.int64, n)
+        shapes = [a.shape for a in params]
+        shape_off = np.zeros(n + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, shapes), np.int64, n), out=shape_off[1:])
+        shape = np.fromiter((d for s in shapes for d in s), np.int64, int(shape_off[-1]))
+        descr = np.fromiter((id(a.dtype) for seq in (params, states) for a in seq),
+                            np.int64, 2 * n)
+        start = np.concatenate((paddr, haddr))
+        size = np.concatenate((nbytes, nbytes))
+        keep = size > 0
+        order = np.argsort(start[keep], kind="stable")
+        w_start = start[keep][order]
+        self.meta = np.concatenate((descr, paddr, haddr, nbytes, shape_off, w_start,
+                                    w_start + size[keep][order], shape))
+        self.nw = int(w_start.size)
+        self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
+        self.obj, self.gaddr = obj, np.empty(n, np.int64)
+        self.fast = struct_layout_ok()
+        self.params, self.states = tuple(params), tuple(states)
+        self.plan_groups(numba.get_num_threads())
+
+    def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
+              ) -> tuple[int, np.ndarray]:
+        """:func:`scan` this step: ``(code, grad addresses)``.
+
+        Code -1: ``params`` and ``states`` are the plan's arrays, unchanged, and the
+        grads are plain C-contiguous arrays of their dtypes and shapes that overlap
+        neither. Below ``2n``: a param or state is not what the plan describes (build
+        again). From ``2n``: a grad needs a closer look. The returned address array is
+        the plan's own, overwritten by the next check.
+        """
+        if not self.params or not self.fast:
+            return 0, self.gaddr
+        lists = [x if type(x) is list else list(x) for x in (params, states, grads)]
+        code = scan(id(lists[0]), id(lists[1]), id(lists[2]), self.obj, self.gaddr,
+                    self.meta, len(self.params), self.nw, _NDARRAY)
+        return code, self.gaddr
+
+    def plan_groups(self, threads: int) -> None:
+        """Dtype groups and their chunk tables, balanced for ``threads`` threads."""
+        params = self.params
+        n = len(params)
+        sizes = [a.size for a in params]
+        dtypes = sorted({a.dtype for a in params}, key=lambda d: d.itemsize)
+        groups = []
+        for dt in dtypes:
+            idx = None if len(dtypes) == 1 else np.fromiter(
+                (i for i in range(n) if params[i].dtype == dt), np.int64)
+            gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
+            groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
+                           sum(gsizes)))
+        self.groups, self.threads = groups, threads
+        self.coef_key = None
+        self.largest = max((g[3] for g in groups), default=0)
+
+
+_NDARRAY = id(np.ndarray)
