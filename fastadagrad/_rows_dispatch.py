@@ -1,0 +1,167 @@
+"""Dispatch for the row update: validation, the CPU/GPU choice, the serial/parallel choice.
+
+Kept apart from ``_dispatch.py`` (the dense update's dispatcher): the row update shares
+the hyperparameters (``_hyper.Hyper``) and the array checks' wording, not its plans or
+chunk tables. Everything is validated before the first write: an error leaves every
+input bit-unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numba
+import numpy as np
+
+from . import _hyper as H
+from . import config, cpu, cpu_rows
+from ._dispatch import is_cuda_array
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INTS = (np.dtype(np.int32), np.dtype(np.int64))
+
+#: Lookups per block of the parallel kernel, at least: a block costs a task dispatch and
+#: a scratch row. With 8 blocks per thread a Zipf batch (one group holding ~10% of the
+#: lookups) still leaves the other threads enough blocks to balance.
+BLOCKS_PER_THREAD = 8
+
+
+def _describe(x: object) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def check_float_array(x: Any, label: str, *, writable: bool, ndim: int) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or isinstance(x, (np.matrix, np.ma.MaskedArray)):
+        raise TypeError(f"{label} must be a NumPy ndarray (or, for the GPU path, a CUDA "
+                        f"array), got {_describe(x)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{label} has dtype {x.dtype}; the row update takes float32 and "
+                        "float64 arrays in native byte order only")
+    if x.ndim != ndim:
+        raise ValueError(f"{label} must be {ndim}-D, got shape {x.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...)"
+                         + (" (it is updated in place, so no copy is made)" if writable
+                            else ""))
+    if writable and not x.flags.writeable:
+        raise ValueError(f"{label} is read-only; it is updated in place")
+    return x
+
+
+def check_indices(indices: Any, label: str = "indices") -> np.ndarray:
+    """``indices`` as a 1-D int32/int64 NumPy array (no copy when already one)."""
+    if isinstance(indices, (list, tuple)):
+        raise TypeError(f"{label} must be a NumPy int32 or int64 array, got a "
+                        f"{type(indices).__name__}; pass np.asarray(..., np.int64)")
+    if not isinstance(indices, np.ndarray):
+        raise TypeError(f"{label} must be a NumPy int32 or int64 array, got "
+                        f"{_describe(indices)}")
+    if indices.dtype not in _INTS:
+        raise TypeError(f"{label} has dtype {indices.dtype}; row indices must be int32 or "
+                        "int64 (float indices are not rounded or truncated)")
+    if indices.ndim != 1:
+        raise ValueError(f"{label} must be 1-D, got shape {indices.shape}")
+    return indices
+
+
+def check_range(indices: np.ndarray, nrows: int, label: str = "indices") -> None:
+    bad = int(cpu_rows.first_bad_index(indices, nrows))
+    if bad >= 0:
+        raise IndexError(f"{label}[{bad}] = {int(indices[bad])} is out of range for a table "
+                         f"of {nrows} rows (valid: 0 .. {nrows - 1}); nothing was updated")
+
+
+def check_shapes(table_shape: tuple[int, ...], state_shape: tuple[int, ...],
+                 k: int, grad_shape: tuple[int, ...], rowwise: bool) -> None:
+    r, d = table_shape
+    if grad_shape != (k, d):
+        raise ValueError(f"grad_rows has shape {tuple(grad_shape)} but must be (K, D) = "
+                         f"({k}, {d}): one row per index, as wide as the table")
+    want = (r,) if rowwise else (r, d)
+    if tuple(state_shape) != want:
+        what = ("one accumulator per row (rowwise=True)" if rowwise else
+                "one accumulator per element (rowwise=False)")
+        raise ValueError(f"state has shape {tuple(state_shape)} but must be {want}: "
+                         f"{what}")
+
+
+@functools.lru_cache(maxsize=512)
+def coefficients(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple:
+    """``hyper.coefficients`` memoised (the step matters only through ``lr_decay``)."""
+    return hyper.coefficients(dtype, step if hyper.lr_decay else 1)
+
+
+def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.Hyper,
+                step: int, nonfinite: str, rowwise: bool) -> bool:
+    """Validate everything, then update the touched rows on the CPU or the GPU.
+
+    NumPy ``table``/``state``/``grad_rows`` run on the CPU; CUDA arrays on the GPU
+    (``indices`` may then be a host or a device array). A mix is an error.
+    Returns False if ``nonfinite="skip"`` skipped the step.
+    """
+    on_device = [is_cuda_array(x) for x in (table, state, grad_rows)]
+    if any(on_device):
+        if not all(on_device):
+            names = ("table", "state", "grad_rows")
+            host = names[on_device.index(False)]
+            dev = names[on_device.index(True)]
+            raise TypeError(f"{host} is a host array but {dev} is a CUDA array; pass "
+                            "table, state and grad_rows on one device (nothing was "
+                            "updated)")
+        from . import cuda_rows
+
+        return cuda_rows.update_rows(table, state, indices, grad_rows, hyper, step,
+                                     nonfinite, rowwise)
+    return cpu_update_rows(table, state, indices, grad_rows, hyper, step, nonfinite,
+                           rowwise)
+
+
+def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.Hyper,
+                    step: int, nonfinite: str, rowwise: bool) -> bool:
+    p = check_float_array(table, "table", writable=True, ndim=2)
+    h = check_float_array(state, "state", writable=True, ndim=1 if rowwise else 2)
+    idx = check_indices(indices)
+    g = check_float_array(grad_rows, "grad_rows", writable=False, ndim=2)
+    for x, label in ((h, "state"), (g, "grad_rows")):
+        if x.dtype != p.dtype:
+            raise TypeError(f"{label} has dtype {x.dtype} but table has dtype {p.dtype}; "
+                            "they must match")
+    k = idx.shape[0]
+    check_shapes(p.shape, h.shape, k, g.shape, rowwise)
+    for a, b, la, lb in ((p, h, "table", "state"), (p, g, "table", "grad_rows"),
+                         (h, g, "state", "grad_rows")):
+        if np.may_share_memory(a, b):  # contiguous arrays: bounds overlap is exact
+            raise ValueError(f"{la} and {lb} share memory; the table and its state are "
+                             "updated in place and must not alias any other input")
+    nrows, d = p.shape
+    check_range(idx, nrows)
+    coefs = coefficients(hyper, p.dtype, step)
+    if k == 0 or d == 0:
+        return True
+    if not idx.flags.c_contiguous:
+        idx = np.ascontiguousarray(idx)  # K integers: one compiled layout, not two
+    big = k * d >= config.PARALLEL_THRESHOLD
+    threads = numba.get_num_threads()
+    if nonfinite != "ignore":
+        if big and threads > 1:
+            with cpu.PARALLEL_LOCK:
+                bad = cpu_rows.has_nonfinite_parallel(g, min(k, BLOCKS_PER_THREAD * threads))
+        else:
+            bad = cpu_rows.has_nonfinite(g)
+        if bad:
+            if nonfinite == "raise":
+                raise FloatingPointError("grad_rows contains NaN or inf; nothing was "
+                                         "updated")
+            return False
+    order, starts = cpu_rows.group_by_row(idx, nrows)
+    ngroups = starts.size - 1
+    if big and threads > 1 and ngroups > 1:
+        bounds = cpu_rows.block_bounds(starts, k, min(ngroups, BLOCKS_PER_THREAD * threads))
+        kern = cpu_rows.rows_rowwise_parallel if rowwise else cpu_rows.rows_full_parallel
+        with cpu.PARALLEL_LOCK:
+            kern(p, g, h, idx, order, starts, bounds, *coefs)
+    else:
+        span = cpu_rows.rows_span_rowwise if rowwise else cpu_rows.rows_span_full
+        span(p, g, h, idx, order, starts, 0, ngroups, *coefs)
+    return True
