@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
@@ -49,6 +50,44 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
 
     return a(a, b, c), codegen
 
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    """Hint the cache to fetch ``arr.ravel()[idx]`` (``llvm.prefetch``, write, keep)."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, fnty, "llvm.prefetch.p0")
+        addr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [addr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+@jit(inline="always")
+def _prefetch_row(a, r):
+    """Prefetch every 64-byte line of row ``r`` of the C-contiguous 2-D array ``a``."""
+    d = a.shape[1]
+    line = max(1, 64 // a.itemsize)
+    for j in range(0, d, line):
+        _prefetch(a, r * d + j)
+    _prefetch(a, r * d + d - 1)
+
+
+#: Groups ahead whose rows are prefetched. Touched rows are scattered over the table, so
+#: the hardware prefetcher cannot guess them; without this the kernel waited on each
+#: row's cache misses in turn.
+PREFETCH_GROUPS = 8
+#: Gradient rows prefetched ahead inside a group of duplicates (lookups, not groups).
+PREFETCH_LOOKUPS = 16
 
 #: Radix digit width of :func:`group_by_row`: 2^11 counters (16 KiB) stay in L1, and a
 #: table of up to 2^22 rows needs two passes over the ``K`` indices.
@@ -137,11 +176,18 @@ def has_nonfinite_parallel(g, nblocks):
 
 @jit(error_model="numpy", inline="always")
 def _sum_group(g, order, s, e, acc):
-    """``acc = g[order[s]] + g[order[s+1]] + ...``, left to right (``e - s >= 2``)."""
+    """``acc = g[order[s]] + g[order[s+1]] + ...``, left to right (``e - s >= 2``).
+
+    Prefetches the gradient rows ``PREFETCH_LOOKUPS`` lookups ahead: the rows of a group
+    are scattered over ``grad_rows``, and a Zipf batch's first groups hold thousands.
+    """
+    k_all = order.size
     first = g[order[s]]
     for d in range(acc.size):
         acc[d] = first[d]
     for k in range(s + 1, e):
+        if k + PREFETCH_LOOKUPS < k_all:
+            _prefetch_row(g, order[k + PREFETCH_LOOKUPS])
         row = g[order[k]]
         for d in range(acc.size):
             acc[d] = acc[d] + row[d]
@@ -202,18 +248,22 @@ def _update_row_rowwise(p, g, h, r, dn, one, lr_wd, eps_in, eps_out, wd, grad_sc
 
     In the dtype of the arrays, ``D = p.size``::
 
-        g'  = g / grad_scale, negated if MAXIMIZE           (per element)
-        a_d = g'_d + wd * p_d  if WD_COUPLED (fma if FMA_WEIGHT_DECAY), else g'_d
-        s   = (((0 + a_0*a_0) + a_1*a_1) + ...) + a_{D-1}*a_{D-1}
+        g'_d = g_d / grad_scale, negated if MAXIMIZE
+        a_d  = g'_d + p_d * wd  if WD_COUPLED (fma(p_d, wd, g'_d) if FMA_WEIGHT_DECAY),
+               else g'_d
+        s    = (((0 + a_0*a_0) + a_1*a_1) + ...) + a_{D-1}*a_{D-1}
                                            (each term fma(a_d, a_d, s) if FMA_ACCUMULATE)
         h[r] = h[r] + s / D
-        m   = lr / (sqrt(h[r] + eps_in) + eps_out)          (0 if ZERO_WHERE_H0, h[r] == 0)
-        c   = 1 - m * wd  if WD_COUPLED;  1 - lr * wd  if WD_DECOUPLED;  else 1
-        p_d = c * p_d - g'_d * m
+        m    = lr / (sqrt(h[r] + eps_in) + eps_out)         (0 if ZERO_WHERE_H0, h[r] == 0)
+        c    = fma(-m, wd, 1) if WD_COUPLED;  1 - lr*wd if WD_DECOUPLED;  else 1
+        p_d  = fma(c, p_d, -(g'_d * m))
 
     ``lr`` is the step's learning rate (``lr_wd``); ``dn`` and ``one`` are ``D`` and 1 in
     the dtype (Numba would promote ``float32 / int`` to float64). The sum over ``d`` runs
-    left to right (not vectorised: reassociating it would change its bits).
+    left to right (not vectorised: reassociating it would change its bits). ``c`` and
+    the last line round as FBGEMM's compiled CPU kernel does (its ``1.0 - m * wd`` is
+    evaluated in double, its ``c * w - g * m`` contracted to one FMA); with ``c = 1`` the
+    last line is ``p_d - g'_d * m`` rounded twice, exactly.
     """
     scale = (flags & H.GRAD_SCALE) != 0
     maximize = (flags & H.MAXIMIZE) != 0
@@ -245,7 +295,7 @@ def _update_row_rowwise(p, g, h, r, dn, one, lr_wd, eps_in, eps_out, wd, grad_sc
         m = zero
     c = one
     if coupled:
-        c = one - m * wd
+        c = fma(-m, wd, one)
     elif decoupled:
         c = one - lr_wd * wd
     h[r] = hr
@@ -255,7 +305,7 @@ def _update_row_rowwise(p, g, h, r, dn, one, lr_wd, eps_in, eps_out, wd, grad_sc
             gi = gi / grad_scale
         if maximize:
             gi = -gi
-        p[i] = c * p[i] - gi * m
+        p[i] = fma(c, p[i], -(gi * m))
 
 
 @jit(error_model="numpy")
@@ -264,6 +314,14 @@ def rows_span_full(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_after, 
     """Update the rows of groups ``ulo .. uhi-1``, full accumulator ``h`` (R, D)."""
     acc = np.empty(p.shape[1], p.dtype)  # one scratch row per block, not per row
     for u in range(ulo, uhi):
+        if u + PREFETCH_GROUPS < uhi:
+            a = order[starts[u + PREFETCH_GROUPS]]
+            ra = indices[a]
+            _prefetch_row(p, ra)
+            _prefetch_row(h, ra)
+            _prefetch_row(g, a)
+            if starts[u + PREFETCH_GROUPS + 1] - starts[u + PREFETCH_GROUPS] > 1:
+                _prefetch_row(g, order[starts[u + PREFETCH_GROUPS] + 1])
         s = starts[u]
         e = starts[u + 1]
         r = indices[order[s]]
@@ -286,6 +344,12 @@ def rows_span_rowwise(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_afte
     acc[0] = 1
     one = acc[0]
     for u in range(ulo, uhi):
+        if u + PREFETCH_GROUPS < uhi:
+            a = order[starts[u + PREFETCH_GROUPS]]
+            _prefetch_row(p, indices[a])
+            _prefetch_row(g, a)
+            if starts[u + PREFETCH_GROUPS + 1] - starts[u + PREFETCH_GROUPS] > 1:
+                _prefetch_row(g, order[starts[u + PREFETCH_GROUPS] + 1])
         s = starts[u]
         e = starts[u + 1]
         r = indices[order[s]]

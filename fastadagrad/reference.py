@@ -158,8 +158,12 @@ def reference_rows_step(table: np.ndarray, state: np.ndarray, indices: np.ndarra
         m = np.where(h == 0, t(0), m)
     c = np.ones_like(m)
     if coupled:
-        c = t(1) - m * wd
+        c = exact_fma(-m, np.full_like(m, wd), np.ones_like(m))
     elif decoupled:
         c = np.full_like(m, t(1) - lr * wd)
     state[rows] = h
-    table[rows] = c[:, None] * p - g * m[:, None]
+    gm = g * m[:, None]
+    if coupled or decoupled:
+        table[rows] = exact_fma(np.broadcast_to(c[:, None], p.shape), p, -gm)
+    else:  # fma(1, p, -gm) is p - gm rounded once
+        table[rows] = p - gm

@@ -29,6 +29,11 @@ from . import _rows_dispatch as RD
 from ._hyper import Hyper, NonFinite, Rule, check_hyper, check_nonfinite, check_step
 from .presets import get_preset
 
+#: The rule under which ``rowwise=True`` reproduces FBGEMM's CPU
+#: ``EXACT_ROWWISE_ADAGRAD`` bit for bit: its L2 weight decay is compiled to one FMA
+#: (``g + wd * w``). Without weight decay the default rule gives the same bits.
+FBGEMM_ROWWISE = Rule(fma_weight_decay=True)
+
 
 @functools.lru_cache(maxsize=256, typed=True)
 def _cached_hyper(lr: float, eps: float, lr_decay: float, weight_decay: float,
@@ -80,13 +85,17 @@ def adagrad_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, *,
 
           h[r] <- h[r] + (sum_d g_r[d]^2) / D        (the sum taken left to right over d)
           m    <- clr / (sqrt(h[r]) + eps)
-          p[r] <- c * p[r] - m * g_r
+          p[r] <- c * p[r] - g_r * m                 (one FMA: fma(c, p, -(g_r * m)))
 
       with ``c = 1``; coupled weight decay (FBGEMM's L2 mode) adds ``wd * p[r]`` to the
-      gradient inside the sum of squares and sets ``c = 1 - m * wd``; decoupled weight
-      decay (FBGEMM's DECOUPLE mode) sets ``c = 1 - clr * wd``. ``rule.eps_placement``,
-      ``fma_accumulate``, ``fma_weight_decay`` and ``zero_where_h0`` apply to ``h[r]``
-      and ``m``; ``lr_placement`` does not (``m`` is computed once per row).
+      gradient inside the sum of squares (not in the last line) and sets
+      ``c = 1 - m * wd`` (rounded once); decoupled weight decay (FBGEMM's DECOUPLE mode)
+      sets ``c = 1 - clr * wd``. ``rule.eps_placement``, ``fma_accumulate``,
+      ``fma_weight_decay`` and ``zero_where_h0`` apply to ``h[r]`` and ``m``;
+      ``lr_placement`` does not (``m`` is computed once per row). With
+      ``rule=FBGEMM_ROWWISE`` the results are bit-identical to FBGEMM's CPU
+      ``EXACT_ROWWISE_ADAGRAD`` (float32, every weight decay mode, duplicates included;
+      ``tests/test_rows.py``).
 
     ``eps`` is outside the square root unless ``rule.eps_placement == "inside"``. Every
     operation rounds once in the table's dtype. The result does not depend on the order
