@@ -177,7 +177,7 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     back, waiting for the stream).
     """
     cuda = fcuda.require_gpu()
-    from ._rows_dispatch import (
+    from ._rows_check import (
         check_indices,
         check_range,
         check_shapes,
