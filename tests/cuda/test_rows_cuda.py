@@ -144,3 +144,14 @@ def test_row_adagrad_on_device():
     reference_rows_step(table, h, idx, g, Hyper.make(lr=0.1), 1, rowwise=True)
     close(opt.h.copy_to_host(), h)
     assert opt.state_dict()["sum"].shape == (10,)
+
+
+def test_validate_rows_case_runs():
+    """``python -m fastadagrad validate``'s row case, tiny, through the same code (the
+    simulator has no FMA, so the FMA-free "numpy" case is the one that must agree)."""
+    from fastadagrad import validate
+
+    spec = ("numpy", "numpy", {}, dict(lr=0.01, eps=1e-7), False, 50, 5, 40, "zipf")
+    row = validate.run_rows_case(spec, np.float32, 2, cuda, seed=1, timing=False)
+    assert row["ok"] and row["bits_differ"] == 0 and row["steps"] == 2
+    assert "rows full" in row["kind"]
