@@ -253,14 +253,17 @@ def test_block_bounds_never_split_a_group():
 
 @pytest.mark.parametrize("nrows", [1, 2, 3, 2047, 2048, 2049, 1 << 22, (1 << 22) + 1,
                                    1 << 40])
-def test_group_by_row_is_a_stable_sort(rng, nrows):
+def test_group_by_row_groups_in_first_appearance_order(rng, nrows):
     idx = rng.integers(0, nrows, 3000)
     idx[:5] = nrows - 1
+    idx[100:140] = idx[7]
     order, starts = cpu_rows.group_by_row(idx, nrows)
-    assert_bits_equal(order, np.argsort(idx, kind="stable"))
     uniq, first = np.unique(idx, return_index=True)
-    assert starts.size == uniq.size + 1 and starts[-1] == idx.size
-    assert_bits_equal(idx[order[starts[:-1]]], uniq)
+    rows_first_seen = uniq[np.argsort(first)]
+    expect = np.concatenate([np.flatnonzero(idx == r) for r in rows_first_seen])
+    assert_bits_equal(order, expect)
+    assert starts.size == uniq.size + 1 and starts[0] == 0 and starts[-1] == idx.size
+    assert_bits_equal(idx[order[starts[:-1]]], rows_first_seen)
 
 
 # --- non-finite ------------------------------------------------------------------------
