@@ -130,7 +130,7 @@ def adagrad_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, *,
         >>> state = np.zeros_like(table)
         >>> idx = np.array([3, 1, 3])
         >>> g = np.full((3, 2), 0.5, np.float32)
-        >>> fastadagrad.adagrad_update_rows(table, state, idx, g, lr=0.1)
+        >>> fastadagrad.adagrad_update_rows(table, state, idx, g, lr=0.1, eps=0.0)
         True
         >>> table[:, 0]
         array([1. , 0.9, 1. , 0.9, 1. ], dtype=float32)
