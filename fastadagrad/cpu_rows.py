@@ -107,8 +107,13 @@ def first_bad_index(indices, nrows):
     return -1
 
 
+def workspace_size(k: int) -> int:
+    """int64 elements of scratch :func:`group_by_row` needs for ``k`` lookups."""
+    return 6 * k + 2
+
+
 @jit()
-def group_by_row(indices, nrows):
+def group_by_row(indices, nrows, work):
     """``(order, starts)``: the lookups grouped by row (see the module docstring).
 
     ``order[starts[u]:starts[u + 1]]`` are the positions in ``indices`` of the lookups of
@@ -118,6 +123,11 @@ def group_by_row(indices, nrows):
     reading ``grad_rows`` alone took 14 ms for 65,536 rows of 256 bytes, 2.3 ms in order
     (one thread, interleaved runs, loaded machine). Every index must be in ``[0, nrows)``
     (checked by the caller).
+
+    ``work``: int64 scratch of at least :func:`workspace_size` elements; ``order`` and
+    ``starts`` are views into it. Fresh arrays cost more than the sort itself: six new
+    512 KiB arrays, first touched, took 1.07 ms, the same writes into reused ones 0.04 ms
+    (65,536 lookups, page faults), so the dispatcher keeps one per thread.
     """
     k = indices.size
     bits = 0
@@ -126,13 +136,13 @@ def group_by_row(indices, nrows):
     passes = max(1, (bits + RADIX_BITS - 1) // RADIX_BITS)
     width = max(1, (bits + passes - 1) // passes)  # 20 bits: two passes of 10
     mask = (1 << width) - 1
-    keys = np.empty(k, np.int64)
-    order = np.empty(k, np.int64)
+    keys = work[0:k]
+    keys2 = work[k:2 * k]
+    order = work[2 * k:3 * k]
+    order2 = work[3 * k:4 * k]
     for i in range(k):
         keys[i] = indices[i]
         order[i] = i
-    keys2 = np.empty(k, np.int64)
-    order2 = np.empty(k, np.int64)
     count = np.empty(mask + 2, np.int64)
     shift = 0
     for _ in range(passes if bits else 0):
@@ -150,7 +160,7 @@ def group_by_row(indices, nrows):
         keys, keys2 = keys2, keys
         order, order2 = order2, order
         shift += width
-    starts = np.empty(k + 1, np.int64)
+    starts = work[4 * k:5 * k + 1]
     u = 0
     for i in range(k):
         if i == 0 or keys[i] != keys[i - 1]:
@@ -163,7 +173,7 @@ def group_by_row(indices, nrows):
     for v in range(u):
         slot[order[starts[v]]] = v
     out = order2
-    first = np.empty(u + 1, np.int64)
+    first = work[5 * k + 1:6 * k + 2]
     j = 0
     w = 0
     for i in range(k):
@@ -175,7 +185,7 @@ def group_by_row(indices, nrows):
                 out[j] = order[t]
                 j += 1
     first[u] = k
-    return out, first
+    return out, first[:u + 1]
 
 
 @jit(error_model="numpy")

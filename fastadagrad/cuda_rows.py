@@ -232,7 +232,10 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
                                          "updated")
             return False
     idx = np.ascontiguousarray(idx)
-    order, starts = cpu_rows.group_by_row(idx, nrows)
+    # fresh scratch, not the host path's per-thread one: order and starts are views of
+    # it and are copied to the device below
+    work = np.empty(cpu_rows.workspace_size(k), np.int64)
+    order, starts = cpu_rows.group_by_row(idx, nrows, work)
     rows = idx[order[starts[:-1]]].astype(np.int64)
     d_rows = cuda.to_device(rows, stream=stream)
     d_order = cuda.to_device(order, stream=stream)

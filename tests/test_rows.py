@@ -244,7 +244,8 @@ def test_parallel_matches_serial_and_threads(rng, monkeypatch, rowwise, dtype):
 
 def test_block_bounds_never_split_a_group():
     idx = np.array([5] * 50 + [1, 2, 3] + [7] * 10 + list(range(8, 40)))
-    order, starts = cpu_rows.group_by_row(idx, 40)
+    work = np.empty(cpu_rows.workspace_size(idx.size), np.int64)
+    order, starts = cpu_rows.group_by_row(idx, 40, work)
     for nb in (1, 2, 3, 8, starts.size - 1):
         b = cpu_rows.block_bounds(starts, idx.size, nb)
         assert b[0] == 0 and b[-1] == starts.size - 1
@@ -257,7 +258,8 @@ def test_group_by_row_groups_in_first_appearance_order(rng, nrows):
     idx = rng.integers(0, nrows, 3000)
     idx[:5] = nrows - 1
     idx[100:140] = idx[7]
-    order, starts = cpu_rows.group_by_row(idx, nrows)
+    work = np.full(cpu_rows.workspace_size(idx.size) + 5, -7, np.int64)
+    order, starts = cpu_rows.group_by_row(idx, nrows, work)
     uniq, first = np.unique(idx, return_index=True)
     rows_first_seen = uniq[np.argsort(first)]
     expect = np.concatenate([np.flatnonzero(idx == r) for r in rows_first_seen])
@@ -639,3 +641,36 @@ def test_reference_full_is_reference_step_on_rows(rng):
     reference_step(p, sums, h, Hyper.make(lr=0.1))
     reference_rows_step(table, state, idx, g, Hyper.make(lr=0.1))
     assert_bits_equal(table[rows], p)
+
+
+def test_threads_update_separate_tables(monkeypatch):
+    """Python threads updating their own tables at once (each has its own grouping
+    scratch; parallel kernels take cpu.PARALLEL_LOCK) give the serial results."""
+    import threading
+
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 2000)  # some calls parallel
+
+    def work(seed, table, state, rowwise, steps=40):
+        rng = np.random.default_rng(seed)
+        for s in range(1, steps + 1):
+            k = int(rng.integers(1, 400))
+            idx = rng.integers(0, table.shape[0], k)
+            g = rng.standard_normal((k, table.shape[1])).astype(table.dtype)
+            adagrad_update_rows(table, state, idx, g, step=s, rowwise=rowwise)
+
+    jobs = []
+    for i in range(4):
+        rowwise = bool(i % 2)
+        t = np.random.default_rng(i).standard_normal((300, 9)).astype(np.float32)
+        jobs.append((i, t, np.zeros(300 if rowwise else (300, 9), np.float32), rowwise))
+    expect = [(t.copy(), s.copy()) for _, t, s, _ in jobs]
+    for (i, _, _, rowwise), (t, s) in zip(jobs, expect):
+        work(i, t, s, rowwise)
+    threads = [threading.Thread(target=work, args=job) for job in jobs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for (_, t, s, _), (te, se) in zip(jobs, expect):
+        assert_bits_equal(t, te)
+        assert_bits_equal(s, se)
