@@ -87,8 +87,8 @@ def _prefetch_row(a, r):
 #: ahead counted in lookups (a group of duplicates has many). Touched rows are scattered,
 #: so the hardware prefetcher cannot guess them. 1M x 64 f32, 65,536 Zipf lookups, one
 #: thread: the row loop took 19.6 ms without prefetch (rows in table order), 7.5 ms with
-#: (8, 16) and rows in first-appearance order; (4, 32) and (8, 48) measured about the
-#: same within the noise of a loaded machine (load average 4-5), (16, 32) worse.
+#: (8, 16) and rows in first-appearance order. Distances from (4, 32) to (32, 96) gave
+#: the same time within the noise (about 10%, load average 2-5 on the shared machine).
 PREFETCH_GROUPS = 4
 PREFETCH_LOOKUPS = 32
 
