@@ -14,6 +14,18 @@ Two accumulators:
   the mean squared gradient of that row, FBGEMM's ``EXACT_ROWWISE_ADAGRAD``: D times
   less optimizer memory.
 
+Against other libraries (``tests/test_rows.py``):
+
+* FBGEMM's CPU ``EXACT_ROWWISE_ADAGRAD`` (fbgemm-gpu-cpu 1.8.0): bit-identical with
+  ``rowwise=True, rule=FBGEMM_ROWWISE``, in every weight decay mode, duplicates included.
+* ``torch.optim.Adagrad`` with sparse gradients (torch 2.13.0 CPU): after ``coalesce()``
+  it computes ``std = sqrt(h[rows]) + eps; p[rows] += -clr * (g / std)``. Passing the
+  coalesced gradient with ``rule=Rule(lr_placement="after")`` gives its accumulator bit
+  for bit; the parameters agree within a few ulp of ``max(|p|, 1)``, not exactly,
+  because torch's CPU ``sqrt`` is not correctly rounded (1 ulp off for ~17% of random
+  float32 inputs) and MKL's ``axpy`` rounds ``p + (-clr) * q`` once (an FMA). torch sums
+  duplicates in the order of its (unstable) sort, so pass its coalesced gradient.
+
 Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
 Stochastic Optimization", JMLR 12 (2011).
 """
