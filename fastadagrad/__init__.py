@@ -10,6 +10,8 @@ from ._hyper import Rule
 from .flat import FlatBuffer
 from .optim import AdaGrad, adagrad_update
 from .presets import PRESETS
+from .rows import RowAdaGrad, adagrad_update_rows
 
-__all__ = ["AdaGrad", "FlatBuffer", "PRESETS", "Rule", "adagrad_update"]
+__all__ = ["AdaGrad", "FlatBuffer", "PRESETS", "RowAdaGrad", "Rule", "adagrad_update",
+           "adagrad_update_rows"]
 __version__ = "0.1.0"
