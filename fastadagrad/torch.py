@@ -76,6 +76,9 @@ except ImportError:  # pragma: no cover - another torch layout
                 return func(self, *args, **kwargs)
         return wrapper
 
+#: torch's implementation, for the tensors the kernels cannot take (a module global so
+#: that tests can check it is not called)
+_torch_step = _torch_adagrad.adagrad
 _FUSED_RULE = PRESETS["torch"].rule
 #: torch's eager formula on a device with an IEEE square root (the GPU path)
 _EAGER_RULE = H.Rule(fma_accumulate=True, fma_weight_decay=True)
@@ -315,7 +318,7 @@ class Adagrad(torch.optim.Adagrad):
             sparse = has_sparse and any(g.is_sparse for g in sub[1])
             cplx = has_complex and any(map(torch.is_complex, sub[0]))
             return functools.partial(
-                _torch_adagrad.adagrad, *sub, lr=group["lr"],
+                _torch_step, *sub, lr=group["lr"],
                 weight_decay=group["weight_decay"], lr_decay=group["lr_decay"],
                 eps=group["eps"], has_sparse_grad=sparse, foreach=foreach,
                 maximize=group["maximize"], differentiable=group["differentiable"],
