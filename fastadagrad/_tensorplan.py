@@ -32,6 +32,7 @@ NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.flo
 _ptr = torch.Tensor.data_ptr
 _contig = torch.Tensor.is_contiguous
 _shape = attrgetter("shape")
+_numel = torch.Tensor.numel
 _dtype = attrgetter("dtype")
 _is_cpu = attrgetter("is_cpu")
 _layout = attrgetter("layout")
@@ -124,15 +125,18 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     its scalar arguments and may raise (before anything is written, too).
     """
     n = len(params)
-    key = (list(map(_ptr, params)), list(map(_ptr, states)), list(map(_shape, params)),
-           list(map(_dtype, params)), list(map(_shape, states)), list(map(_dtype, states)))
+    pshapes = list(map(_shape, params))
+    key = (list(map(_ptr, params)), list(map(_ptr, states)), pshapes,
+           list(map(_dtype, params)), list(map(_numel, states)), list(map(_dtype, states)))
     try:
+        # the addresses, shapes and dtypes are read again at every step; layout,
+        # contiguity and device too (a transposed square tensor keeps address and shape)
         if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))
                                    and all(map(_is_cpu, params))
                                    and all(map(_is_cpu, states))):
             plan.build(params, states, labels, key)
         # gradients: new tensors every step
-        if not (list(map(_shape, grads)) == key[2] and list(map(_dtype, grads)) == key[3]
+        if not (list(map(_shape, grads)) == pshapes and list(map(_dtype, grads)) == key[3]
                 and all(map(_contig, grads)) and all(map(_is_cpu, grads))
                 and all(layout is _strided for layout in map(_layout, grads))):
             return None

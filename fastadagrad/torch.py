@@ -49,9 +49,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import operator
 import os
 from collections.abc import Callable
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -84,6 +85,12 @@ _FUSED_RULE = PRESETS["torch"].rule
 _EAGER_RULE = H.Rule(fma_accumulate=True, fma_weight_decay=True)
 _get_sum = itemgetter("sum")
 _get_step = itemgetter("step")
+_get_dtype = attrgetter("dtype")
+_get_grad = attrgetter("grad")
+_not_none = functools.partial(operator.is_not, None)
+_is_sparse = attrgetter("is_sparse")
+_is_cpu = attrgetter("is_cpu")
+_ONE = torch.tensor(1.0)
 
 
 def _vml_sqrt_addresses() -> dict[Any, int]:
@@ -284,13 +291,12 @@ class Adagrad(torch.optim.Adagrad):
     def _prepare_group(self, gi: int, group: dict[str, Any],
                        plans: dict[int, Any]) -> Callable[[], None] | None:
         """Validate group ``gi`` and return the function that updates it (or None)."""
-        params, grads, index = [], [], []
-        for k, p in enumerate(group["params"]):
-            g = p.grad
-            if g is not None:
-                params.append(p)
-                grads.append(g)
-                index.append(k)
+        params = group["params"]
+        grads = list(map(_get_grad, params))
+        index: Any = range(len(params))
+        if not all(map(_not_none, grads)):  # parameters without a gradient are skipped
+            index = [k for k, g in enumerate(grads) if g is not None]
+            params, grads = [params[k] for k in index], [grads[k] for k in index]
         if not params:
             return None
         fused, foreach = group["fused"], group["foreach"]
@@ -300,8 +306,8 @@ class Adagrad(torch.optim.Adagrad):
             self._need_device_dtype_check_for_fused = False
         states = self._states(group, params)
         sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
-        has_sparse = any(g.is_sparse for g in grads)
-        has_complex = any(map(torch.is_complex, params))
+        has_sparse = any(map(_is_sparse, grads))
+        has_complex = any(d.is_complex for d in set(map(_get_dtype, params)))
         if has_sparse and group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse "
                                "gradients")
@@ -337,7 +343,7 @@ class Adagrad(torch.optim.Adagrad):
         tplan = plan[1]
 
         fast = None
-        if not has_sparse and all(p.is_cpu for p in params):
+        if not has_sparse and all(map(_is_cpu, params)):
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
                                      group)
         if fast is not None:
@@ -470,6 +476,9 @@ class _SubLabels:
 
 
 def _increment_then(steps: list[Any], runs: list[Callable[[], None]]) -> None:
-    torch._foreach_add_(steps, 1)  # torch counts the step before it updates
+    # torch counts the step before it updates. A CPU tensor as the scalar: 38 us for 100
+    # steps where a Python 1 takes 151 us (wrapped into a tensor per step; torch's own
+    # multi-tensor path does the same); bit-identical (integers + 1.0).
+    torch._foreach_add_(steps, _ONE, alpha=1.0)
     for run in runs:
         run()
