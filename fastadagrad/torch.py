@@ -352,7 +352,9 @@ class Adagrad(torch.optim.Adagrad):
         cpu, cuda, slow = [], [], []
         for i, (p, g, h) in enumerate(zip(params, grads, sums)):
             if (p.is_cuda and g.is_cuda and h.is_cuda and not g.is_sparse
-                    and p.dtype in T.NP_DTYPES and not p.is_complex()):
+                    and p.dtype in T.NP_DTYPES and g.dtype == h.dtype == p.dtype
+                    and g.shape == h.shape == p.shape and p.is_contiguous()
+                    and g.is_contiguous() and h.is_contiguous()):
                 cuda.append(i)
             elif T.eligible(p, g, h) and _formula_ok(formula, p.dtype):
                 cpu.append(i)
@@ -450,14 +452,14 @@ class Adagrad(torch.optim.Adagrad):
                              rule=_FUSED_RULE if fused else _EAGER_RULE)
 
         def run() -> None:
-            torch._foreach_add_(steps, 1)
             by_step: dict[int, list[int]] = {}
-            for i, s in enumerate(steps):
-                by_step.setdefault(int(s) if group["lr_decay"] else 1, []).append(i)
-            for step, idx in by_step.items():
+            for i, s in enumerate(steps):  # the step after this one's increment
+                by_step.setdefault(int(s) + 1 if group["lr_decay"] else 1, []).append(i)
+            for step, idx in by_step.items():  # validates everything before any launch
                 D.update([params[i].detach() for i in idx], [grads[i] for i in idx],
                          [sums[i] for i in idx], [labels[i] for i in idx], hyper, step,
                          "ignore")
+            torch._foreach_add_(steps, 1)
 
         return run
 

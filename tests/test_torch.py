@@ -202,7 +202,8 @@ def test_param_groups_add_param_group_none_grads_closure_hooks(no_torch_step: No
     def build(cls: type) -> tuple[list[torch.Tensor], object, list[str]]:
         ps = _params(torch.float32, [(5, 3), (3,), (4,), (2, 2)])
         ps = [p.requires_grad_() for p in ps]
-        opt = cls([{"params": ps[:2]}, {"params": [ps[2]], "lr": 0.5, "maximize": True}],
+        opt = cls([{"params": ps[:2], "lr_decay": 0.3},  # ps[1] skips steps: 2 counts
+                   {"params": [ps[2]], "lr": 0.5, "maximize": True}],
                   lr=0.1, weight_decay=0.01)
         opt.add_param_group({"params": [ps[3]], "lr_decay": 0.2, "eps": 1e-2})
         calls: list[str] = []
@@ -287,6 +288,22 @@ def test_swapped_storage_between_steps_is_followed(no_torch_step: None) -> None:
                 p.grad = g.clone()
             opts[cls].step()
         assert_same(ps[FT.Adagrad], ps[TORCH_OPT], f"step {step}")
+
+
+def test_transposed_square_param_keeps_address_and_shape() -> None:
+    # p.data = p.data.t(): same address, same shape, no longer contiguous
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(6, 6), (5,)])]
+        opt = cls(ps, lr=0.1)
+        for step in range(4):
+            if step == 2:
+                ps[0].data = ps[0].data.t()
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            opt.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
 def test_plan_is_reused_across_steps(no_torch_step: None, monkeypatch: pytest.MonkeyPatch
