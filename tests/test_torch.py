@@ -112,6 +112,25 @@ def test_every_path_compiled_here() -> None:
                           "fused float32", "fused float64"}
 
 
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_failed_self_check_hands_the_step_to_torch(mode: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # a torch build that rounds differently: the path goes to torch, still exact
+    formula = "fused" if mode == "fused" else "vsqrt"
+    monkeypatch.setitem(FT._CHECKED, (formula, torch.float32), False)
+    calls = []
+    real = FT._torch_step
+
+    def counting(*a: object, **k: object) -> None:
+        calls.append(1)
+        real(*a, **k)
+
+    monkeypatch.setattr(FT, "_torch_step", counting)
+    _compare(_params(torch.float32, [(5, 3), (17,)]), 3, {**MODES[mode], "lr_decay": 0.1})
+    assert calls and not FT.compiled_paths()[
+        ("fused" if mode == "fused" else "single-tensor/foreach") + " float32"]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
 @pytest.mark.parametrize("opts", OPTIONS, ids=str)
