@@ -113,7 +113,8 @@ class TensorPlan:
 
 def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             states: Sequence[Any], labels: Sequence[Any], formula: str,
-            coefficients: Callable[[np.dtype], tuple]) -> Callable[[], None] | None:
+            coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None
+            ) -> Callable[[], None] | None:
     """Validate a step now; return the function that runs it, or None if it cannot.
 
     Every tensor is checked in this call, before anything is written: CPU, strided,
@@ -122,12 +123,14 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     some tensor cannot be updated in place by the kernels (the caller then takes a
     slower path that can); nothing has been written. ``formula`` picks the kernel
     (``"fused"`` or ``"vsqrt"``, see :data:`KERNELS`); ``coefficients(dtype)`` returns
-    its scalar arguments and may raise (before anything is written, too).
+    its scalar arguments and may raise (before anything is written, too). ``pdtypes``:
+    the parameters' dtypes if the caller already read them in this call.
     """
     n = len(params)
     pshapes = list(map(_shape, params))
     key = (list(map(_ptr, params)), list(map(_ptr, states)), pshapes,
-           list(map(_dtype, params)), list(map(_numel, states)), list(map(_dtype, states)))
+           list(map(_dtype, params)) if pdtypes is None else pdtypes,
+           list(map(_numel, states)), list(map(_dtype, states)))
     try:
         # the addresses, shapes and dtypes are read again at every step; layout,
         # contiguity and device too (a transposed square tensor keeps address and shape)

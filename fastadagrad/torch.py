@@ -307,7 +307,8 @@ class Adagrad(torch.optim.Adagrad):
         states = self._states(group, params)
         sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
         has_sparse = any(map(_is_sparse, grads))
-        has_complex = any(d.is_complex for d in set(map(_get_dtype, params)))
+        dtypes = list(map(_get_dtype, params))
+        has_complex = any(d.is_complex for d in set(dtypes))
         if has_sparse and group["weight_decay"] != 0:
             raise RuntimeError("weight_decay option is not compatible with sparse "
                                "gradients")
@@ -345,7 +346,7 @@ class Adagrad(torch.optim.Adagrad):
         fast = None
         if not has_sparse and all(map(_is_cpu, params)):
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
-                                     group)
+                                     group, dtypes)
         if fast is not None:
             return fast
         # a mix: sort every tensor to the path that can take it
@@ -368,7 +369,7 @@ class Adagrad(torch.optim.Adagrad):
             run = self._prepare_cpu(sub, [params[i] for i in cpu], [grads[i] for i in cpu],
                                     [sums[i] for i in cpu], [steps[i] for i in cpu],
                                     _GroupLabels(gi, [index[i] for i in cpu]), formula,
-                                    group)
+                                    group, [dtypes[i] for i in cpu])
             runs.append(run if run is not None else torch_update(cpu))
         if cuda:
             runs.append(self._prepare_cuda([params[i] for i in cuda],
@@ -407,10 +408,13 @@ class Adagrad(torch.optim.Adagrad):
 
     def _prepare_cpu(self, plan: T.TensorPlan, params: list[Any], grads: list[Any],
                      sums: list[Any], steps: list[Any], labels: Any, formula: str,
-                     group: dict[str, Any]) -> Callable[[], None] | None:
-        """The compiled CPU step for these tensors, validated; None if it cannot run."""
-        dtypes = {p.dtype for p in params}
-        if not all(d in T.NP_DTYPES and _formula_ok(formula, d) for d in dtypes):
+                     group: dict[str, Any], dtypes: list[Any]
+                     ) -> Callable[[], None] | None:
+        """The compiled CPU step for these tensors, validated; None if it cannot run.
+
+        ``dtypes``: the parameters' dtypes (read once per step by the caller).
+        """
+        if not all(d in T.NP_DTYPES and _formula_ok(formula, d) for d in set(dtypes)):
             return None
         lr, lr_decay = group["lr"], group["lr_decay"]
         args = (group["eps"], lr_decay, group["weight_decay"], group["maximize"])
@@ -419,7 +423,7 @@ class Adagrad(torch.optim.Adagrad):
         try:
             if lr_decay == 0:  # clr does not depend on the step
                 coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0)
-                run = T.prepare(plan, params, grads, sums, labels, formula, coefs)
+                run = T.prepare(plan, params, grads, sums, labels, formula, coefs, dtypes)
                 if run is None:
                     return None
                 return functools.partial(_increment_then, steps, [run])
@@ -433,7 +437,8 @@ class Adagrad(torch.optim.Adagrad):
                 sub_plan = plan if len(by_step) == 1 else T.TensorPlan()
                 run = T.prepare(sub_plan, [params[i] for i in idx], [grads[i] for i in idx],
                                 [sums[i] for i in idx], labels if len(by_step) == 1 else
-                                _SubLabels(labels, idx), formula, coefs)
+                                _SubLabels(labels, idx), formula, coefs,
+                                [dtypes[i] for i in idx])
                 if run is None:
                     return None
                 runs.append(run)
