@@ -314,8 +314,11 @@ class Adagrad(torch.optim.Adagrad):
                                "gradients")
         if fused and (has_sparse or has_complex):
             raise RuntimeError("`fused` does not support sparse grad or complex param")
-        if fused is None and foreach is None:  # torch's default choice, per group
-            foreach = _torch_adagrad._default_to_fused_or_foreach(
+        all_cpu = all(map(_is_cpu, params))
+        if fused is None and foreach is None:  # torch's default choice, per group:
+            # never foreach when a parameter is on the CPU (the common case, decided here
+            # without torch's per-tensor checks)
+            foreach = False if all_cpu else _torch_adagrad._default_to_fused_or_foreach(
                 params, group["differentiable"], use_fused=False)[1]
         fused, foreach = bool(fused), bool(foreach)
 
@@ -344,7 +347,7 @@ class Adagrad(torch.optim.Adagrad):
         tplan = plan[1]
 
         fast = None
-        if not has_sparse and all(map(_is_cpu, params)):
+        if not has_sparse and all_cpu:
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
                                      group, dtypes)
         if fast is not None:

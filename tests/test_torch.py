@@ -483,3 +483,44 @@ def test_fastadagrad_class_loads_the_adapters_state_dict() -> None:
             p.grad = g.clone()
         opt.step()
     assert_same([torch.from_numpy(a) for a in arrays], [p.detach() for p in ps])
+
+
+# ------------------------------------------------------------------ aliasing
+
+@pytest.mark.parametrize("n", [3, 20])  # the bisect branch and the NumPy branch
+def test_grad_sharing_a_params_memory_takes_torchs_path(n: int) -> None:
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = _params(torch.float32, [(7,)] * n)
+        opt = cls(ps, lr=0.1)
+        for s in range(3):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g
+            ps[1].grad = ps[0].detach()  # reads memory that the step writes
+            opt.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+def test_grads_overlap_matches_brute_force(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(200):
+        nbytes = rng.integers(0, 5, n) * 4
+        # params and states: disjoint ranges at random places in a 1000-byte space
+        slots = rng.permutation(2 * n)
+        paddr = 16 * slots[:n].astype(np.int64) + 1000
+        haddr = 16 * slots[n:].astype(np.int64) + 1000
+        plan = _tensorplan.TensorPlan()
+        plan.paddr, plan.haddr, plan.nbytes = paddr, haddr, nbytes.astype(np.int64)
+        start = np.concatenate((paddr, haddr))
+        end = start + np.concatenate((nbytes, nbytes))
+        keep = end > start
+        order = np.argsort(start[keep], kind="stable")
+        plan.wstart, plan.wend = start[keep][order], end[keep][order]
+        plan.wlists = (plan.wstart.tolist(), plan.wend.tolist(), nbytes.tolist())
+        gaddr = rng.integers(990, 1000 + 32 * n, n).astype(np.int64)
+        brute = any(g < e and s < g + b
+                    for g, b in zip(gaddr.tolist(), nbytes.tolist()) if b
+                    for s, e in zip(start.tolist(), end.tolist()) if e > s)
+        assert _tensorplan._grads_overlap(plan, gaddr) == brute
