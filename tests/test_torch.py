@@ -524,3 +524,33 @@ def test_grads_overlap_matches_brute_force(n: int) -> None:
                     for g, b in zip(gaddr.tolist(), nbytes.tolist()) if b
                     for s, e in zip(start.tolist(), end.tolist()) if e > s)
         assert _tensorplan._grads_overlap(plan, gaddr) == brute
+
+
+def test_thread_count_change_between_steps(no_torch_step: None) -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    sizes = [(2**15 + 3,), (40_000,), (9,)]  # the parallel kernels
+    try:
+        def run(cls: type) -> list[torch.Tensor]:
+            ps = [p.requires_grad_() for p in _params(torch.float32, sizes)]
+            opt = cls(ps, lr=0.1, fused=True)
+            for s in range(4):
+                numba.set_num_threads(1 if s % 2 else before)
+                for p, g in zip(ps, _grads(ps, s)):
+                    p.grad = g
+                opt.step()
+            return ps
+
+        assert_same(run(FT.Adagrad), run(TORCH_OPT))
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _compare(_params(torch.float32, [(5,), (3, 3)]), 4, {"lr_decay": 0.2})
+    finally:
+        torch.set_default_dtype(old)
