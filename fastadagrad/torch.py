@@ -343,7 +343,12 @@ class Adagrad(torch.optim.Adagrad):
         labels = _GroupLabels(gi, index)
         plan = plans.get(id(group))
         if plan is None or plan[0] is not group:
-            plan = plans[id(group)] = (group, T.TensorPlan())
+            # load_state_dict replaces the group dicts: drop the plans of old ones
+            live = {id(g) for g in self.param_groups}
+            for k in [k for k in plans if k not in live]:
+                del plans[k]
+            # (group, plan of the whole group, plan of its CPU tensors in a mixed group)
+            plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan())
         tplan = plan[1]
 
         fast = None
@@ -367,20 +372,22 @@ class Adagrad(torch.optim.Adagrad):
         runs = []
         if slow:
             runs.append(torch_update(slow))
-        if cpu:
-            sub = T.TensorPlan()
-            run = self._prepare_cpu(sub, [params[i] for i in cpu], [grads[i] for i in cpu],
+        if cpu:  # e.g. the dense layers beside a sparse embedding: cached as well
+            run = self._prepare_cpu(plan[2], [params[i] for i in cpu], [grads[i] for i in cpu],
                                     [sums[i] for i in cpu], [steps[i] for i in cpu],
                                     _GroupLabels(gi, [index[i] for i in cpu]), formula,
                                     group, [dtypes[i] for i in cpu])
             runs.append(run if run is not None else torch_update(cpu))
         if cuda:
-            runs.append(self._prepare_cuda([params[i] for i in cuda],
-                                           [grads[i] for i in cuda],
-                                           [sums[i] for i in cuda],
-                                           [steps[i] for i in cuda],
-                                           _GroupLabels(gi, [index[i] for i in cuda]),
-                                           fused, group))
+            try:
+                runs.append(self._prepare_cuda([params[i] for i in cuda],
+                                               [grads[i] for i in cuda],
+                                               [sums[i] for i in cuda],
+                                               [steps[i] for i in cuda],
+                                               _GroupLabels(gi, [index[i] for i in cuda]),
+                                               fused, group))
+            except (TypeError, ValueError):  # a hyperparameter the kernels do not take
+                runs.append(torch_update(cuda))
 
         def run_all() -> None:
             for r in runs:

@@ -334,6 +334,7 @@ def test_plan_is_reused_across_steps(no_torch_step: None, monkeypatch: pytest.Mo
         builds.append(1)
         real(self, *a, **k)
 
+    FT.compiled_paths()  # the one-time self-checks build probe plans: run them first
     monkeypatch.setattr(_tensorplan.TensorPlan, "build", counting)
     ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (4, 4)])]
     opt = FT.Adagrad(ps)
@@ -554,3 +555,34 @@ def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
         _compare(_params(torch.float32, [(5,), (3, 3)]), 4, {"lr_decay": 0.2})
     finally:
         torch.set_default_dtype(old)
+
+
+@SPARSE_WARNING
+def test_dense_beside_sparse_is_compiled_and_cached(monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    FT.compiled_paths()  # the one-time self-checks build probe plans: run them first
+    builds, torch_calls = [], []
+    real_build, real_step = _tensorplan.TensorPlan.build, FT._torch_step
+
+    def counting_build(self: object, *a: object, **k: object) -> None:
+        builds.append(1)
+        real_build(self, *a, **k)
+
+    def counting_step(params: list, *a: object, **k: object) -> None:
+        torch_calls.append(len(params))
+        real_step(params, *a, **k)
+
+    monkeypatch.setattr(_tensorplan.TensorPlan, "build", counting_build)
+    monkeypatch.setattr(FT, "_torch_step", counting_step)
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    lin = torch.nn.Linear(4, 3)
+    opt = FT.Adagrad(list(emb.parameters()) + list(lin.parameters()), lr=0.1)
+    for s in range(5):
+        opt.zero_grad()
+        lin(emb(torch.tensor([s, 1, 1, 7]))).sum().backward()
+        opt.step()
+    assert len(builds) == 1  # the two dense tensors: one plan, kept across steps
+    assert torch_calls == [1] * 5  # only the embedding goes to torch
+    opt.load_state_dict(opt.state_dict())  # new group dicts: old plans are dropped
+    opt.step()
+    assert list(opt._fastadagrad_plans) == [id(opt.param_groups[0])]
