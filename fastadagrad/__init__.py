@@ -3,7 +3,8 @@
 >>> import numpy as np, fastadagrad
 >>> opt = fastadagrad.AdaGrad(lr=0.01)          # drop-in for the NumPy class
 
-See :func:`adagrad_update`, :class:`AdaGrad`, :class:`FlatBuffer`.
+See :func:`adagrad_update`, :class:`AdaGrad`, :class:`FlatBuffer`; for PyTorch,
+``fastadagrad.torch.Adagrad`` (imported on its own: ``import fastadagrad`` does not import torch).
 """
 
 from ._hyper import Rule
