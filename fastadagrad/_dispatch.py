@@ -141,7 +141,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         _check_all_device(params, grads, states, labels)
         from . import cuda
 
-        return cuda.update(params, grads, states, labels, hyper, step, nonfinite)
+        return cuda.update(params, grads, states, labels, hyper, step, nonfinite, plan)
     if n == 1 and plan is None:
         p, g, h = params[0], grads[0], states[0]
         lab = labels[0]
