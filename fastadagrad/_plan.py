@@ -300,6 +300,7 @@ class Plan:
 
     def clear(self) -> None:
         self.params, self.states = (), ()
+        self.gpu = None  # device tables and counters are rebuilt from the host state
 
     def matches(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
         """The same array objects as when the plan was built (their contents and

@@ -37,3 +37,7 @@ BLOCKS_PER_SM: int = 4096
 #: chunk at a time (32 elements per thread at 256 threads), so a 100-tensor 2.95M
 #: parameter model is ~460 blocks, enough to fill 132 SMs, and 2^26 elements 8192.
 GPU_CHUNK: int = 1 << 13
+
+#: Cap on the multi-tensor kernel's grid (None: ``BLOCKS_PER_SM`` per SM). Tests set it
+#: to 2 so that each block walks several chunks, on the simulator and on hardware alike.
+GPU_MAX_BLOCKS: int | None = None

@@ -296,7 +296,8 @@ class Tables:
         self.gptr = list(gptr)
         self.skipped_seen = 0  # the device's skipped count when last read
         n = len(pptr)
-        max_blocks = max(1, _sm_count(device) * config.BLOCKS_PER_SM)
+        max_blocks = config.GPU_MAX_BLOCKS or max(1, _sm_count(device) *
+                                                  config.BLOCKS_PER_SM)
         self.groups: list[_Group] = []
         for dt in sorted(set(dtypes), key=lambda d: d.itemsize):
             idx = [i for i in range(n) if dtypes[i] == dt and sizes[i]]
@@ -434,10 +435,13 @@ def _refuse_if_capturing(what: str) -> None:
 
 
 _TABLES: dict[tuple, Tables] = {}
+K_SKIPPED = 2  # cuda_kernels.CTL_SKIPPED (kept here: cuda_kernels imports numba.cuda)
 
 
 def _sig_numba(x: Any) -> Any:
-    return x  # Numba device arrays never change address, shape or dtype in place
+    # Numba device arrays never change address, shape or dtype in place: identity is
+    # enough (GpuCache keeps the objects alive, so an id is never reused meanwhile)
+    return id(x)
 
 
 def _sig_torch(x: Any) -> Any:
@@ -477,9 +481,18 @@ class GpuCache:
         self.objs: tuple[Any, ...] = ()
         self.sigs: list[Any] = []
         self.gsigs: list[Any] = []
+        self.gobjs: tuple[Any, ...] = ()  # keeps the grads' ids unique while cached
         self.sig: Any = None
         self.tables: Tables | None = None
-        self.stream_key: Any = None
+        self.stream: Any = None  # the stream of the last step
+
+    def counters(self) -> tuple[int, int] | None:
+        """``(applied, skipped)`` steps as counted on the device (capturable mode), or
+        None before the first step. Reads them back: waits for the last step's
+        stream."""
+        if self.tables is None or not self.capturable:
+            return None
+        return self.tables.counters(self.stream)
 
 
 def _fast_path(gc: GpuCache, params: Sequence[Any], states: Sequence[Any],
@@ -538,7 +551,7 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                          "capturable=True")
     if gc is not None and gc.tables is not None and _fast_path(gc, params, states, grads):
         tables = gc.tables
-        stream = _stream_ref(params[0], None)
+        stream = gc.stream = _stream_ref(params[0], None)
     else:
         tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step,
                                             gc)
@@ -592,13 +605,22 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
     sizes = [t[0].size for t in triples]
     dtypes = [t[3] for t in triples]
     layout = (device, config.GPU_CHUNK, config.THREADS_PER_BLOCK, config.BLOCKS_PER_SM,
+              config.GPU_MAX_BLOCKS,
               tuple(pptr), tuple(hptr), tuple(sizes), tuple(dtypes))
     capturable = gc is not None and gc.capturable
     tables = gc.tables if gc is not None else None
     if tables is None or tables.layout != layout:
         if capturable:  # its step counter and lr are this optimizer's own
+            skipped = 0
+            if tables is not None:  # a new layout: carry the device's counts over
+                done, skipped = tables.counters(stream)
+                step = done + 1
             tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream, True,
                             step, hyper)
+            if skipped:
+                tables.ctl_host[K_SKIPPED] = skipped
+                with _on_device(device):
+                    _copy_in(tables.ctl_dev, tables.ctl_host, stream)
         else:
             tables = _TABLES.get(layout)
             if tables is None:
@@ -610,12 +632,14 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
     if tables.gptr != gptr:
         tables.refresh_grads(gptr, stream)
     if gc is not None:
+        gc.stream = stream
         sig = _sig_fn(params[0])
         if all(_sig_fn(x) is sig for seq in (params, grads, states) for x in seq):
             gc.sig = sig
             gc.objs = tuple(params) + tuple(states)
             gc.sigs = list(map(sig, params)) + list(map(sig, states))
             gc.gsigs = list(map(sig, grads))
+            gc.gobjs = tuple(grads)
         else:  # a mix of array libraries: validate every step
             gc.objs = ()
         gc.tables = tables

@@ -44,6 +44,11 @@ import numpy as np
 
 from . import _hyper as H
 
+try:  # the kernels name ``cuda`` as a module global: the simulator swaps it at launch
+    from numba import cuda
+except Exception:  # pragma: no cover - numba-cuda is the optional [cuda] extra
+    cuda = None
+
 # --- table and control-block layout (shared with the host side, cuda.py) -------------
 
 ROW = 5  # tensor table row: p, g, h, n, k
@@ -58,11 +63,7 @@ FMA_LR_DECAY = 1 << 19  # capturable: lr_decay's denominator rounded once (fma)
 
 
 def simulator() -> bool:
-    try:
-        from numba import cuda
-    except Exception:  # pragma: no cover - numba-cuda missing
-        return False
-    return bool(cuda.config.ENABLE_CUDASIM)
+    return cuda is not None and bool(cuda.config.ENABLE_CUDASIM)
 
 
 # --- address casts -------------------------------------------------------------------
@@ -138,8 +139,6 @@ def update_source(dtype: Any, flags: int) -> Any:
     lr_wd, grad_scale, ctl)``. Each flag is a compile-time constant: a kernel contains
     only the operations of its rule.
     """
-    from numba import cuda
-
     dt = np.dtype(dtype)
     fview, iview, dview = _views(dt)
     mul, add, div, sqrt, fma = _ops(dt)
@@ -236,8 +235,6 @@ def check_source(dtype: Any, flags: int) -> Any:
     would) is NaN or inf. Read-only on the gradients; every writer writes 1, so the
     race between writers is benign.
     """
-    from numba import cuda
-
     dt = np.dtype(dtype)
     fview, iview, _ = _views(dt)
     div = _ops(dt)[2]
@@ -275,8 +272,6 @@ def check_source(dtype: Any, flags: int) -> Any:
 def finish_source() -> Any:
     """The end-of-step kernel (one thread): count the step as applied or skipped,
     clear the found flag and the per-tensor flags for the next step."""
-    from numba import cuda
-
     _, iview, _ = _views(np.dtype(np.int64))
 
     def finish(ctl):
@@ -340,8 +335,6 @@ _ENTRY = re.compile(r"\.visible\s+\.entry\s+(\S+?)\s*\(")
 def compile_ptx(kind: str, dtype: Any, flags: int, cc: tuple[int, int]) -> tuple[str, str]:
     """``(ptx, entry name)`` of a kernel, compiled with :data:`COMPILE_OPTIONS` for
     compute capability ``cc`` through numba-cuda's public ``numba.cuda.compile``."""
-    from numba import cuda
-
     ptx, _ = cuda.compile(source(kind, dtype, flags), signature(kind, dtype), cc=cc,
                           **COMPILE_OPTIONS)
     names = _ENTRY.findall(ptx)
