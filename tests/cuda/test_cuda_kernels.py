@@ -303,7 +303,7 @@ def test_separate_arrays_one_launch_per_dtype_per_step(monkeypatch, nonfinite):
     opt = fa.AdaGrad.from_preset("torch", lr=0.1, lr_decay=0.05, nonfinite=nonfinite)
     ref = fa.AdaGrad.from_preset("torch", lr=0.1, lr_decay=0.05)
     tables = None
-    for step in range(3):
+    for _ in range(3):
         grads = [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dts)]
         assert opt.update(dev, [cuda.to_device(g) for g in grads]) is True  # new arrays
         ref.update(host, grads)
