@@ -760,3 +760,41 @@ def full_like(x: Any, value: float) -> Any:
     if dt is None:  # let validation name the offending array later
         dt = np.dtype(np.float32)
     return full(d.size, dt, value).reshape(d.shape)
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A NumPy copy of device array ``a`` (Numba, torch or CuPy)."""
+    if _is_torch(a):
+        return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
+    return a.copy_to_host()
+
+
+def to_device_like(host: np.ndarray, proto: Any) -> Any:
+    """A device copy of ``host`` in ``proto``'s library (torch, CuPy, else Numba) and on
+    its device, so that a model's state stays one kind of array."""
+    host = np.ascontiguousarray(host)
+    if _is_torch(proto):
+        import torch
+
+        return torch.from_numpy(host.copy()).to(proto.device)
+    if type(proto).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        with proto.device:
+            return cupy.asarray(host)
+    return to_device(host)
+
+
+def copy_into(dev: Any, host: np.ndarray) -> None:
+    """Overwrite device array ``dev`` with ``host`` (same shape and dtype)."""
+    host = np.ascontiguousarray(host)
+    if _is_torch(dev):
+        import torch
+
+        dev.detach().copy_(torch.from_numpy(host.copy()))
+    elif type(dev).__module__.split(".")[0] == "cupy":
+        dev.set(host)
+    else:
+        dev.copy_to_device(host)
