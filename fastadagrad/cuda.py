@@ -230,7 +230,7 @@ def _builtin_stream(kind: str) -> Any:
     return s
 
 
-def _stream_for(x: Any, d: _Dev) -> Any:
+def _stream_for(x: Any, d: _Dev | None) -> Any:
     """The producer's stream for ``x`` (see the module docstring)."""
     cuda = _cuda
     if simulator():
@@ -243,7 +243,8 @@ def _stream_for(x: Any, d: _Dev) -> Any:
                   else torch.cuda.current_stream(x.device).cuda_stream)
         if ptr == 0:  # torch's default stream is the legacy NULL stream
             return _builtin_stream("legacy_default_stream")
-    elif isinstance(d.stream, int) and d.stream:  # CAI v3 "stream" (CuPy exports one)
+    elif d is not None and isinstance(d.stream, int) and d.stream:  # CAI v3 "stream"
+        # (CuPy exports one)
         ptr = d.stream
         if ptr == 1:
             return _builtin_stream("legacy_default_stream")

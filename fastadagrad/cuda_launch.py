@@ -77,12 +77,16 @@ class CoreKernel:
         from cuda.core import Device, ObjectCode
 
         dev = Device(device)
+        # cuda.core wants a current context to load code; the device's primary context
+        # is the one Numba and torch use too
+        dev.set_current()
         cc = dev.compute_capability
         ptx, name = K.compile_ptx(kind, dtype, flags, (int(cc[0]), int(cc[1])))
         self.kernel = ObjectCode.from_ptx(ptx).get_kernel(name)
         want = K.arg_sizes(kind, dtype)
         got_n = self.kernel.num_arguments
-        got = [int(a.size) for a in self.kernel.arguments_info]
+        got = [int(a.size if hasattr(a, "size") else a[1])  # ParamInfo(offset, size)
+               for a in self.kernel.arguments_info]
         if got_n != len(want) or got != want:
             raise RuntimeError(
                 f"fastadagrad: the loaded {kind} kernel takes {got_n} arguments of sizes "
@@ -92,11 +96,8 @@ class CoreKernel:
         from cuda.core import launch
 
         self._launch = launch
-        isz = np.dtype(dtype).itemsize
-        # Argument boxes of exactly the sizes checked above.
-        self.boxes = [ctypes.c_uint64 if s == 8 and k in (0, len(want) - 1) else None
-                      for k, s in enumerate(want)]
-        self.kind, self.real = kind, _BOX[isz]
+        # coefficients boxed as the C type of the size checked above
+        self.kind, self.real = kind, _BOX[np.dtype(dtype).itemsize]
 
     def pack(self, args: tuple) -> list[Any]:
         """Box each argument as the C type of its slot (uint64 addresses, int64 counts,
