@@ -38,6 +38,7 @@ raises :class:`CudaUnavailableError`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -296,6 +297,7 @@ class Tables:
         self.chunk, self.tpb = config.GPU_CHUNK, config.THREADS_PER_BLOCK
         self.gptr = list(gptr)
         self.skipped_seen = 0  # the device's skipped count when last read
+        self.launches: Any = None  # the last step's packed launches (see _run)
         n = len(pptr)
         max_blocks = config.GPU_MAX_BLOCKS or max(1, _sm_count(device) *
                                                   config.BLOCKS_PER_SM)
@@ -439,51 +441,44 @@ _TABLES: dict[tuple, Tables] = {}
 K_SKIPPED = 2  # cuda_kernels.CTL_SKIPPED (kept here: cuda_kernels imports numba.cuda)
 
 
-def _sig_numba(x: Any) -> Any:
-    # Numba device arrays never change address, shape or dtype in place: identity is
-    # enough (GpuCache keeps the objects alive, so an id is never reused meanwhile)
-    return id(x)
-
-
-def _sig_torch(x: Any) -> Any:
-    return (x.data_ptr(), x.shape, x.stride(), x.dtype)
-
-
-def _sig_cupy(x: Any) -> Any:
-    return (x.data.ptr, x.shape, x.strides, x.dtype)
-
-
-def _sig_other(x: Any) -> Any:
-    cai = x.__cuda_array_interface__
-    return (cai["data"], tuple(cai["shape"]), cai.get("strides"), cai["typestr"])
-
-
-def _sig_fn(x: Any) -> Any:
+def _getters(x: Any) -> tuple[Any, ...]:
+    """Cheap readers of what validation established about arrays of ``x``'s kind:
+    data address, shape, strides, dtype (~0.1 us each on a torch tensor, against
+    ~5 us for a ``__cuda_array_interface__`` dict). Numba device arrays never change
+    address, shape or dtype in place, so their identity is enough (the cache keeps
+    them alive, so an id is never reused meanwhile)."""
     if getattr(type(x), "__cuda_ndarray__", False):
-        return _sig_numba
+        return (id,)
     mod = type(x).__module__.split(".")[0]
-    return _sig_torch if mod == "torch" else _sig_cupy if mod == "cupy" else _sig_other
+    if mod == "torch":
+        import torch
+
+        return (torch.Tensor.data_ptr, operator.attrgetter("shape"), torch.Tensor.stride,
+                operator.attrgetter("dtype"))
+    if mod == "cupy":
+        return (operator.attrgetter("data.ptr"), operator.attrgetter("shape"),
+                operator.attrgetter("strides"), operator.attrgetter("dtype"))
+    return ()  # anything else: validated in full at every step
 
 
 class GpuCache:
-    """What an optimizer keeps between GPU steps: its arrays' identities and cheap
-    signatures (address, shape, strides, dtype) as validated, and the device tables.
+    """What an optimizer keeps between GPU steps: its arrays' identities and what
+    :func:`_getters` reads from each, as validated, and the device tables.
 
-    Each step compares every param, state and grad with the cached signature (one
-    attribute read or two per array; no ``__cuda_array_interface__`` dict). Params and
-    states that are the same objects with the same signatures need no validation; grads
-    whose signatures match the last step's need none either; anything else goes
-    through full validation. ``capturable=True`` keeps step and learning rate on the
-    device (CUDA graphs).
+    Each step re-reads every param, state and grad with those getters (one map per
+    getter over the whole model) and compares with the cached lists: params and
+    states must be the same objects, unchanged; grads must be unchanged since the last
+    step. Anything else goes through full validation (and, if the addresses moved,
+    a table refresh). ``capturable=True`` keeps step and learning rate on the device
+    (CUDA graphs).
     """
 
     def __init__(self, capturable: bool = False) -> None:
         self.capturable = capturable
         self.objs: tuple[Any, ...] = ()
-        self.sigs: list[Any] = []
-        self.gsigs: list[Any] = []
+        self.getters: tuple[Any, ...] = ()
+        self.seen: list[list[Any]] = []
         self.gobjs: tuple[Any, ...] = ()  # keeps the grads' ids unique while cached
-        self.sig: Any = None
         self.tables: Tables | None = None
         self.stream: Any = None  # the stream of the last step
 
@@ -495,20 +490,34 @@ class GpuCache:
             return None
         return self.tables.counters(self.stream)
 
+    def remember(self, params: Sequence[Any], states: Sequence[Any],
+                 grads: Sequence[Any]) -> None:
+        getters = _getters(params[0])
+        kinds = {type(x) for seq in (params, states, grads) for x in seq}
+        if not getters or len(kinds) != 1:  # a mix of array kinds: validate each step
+            self.objs, self.getters = (), ()
+            return
+        arrays = [*params, *states, *grads]
+        self.objs = tuple(params) + tuple(states)
+        self.gobjs = tuple(grads)
+        self.getters = getters
+        self.seen = [list(map(g, arrays)) for g in getters]
 
-def _fast_path(gc: GpuCache, params: Sequence[Any], states: Sequence[Any],
-               grads: Sequence[Any]) -> bool:
-    objs = gc.objs
-    n = len(params)
-    if len(objs) != 2 * n or len(grads) != n:
-        return False
-    for i in range(n):
-        if params[i] is not objs[i] or states[i] is not objs[n + i]:
+    def holds(self, params: Sequence[Any], states: Sequence[Any],
+              grads: Sequence[Any]) -> bool:
+        """Every array is as validated (see the class docstring)."""
+        objs = self.objs
+        n = len(params)
+        if not objs or len(objs) != 2 * n or len(states) != n or len(grads) != n:
             return False
-    sig = gc.sig
-    if list(map(sig, params)) + list(map(sig, states)) != gc.sigs:
-        return False
-    return list(map(sig, grads)) == gc.gsigs
+        if not (all(map(operator.is_, params, objs)) and
+                all(map(operator.is_, states, objs[n:]))):
+            return False
+        arrays = [*params, *states, *grads]
+        for g, seen in zip(self.getters, self.seen):
+            if list(map(g, arrays)) != seen:
+                return False
+        return True
 
 
 # --- front door ------------------------------------------------------------------------
@@ -516,11 +525,12 @@ def _fast_path(gc: GpuCache, params: Sequence[Any], states: Sequence[Any],
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
            labels: Sequence[Any], hyper: H.Hyper, step: int, nonfinite: str,
-           plan: Any = None) -> bool | None:
+           plan: Any = None, check_mix: Any = None) -> bool | None:
     """One fused step on device arrays, in place: one kernel launch per dtype.
 
     Called by :func:`fastadagrad._dispatch.update` once every input is known to be a
-    CUDA array. Validates every array (dtype, shape, contiguity, writability, device,
+    CUDA array (``check_mix``, if given, is called before validating: it raises if
+    host arrays are mixed in). Validates every array (dtype, shape, contiguity, writability, device,
     aliasing) before anything is written or launched; an optimizer's ``plan`` keeps the
     validated description (:class:`GpuCache`) and the device tables across steps, so a
     step whose arrays all match their cached signatures validates nothing again.
@@ -538,7 +548,6 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
 
     Returns True (applied), False (skipped) or None (capturable: decided on the device).
     """
-    require_gpu()
     n = len(params)
     if n == 0:
         return True
@@ -550,10 +559,13 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         raise ValueError("nonfinite='raise' reads the device's flag back at every step, "
                          "which a CUDA graph cannot capture; use 'skip' or 'ignore' with "
                          "capturable=True")
-    if gc is not None and gc.tables is not None and _fast_path(gc, params, states, grads):
+    if gc is not None and gc.tables is not None and gc.holds(params, states, grads):
         tables = gc.tables
         stream = gc.stream = _stream_ref(params[0], None)
     else:
+        if check_mix is not None:
+            check_mix()
+        require_gpu()
         tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step,
                                             gc)
     return _run(tables, stream, hyper, step, nonfinite, labels)
@@ -634,54 +646,72 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
         tables.refresh_grads(gptr, stream)
     if gc is not None:
         gc.stream = stream
-        sig = _sig_fn(params[0])
-        if all(_sig_fn(x) is sig for seq in (params, grads, states) for x in seq):
-            gc.sig = sig
-            gc.objs = tuple(params) + tuple(states)
-            gc.sigs = list(map(sig, params)) + list(map(sig, states))
-            gc.gsigs = list(map(sig, grads))
-            gc.gobjs = tuple(grads)
-        else:  # a mix of array libraries: validate every step
-            gc.objs = ()
+        gc.remember(params, states, grads)
         gc.tables = tables
     return tables, stream
 
 
-def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
-         labels: Sequence[Any]) -> bool | None:
-    """Launch the step's kernels: [check per group], update per group, [finish]."""
+def _plan_launches(tables: Tables, hyper: H.Hyper, step: int, nonfinite: str
+                   ) -> tuple[list[tuple], list[tuple], tuple | None]:
+    """The step's launches as ``(kernel, blocks, threads, packed arguments)``: the
+    checks, the updates (one per dtype group) and the end-of-step kernel (or None)."""
     from . import cuda_kernels as K
     from . import cuda_launch as L
 
-    dev = tables.device
+    dev, tpb, chunk, ctl = tables.device, tables.tpb, tables.chunk, tables.ctl
+    mode = (K.CHECKED if nonfinite == "skip" else 0)
+    if tables.capturable:
+        mode |= K.CAPTURABLE | (K.LR_AFTER if hyper.rule.lr_placement == "after" else 0) \
+            | (K.FMA_LR_DECAY if hyper.rule.fma_lr_decay else 0)
+    checks, updates = [], []
+    for g in tables.groups:
+        coefs = coefficients(hyper, g.dtype, step)
+        if nonfinite != "ignore":
+            k = L.kernel("check", g.dtype, coefs[7], dev)
+            checks.append((k, g.blocks, tpb, k.prepare(
+                (g.addr, g.ntens, g.nchunks, chunk, coefs[6], ctl))))
+        k = L.kernel("update", g.dtype, coefs[7] | mode, dev)
+        updates.append((k, g.blocks, tpb, k.prepare(
+            (g.addr, g.ntens, g.nchunks, chunk, *coefs[:7], ctl))))
+    fin = L.kernel("finish", np.float64, 0, dev)
+    finish = (fin, 1, 1, fin.prepare((ctl,)))
+    return checks, updates, finish
+
+
+def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
+         labels: Sequence[Any]) -> bool | None:
+    """Launch the step's kernels: [check per group], update per group, [finish].
+
+    The launches (kernels, grids, packed arguments) are kept in ``tables`` for the
+    next step while the hyperparameters object, the step's learning rate and the
+    non-finite mode stay the same: a training loop packs its arguments once.
+    """
+    from . import cuda_kernels as K
+    from .cuda_launch import run_kernel
+
     capturable = tables.capturable
     if capturable:
         tables.set_lr(hyper, stream)
-    mode = (K.CHECKED if nonfinite == "skip" else 0)
-    if capturable:
-        mode |= K.CAPTURABLE | (K.LR_AFTER if hyper.rule.lr_placement == "after" else 0) \
-            | (K.FMA_LR_DECAY if hyper.rule.fma_lr_decay else 0)
-    tpb, chunk, ctl = tables.tpb, tables.chunk, tables.ctl
-    with _on_device(dev):
-        if nonfinite != "ignore":
-            for g in tables.groups:
-                coefs = coefficients(hyper, g.dtype, step)
-                L.kernel("check", g.dtype, coefs[7], dev).launch(
-                    stream, g.blocks, tpb, (g.addr, g.ntens, g.nchunks, chunk, coefs[6],
-                                            ctl))
-            if nonfinite == "raise":
-                flags = tables.flags(stream)  # waits for the stream
-                if flags[K.CTL_FOUND]:
-                    L.kernel("finish", np.float64, 0, dev).launch(stream, 1, 1, (ctl,))
-                    k = int(np.flatnonzero(flags[K.CTL_HEAD:])[0])
-                    raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
-                                             "nothing was updated")
-        for g in tables.groups:
-            coefs = coefficients(hyper, g.dtype, step)
-            L.kernel("update", g.dtype, coefs[7] | mode, dev).launch(
-                stream, g.blocks, tpb, (g.addr, g.ntens, g.nchunks, chunk, *coefs[:7], ctl))
+    key = (step if hyper.lr_decay and not capturable else 0, nonfinite)
+    last = tables.launches
+    if last is None or last[0] is not hyper or last[1] != key:
+        last = tables.launches = (hyper, key, *_plan_launches(tables, hyper, step,
+                                                              nonfinite))
+    _, _, checks, updates, finish = last
+    with _on_device(tables.device):
+        for k, blocks, tpb, args in checks:
+            run_kernel(k, stream, blocks, tpb, args)
+        if nonfinite == "raise":
+            flags = tables.flags(stream)  # waits for the stream
+            if flags[K.CTL_FOUND]:
+                run_kernel(*finish[:1], stream, *finish[1:])  # clear the flags
+                k = int(np.flatnonzero(flags[K.CTL_HEAD:])[0])
+                raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
+                                         "nothing was updated")
+        for k, blocks, tpb, args in updates:
+            run_kernel(k, stream, blocks, tpb, args)
         if capturable or nonfinite == "skip":
-            L.kernel("finish", np.float64, 0, dev).launch(stream, 1, 1, (ctl,))
+            run_kernel(*finish[:1], stream, *finish[1:])
     if capturable:
         return None
     if nonfinite == "skip":

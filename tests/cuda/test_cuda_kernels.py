@@ -251,18 +251,13 @@ def _count_launches(monkeypatch):
     from fastadagrad import cuda_launch
 
     launches = []
-    real = cuda_launch.kernel
+    real = cuda_launch.run_kernel
 
-    def counting(kind, dtype, flags, device):
-        k = real(kind, dtype, flags, device)
+    def counting(kernel, stream, blocks, tpb, packed):
+        launches.append((kernel.kind, blocks, tpb))
+        real(kernel, stream, blocks, tpb, packed)
 
-        class Count:
-            def launch(self, stream, blocks, tpb, args):
-                launches.append((kind, blocks, tpb))
-                k.launch(stream, blocks, tpb, args)
-        return Count()
-
-    monkeypatch.setattr(cuda_launch, "kernel", counting)
+    monkeypatch.setattr(cuda_launch, "run_kernel", counting)
     return launches
 
 
@@ -331,6 +326,10 @@ def test_same_arrays_skip_validation_but_not_the_checks(monkeypatch):
     calls = []
     real = fcuda._describe
     monkeypatch.setattr(fcuda, "_describe", lambda x, lab: calls.append(lab) or real(x, lab))
+    opt.update(dev, grads)  # the tables and launches of this model are reused
+    assert calls == []
+    gc = opt._plan.gpu
+    assert gc.holds(dev, opt.h, grads)
     opt.update(dev, grads)
     assert calls == []
     before = [d.copy_to_host() for d in dev]

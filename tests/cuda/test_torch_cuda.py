@@ -71,9 +71,9 @@ def test_torch_model_one_launch_per_step_and_cpu_bits(monkeypatch):
     ps, gs = _model(2)
     cpu_p = [p.cpu().numpy() for p in ps]
     count = []
-    real = cuda_launch.kernel
-    monkeypatch.setattr(cuda_launch, "kernel",
-                        lambda *a: count.append(a[0]) or real(*a))
+    real = cuda_launch.run_kernel
+    monkeypatch.setattr(cuda_launch, "run_kernel",
+                        lambda k, *a: count.append(k.kind) or real(k, *a))
     opt = fa.AdaGrad.from_preset("torch", lr=0.1)
     ref = fa.AdaGrad.from_preset("torch", lr=0.1)
     for _ in range(3):
