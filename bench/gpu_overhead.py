@@ -7,7 +7,8 @@ the host spends per step, not the GPU's:
 * ``model100 torch update us``: ``AdaGrad.update`` over the 100-tensor, 2.95M-parameter
   model (bench/benchlib.model_shapes) as separate torch CUDA tensors;
 * ``model100 torch foreach us`` / ``single us``: ``torch.optim.Adagrad.step()`` on it;
-* ``full update us``: the functional ``adagrad_update`` on one 1000-element array.
+* ``full update us`` / ``torch full update us``: the functional ``adagrad_update`` on
+  one 1000-element Numba array / torch tensor (what bench/gpu_report.py reads).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def main() -> None:
     except ImportError:
         return
     from bench.benchlib import model_shapes
+
+    tp, tg = torch.ones(n, device="cuda"), torch.ones(n, device="cuda")
+    th = torch.zeros(n, device="cuda")
+    print("torch full update us", median_us(lambda: fa.adagrad_update(tp, tg, th),
+                                           torch.cuda.synchronize))
 
     shapes = model_shapes()
     ps = [torch.randn(s, device="cuda") for s in shapes]
