@@ -1,38 +1,35 @@
-"""GPU kernels: the fused one-pass AdaGrad update with numba-cuda, and their launcher.
+"""The GPU path: validation, per-model device tables and the step's launches.
 
-The kernels are bare grid-stride loops over flat 1-D device buffers (64-bit indices,
-so buffers above 2^31 elements work) that compute exactly the per-element operations
-of :func:`fastadagrad.cpu.adagrad_span`, in the same order, each rounded once:
+The kernels live in :mod:`fastadagrad.cuda_kernels` (bare loops over raw addresses,
+bit-identical to :func:`fastadagrad.cpu.adagrad_span`), their loading and launching in
+:mod:`fastadagrad.cuda_launch` (numba-cuda's public ``compile`` + ``cuda.core``, or
+Numba's dispatcher). This module turns a call of :func:`update` into launches:
 
-* every multiply and add goes through libdevice's ``fmul_rn``/``fadd_rn``
-  (``dmul_rn``/``dadd_rn`` in float64), which NVVM cannot contract into an FMA —
-  ``@cuda.jit`` otherwise turns ``h + g*g`` into ``fma.rn`` while the CPU rounds twice;
-* an FMA appears only where the rule asks for one (``FMA_ACCUMULATE``,
-  ``FMA_WEIGHT_DECAY``: ``fmaf_rn``/``fma_rn``, like the CPU's ``llvm.fma``);
-* ``/`` and ``sqrt`` are ``fdiv_rn``/``fsqrt_rn`` (IEEE ``div.rn``/``sqrt.rn``), no
-  fastmath, no flush-to-zero.
+* **one update launch per dtype per step for the whole model**, however many separate
+  device arrays it has (Numba, CuPy, torch CUDA tensors): a device-side table of the
+  tensors' addresses and of fixed-size chunks (:class:`Tables`, apex
+  ``multi_tensor_apply`` / torch ``_foreach`` style), built once per model layout and
+  reused; only the gradients' column is rewritten when a gradient moves.
+* **validation cached across steps** (:class:`GpuCache`, kept by the optimizer's plan):
+  every step re-reads each array's address, shape, strides and dtype (identity for
+  Numba arrays) and compares them with what was validated; any difference sends the
+  step through full validation before anything is launched. No launch uses an address
+  that was not confirmed in the same call.
+* **non-finite check on the device**: a check kernel sets a flag in a preallocated
+  control block, the update kernel reads it, an end-of-step kernel counts the step
+  and clears the flag. ``"skip"`` needs no host round trip to decide (see
+  :func:`update` for what the return value costs); ``"raise"`` reads the flags back.
+* **CUDA graphs** (``capturable``): step and learning rate live in the control block,
+  so a captured step replays correctly.
+* **streams and devices**: launches go on the producer's stream — torch's current
+  stream for torch tensors, the ``__cuda_array_interface__`` stream for CuPy, a Numba
+  array's own stream (default stream otherwise) — on the device that owns the arrays
+  (a device guard on multi-GPU machines); arrays of two devices are refused, naming
+  both. Caches (tables, SM counts, loaded kernels) are keyed by device.
 
-So for the same inputs the GPU writes the same bits as the CPU (checked on hardware by
-``python -m fastadagrad validate``; the PTX is checked in CI by
-``tests/test_cuda_ptx.py``).
-
-Launch policy (documented for users in :func:`update`):
-
-* one launch per tensor. ``AdaGrad`` with :class:`~fastadagrad.FlatBuffer` params,
-  grads and state of one layout passes one flat buffer, i.e. ONE launch per step for
-  the whole model; separate device arrays take one launch per tensor (each costs
-  ~60-120 us of host time on the H100 machine, see :class:`_DirectLaunch`).
-* the stream is the producer's: torch tensors run on
-  ``torch.cuda.current_stream()``; arrays whose ``__cuda_array_interface__`` names a
-  stream (CuPy) on that stream; Numba device arrays on their own ``.stream`` (the
-  default stream unless bound). All tensors of one call go on the stream of the first
-  parameter. Launches are asynchronous: ``update`` does NOT synchronize, except that
-  ``nonfinite="skip"``/``"raise"`` must read one flag per tensor back to the host to
-  decide, which waits for that stream.
-
-Everything here is lazy: importing this module needs neither a GPU nor numba-cuda;
-the kernels compile on first use, and asking for the GPU where CUDA cannot be used
-raises :class:`CudaUnavailableError`.
+Everything is lazy: importing this module needs neither a GPU nor numba-cuda; kernels
+compile on first use, and asking for the GPU where CUDA cannot be used raises
+:class:`CudaUnavailableError`.
 """
 
 from __future__ import annotations

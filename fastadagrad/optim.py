@@ -109,6 +109,17 @@ class AdaGrad:
     through one compiled call per dtype per step; params and grads held in flat
     buffers of one layout take a single call over one buffer.
 
+    ``capturable=True`` (CUDA arrays only) keeps the step count, the learning rate
+    (with ``lr_decay``) and the non-finite flag in device memory, so that
+    ``torch.cuda.graph`` can capture ``update`` and replays give the same bits as eager
+    steps. ``update`` then returns True once the step is queued (with
+    ``nonfinite="skip"`` the device decides, with no host round trip), and ``step`` /
+    ``skipped_steps`` are read back by :meth:`sync_steps` (which waits for the GPU;
+    ``state_dict``, ``save`` and pickling call it). A numeric ``lr`` only, and
+    ``nonfinite`` "ignore" or "skip". Without it, ``nonfinite="skip"`` on the GPU still
+    decides on the device but ``update`` reads 16 bytes back to return the bool (a
+    wait for the stream); ``"raise"`` always waits.
+
     Attributes:
         h: the accumulators, in the same container type as ``params`` (views into one
             flat buffer per dtype), ``None`` before the first update.
