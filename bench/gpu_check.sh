@@ -3,7 +3,9 @@
 # machine's own python3 (nothing is installed). Writes at most 5 files under $OUT:
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   checks.log      every step's output and exit code, in order
-#   pytest.log      the real-GPU tests/cuda run (no simulator), capture test included
+#   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
+#                   capture test included (their text output is in checks.log); a
+#                   shorter run through Numba's dispatcher path follows
 #   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (short rounds)
 #   overhead.txt    bench/gpu_overhead.py (host time per step, 100-tensor model)
 # Every step has its own timeout; the whole script stays under ~5 minutes on an H100.
@@ -39,6 +41,9 @@ step validate 120 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.js
 step pytest-gpu 150 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
   -o addopts="" --junitxml="$OUT/pytest.xml"
 [ -f "$OUT/pytest.xml" ] && mv "$OUT/pytest.xml" "$OUT/pytest.log"
+FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 90 "$PY" -m pytest \
+  tests/cuda/test_cuda_kernels.py -q -p no:cacheprovider -x -o addopts="" \
+  -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 60 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x -k sm_90
 FASTADAGRAD_GPU_BENCH_ROUNDS=10 step bench 150 "$PY" -m pytest bench/test_bench_gpu.py \
   -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/bench.json" \

@@ -74,15 +74,16 @@ class CoreKernel:
     """One kernel loaded through ``cuda.core`` for one device."""
 
     def __init__(self, kind: str, dtype: Any, flags: int, device: int) -> None:
-        from cuda.core import Device, ObjectCode
+        from cuda.core import Device
 
         dev = Device(device)
         # cuda.core wants a current context to load code; the device's primary context
         # is the one Numba and torch use too
         dev.set_current()
         cc = dev.compute_capability
-        ptx, name = K.compile_ptx(kind, dtype, flags, (int(cc[0]), int(cc[1])))
-        self.kernel = ObjectCode.from_ptx(ptx).get_kernel(name)
+        arch = (int(cc[0]), int(cc[1]))
+        ptx, name = K.compile_ptx(kind, dtype, flags, arch)
+        self.kernel = load(ptx, arch).get_kernel(name)
         want = K.arg_sizes(kind, dtype)
         got_n = self.kernel.num_arguments
         got = [int(a.size if hasattr(a, "size") else a[1])  # ParamInfo(offset, size)
@@ -119,15 +120,39 @@ class CoreKernel:
         self.launch_prepared(stream, blocks, tpb, self.prepare(args))
 
 
+def load(ptx: str, arch: tuple[int, int]) -> Any:
+    """A ``cuda.core.ObjectCode`` for ``ptx``: linked to a cubin for ``sm_<arch>`` by
+    ``cuda.core.Program`` (nvJitLink, as numba-cuda links its own kernels), so that a
+    driver older than the NVVM that wrote the PTX still loads it (NVVM 13.5 writes PTX
+    ISA 9.5; an R580 driver JIT-compiles PTX up to ISA 9.0). Without nvJitLink the PTX
+    goes to the driver's JIT."""
+    from cuda.core import ObjectCode, Program, ProgramOptions
+
+    global LOADED_AS
+    try:
+        prog = Program(ptx, code_type="ptx",
+                       options=ProgramOptions(arch=f"sm_{arch[0]}{arch[1]}"))
+        obj = prog.compile("cubin")
+        LOADED_AS = "cubin linked by cuda.core.Program"
+        return obj
+    except Exception as exc:  # nothing launched yet: the driver's JIT may still load it
+        LOADED_AS = f"PTX JIT-compiled by the driver (Program could not link: {exc})"
+        return ObjectCode.from_ptx(ptx)
+
+
+#: How the last kernel was loaded (reported by ``python -m fastadagrad validate``).
+LOADED_AS = "nothing loaded yet"
+
+
 class DispatcherKernel:
     """The same kernel through ``numba.cuda.jit`` (simulator, or no ``cuda.core``)."""
 
     def __init__(self, kind: str, dtype: Any, flags: int) -> None:
         from numba import cuda
 
-        src = K.source(kind, dtype, flags)
-        self.kernel = cuda.jit(src) if K.simulator() else \
-            cuda.jit(K.signature(kind, dtype))(src)
+        # compiled at the first launch for the NumPy scalar types prepare() passes,
+        # which are those of K.signature (uint64, int64, the dtype)
+        self.kernel = cuda.jit(K.source(kind, dtype, flags))
         self.kind = kind
         self.real = np.float32 if np.dtype(dtype) == np.float32 else np.float64
 

@@ -316,9 +316,12 @@ def environment(cuda: Any) -> dict[str, Any]:
 
 def launch_path_ran() -> list[str]:
     """Which launch path ran (``[path, reason]``), asked after the cases launched."""
-    from .cuda_launch import launch_path
+    from . import cuda_launch
 
-    return list(launch_path())
+    path, why = cuda_launch.launch_path()
+    if path == "cuda.core":
+        why = f"{why}; {cuda_launch.LOADED_AS}"
+    return [path, why]
 
 
 def _fmt(row: dict[str, Any]) -> str:

@@ -66,6 +66,17 @@ def fake_core(monkeypatch, sizes_for=None, launch_error=None):
             raise launch_error
         seen["launches"].append((stream, config, kernel, args))
 
+    class Program:  # links to a "cubin": here, the same fake object code
+        def __init__(self, code, code_type, options):
+            assert code_type == "ptx" and options.arch == "sm_90"
+            self.code = code
+
+        def compile(self, target):
+            assert target == "cubin"
+            seen["linked"] = True
+            return ObjectCode.from_ptx(self.code)
+
+    monkeypatch.setattr(core, "Program", Program)
     monkeypatch.setattr(core, "Device", Device)
     monkeypatch.setattr(core, "ObjectCode", ObjectCode)
     monkeypatch.setattr(core, "launch", launch)
@@ -81,7 +92,7 @@ class FakeStream:
 def test_update_kernel_packs_the_checked_layout(monkeypatch):
     seen = fake_core(monkeypatch)
     k = L.kernel("update", np.float32, 0, 0)
-    assert isinstance(k, L.CoreKernel)
+    assert isinstance(k, L.CoreKernel) and seen["linked"]
     coefs = tuple(np.float32(x) for x in (0.1, 1, 0, 1e-7, 0, 0.1, 1))
     k.launch(FakeStream(), 7, 256, (1234, 3, 9, 8192, *coefs, 5678))
     (stream, config, kernel, args), = seen["launches"]
@@ -156,3 +167,16 @@ def test_no_private_numba_or_cuda_core_names():
         src = inspect.getsource(mod)
         assert not re.search(r"(numba|cuda)[\w.]*\._[a-z]", src), mod.__name__
         assert "_codelibrary" not in src and "_compat" not in src
+
+
+def test_ptx_links_to_a_cubin_without_a_gpu():
+    """The real cuda.core.Program links the launcher's PTX to an sm_90 cubin (nvJitLink),
+    which is what lets an older driver load PTX from a newer NVVM."""
+    ptx, name = K.compile_ptx("update", np.float32, 0, (9, 0))
+    try:
+        obj = L.load(ptx, (9, 0))
+    except Exception as exc:  # pragma: no cover - a machine without nvJitLink
+        pytest.skip(f"cannot link here: {exc}")
+    if not L.LOADED_AS.startswith("cubin"):
+        pytest.skip(L.LOADED_AS)
+    assert obj.code_type == "cubin" and obj.code[:4] == b"\x7fELF"
