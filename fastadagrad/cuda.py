@@ -481,11 +481,15 @@ class GpuCache:
 
     def counters(self) -> tuple[int, int] | None:
         """``(applied, skipped)`` steps as counted on the device (capturable mode), or
-        None before the first step. Reads them back: waits for the last step's
-        stream."""
+        None before the first step. Reads them back: waits for the device."""
         if self.tables is None or not self.capturable:
             return None
-        return self.tables.counters(self.stream)
+        # replays of a captured step run on whatever stream replays the graph: wait
+        # for the whole device, not only the stream the step was queued on
+        with _on_device(self.tables.device):
+            if not simulator():
+                _cuda.synchronize()
+            return self.tables.counters(self.stream)
 
     def remember(self, params: Sequence[Any], states: Sequence[Any],
                  grads: Sequence[Any]) -> None:
