@@ -706,6 +706,7 @@ def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
             flags = tables.flags(stream)  # waits for the stream
             if flags[K.CTL_FOUND]:
                 run_kernel(*finish[:1], stream, *finish[1:])  # clear the flags
+                tables.skipped_seen += 1  # which the device counts as a skipped step
                 k = int(np.flatnonzero(flags[K.CTL_HEAD:])[0])
                 raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
                                          "nothing was updated")

@@ -149,6 +149,23 @@ def test_nonfinite_raise_names_first_bad_gradient():
         np.testing.assert_array_equal(d.copy_to_host(), p)
 
 
+def test_raise_then_skip_on_the_same_model_reports_correctly():
+    """A refused step ("raise") leaves the device's flags clear and its counts in step
+    with the host, so a later "skip" step on the same arrays reports what happened."""
+    params, grads = _device_model(bad_index=0)
+    dparams = [cuda.to_device(p) for p in params]
+    bad = [cuda.to_device(g) for g in grads]
+    good = [cuda.to_device(np.nan_to_num(g)) for g in grads]
+    dstate = [cuda.to_device(np.zeros_like(p)) for p in params]
+    labels = fa._dispatch.KeyedLabels(list(range(3)))
+    hy = Hyper.make(lr=0.1)
+    with pytest.raises(FloatingPointError, match=r"grads\[0\]"):
+        fa._dispatch.update(dparams, bad, dstate, labels, hy, 1, "raise")
+    assert fa._dispatch.update(dparams, good, dstate, labels, hy, 1, "skip") is True
+    assert fa._dispatch.update(dparams, bad, dstate, labels, hy, 2, "skip") is False
+    assert fa._dispatch.update(dparams, good, dstate, labels, hy, 2, "skip") is True
+
+
 # The simulator runs kernels as Python in threads: NumPy's overflow/invalid warnings
 # from inf arithmetic escape np.errstate (thread-local) there.
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
