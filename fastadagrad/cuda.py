@@ -440,8 +440,8 @@ K_SKIPPED = 2  # cuda_kernels.CTL_SKIPPED (kept here: cuda_kernels imports numba
 
 def _getters(x: Any) -> tuple[Any, ...]:
     """Cheap readers of what validation established about arrays of ``x``'s kind:
-    data address, shape, strides, dtype (~0.1 us each on a torch tensor, against
-    ~5 us for a ``__cuda_array_interface__`` dict). Numba device arrays never change
+    data address, shape, contiguity or strides, dtype (~0.1 us each on a torch tensor,
+    against ~5 us for a ``__cuda_array_interface__`` dict). Numba arrays never change
     address, shape or dtype in place, so their identity is enough (the cache keeps
     them alive, so an id is never reused meanwhile)."""
     if getattr(type(x), "__cuda_ndarray__", False):
@@ -450,8 +450,10 @@ def _getters(x: Any) -> tuple[Any, ...]:
     if mod == "torch":
         import torch
 
-        return (torch.Tensor.data_ptr, operator.attrgetter("shape"), torch.Tensor.stride,
-                operator.attrgetter("dtype"))
+        # is_contiguous() rather than stride(): a bool, not a new tuple;
+        # with the same address, shape and dtype it pins down the same memory
+        return (torch.Tensor.data_ptr, operator.attrgetter("shape"),
+                torch.Tensor.is_contiguous, operator.attrgetter("dtype"))
     if mod == "cupy":
         return (operator.attrgetter("data.ptr"), operator.attrgetter("shape"),
                 operator.attrgetter("strides"), operator.attrgetter("dtype"))
