@@ -533,10 +533,11 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
 
     Called by :func:`fastadagrad._dispatch.update` once every input is known to be a
     CUDA array (``check_mix``, if given, is called before validating: it raises if
-    host arrays are mixed in). Validates every array (dtype, shape, contiguity, writability, device,
-    aliasing) before anything is written or launched; an optimizer's ``plan`` keeps the
-    validated description (:class:`GpuCache`) and the device tables across steps, so a
-    step whose arrays all match their cached signatures validates nothing again.
+    host arrays are mixed in). Validates every array (dtype, shape, contiguity,
+    writability, device, aliasing) before anything is written or launched; an
+    optimizer's ``plan`` keeps the validated description (:class:`GpuCache`) and the
+    device tables across steps, so a step whose arrays all match what was validated
+    validates nothing again.
 
     Launches run on the producer's stream (module docstring), on the device that owns
     the arrays, without synchronizing, except:
@@ -693,13 +694,14 @@ def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
     from .cuda_launch import run_kernel
 
     capturable = tables.capturable
-    if capturable:
-        tables.set_lr(hyper, stream)
     key = (step if hyper.lr_decay and not capturable else 0, nonfinite)
     last = tables.launches
     if last is None or last[0] is not hyper or last[1] != key:
+        # coefficients() raises here, before anything is written, if one overflows
         last = tables.launches = (hyper, key, *_plan_launches(tables, hyper, step,
                                                               nonfinite))
+    if capturable:
+        tables.set_lr(hyper, stream)
     _, _, checks, updates, finish = last
     with _on_device(tables.device):
         for k, blocks, tpb, args in checks:
