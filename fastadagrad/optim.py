@@ -109,6 +109,17 @@ class AdaGrad:
     through one compiled call per dtype per step; params and grads held in flat
     buffers of one layout take a single call over one buffer.
 
+    ``capturable=True`` (CUDA arrays only) keeps the step count, the learning rate
+    (with ``lr_decay``) and the non-finite flag in device memory, so that
+    ``torch.cuda.graph`` can capture ``update`` and replays give the same bits as eager
+    steps. ``update`` then returns True once the step is queued (with
+    ``nonfinite="skip"`` the device decides, with no host round trip), and ``step`` /
+    ``skipped_steps`` are read back by :meth:`sync_steps` (which waits for the GPU;
+    ``state_dict``, ``save`` and pickling call it). A numeric ``lr`` only, and
+    ``nonfinite`` "ignore" or "skip". Without it, ``nonfinite="skip"`` on the GPU still
+    decides on the device but ``update`` reads 16 bytes back to return the bool (a
+    wait for the stream); ``"raise"`` always waits.
+
     Attributes:
         h: the accumulators, in the same container type as ``params`` (views into one
             flat buffer per dtype), ``None`` before the first update.
@@ -130,13 +141,21 @@ class AdaGrad:
     def __init__(self, lr: float | Callable[[int], float] = 0.01, eps: float = 1e-7, *,
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, maximize: bool = False,
-                 nonfinite: NonFinite = "ignore", rule: Rule | None = None) -> None:
+                 nonfinite: NonFinite = "ignore", rule: Rule | None = None,
+                 capturable: bool = False) -> None:
         self._schedule: Callable[[int], float] | None = lr if callable(lr) else None
         self.hyper = Hyper.make(lr=0.0 if callable(lr) else lr, eps=eps, lr_decay=lr_decay,
                                 weight_decay=weight_decay, maximize=maximize, rule=rule)
         self.initial_accumulator_value = check_hyper("initial_accumulator_value",
                                                      initial_accumulator_value)
         self.nonfinite: NonFinite = check_nonfinite(nonfinite)
+        # capturable (GPU only): step, lr and the skip flag live in device memory, so a
+        # CUDA graph can capture update(); see fastadagrad.cuda.update
+        self.capturable = bool(capturable)
+        if self.capturable and (self._schedule is not None or nonfinite == "raise"):
+            raise ValueError("capturable=True takes a numeric lr (a schedule runs on the "
+                             "host) and nonfinite 'ignore' or 'skip' ('raise' reads the "
+                             "device back every step)")
         self.h: Any = None
         self.step = 0
         self.skipped_steps = 0
@@ -152,6 +171,7 @@ class AdaGrad:
     # plan (cached addresses) is never carried over.
 
     def __getstate__(self) -> dict[str, Any]:
+        self.sync_steps()
         state = self.__dict__.copy()
         state["_plan"] = None
         state["_keys_seen"] = None
@@ -261,6 +281,10 @@ class AdaGrad:
                     params.same_layout(grads) and params.same_layout(flat[0])):
                 plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
                 labels = _FLAT_LABELS
+        if getattr(self, "capturable", False) and self._plan.gpu is None:
+            from . import cuda as _cuda
+
+            self._plan.gpu = _cuda.GpuCache(capturable=True)
         try:
             applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
                                self.nonfinite, self._plan)
@@ -270,11 +294,26 @@ class AdaGrad:
             raise
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
+        if applied is None:  # capturable: counted on the device, see sync_steps()
+            return True
         if applied:
             self.step += 1
         else:
             self.skipped_steps += 1
         return applied
+
+    def sync_steps(self) -> None:
+        """capturable=True: read ``step`` and ``skipped_steps`` back from the device.
+
+        In capturable mode :meth:`update` only queues the step (it returns True; a
+        replayed CUDA graph does not even run Python), and the device counts applied
+        and skipped steps. This reads them (it waits for the last step's stream);
+        :meth:`state_dict`, :meth:`save` and pickling call it. A no-op otherwise.
+        """
+        gc = getattr(self._plan, "gpu", None) if self._plan is not None else None
+        counts = gc.counters() if gc is not None else None
+        if counts is not None:
+            self.step, self.skipped_steps = counts
 
     def _new_state(self, params: Any, keys: list[Any], plist: list[Any]
                    ) -> tuple[Any, list[FlatBuffer]]:
@@ -326,6 +365,7 @@ class AdaGrad:
         """
         from . import checkpoint
 
+        self.sync_steps()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: Any, params: Any = None) -> None:
@@ -350,6 +390,7 @@ class AdaGrad:
         """
         from . import checkpoint
 
+        self.sync_steps()
         return checkpoint.save(self, path)
 
     def load(self, path: Any, params: Any = None) -> None:

@@ -362,7 +362,24 @@ def environment(cuda: Any) -> dict[str, Any]:
 
     env["threads_per_block"] = config.THREADS_PER_BLOCK
     env["blocks_per_sm"] = config.BLOCKS_PER_SM
+    env["gpu_chunk"] = config.GPU_CHUNK
+    try:
+        import cuda.core
+
+        env["cuda_core"] = cuda.core.__version__
+    except Exception as exc:
+        env["cuda_core"] = f"not importable ({exc})"
     return env
+
+
+def launch_path_ran() -> list[str]:
+    """Which launch path ran (``[path, reason]``), asked after the cases launched."""
+    from . import cuda_launch
+
+    path, why = cuda_launch.launch_path()
+    if path == "cuda.core":
+        why = f"{why}; {cuda_launch.LOADED_AS}"
+    return [path, why]
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -444,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         del grads, p0
 
     ok = all(r["ok"] for r in rows)
+    env["launch_path"] = launch_path_ran()
+    print(f"launch path: {env['launch_path'][0]} ({env['launch_path'][1]})")
     big32 = [r for r in rows if r["kind"] == "array" and r["dtype"] == "float32"
              and r["n"] >= (1 << 26) and "frac_copy" in r]
     summary = dict(ok=ok, cases=len(rows), mismatches=sum(not r["ok"] for r in rows),
