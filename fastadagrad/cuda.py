@@ -53,7 +53,8 @@ try:  # numba-cuda is an optional dependency (the ``[cuda]`` extra)
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the installation
     _cuda = None  # type: ignore[assignment]
-    _IMPORT_ERROR = f"numba.cuda cannot be imported ({exc}); pip install fastadagrad[cuda]"
+    _IMPORT_ERROR = (f"numba.cuda cannot be imported ({exc}); install the cuda extra "
+                     '(pip install ".[cuda]" in a checkout of fastadagrad)')
 
 
 class CudaUnavailableError(RuntimeError):
@@ -228,6 +229,34 @@ def _builtin_stream(kind: str) -> Any:
     return s
 
 
+_RAW_STREAM_CHECKED: set[int] = set()
+
+
+def _torch_stream(torch: Any, device: Any) -> int:
+    """torch's current stream on ``device``, as a raw pointer.
+
+    The public ``torch.cuda.current_stream(device).cuda_stream`` costs ~27 us per call
+    on the H100 machine (it builds a Stream object); torch's private
+    ``_cuda_getCurrentRawStream`` returns the same pointer in ~1 us. The private one is
+    used only after it returned exactly the public answer on this device once; if it
+    ever disagrees, that is an error (torch changed what it means), not a fallback.
+    """
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    ptr = int(raw(idx))
+    if idx not in _RAW_STREAM_CHECKED:
+        public = int(torch.cuda.current_stream(device).cuda_stream)
+        if ptr != public:
+            raise RuntimeError(
+                f"torch._C._cuda_getCurrentRawStream({idx}) returned {ptr:#x} but "
+                f"torch.cuda.current_stream() is {public:#x}: this torch version changed "
+                "that private function; fastadagrad must be updated for it")
+        _RAW_STREAM_CHECKED.add(idx)
+    return ptr
+
+
 def _stream_for(x: Any, d: _Dev | None) -> Any:
     """The producer's stream for ``x`` (see the module docstring)."""
     cuda = _cuda
@@ -236,9 +265,7 @@ def _stream_for(x: Any, d: _Dev | None) -> Any:
     if _is_torch(x):
         import torch
 
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # ~1 us, vs ~27 us
-        ptr = int(raw(x.device.index) if raw is not None  # for current_stream() (H100)
-                  else torch.cuda.current_stream(x.device).cuda_stream)
+        ptr = _torch_stream(torch, x.device)
         if ptr == 0:  # torch's default stream is the legacy NULL stream
             return _builtin_stream("legacy_default_stream")
     elif d is not None and isinstance(d.stream, int) and d.stream:  # CAI v3 "stream"
