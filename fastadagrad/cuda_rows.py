@@ -26,6 +26,7 @@ Lazy: nothing compiles before the first launch; no GPU or numba-cuda is needed t
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
@@ -35,6 +36,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import cpu_rows
 from . import cuda as fcuda
+from .cuda_kernels import _ops
 
 try:  # a module global, as in cuda.py: the simulator swaps it for its fake inside kernels
     from numba import cuda as _cuda
@@ -49,7 +51,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
     cuda = _cuda  # compiling (to PTX, or lazily) needs numba-cuda, not a GPU
     if cuda is None:
         fcuda.require_gpu()  # raises CudaUnavailableError saying why
-    mul, add, div, sqrt, fma = fcuda._ops(np.dtype(dtype))
+    mul, add, div, sqrt, fma = _ops(np.dtype(dtype))
     scale = (flags & H.GRAD_SCALE) != 0
     maximize = (flags & H.MAXIMIZE) != 0
     coupled = (flags & H.WD_COUPLED) != 0
@@ -218,12 +220,12 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     if k == 0 or width == 0:
         return True
     stream = fcuda._stream_for(table, dp)
-    fg = fcuda._flat(dg, dt)
+    fg = _flat(dg, dt)
     if nonfinite != "ignore":
         found = cuda.to_device(np.zeros(1, np.int32), stream=stream)
         blocks, tpb = fcuda.launch_config(dg.size)
-        fcuda.kernels(dt, coefs[7] & H.GRAD_SCALE)[1][blocks, tpb, stream](fg, coefs[6],
-                                                                          found, 0)
+        _nonfinite_kernel(dt, bool(coefs[7] & H.GRAD_SCALE))[blocks, tpb, stream](
+            fg, coefs[6], found)
         bad = found.copy_to_host(stream=stream)
         stream.synchronize()
         if bad[0]:
@@ -241,7 +243,7 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     d_order = cuda.to_device(order, stream=stream)
     d_starts = cuda.to_device(starts, stream=stream)
     full, rw = kernels(dt, coefs[7])
-    fp, fh = fcuda._flat(dp, dt), fcuda._flat(dh, dt)
+    fp, fh = _flat(dp, dt), _flat(dh, dt)
     if rowwise:
         blocks, tpb = fcuda.launch_config(rows.size)
         rw[blocks, tpb, stream](fp, fg, fh, np.uint64(width), dt.type(width), dt.type(1),
@@ -251,3 +253,45 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
         full[blocks, tpb, stream](fp, fg, fh, np.uint64(width), d_rows, d_order, d_starts,
                                   *coefs[:7])
     return True
+
+
+@cache
+def _nonfinite_kernel(dtype: Any, scale: bool) -> Any:
+    """Sets ``found[0] = 1`` if any ``g`` (divided by ``grad_scale`` when ``scale``, as
+    the update would) is NaN or inf. Read-only on ``g``."""
+    cuda = _cuda
+    if cuda is None:
+        fcuda.require_gpu()
+    div = _ops(np.dtype(dtype))[2]
+
+    @cuda.jit
+    def nonfinite(g, grad_scale, found):
+        bad = False
+        n = _u64(g.size)
+        i = _u64(_cuda.grid(1))
+        stride = _u64(_cuda.gridsize(1))
+        while i < n:
+            x = g[i]
+            if scale:
+                x = div(x, grad_scale)
+            if math.isinf(x) or math.isnan(x):
+                bad = True
+            i += stride
+        if bad:
+            found[0] = 1  # every writer writes 1: the race is benign
+
+    return nonfinite
+
+
+def _flat(d: Any, dt: np.dtype) -> Any:
+    """A 1-D Numba device array over ``d``'s memory (a ``cuda._Dev``; no copy)."""
+    n = d.size
+    if fcuda.simulator():
+        return d.obj.reshape(n)
+    obj = d.obj
+    if getattr(type(obj), "__cuda_ndarray__", False):
+        return obj if obj.ndim == 1 else obj.reshape(n)
+    desc = {"shape": (n,), "typestr": d.typestr, "data": (d.ptr, False), "strides": None,
+            "version": 3, "stream": None}
+    # sync=False: the kernel is launched on the producer's stream, which orders it.
+    return _cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False)
