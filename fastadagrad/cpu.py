@@ -297,41 +297,52 @@ def kernels(flags: int) -> Kernels:
     return k
 
 
+class _ByName(dict):  # type: ignore[type-arg]
+    """flags -> that variant's kernel of one name, built on first use of the flags."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __missing__(self, flags: int) -> Any:
+        kernel = self[flags] = getattr(kernels(flags), self.name)
+        return kernel
+
+
 class _ByFlags:
     """``name(*args, flags)``: the kernel ``kernels(flags).name`` called with ``args``.
 
     Keeps the entry points' historical signature (``flags`` last, as
-    :meth:`Hyper.coefficients` returns it). The Python-level hop costs ~0.2 us per
-    call; a caller that keeps ``kernels(flags)`` skips it. ``signatures`` lists the
-    distinct argument types compiled across flag sets (one per dtype in a training
-    run); other attributes are those of the default variant's Numba dispatcher.
+    :meth:`Hyper.coefficients` returns it). The Python-level hop (a dict lookup and a
+    tuple slice) costs a few hundred ns per call; a caller that keeps ``kernels(flags)``
+    (or ``for_flags(flags)``) and passes Python floats skips it and the NumPy-scalar
+    unboxing. ``signatures`` lists the distinct argument types compiled across flag
+    sets (one per dtype in a training run); other attributes are those of the default
+    variant's Numba dispatcher.
     """
 
-    __slots__ = ("_name", "_doc")
+    __slots__ = ("_by", "_doc")
 
     def __init__(self, name: str, doc: str) -> None:
-        self._name = name
+        self._by = _ByName(name)
         self._doc = doc
 
     def __call__(self, *args: Any) -> Any:
-        k = _KERNELS.get(args[-1])
-        if k is None:
-            k = kernels(args[-1])
-        return getattr(k, self._name)(*args[:-1])
+        return self._by[args[-1]](*args[:-1])
 
     def for_flags(self, flags: int) -> Callable[..., Any]:
-        return getattr(kernels(flags), self._name)  # type: ignore[no-any-return]
+        return self._by[flags]  # type: ignore[no-any-return]
 
     @property
     def signatures(self) -> list[tuple[Any, ...]]:
         seen: dict[tuple[Any, ...], None] = {}
         for k in list(_KERNELS.values()):
-            for sig in getattr(k, self._name).signatures:
+            for sig in getattr(k, self._by.name).signatures:
                 seen[tuple(sig)] = None
         return list(seen)
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(getattr(kernels(0), self._name), attr)
+        return getattr(self._by[0], attr)
 
 
 adagrad_span = _ByFlags("span", "One fused AdaGrad step over equal-length 1-D spans "
