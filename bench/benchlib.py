@@ -200,7 +200,11 @@ def deepspeed_step(params: list[np.ndarray], grads: list[np.ndarray]) -> Step:
         t = torch.nn.Parameter(torch.from_numpy(p))
         t.grad = torch.from_numpy(g)
         tp.append(t)
-    opt = DeepSpeedCPUAdagrad(tp, lr=LR, eps=EPS)
+    try:  # the first construction builds the C++ op with the system compiler (minutes)
+        opt = DeepSpeedCPUAdagrad(tp, lr=LR, eps=EPS)
+    except Exception as exc:  # no compiler, no ninja, a build error: skip, saying why
+        pytest.skip(f"DeepSpeed CPU Adagrad op could not be built: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
     return opt.step
 
 
