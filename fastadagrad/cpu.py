@@ -153,8 +153,8 @@ def _build(flags: int) -> Kernels:
 
     # Plain prange over the elements (split statically into one contiguous run per
     # thread), as bench/plain.py. The previous prange over 16k-element chunks, each
-    # walked in prefetching 64-element blocks, took 1.02-1.8x the time of this loop on
-    # the 2-core EPYC (2^14..2^22 f32, interleaved, load 1.5); ``chunk`` stays in the
+    # walked in prefetching 64-element blocks, took 1.2-1.9x the time of the plain loop
+    # on the 2-core EPYC (2^12..2^22 f32, interleaved, load 1.5); ``chunk`` stays in the
     # signature for the callers only.
     @jit(parallel=True, error_model="numpy")
     def flat_parallel(p, g, h, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
