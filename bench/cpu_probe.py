@@ -247,6 +247,61 @@ def suggest_threshold(rows: list[dict[str, Any]], dtype: str) -> int | None:
     return best
 
 
+def _size(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The probe's JSON as markdown tables (written next to it): nothing typed by hand."""
+    m = r["machine"]
+    la, lb = r["loadavg_start"], r["loadavg_end"]
+    out = [f"# CPU probe: {m['cpu_model']}", "",
+           f"{m['cpu_model']}, {m['vector_isa']}, {m['usable_cpus']} usable CPUs "
+           f"({m['os_cpu_count']} online), last-level cache {machine.fmt_llc(m['llc_bytes'])}; "
+           f"numba {r['numba_threads']} threads ({r.get('numba_threading_layer', '?')}); "
+           f"{', '.join(f'{k} {v}' for k, v in r['versions'].items())}. Started "
+           f"{r['started_utc']}, {r['duration_s']} s. 1-minute load average {la[0]:.2f} at "
+           f"the start, {lb[0]:.2f} at the end: above ~0.5 on few cores, other processes "
+           "disturbed the parallel kernels (a disturbed call takes milliseconds), so compare "
+           "the fastest blocks too. Medians of interleaved blocks "
+           "(`python bench/cpu_probe.py`).", "",
+           "## Parallel kernel vs the plain fused loop vs the roofline kernel", "",
+           "| dtype | n | kernel | plain numba | roofline | kernel ÷ plain | kernel ÷ "
+           "roofline | fastest blocks: kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in r["flat"]:
+        t, b = x["median_us"], x["fastest_block_us"]
+        out.append(f"| {x['dtype']} | {_size(x['n'])} | {t['fastadagrad kernel']:,.1f} µs | "
+                   f"{t['plain numba']:,.1f} µs | {t['roofline']:,.1f} µs | "
+                   f"{x['kernel/plain']:.3f} | {x['kernel/roofline']:.3f} | "
+                   f"{b['fastadagrad kernel'] / b['plain numba']:.3f} |")
+    out += ["", "## Serial kernel vs the plain serial loop", "",
+            "| dtype | n | kernel | kernel, NumPy-scalar coefficients | plain numba serial | "
+            "kernel ÷ plain | NumPy-scalar kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|"]
+    for x in r["serial"]:
+        t = x["median_us"]
+        out.append(f"| {x['dtype']} | {_size(x['n'])} | {t[SERIAL[0]]:,.2f} µs | "
+                   f"{t[SERIAL[1]]:,.2f} µs | {t[SERIAL[2]]:,.2f} µs | {x['kernel/plain']:.3f} | "
+                   f"{x['kernel with NumPy-scalar coefficients/plain']:.3f} |")
+    out += ["", f"## Serial/parallel threshold (shipped: {r['parallel_threshold_shipped']:,})",
+            "", "| dtype | n | serial kernel | parallel kernel | adagrad_update default | "
+            "forced serial | forced parallel |", "|---|---|---:|---:|---:|---:|---:|"]
+    for x in r["threshold"]:
+        t = x["median_us"]
+        out.append(f"| {x['dtype']} | {x['n']:,} | {t[THRESHOLD[3]]:,.2f} µs | "
+                   f"{t[THRESHOLD[4]]:,.2f} µs | {t[THRESHOLD[0]]:,.2f} µs | "
+                   f"{t[THRESHOLD[1]]:,.2f} µs | {t[THRESHOLD[2]]:,.2f} µs |")
+    sug = ", ".join(f"{k}: {'never' if v is None else f'{v:,}'}"
+                    for k, v in r["threshold_suggested"].items())
+    out += ["", f"Smallest size from which the forced-parallel call beats the forced-serial "
+            f"one at every larger measured size: {sug}."]
+    if "roofline_2_24" in r:
+        x = r["roofline_2_24"]
+        out += ["", f"2^24 float32, {r['numba_threads']} threads, 15 calls x 5 blocks: kernel "
+                f"÷ roofline {x['kernel/roofline']:.3f}, plain ÷ roofline "
+                f"{x['plain/roofline']:.3f}."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -312,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-        log(f"wrote {args.json}")
+        args.json.with_suffix(".md").write_text(markdown(result))
+        log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
 
 

@@ -25,6 +25,8 @@ def test_probe_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert {x["n"] for x in r["threshold"]} == {4096, 8192}
     assert set(r["threshold"][0]["median_us"]) == set(cpu_probe.THRESHOLD)
     assert set(r["threshold_suggested"]) == {"float32", "float64"}
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| float32 | 2^10 |") == 2 and "| float64 | 4,096 |" in md
 
 
 def test_suggest_threshold() -> None:
