@@ -114,12 +114,27 @@ def _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_sc
         hi = fma(gi, gi, h[i])
     else:
         hi = h[i] + gi * gi
-    q = (lr_num * gi) / (math.sqrt(hi + eps_in) + eps_out)
+    # The placements the flags do not select have their coefficient at 0 (eps_in) or 1
+    # (lr_num, lr_after), and the operation on it is exact: ``h + 0`` is ``h`` (``h`` is
+    # never -0: it is a sum with g*g, and -0 + +0 is +0), ``1 * g`` is ``g``, ``q * 1``
+    # is ``q``, NaN payloads included. Leaving them out keeps the bits and the default
+    # loop is the NumPy class's formula, operation for operation.
+    if flags & H.EPS_INSIDE:
+        d = math.sqrt(hi + eps_in) + eps_out
+    else:
+        d = math.sqrt(hi) + eps_out
+    if flags & H.LR_AFTER:
+        q = gi / d
+    else:
+        q = (lr_num * gi) / d
     if flags & H.ZERO_WHERE_H0:
         if hi == eps_in - eps_in:
             q = eps_in - eps_in
     h[i] = hi
-    p[i] = pi - q * lr_after
+    if flags & H.LR_AFTER:
+        p[i] = pi - q * lr_after
+    else:
+        p[i] = pi - q
 
 
 @jit(error_model="numpy", inline="always")
@@ -278,9 +293,10 @@ def kernels(flags: int) -> Kernels:
         q  = 0                          if ZERO_WHERE_H0 and h == 0
         p  = p' - q * lr_after
 
-    With the default coefficients (``lr_after = 1``, ``eps_in = 0``) this is exactly
-    the NumPy class: ``h += g*g; p -= lr*g / (sqrt(h) + eps)``, every rounding the same
-    (``h + 0`` and ``q * 1`` are exact, and ``h`` is never ``-0``).
+    Without EPS_INSIDE the ``+ eps_in`` (0) is left out, and without LR_AFTER the
+    ``* lr_after`` (1), with LR_AFTER the ``lr_num *`` (1): exact no-ops, so the bits
+    are those of the formula above and the default loop is exactly the NumPy class,
+    ``h += g*g; p -= lr*g / (sqrt(h) + eps)``, operation for operation.
 
     Each kernel takes the scalars without ``flags``: ``span(p, g, h, lr_num, ...,
     grad_scale)``, ``flat_parallel(p, g, h, chunk, ...)``, ``many_parallel(proto,
