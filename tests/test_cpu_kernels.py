@@ -49,7 +49,8 @@ def test_each_variant_holds_only_its_operations(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("flags", [0, H.MAXIMIZE | H.WD_COUPLED | H.FMA_WEIGHT_DECAY,
-                                   H.WD_DECOUPLED | H.FMA_ACCUMULATE | H.GRAD_SCALE])
+                                   H.WD_DECOUPLED | H.FMA_ACCUMULATE | H.GRAD_SCALE,
+                                   H.EPS_INSIDE | H.LR_AFTER | H.ZERO_WHERE_H0])
 def test_entry_points_take_numpy_scalars_or_floats_with_the_same_bits(dtype, flags):
     """The historical ``adagrad_span(p, g, h, *coefficients)`` (NumPy scalars, flags
     last) and the specialised kernel fed Python floats give identical bits."""
@@ -59,7 +60,12 @@ def test_entry_points_take_numpy_scalars_or_floats_with_the_same_bits(dtype, fla
                          rule=H.Rule(fma_accumulate=bool(flags & H.FMA_ACCUMULATE),
                                      fma_weight_decay=bool(flags & H.FMA_WEIGHT_DECAY),
                                      weight_decay_mode="decoupled"
-                                     if flags & H.WD_DECOUPLED else "coupled"))
+                                     if flags & H.WD_DECOUPLED else "coupled",
+                                     eps_placement="inside" if flags & H.EPS_INSIDE
+                                     else "outside",
+                                     lr_placement="after" if flags & H.LR_AFTER
+                                     else "numerator",
+                                     zero_where_h0=bool(flags & H.ZERO_WHERE_H0)))
     coefs = hyper.coefficients(np.dtype(dtype))
     assert coefs[-1] == flags
     rng = np.random.default_rng(flags)
@@ -67,6 +73,8 @@ def test_entry_points_take_numpy_scalars_or_floats_with_the_same_bits(dtype, fla
     p0 = rng.standard_normal(n).astype(dtype)
     g = rng.standard_normal(n).astype(dtype)
     h0 = rng.random(n).astype(dtype)
+    h0[::7] = 0  # with g = 0 there: h stays 0 (ZERO_WHERE_H0's case)
+    g[::7] = 0
     p1, h1, p2, h2 = p0.copy(), h0.copy(), p0.copy(), h0.copy()
     cpu.adagrad_span(p1, g, h1, *coefs)
     cpu.kernels(flags).span(p2, g, h2, *(float(x) for x in coefs[:-1]))
