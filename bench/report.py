@@ -217,8 +217,8 @@ def targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
 
 
 def targets_table(run: Run) -> str:
-    lines = ["| target | measured | same ratio for the roofline kernel (plain numba: 1) "
-             "| met |", "|---|---:|---:|:---:|"]
+    lines = ["| speed target | measured | same ratio for the roofline "
+             "kernel (for plain numba: 1) | met |", "|---|---:|---:|:---:|"]
     for name, value, bound, ok in targets(run):
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
         lines.append(f"| {name} | {value} | {bound} | {mark} |")
@@ -420,8 +420,8 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
             return str(p.resolve())
 
     head = [
-        "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy class the project "
-        "started from, DeepSpeed's CPU Adagrad where it is installed, \"plain numba\" "
+        "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy AdaGrad class it "
+        "replaces, DeepSpeed's CPU Adagrad where it is installed, \"plain numba\" "
         "(`bench/plain.py`: the update written as one plain `prange` loop, same math and "
         "bits, no validation) and the roofline kernel (`bench/roofline.py`: the same reads "
         "and writes, trivial math). Speed-ups are ratios of medians from one run; "
@@ -439,7 +439,7 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
             "Bold: the fastest implementation of the case (the roofline excluded).", "",
             medians_table(run), ""]
     if opts:
-        full += ["## Formula options and the non-finite check", "", opts, ""]
+        full += ["## Options", "", opts, ""]
     if startup:
         full += ["## Import and first-update time (`bench/startup.py`)", "", startup, ""]
     full += ["---", "", footnote(run, command), ""]
