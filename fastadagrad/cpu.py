@@ -10,10 +10,11 @@ compile-time constant, as in ``cuda.py``: :func:`kernels` builds, on first use o
 set, kernels whose loop holds only that variant's operations (``tests/test_cpu_kernels.py``
 checks the IR). One loop carrying all seven flags as run-time values made LLVM unswitch
 it into many copies. Cold compile of the float32 default variant, fresh process, 2-core
-AMD EPYC under load 2.0-2.3 (two runs, before -> after): serial 0.80/1.31 s ->
-0.36/0.57 s, flat parallel 1.16/1.73 s -> 0.45/0.79 s, many-tensor parallel 1.07/1.67 s
--> 0.81/1.42 s. Numba's on-disk cache keeps each variant apart (its index key includes
-the closure's constants). Passing the flags as a ``numba.literally`` argument instead
+AMD EPYC, load 1.1-1.5 (two runs each, before -> after): serial 0.68/0.68 s ->
+0.37/0.37 s, flat parallel 0.91/0.97 s -> 0.54/0.54 s, many-tensor parallel 0.97/1.04 s
+-> 0.82/0.82 s. Numba's on-disk cache keeps each variant apart (its index key includes
+the closure's constants); loaded from it, each kernel's first call takes 3-15 ms after
+the first one (~0.14 s: Numba's own start). Passing the flags as a ``numba.literally`` argument instead
 re-types the function on every call (7 ms per call measured), and a flag-encoding
 argument type (a namedtuple class per flag set) costs ~0.5 us per call to fingerprint.
 
