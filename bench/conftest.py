@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import benchlib
+from bench import benchlib, machine
 
 
 def timing_disabled(config: pytest.Config) -> bool:
@@ -105,17 +105,15 @@ def pytest_benchmark_update_machine_info(config: pytest.Config,
         threads["torch"] = torch.get_num_threads()
     except ImportError:
         pass
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    facts = machine.facts()
+    threads["usable_cpus"] = facts["usable_cpus"]
     machine_info["fastadagrad"] = {
-        "cpu_model": cpu_model,
+        "cpu_model": facts["cpu_model"],
+        # from /proc/cpuinfo's flags and sysfs (None: not reported, shown as "unknown");
+        # py-cpuinfo's l3_cache_size in machine_info["cpu"] is not used: it printed
+        # 1 MiB (the L2) for a 32 MiB L3 on one machine and 480 MiB on another
+        "vector_isa": facts["vector_isa"],
+        "llc_bytes": facts["llc_bytes"],
         "threads": threads,
         "versions": {
             "fastadagrad": fastadagrad.__version__,

@@ -16,7 +16,7 @@ from bench import benchlib as B
 from fastadagrad import config
 
 FLAT_IMPLS = (B.FAST, B.FAST_SERIAL, B.NUMPY, B.TORCH_FORLOOP, B.TORCH_FOREACH,
-              B.TORCH_FUSED, B.ROOFLINE, B.DEEPSPEED)
+              B.TORCH_FUSED, B.PLAIN, B.PLAIN_SERIAL, B.ROOFLINE, B.DEEPSPEED)
 
 
 def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -32,6 +32,8 @@ def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatc
     if impl in B.TORCH_MODES:
         B.require_torch()
         return B.torch_step([p], [g], impl)
+    if impl in (B.PLAIN, B.PLAIN_SERIAL):
+        return B.plain_flat(p, g, h, serial=impl == B.PLAIN_SERIAL)
     if impl == B.ROOFLINE:
         return B.roofline_step(n, dtype, p0, g)
     if impl == B.DEEPSPEED:

@@ -5,7 +5,8 @@ network the NumPy class was written for, float32 and float64 (the original code
 trains it in float64). Gradients are separately allocated arrays, as a backward pass
 returns them; the NumPy-style implementations alternate between two such sets so that
 each step sees different gradient arrays. ``roofline`` moves the same number of bytes
-over one flat buffer of the model's total size.
+over one flat buffer of the model's total size; ``plain numba`` calls the plain fused
+loop (``bench/plain.py``) once per array.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bench import benchlib as B
 from fastadagrad import FlatBuffer, config
 
 MODEL_IMPLS = (B.FAST, B.FAST_SERIAL, B.FAST_FLAT, B.NUMPY, B.TORCH_FORLOOP,
-               B.TORCH_FOREACH, B.TORCH_FUSED, B.ROOFLINE, B.DEEPSPEED)
+               B.TORCH_FOREACH, B.TORCH_FUSED, B.PLAIN, B.ROOFLINE, B.DEEPSPEED)
 
 MODELS = {
     "b. model100": lambda: {f"t{i:02d}": s for i, s in enumerate(B.model_shapes())},
@@ -43,6 +44,8 @@ def make_model_step(impl: str, shapes: dict[str, tuple[int, ...]], dtype: Any,
         return B.fast_dict(FlatBuffer(params), [FlatBuffer(gs) for gs in grad_sets])
     if impl == B.NUMPY:
         return B.numpy_dict(params, grad_sets)
+    if impl == B.PLAIN:  # one plain prange call per array
+        return B.plain_dict(params, grad_sets)
     keys = list(shapes)
     if impl in B.TORCH_MODES:
         B.require_torch()

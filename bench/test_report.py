@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from bench import benchlib as B
-from bench import report
+from bench import machine, report
 
 
-def fake_run(path: Path) -> None:
+def fake_run(path: Path, llc: int | None = 32 << 20) -> None:
     benchmarks = []
     speed = {B.FAST: 1.0, B.FAST_SERIAL: 1.3, B.NUMPY: 25.0, B.TORCH_FUSED: 3.0,
-             B.ROOFLINE: 0.95}
+             B.PLAIN: 1.05, B.PLAIN_SERIAL: 1.2, B.ROOFLINE: 0.95}
     cases = [("flat", dt, 1 << k) for dt in ("float32", "float64") for k in (16, 20, 24)]
     cases += [("model100", "float32", 2953450), ("options", "float32", 1 << 24),
               ("nonfinite", "float32", 1 << 24)]
@@ -34,6 +34,10 @@ def fake_run(path: Path) -> None:
         "machine_info": {"node": "ci", "system": "Linux", "release": "x", "machine": "x86_64",
                          "cpu": {"brand_raw": "Some CPU"},
                          "fastadagrad": {"cpu_model": "Some CPU", "threads": {"numba": 2},
+                                         "vector_isa": "AVX-512 (512-bit)",
+                                         "llc_bytes": llc,
+                                         "loadavg_start": [0.25, 0.1, 0.1],
+                                         "loadavg_end": [1.5, 0.5, 0.2],
                                          "versions": {"numba": "0"},
                                          "command": "python -m pytest bench"}},
         "commit_info": {"id": "0123456789abcdef", "dirty": False},
@@ -51,7 +55,14 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n") and text.endswith("\nafter\n")
     assert "old" not in text and text.count("<!-- bench:start -->") == 1
-    assert "| flat f32 2^24 | fastadagrad | 16.8 ms | 3.00× | 25.0× | 1.05 |" in text
+    # fastadagrad 1.0, plain numba 1.05, roofline 0.95 (time per element, fake)
+    assert "| flat f32 2^24 | fastadagrad | 16.8 ms | 3.00× | 25.0× | 0.95 | 1.05 |" in text
+    assert "| flat f32 2^24 | plain numba | 17.6 ms | 2.86× | 23.8× | 1.00 | 1.11 |" in text
+    # the footnote: CPU, vector width, last-level cache (sysfs), load at start and end
+    assert "Some CPU, vector width AVX-512 (512-bit)" in text
+    assert "last-level cache 32 MiB" in text
+    assert "load average 0.25 at the start, 1.50 at the end" in text
+    assert "a 32 MiB last-level cache: the flat buffers up to 2^20 f32 / 2^20 f64" in text
     assert "](results/run.png)" in text
     assert (data.with_suffix(".png")).stat().st_size > 1000
     assert all("data" not in b["stats"] and b["stats"]["median"] > 0
@@ -60,8 +71,12 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
     assert "all options" in md and "nonfinite='skip'" in md
     # a median twice the fastest round is flagged as disturbed, and only that one
     assert md.count("†") == 2 and "| all options | 33.6 ms† |" in md
-    # 2^24 f32 at 1.05x the roofline, 3x torch fused at 2^16, 25x NumPy: all four met.
-    assert md.count("| yes |") == 4
+    # 2^24 f32 at 1.05x the roofline, 3x torch fused at 2^16 and on the model, 25x NumPy
+    # (>= 90% of the roofline's 26.3x), 0.95x plain numba: met; serial 1.3 / 1.2 = 1.08x
+    # the plain serial loop: not met.
+    assert md.count("| yes |") == 5 and md.count("| **no** |") == 1
+    assert "fastadagrad serial ≤ 1.05× the time of plain numba serial" in md
+    assert "| 1.08 | 1.00 | **no** |" in md
     # the ceilings: torch fused / roofline = 3 / 0.95, NumPy / roofline = 25 / 0.95
     assert "| 3.00× | 3.16× | yes |" in md and "| 25.0× | 26.3× | yes |" in md
 
@@ -72,3 +87,28 @@ def test_report_creates_readme_when_missing(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     assert report.main([str(data), "--readme", str(readme)]) == 0
     assert "<!-- bench:end -->" in readme.read_text()
+
+
+def test_report_says_unknown_without_a_level3_cache(tmp_path: Path) -> None:
+    data = tmp_path / "run.json"
+    fake_run(data, llc=None)
+    assert report.main([str(data), "--no-readme"]) == 0
+    md = data.with_suffix(".md").read_text()
+    assert "last-level cache unknown" in md and "cache size is unknown" in md
+    assert "MiB last-level cache" not in md
+
+
+def test_machine_facts_from_sysfs_and_cpuinfo(tmp_path: Path) -> None:
+    for i, (level, size) in enumerate((("1", "32K"), ("2", "1024K"), ("3", "32768K"))):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(level + "\n")
+        (d / "size").write_text(size + "\n")
+    assert machine.llc_bytes(tmp_path) == 32 << 20
+    (tmp_path / "index2" / "level").write_text("2\n")  # no level 3 left: unknown
+    assert machine.llc_bytes(tmp_path) is None
+    assert machine.llc_bytes(tmp_path / "missing") is None
+    assert machine.fmt_llc(None) == "unknown" and machine.fmt_llc(32 << 20) == "32 MiB"
+    assert machine.vector_isa({"flags": "fpu sse2 avx avx2 fma"}) == "AVX2 (256-bit)"
+    assert machine.vector_isa({"flags": "sse2 avx2 avx512f"}) == "AVX-512 (512-bit)"
+    assert machine.vector_isa({}) == "unknown"

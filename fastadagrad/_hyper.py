@@ -26,6 +26,12 @@ FMA_ACCUMULATE = 8
 FMA_WEIGHT_DECAY = 16
 ZERO_WHERE_H0 = 32
 GRAD_SCALE = 64
+# Where eps and lr sit (Rule.eps_placement == "inside", Rule.lr_placement == "after"):
+# the coefficients already encode them (eps_in/eps_out, lr_num/lr_after), so a kernel
+# may ignore these bits (cuda.py does); the CPU kernels, compiled per flag set, use them
+# to leave out the exact no-ops ``h + 0`` and ``q * 1`` of the other placement.
+EPS_INSIDE = 128
+LR_AFTER = 256
 
 EpsPlacement = Literal["outside", "inside"]
 WeightDecayMode = Literal["coupled", "decoupled"]
@@ -174,6 +180,10 @@ class Hyper:
             flags |= GRAD_SCALE
         after = r.lr_placement == "after"
         inside = r.eps_placement == "inside"
+        if inside:
+            flags |= EPS_INSIDE
+        if after:
+            flags |= LR_AFTER
         return (
             t(1.0 if after else clr),
             t(clr if after else 1.0),

@@ -5,6 +5,26 @@ writes ``p``, ``h`` once per element (20 bytes per float32 element): no temporar
 no ``fastmath`` (``sqrt`` and ``/`` stay IEEE, nothing is contracted into an FMA
 except where a formula asks for one explicitly through :func:`fma`).
 
+The formula variant (the ``flags`` bit mask of ``Hyper.coefficients``) is a
+compile-time constant, as in ``cuda.py``: :func:`kernels` builds, on first use of a flag
+set, kernels whose loop holds only that variant's operations (``tests/test_cpu_kernels.py``
+checks the IR). One loop carrying all seven flags as run-time values made LLVM unswitch
+it into many copies. Cold compile of the float32 default variant, fresh process, 2-core
+AMD EPYC, load 1.1-1.5 (two runs each, before -> after): serial 0.68/0.68 s ->
+0.37/0.37 s, flat parallel 0.91/0.97 s -> 0.54/0.54 s, many-tensor parallel 0.97/1.04 s
+-> 0.82/0.82 s. Numba's on-disk cache keeps each variant apart (its index key includes
+the closure's constants); loaded from it, each kernel's first call takes 3-15 ms after
+the first one (~0.14 s: Numba's own start). Passing the flags as a ``numba.literally`` argument instead
+re-types the function on every call (7 ms per call measured), and a flag-encoding
+argument type (a namedtuple class per flag set) costs ~0.5 us per call to fingerprint.
+
+The loops are the plain fused loop and nothing more: ``for i in prange(n)`` (parallel)
+or ``for i in range(n)`` (serial). A 64-element blocking with ``llvm.prefetch`` 256
+elements ahead had won ~5% on one Intel Xeon and lost 1.2-2.9x on an AMD EPYC Zen 4
+(2^16 f32 serial 140 us vs 63 us plain), so it was removed; ``bench/plain.py`` keeps the
+plain loop as a benchmark comparator so that any regression shows in ``make bench``,
+and ``bench/cpu_probe.py`` measures both on a new machine.
+
 Validation, dispatch and the parallel/serial choice live in ``_dispatch.py``.
 """
 
@@ -12,9 +32,10 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
-from llvmlite import ir
 from numba import carray, prange, types
 from numba.extending import intrinsic
 
@@ -48,42 +69,221 @@ def _as_pointer(typingctx, address, proto):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
-    """Hint the cache to fetch ``arr[idx]`` (``llvm.prefetch``, read/write, keep)."""
-    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+def _like(typingctx, x, arr):  # type: ignore[no-untyped-def]
+    """``x`` converted to ``arr``'s dtype (round to nearest, as ``np.float32(x)``).
+
+    A coefficient may arrive as a NumPy scalar of the array dtype (a no-op here) or as a
+    Python float: the dispatcher unboxes a Python float in ~5 ns and a NumPy scalar in
+    ~50 ns, which is 0.3 us of a 1 us call with seven coefficients. Rounding the double
+    here gives the bits ``np.float32(x)`` would.
+    """
+    if not (isinstance(x, (types.Float, types.Integer)) and isinstance(arr, types.Array)):
         return None
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = builder.module.globals.get("llvm.prefetch.p0")
-        if fn is None:
-            fn = ir.Function(builder.module, fnty, "llvm.prefetch.p0")
-        addr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        builder.call(fn, [addr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
+        return context.cast(builder, args[0], sig.args[0], sig.return_type)
 
-    return types.void(arr, idx), codegen
+    return arr.dtype(x, arr), codegen
 
 
-#: Software prefetch: each block of BLOCK elements first asks for the cache lines
-#: PREFETCH elements ahead. The hardware prefetcher alone left the kernel at 1.10-1.14x
-#: the memory-only roofline at 2^24 f32 (sqrt/div stall the core while DRAM idles);
-#: with 256 elements ahead it measured 1.01-1.03x (2^20: 1.00-1.01x), and in cache it
-#: costs nothing (interleaved runs against the previous kernel). Frozen at compile time.
-BLOCK = 64
-PREFETCH = 256
+# error_model="numpy" everywhere: no ZeroDivisionError check, so the loops vectorise
+# (zmm vsqrtps/vdivps); with the default "python" model a serial loop stays scalar, ~6x
+# slower. inline="always": Numba pastes the body into each caller before typing, where
+# ``flags`` is the caller's compile-time constant, so only one variant reaches LLVM.
+@jit(error_model="numpy", inline="always")
+def _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
+               flags):
+    """One element of the fused step (the math is in :func:`kernels`' docstring)."""
+    # loop-invariant: LLVM hoists the conversions out of the loop
+    lr_num, lr_after, eps_in, eps_out = (_like(lr_num, p), _like(lr_after, p),
+                                         _like(eps_in, p), _like(eps_out, p))
+    wd, lr_wd, grad_scale = _like(wd, p), _like(lr_wd, p), _like(grad_scale, p)
+    gi = g[i]
+    if flags & H.GRAD_SCALE:
+        gi = gi / grad_scale
+    if flags & H.MAXIMIZE:
+        gi = -gi
+    pi = p[i]
+    if flags & H.WD_COUPLED:
+        if flags & H.FMA_WEIGHT_DECAY:
+            gi = fma(pi, wd, gi)
+        else:
+            gi = gi + pi * wd
+    elif flags & H.WD_DECOUPLED:
+        pi = pi - (pi * wd) * lr_wd
+    if flags & H.FMA_ACCUMULATE:
+        hi = fma(gi, gi, h[i])
+    else:
+        hi = h[i] + gi * gi
+    # The placements the flags do not select have their coefficient at 0 (eps_in) or 1
+    # (lr_num, lr_after), and the operation on it is exact: ``h + 0`` is ``h`` (``h`` is
+    # never -0: it is a sum with g*g, and -0 + +0 is +0), ``1 * g`` is ``g``, ``q * 1``
+    # is ``q``, NaN payloads included. Leaving them out keeps the bits and the default
+    # loop is the NumPy class's formula, operation for operation.
+    if flags & H.EPS_INSIDE:
+        d = math.sqrt(hi + eps_in) + eps_out
+    else:
+        d = math.sqrt(hi) + eps_out
+    if flags & H.LR_AFTER:
+        q = gi / d
+    else:
+        q = (lr_num * gi) / d
+    if flags & H.ZERO_WHERE_H0:
+        if hi == eps_in - eps_in:
+            q = eps_in - eps_in
+    h[i] = hi
+    if flags & H.LR_AFTER:
+        p[i] = pi - q * lr_after
+    else:
+        p[i] = pi - q
 
 
-# error_model="numpy": no ZeroDivisionError check, so the loop vectorises (zmm
-# vsqrtps/vdivps); with the default "python" model the same loop stays scalar, ~6x slower.
-@jit(error_model="numpy")
-def adagrad_span(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
-    """One fused AdaGrad step over equal-length 1-D spans ``p``, ``g``, ``h``.
+@jit(error_model="numpy", inline="always")
+def _nonfinite_at(g, i, grad_scale, flags):
+    x = g[i] / _like(grad_scale, g) if flags & H.GRAD_SCALE else g[i]
+    return np.int32(not math.isfinite(x))
 
-    Per element, in the dtype of the arrays (every coefficient already cast to it)::
+
+class Kernels(NamedTuple):
+    """The CPU kernels of one formula variant (see :func:`kernels`)."""
+
+    span: Any
+    flat_parallel: Any
+    many_parallel: Any
+    many_serial: Any
+    span_has_nonfinite: Any
+    flat_has_nonfinite_parallel: Any
+    first_nonfinite_many: Any
+    first_nonfinite_many_serial: Any
+
+
+def _build(flags: int) -> Kernels:
+    F = int(flags)  # a closure constant: Numba freezes it into the compiled code
+    S = F & H.GRAD_SCALE  # the non-finite check depends on this bit only
+
+    @jit(error_model="numpy")
+    def span(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
+        for i in range(p.size):
+            _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                       grad_scale, F)
+
+    # Plain prange over the elements (split statically into one contiguous run per
+    # thread), as bench/plain.py. The previous prange over 16k-element chunks, each
+    # walked in prefetching 64-element blocks, took 1.2-1.9x the time of the plain loop
+    # on the 2-core EPYC (2^12..2^22 f32, interleaved, load 1.5); ``chunk`` stays in the
+    # signature for the callers only.
+    @jit(parallel=True, error_model="numpy")
+    def flat_parallel(p, g, h, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                      grad_scale):
+        for i in prange(p.size):
+            _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                       grad_scale, F)
+
+    @jit(parallel=True, error_model="numpy")
+    def many_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
+                      lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
+        isz = proto.itemsize
+        for c in prange(ctensor.size):
+            t = ctensor[c]
+            off = cstart[c] * isz
+            n = clen[c]
+            # each view starts at its span: the inner loop is a plain range(n), which
+            # vectorises (range(b, e) over the whole tensor stayed scalar: NUMBA_NOTES)
+            pv = carray(_as_pointer(paddr[t] + off, proto), n)
+            gv = carray(_as_pointer(gaddr[t] + off, proto), n)
+            hv = carray(_as_pointer(haddr[t] + off, proto), n)
+            for i in range(n):
+                _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                           grad_scale, F)
+
+    @jit(error_model="numpy")
+    def many_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
+                    lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
+        isz = proto.itemsize
+        for c in range(ctensor.size):
+            t = ctensor[c]
+            off = cstart[c] * isz
+            n = clen[c]
+            pv = carray(_as_pointer(paddr[t] + off, proto), n)
+            gv = carray(_as_pointer(gaddr[t] + off, proto), n)
+            hv = carray(_as_pointer(haddr[t] + off, proto), n)
+            for i in range(n):
+                _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                           grad_scale, F)
+
+    if S != F:  # the check kernels are shared by every flag set with the same S
+        k = kernels(S)
+        return Kernels(span, flat_parallel, many_parallel, many_serial,
+                       *k[len(Kernels._fields) - 4:])
+
+    # An integer OR-reduction so the loop vectorises (a float sum would not: without
+    # reassociation LLVM keeps float reductions in order). Read-only.
+    @jit(error_model="numpy")
+    def span_has_nonfinite(g, grad_scale):
+        bad = np.int32(0)
+        for i in range(g.size):
+            bad |= _nonfinite_at(g, i, grad_scale, S)
+        return bad != 0
+
+    # The serial check alone made nonfinite='skip' 2x slower than 'ignore' at 2^24 f32
+    # (bench/results/cpu.md); on all threads it is one extra read.
+    @jit(parallel=True, error_model="numpy")
+    def flat_has_nonfinite_parallel(g, chunk, grad_scale):
+        bad = 0
+        for i in prange(g.size):
+            bad += _nonfinite_at(g, i, grad_scale, S)
+        return bad != 0
+
+    @jit(parallel=True, error_model="numpy")
+    def first_nonfinite_many(proto, gaddr, ctensor, cstart, clen, grad_scale):
+        isz = proto.itemsize
+        nc = ctensor.size
+        bad = np.zeros(nc, np.bool_)
+        for c in prange(nc):
+            n = clen[c]
+            gv = carray(_as_pointer(gaddr[ctensor[c]] + cstart[c] * isz, proto), n)
+            b = np.int32(0)
+            for i in range(n):
+                b |= _nonfinite_at(gv, i, grad_scale, S)
+            bad[c] = b != 0
+        first = -1  # the lowest tensor index: the table may be in any order
+        for c in range(nc):
+            if bad[c] and (first < 0 or ctensor[c] < first):
+                first = ctensor[c]
+        return first
+
+    @jit(error_model="numpy")
+    def first_nonfinite_many_serial(proto, gaddr, ctensor, cstart, clen, grad_scale):
+        isz = proto.itemsize
+        first = -1  # the lowest tensor index: the table may be in any order
+        for c in range(ctensor.size):
+            t = ctensor[c]
+            if first >= 0 and t >= first:
+                continue
+            n = clen[c]
+            gv = carray(_as_pointer(gaddr[t] + cstart[c] * isz, proto), n)
+            b = np.int32(0)
+            for i in range(n):
+                b |= _nonfinite_at(gv, i, grad_scale, S)
+            if b != 0:
+                first = t
+        return first
+
+    return Kernels(span, flat_parallel, many_parallel, many_serial, span_has_nonfinite,
+                   flat_has_nonfinite_parallel, first_nonfinite_many,
+                   first_nonfinite_many_serial)
+
+
+_KERNELS: dict[int, Kernels] = {}
+_BUILD_LOCK = threading.RLock()
+
+
+def kernels(flags: int) -> Kernels:
+    """The kernels of the formula variant ``flags``, built on first use (then cached).
+
+    Per element, in the dtype of the arrays (every coefficient already cast to it),
+    with ``(lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)`` from
+    :meth:`fastadagrad._hyper.Hyper.coefficients`::
 
         g' = g / grad_scale             if GRAD_SCALE
         g' = -g'                        if MAXIMIZE
@@ -94,192 +294,91 @@ def adagrad_span(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_sca
         q  = 0                          if ZERO_WHERE_H0 and h == 0
         p  = p' - q * lr_after
 
-    With the default coefficients (``lr_after = 1``, ``eps_in = 0``) this is exactly
-    the NumPy class: ``h += g*g; p -= lr*g / (sqrt(h) + eps)``, every rounding the same.
-    The span is walked in blocks of ``BLOCK`` elements, each prefetching ``PREFETCH``
-    elements ahead; the math per element does not depend on the blocking.
+    Without EPS_INSIDE the ``+ eps_in`` (0) is left out, and without LR_AFTER the
+    ``* lr_after`` (1), with LR_AFTER the ``lr_num *`` (1): exact no-ops, so the bits
+    are those of the formula above and the default loop is exactly the NumPy class,
+    ``h += g*g; p -= lr*g / (sqrt(h) + eps)``, operation for operation.
+
+    Each kernel takes the scalars without ``flags``: ``span(p, g, h, lr_num, ...,
+    grad_scale)``, ``flat_parallel(p, g, h, chunk, ...)``, ``many_parallel(proto,
+    paddr, gaddr, haddr, ctensor, cstart, clen, ...)`` (and ``many_serial``), and the
+    read-only non-finite checks ``span_has_nonfinite(g, grad_scale)``,
+    ``flat_has_nonfinite_parallel(g, chunk, grad_scale)``, ``first_nonfinite_many(proto,
+    gaddr, ctensor, cstart, clen, grad_scale)`` (and ``..._serial``). Compilation is
+    lazy: nothing compiles until a kernel is first called with a dtype.
     """
-    n = p.size
-    line = max(1, 64 // p.itemsize)  # elements per 64-byte cache line
-    nb = n // BLOCK
-    for b in range(nb):
-        s = b * BLOCK
-        if s + PREFETCH < n:
-            for k in range(0, BLOCK, line):
-                _prefetch(p, s + PREFETCH + k)
-                _prefetch(g, s + PREFETCH + k)
-                _prefetch(h, s + PREFETCH + k)
-        _update_block(p[s:s + BLOCK], g[s:s + BLOCK], h[s:s + BLOCK], lr_num, lr_after,
-                      eps_in, eps_out, wd, lr_wd, grad_scale, flags)
-    s = nb * BLOCK
-    _update_block(p[s:], g[s:], h[s:], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                  grad_scale, flags)
+    k = _KERNELS.get(flags)
+    if k is None:
+        with _BUILD_LOCK:
+            k = _KERNELS.get(flags)
+            if k is None:
+                k = _KERNELS[flags] = _build(flags)
+    return k
 
 
-@jit(error_model="numpy", inline="always")
-def _update_block(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
-                  flags):
-    """The per-element loop of :func:`adagrad_span` (its docstring has the math)."""
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
-    zero = eps_in - eps_in
-    for i in range(p.size):
-        gi = g[i]
-        if scale:
-            gi = gi / grad_scale
-        if maximize:
-            gi = -gi
-        pi = p[i]
-        if coupled:
-            if fma_wd:
-                gi = fma(pi, wd, gi)
-            else:
-                gi = gi + pi * wd
-        elif decoupled:
-            pi = pi - (pi * wd) * lr_wd
-        if fma_h:
-            hi = fma(gi, gi, h[i])
-        else:
-            hi = h[i] + gi * gi
-        q = (lr_num * gi) / (math.sqrt(hi + eps_in) + eps_out)
-        if zero_h0 and hi == zero:
-            q = zero
-        h[i] = hi
-        p[i] = pi - q * lr_after
+class _ByName(dict):  # type: ignore[type-arg]
+    """flags -> that variant's kernel of one name, built on first use of the flags."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def __missing__(self, flags: int) -> Any:
+        kernel = self[flags] = getattr(kernels(flags), self.name)
+        return kernel
 
 
-@jit(parallel=True)
-def adagrad_flat_parallel(p, g, h, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                          grad_scale, flags):
-    """:func:`adagrad_span` over one flat buffer, split into ``chunk``-element spans.
+class _ByFlags:
+    """``name(*args, flags)``: the kernel ``kernels(flags).name`` called with ``args``.
 
-    Each span starts at its own offset so the inner loop is a plain ``range(len)`` over
-    a view, which LLVM vectorises.
+    Keeps the entry points' historical signature (``flags`` last, as
+    :meth:`Hyper.coefficients` returns it). The Python-level hop (a dict lookup and a
+    tuple slice) costs a few hundred ns per call; a caller that keeps ``kernels(flags)``
+    (or ``for_flags(flags)``) and passes Python floats skips it and the NumPy-scalar
+    unboxing. ``signatures`` lists the distinct argument types compiled across flag
+    sets (one per dtype in a training run); other attributes are those of the default
+    variant's Numba dispatcher.
     """
-    n = p.size
-    for c in prange((n + chunk - 1) // chunk):
-        b = c * chunk
-        e = min(b + chunk, n)
-        adagrad_span(p[b:e], g[b:e], h[b:e], lr_num, lr_after, eps_in, eps_out, wd,
-                     lr_wd, grad_scale, flags)
+
+    __slots__ = ("_by", "_doc")
+
+    def __init__(self, name: str, doc: str) -> None:
+        self._by = _ByName(name)
+        self._doc = doc
+
+    def __call__(self, *args: Any) -> Any:
+        return self._by[args[-1]](*args[:-1])
+
+    def for_flags(self, flags: int) -> Callable[..., Any]:
+        return self._by[flags]  # type: ignore[no-any-return]
+
+    @property
+    def signatures(self) -> list[tuple[Any, ...]]:
+        seen: dict[tuple[Any, ...], None] = {}
+        for k in list(_KERNELS.values()):
+            for sig in getattr(k, self._by.name).signatures:
+                seen[tuple(sig)] = None
+        return list(seen)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._by[0], attr)
 
 
-@jit(parallel=True)
-def adagrad_many_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
-                          lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
-    """:func:`adagrad_span` over many separate arrays in ONE compiled call.
-
-    ``paddr``/``gaddr``/``haddr`` hold each tensor's data address; the chunk table
-    (``ctensor``, ``cstart``, ``clen``: tensor index, first element, length) splits
-    the model into spans of at most ``config.CHUNK`` elements. ``proto`` is an empty
-    array that carries the dtype. Passing the arrays as a tuple instead does not
-    compile in reasonable time for 100 tensors (NUMBA_NOTES.md).
-    """
-    isz = proto.itemsize
-    for c in prange(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        adagrad_span(carray(_as_pointer(paddr[t] + off, proto), n),
-                     carray(_as_pointer(gaddr[t] + off, proto), n),
-                     carray(_as_pointer(haddr[t] + off, proto), n),
-                     lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)
-
-
-@jit()
-def adagrad_many_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
-                        lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
-    """Serial twin of :func:`adagrad_many_parallel` for small models."""
-    isz = proto.itemsize
-    for c in range(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        adagrad_span(carray(_as_pointer(paddr[t] + off, proto), n),
-                     carray(_as_pointer(gaddr[t] + off, proto), n),
-                     carray(_as_pointer(haddr[t] + off, proto), n),
-                     lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)
-
-
-@jit(error_model="numpy")
-def span_has_nonfinite(g, grad_scale, flags):
-    """True if any ``g`` (divided by ``grad_scale`` when GRAD_SCALE is set) is NaN/inf.
-
-    Read-only; an integer OR-reduction so the loop vectorises (a float sum would not:
-    without reassociation LLVM keeps float reductions in order).
-    """
-    n = g.size
-    line = max(1, 64 // g.itemsize)
-    nb = n // (4 * BLOCK)
-    bad = False
-    for b in range(nb):  # blocks, prefetching ahead like adagrad_span
-        s = b * 4 * BLOCK
-        if s + 4 * PREFETCH < n:
-            for k in range(0, 4 * BLOCK, line):
-                _prefetch(g, s + 4 * PREFETCH + k)
-        bad |= _block_has_nonfinite(g[s:s + 4 * BLOCK], grad_scale, flags)
-    return bad | _block_has_nonfinite(g[nb * 4 * BLOCK:], grad_scale, flags)
-
-
-@jit(error_model="numpy", inline="always")
-def _block_has_nonfinite(g, grad_scale, flags):
-    scale = (flags & H.GRAD_SCALE) != 0
-    bad = np.int32(0)
-    for i in range(g.size):
-        x = g[i] / grad_scale if scale else g[i]
-        bad |= np.int32(not math.isfinite(x))
-    return bad != 0
-
-
-@jit(parallel=True)
-def flat_has_nonfinite_parallel(g, chunk, grad_scale, flags):
-    """:func:`span_has_nonfinite` over one flat buffer on all threads. Read-only.
-
-    The serial check alone made ``nonfinite='skip'`` 2x slower than ``'ignore'`` at
-    2^24 float32 (bench/results/cpu.md); split like the update, it is one extra read.
-    """
-    n = g.size
-    nc = (n + chunk - 1) // chunk
-    bad = 0
-    for c in prange(nc):
-        b = c * chunk
-        bad += span_has_nonfinite(g[b:min(b + chunk, n)], grad_scale, flags)
-    return bad != 0
-
-
-@jit(parallel=True)
-def first_nonfinite_many(proto, gaddr, ctensor, cstart, clen, grad_scale, flags):
-    """Lowest index of a tensor whose gradient has a NaN/inf, or -1. Read-only."""
-    isz = proto.itemsize
-    nc = ctensor.size
-    bad = np.zeros(nc, np.bool_)
-    for c in prange(nc):
-        g = carray(_as_pointer(gaddr[ctensor[c]] + cstart[c] * isz, proto), clen[c])
-        bad[c] = span_has_nonfinite(g, grad_scale, flags)
-    first = -1  # the lowest tensor index: the table may be in any order
-    for c in range(nc):
-        if bad[c] and (first < 0 or ctensor[c] < first):
-            first = ctensor[c]
-    return first
-
-
-@jit()
-def first_nonfinite_many_serial(proto, gaddr, ctensor, cstart, clen, grad_scale, flags):
-    isz = proto.itemsize
-    first = -1  # the lowest tensor index: the table may be in any order
-    for c in range(ctensor.size):
-        t = ctensor[c]
-        if first >= 0 and t >= first:
-            continue
-        g = carray(_as_pointer(gaddr[t] + cstart[c] * isz, proto), clen[c])
-        if span_has_nonfinite(g, grad_scale, flags):
-            first = t
-    return first
+adagrad_span = _ByFlags("span", "One fused AdaGrad step over equal-length 1-D spans "
+                        "``p, g, h``: ``adagrad_span(p, g, h, *coefficients)``.")
+adagrad_flat_parallel = _ByFlags("flat_parallel", "The fused step over one flat buffer on "
+                                 "all threads: ``(p, g, h, chunk, *coefficients)``.")
+adagrad_many_parallel = _ByFlags("many_parallel", "The fused step over many separate "
+                                 "arrays in one compiled call, from a chunk table.")
+adagrad_many_serial = _ByFlags("many_serial", "Serial twin of adagrad_many_parallel.")
+span_has_nonfinite = _ByFlags("span_has_nonfinite", "True if any ``g`` (divided by "
+                              "``grad_scale`` when GRAD_SCALE is set) is NaN or inf.")
+flat_has_nonfinite_parallel = _ByFlags("flat_has_nonfinite_parallel",
+                                       "span_has_nonfinite on all threads.")
+first_nonfinite_many = _ByFlags("first_nonfinite_many", "Lowest index of a tensor whose "
+                                "gradient has a NaN/inf, or -1. Read-only.")
+first_nonfinite_many_serial = _ByFlags("first_nonfinite_many_serial",
+                                       "Serial twin of first_nonfinite_many.")
 
 
 #: Parallel kernels are called under this lock: Numba's workqueue layer aborts the

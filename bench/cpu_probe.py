@@ -1,0 +1,376 @@
+"""Probe a CPU: fastadagrad's kernels against the plain fused loop and the roofline kernel.
+
+Standalone (numpy and numba only; no pytest, no torch), run from a repository checkout::
+
+    python bench/cpu_probe.py --json bench/results/cpu-probe-<cpu>.json
+
+It measures, with every candidate of a case interleaved in shuffled order within each
+block and the median of the block medians reported:
+
+1. ``flat``: fastadagrad's parallel kernel (``cpu.kernels(0).flat_parallel``, the
+   NumPy-class formula), the plain fused loop (``bench/plain.py``, same math and bits)
+   and the roofline kernel (``bench/roofline.py``, same memory traffic, trivial math),
+   float32 and float64, every size 2^10..2^26, all Numba threads;
+2. ``serial``: fastadagrad's serial kernel against the plain serial loop, 2^10..2^18;
+3. ``threshold``: around the serial/parallel threshold (2^12..2^20, float32 and
+   float64): the public ``adagrad_update`` as shipped (default dispatch), the same call
+   forced serial and forced parallel (``config.PARALLEL_THRESHOLD`` patched), and the
+   bare serial and parallel kernels, so that a threshold can be chosen per machine;
+4. ``roofline_2_24``: 2^24 float32, kernel vs plain vs roofline, more rounds.
+
+It records the CPU model, vector width, CPUs, Numba's threads and threading layer, the
+last-level cache (sysfs) and the load average at the start and the end. Kernels are
+compiled (or loaded from Numba's cache) before anything is timed. Takes about 1-2
+minutes on 16 cores, 2-3 on 2. Other processes on the cores disturb parallel kernels
+badly (one busy core stalls every barrier): check the load averages in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fastadagrad  # noqa: E402
+from bench import machine  # noqa: E402
+from bench.plain import plain_parallel, plain_serial  # noqa: E402
+from bench.roofline import roofline  # noqa: E402
+from fastadagrad import _hyper, config, cpu  # noqa: E402
+
+LR, EPS = 0.01, 1e-7
+
+
+#: A block stops after this long even if it has not made its ``reps`` calls (at least 5):
+#: under load a parallel call can take 8-20 ms instead of microseconds, and the probe must
+#: still finish in minutes.
+BLOCK_BUDGET_S = 0.05
+
+
+def time_block(f: Callable[[], Any], reps: int) -> float:
+    """Median seconds of up to ``reps`` back-to-back calls of ``f``."""
+    ts = []
+    clock = time.perf_counter
+    end = clock() + BLOCK_BUDGET_S
+    for i in range(reps):
+        t0 = clock()
+        f()
+        t1 = clock()
+        ts.append(t1 - t0)
+        if t1 > end and i >= 4:
+            break
+    return statistics.median(ts)
+
+
+def interleaved(cands: dict[str, Callable[[], Any]], reps: int, blocks: int,
+                rng: random.Random, best: dict[str, float] | None = None
+                ) -> dict[str, float]:
+    """Median over ``blocks`` of each candidate's block median; order shuffled per block.
+
+    ``best``, if given, receives each candidate's fastest block median: when the load
+    average says other processes shared the cores, it shows what an undisturbed block
+    measured (a disturbed parallel call takes milliseconds, not microseconds).
+    """
+    for f in cands.values():  # warm: compile or load, fault pages in
+        f()
+        f()
+    res: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for _ in range(blocks):
+        rng.shuffle(names)
+        for k in names:
+            res[k].append(time_block(cands[k], reps))
+    if best is not None:
+        best.update({k: min(v) for k, v in res.items()})
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+QUICK = False
+
+
+def reps_for(n: int) -> tuple[int, int]:
+    """(calls per block, blocks): ~2^24 elements per block, at least 5 calls."""
+    if QUICK:
+        return 5, 2
+    return max(5, min(1000, (1 << 24) // n)), (3 if n >= 1 << 24 else 5)
+
+
+def arrays(n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(n)
+    p = (rng.random(n, dtype=np.float32) - 0.5).astype(dtype)
+    g = ((rng.random(n, dtype=np.float32) - 0.5) * 0.1).astype(dtype)
+    return p, g, np.zeros(n, dtype)
+
+
+def coefficients(dtype: Any, floats: bool = True) -> tuple[Any, ...]:
+    """The default formula's kernel coefficients (flags 0, a compile-time constant).
+
+    As Python floats by default: the kernels round them to the array dtype inside (the
+    same bits), and the dispatcher unboxes a float in ~5 ns against ~50 ns for a NumPy
+    scalar; ``floats=False`` gives the NumPy scalars ``Hyper.coefficients`` returns.
+    """
+    c = _hyper.Hyper.make(lr=LR, eps=EPS).coefficients(np.dtype(dtype))
+    return tuple(float(x) for x in c[:-1]) if floats else tuple(c[:-1])
+
+
+def us(d: dict[str, float]) -> dict[str, float]:
+    return {k: round(v * 1e6, 3) for k, v in d.items()}
+
+
+def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
+                 ) -> dict[str, Callable[[], Any]]:
+    """Zero-argument calls of every candidate on ``p, g, h`` (all share the arrays)."""
+    k = cpu.kernels(0)
+    t = p.dtype.type
+    lr, eps = t(LR), t(EPS)
+    a, b, ei, eo, wd, lw, gs = coefficients(p.dtype)
+    a_, b_, ei_, eo_, wd_, lw_, gs_ = coefficients(p.dtype, floats=False)
+    chunk = config.CHUNK
+    shipped = config.PARALLEL_THRESHOLD
+
+    def public(threshold: int) -> Callable[[], Any]:
+        def f() -> Any:
+            config.PARALLEL_THRESHOLD = threshold
+            try:
+                return fastadagrad.adagrad_update(p, g, h, lr=LR, eps=EPS)
+            finally:
+                config.PARALLEL_THRESHOLD = shipped
+        return f
+
+    return {
+        "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, chunk, a, b, ei, eo, wd, lw,
+                                                      gs),
+        "plain numba": lambda: plain_parallel(p, g, h, lr, eps),
+        "roofline": lambda: roofline(p, g, h),
+        "fastadagrad serial kernel": lambda: k.span(p, g, h, a, b, ei, eo, wd, lw, gs),
+        "fastadagrad serial kernel, NumPy-scalar coefficients":
+            lambda: k.span(p, g, h, a_, b_, ei_, eo_, wd_, lw_, gs_),
+        "plain numba serial": lambda: plain_serial(p, g, h, lr, eps),
+        "adagrad_update (default dispatch)": public(shipped),
+        "adagrad_update forced serial": public(sys.maxsize),
+        "adagrad_update forced parallel": public(0),
+    }
+
+
+FLAT = ("fastadagrad kernel", "plain numba", "roofline")
+SERIAL = ("fastadagrad serial kernel", "fastadagrad serial kernel, NumPy-scalar coefficients",
+          "plain numba serial")
+THRESHOLD = ("adagrad_update (default dispatch)", "adagrad_update forced serial",
+             "adagrad_update forced parallel", "fastadagrad serial kernel",
+             "fastadagrad kernel")
+
+
+def measure(n: int, dtype: str, names: tuple[str, ...], rng: random.Random,
+            reps_blocks: tuple[int, int] | None = None) -> dict[str, Any]:
+    p, g, h = arrays(n, dtype)
+    calls = kernel_calls(p, g, h)
+    reps, blocks = reps_blocks or reps_for(n)
+    best: dict[str, float] = {}
+    m = interleaved({k: calls[k] for k in names}, reps, blocks, rng, best)
+    return {"dtype": dtype, "n": n, "reps": reps, "blocks": blocks, "median_us": us(m),
+            "fastest_block_us": us(best)}
+
+
+def flat_section(exps: range, dtypes: tuple[str, ...], rng: random.Random,
+                 log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    for dt in dtypes:
+        for e in exps:
+            row = measure(1 << e, dt, FLAT, rng)
+            m = row["median_us"]
+            row["kernel/plain"] = m["fastadagrad kernel"] / m["plain numba"]
+            row["kernel/roofline"] = m["fastadagrad kernel"] / m["roofline"]
+            row["plain/roofline"] = m["plain numba"] / m["roofline"]
+            out.append(row)
+            log(f"flat {dt} 2^{e}: kernel {m['fastadagrad kernel']:,.1f} us, plain "
+                f"{m['plain numba']:,.1f} us, roofline {m['roofline']:,.1f} us"
+                f" | kernel/plain {row['kernel/plain']:.3f}")
+    return out
+
+
+def serial_section(exps: range, dtypes: tuple[str, ...], rng: random.Random,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    for dt in dtypes:
+        for e in exps:
+            row = measure(1 << e, dt, SERIAL, rng)
+            m = row["median_us"]
+            row["kernel/plain"] = m[SERIAL[0]] / m[SERIAL[2]]
+            row["kernel with NumPy-scalar coefficients/plain"] = m[SERIAL[1]] / m[SERIAL[2]]
+            out.append(row)
+            log(f"serial {dt} 2^{e}: kernel {m[SERIAL[0]]:,.2f} us (NumPy-scalar "
+                f"coefficients {m[SERIAL[1]]:,.2f} us), plain {m[SERIAL[2]]:,.2f} us | "
+                f"kernel/plain {row['kernel/plain']:.3f}")
+    return out
+
+
+def threshold_section(sizes: list[int], dtypes: tuple[str, ...], rng: random.Random,
+                      log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    for dt in dtypes:
+        for n in sizes:
+            row = measure(n, dt, THRESHOLD, rng)
+            m = row["median_us"]
+            row["parallel/serial kernel"] = m["fastadagrad kernel"] / m[SERIAL[0]]
+            out.append(row)
+            log(f"threshold {dt} n={n:,}: serial kernel {m[SERIAL[0]]:,.2f} us, parallel "
+                f"kernel {m['fastadagrad kernel']:,.2f} us; adagrad_update default "
+                f"{m[THRESHOLD[0]]:,.2f}, forced serial {m[THRESHOLD[1]]:,.2f}, forced "
+                f"parallel {m[THRESHOLD[2]]:,.2f} us")
+    return out
+
+
+def suggest_threshold(rows: list[dict[str, Any]], dtype: str) -> int | None:
+    """Smallest measured size from which the public call forced parallel beats forced
+    serial at that size and every larger one (None if parallel never wins)."""
+    pts = sorted((r["n"], r["median_us"]["adagrad_update forced parallel"]
+                  < r["median_us"]["adagrad_update forced serial"])
+                 for r in rows if r["dtype"] == dtype)
+    best = None
+    for n, par_wins in reversed(pts):
+        if not par_wins:
+            break
+        best = n
+    return best
+
+
+def _size(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The probe's JSON as markdown tables (written next to it): nothing typed by hand."""
+    m = r["machine"]
+    la, lb = r["loadavg_start"], r["loadavg_end"]
+    out = [f"# CPU probe: {m['cpu_model']}", "",
+           f"{m['cpu_model']}, {m['vector_isa']}, {m['usable_cpus']} usable CPUs "
+           f"({m['os_cpu_count']} online), last-level cache {machine.fmt_llc(m['llc_bytes'])}; "
+           f"numba {r['numba_threads']} threads ({r.get('numba_threading_layer', '?')}); "
+           f"{', '.join(f'{k} {v}' for k, v in r['versions'].items())}. Started "
+           f"{r['started_utc']}, {r['duration_s']} s. 1-minute load average {la[0]:.2f} at "
+           f"the start, {lb[0]:.2f} at the end: above ~0.5 on few cores, other processes "
+           "disturbed the parallel kernels (a disturbed call takes milliseconds), so compare "
+           "the fastest blocks too. Medians of interleaved blocks "
+           "(`python bench/cpu_probe.py`).", "",
+           "## Parallel kernel vs the plain fused loop vs the roofline kernel", "",
+           "| dtype | n | kernel | plain numba | roofline | kernel ÷ plain | kernel ÷ "
+           "roofline | fastest blocks: kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in r["flat"]:
+        t, b = x["median_us"], x["fastest_block_us"]
+        out.append(f"| {x['dtype']} | {_size(x['n'])} | {t['fastadagrad kernel']:,.1f} µs | "
+                   f"{t['plain numba']:,.1f} µs | {t['roofline']:,.1f} µs | "
+                   f"{x['kernel/plain']:.3f} | {x['kernel/roofline']:.3f} | "
+                   f"{b['fastadagrad kernel'] / b['plain numba']:.3f} |")
+    out += ["", "## Serial kernel vs the plain serial loop", "",
+            "| dtype | n | kernel | kernel, NumPy-scalar coefficients | plain numba serial | "
+            "kernel ÷ plain | NumPy-scalar kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|"]
+    for x in r["serial"]:
+        t = x["median_us"]
+        out.append(f"| {x['dtype']} | {_size(x['n'])} | {t[SERIAL[0]]:,.2f} µs | "
+                   f"{t[SERIAL[1]]:,.2f} µs | {t[SERIAL[2]]:,.2f} µs | {x['kernel/plain']:.3f} | "
+                   f"{x['kernel with NumPy-scalar coefficients/plain']:.3f} |")
+    out += ["", f"## Serial/parallel threshold (shipped: {r['parallel_threshold_shipped']:,})",
+            "", "| dtype | n | serial kernel | parallel kernel | adagrad_update default | "
+            "forced serial | forced parallel |", "|---|---|---:|---:|---:|---:|---:|"]
+    for x in r["threshold"]:
+        t = x["median_us"]
+        out.append(f"| {x['dtype']} | {x['n']:,} | {t[THRESHOLD[3]]:,.2f} µs | "
+                   f"{t[THRESHOLD[4]]:,.2f} µs | {t[THRESHOLD[0]]:,.2f} µs | "
+                   f"{t[THRESHOLD[1]]:,.2f} µs | {t[THRESHOLD[2]]:,.2f} µs |")
+    sug = ", ".join(f"{k}: {'never' if v is None else f'{v:,}'}"
+                    for k, v in r["threshold_suggested"].items())
+    out += ["", f"Smallest size from which the forced-parallel call beats the forced-serial "
+            f"one at every larger measured size: {sug}."]
+    if "roofline_2_24" in r:
+        x = r["roofline_2_24"]
+        out += ["", f"2^24 float32, {r['numba_threads']} threads, 15 calls x 5 blocks: kernel "
+                f"÷ roofline {x['kernel/roofline']:.3f}, plain ÷ roofline "
+                f"{x['plain/roofline']:.3f}."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--max-exponent", type=int, default=26,
+                    help="largest flat size 2^k (default 26; 2^26 f64 needs 1.5 GiB)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2^10..2^11, two threshold sizes, few calls (tests)")
+    args = ap.parse_args(argv)
+    global QUICK
+    QUICK = args.quick
+    if QUICK:
+        args.max_exponent = 11
+    rng = random.Random(args.seed)
+    t_start = time.time()
+    load_start = list(os.getloadavg())
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:6.1f} s] {msg}", flush=True)
+
+    facts = machine.facts()
+    log(f"{facts['cpu_model']}, {facts['vector_isa']}, {facts['usable_cpus']} usable CPUs, "
+        f"LLC {machine.fmt_llc(facts['llc_bytes'])}, numba {numba.get_num_threads()} "
+        f"threads, load average {load_start[0]:.2f}")
+    top = max(10, args.max_exponent)
+    result: dict[str, Any] = {
+        "probe": "bench/cpu_probe.py",
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "machine": facts,
+        "node": platform.node(),
+        "numba_threads": numba.get_num_threads(),
+        "versions": {"fastadagrad": fastadagrad.__version__, "numba": numba.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "parallel_threshold_shipped": config.PARALLEL_THRESHOLD,
+        "loadavg_start": load_start,
+        "quick": QUICK,
+    }
+    result["flat"] = flat_section(range(10, top + 1), ("float32", "float64"), rng, log)
+    result["numba_threading_layer"] = str(numba.threading_layer())
+    result["serial"] = serial_section(range(10, min(top, 18) + 1), ("float32", "float64"),
+                                      rng, log)
+    sizes = [1 << 12, 1 << 13] if QUICK else sorted(
+        {int(1 << e) for e in range(12, 21)} | {int(1.5 * (1 << e)) for e in range(12, 20)})
+    result["threshold"] = threshold_section(sizes, ("float32", "float64"), rng, log)
+    result["threshold_suggested"] = {dt: suggest_threshold(result["threshold"], dt)
+                                     for dt in ("float32", "float64")}
+    if top >= 24:
+        row = measure(1 << 24, "float32", FLAT, rng, (15, 5))
+        m = row["median_us"]
+        row["kernel/roofline"] = m["fastadagrad kernel"] / m["roofline"]
+        row["plain/roofline"] = m["plain numba"] / m["roofline"]
+        result["roofline_2_24"] = row
+        log(f"2^24 f32, {numba.get_num_threads()} threads: kernel/roofline "
+            f"{row['kernel/roofline']:.3f}, plain/roofline {row['plain/roofline']:.3f}")
+    result["loadavg_end"] = list(os.getloadavg())
+    result["duration_s"] = round(time.time() - t_start, 1)
+    worst = max(result["flat"], key=lambda r: r["kernel/plain"])
+    worst_s = max(result["serial"], key=lambda r: r["kernel/plain"])
+    log(f"done in {result['duration_s']} s; load average {result['loadavg_end'][0]:.2f}; "
+        f"worst kernel/plain: parallel {worst['kernel/plain']:.3f} ({worst['dtype']} "
+        f"n={worst['n']:,}), serial {worst_s['kernel/plain']:.3f} ({worst_s['dtype']} "
+        f"n={worst_s['n']:,}); threshold where parallel wins: {result['threshold_suggested']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        args.json.with_suffix(".md").write_text(markdown(result))
+        log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

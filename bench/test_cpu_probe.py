@@ -1,0 +1,42 @@
+"""bench/cpu_probe.py runs end to end (a smoke run: tiny sizes, few calls) and writes
+the JSON the lead reads on another machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import cpu_probe
+
+
+def test_probe_smoke_run_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "probe.json"
+    assert cpu_probe.main(["--quick", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["quick"] is True and r["numba_threads"] >= 1
+    assert {"cpu_model", "vector_isa", "usable_cpus", "llc_bytes"} <= set(r["machine"])
+    assert len(r["loadavg_start"]) == 3 and len(r["loadavg_end"]) == 3
+    assert [(x["dtype"], x["n"]) for x in r["flat"]] == [
+        (dt, n) for dt in ("float32", "float64") for n in (1024, 2048)]
+    for row in r["flat"]:
+        assert set(row["median_us"]) == set(cpu_probe.FLAT)
+        assert all(v > 0 for v in row["median_us"].values()) and row["kernel/plain"] > 0
+    assert {x["n"] for x in r["serial"]} == {1024, 2048}
+    assert {x["n"] for x in r["threshold"]} == {4096, 8192}
+    assert set(r["threshold"][0]["median_us"]) == set(cpu_probe.THRESHOLD)
+    assert set(r["threshold_suggested"]) == {"float32", "float64"}
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| float32 | 2^10 |") == 2 and "| float64 | 4,096 |" in md
+
+
+def test_suggest_threshold() -> None:
+    def row(n: int, par: float, ser: float) -> dict:
+        return {"dtype": "float32", "n": n,
+                "median_us": {"adagrad_update forced parallel": par,
+                              "adagrad_update forced serial": ser}}
+
+    rows = [row(1 << 12, 5, 2), row(1 << 13, 3, 4), row(1 << 14, 6, 5), row(1 << 15, 7, 9),
+            row(1 << 16, 8, 20)]
+    # parallel wins at 2^13 but loses again at 2^14: the threshold is 2^15
+    assert cpu_probe.suggest_threshold(rows, "float32") == 1 << 15
+    assert cpu_probe.suggest_threshold([row(1 << 12, 5, 2)], "float32") is None

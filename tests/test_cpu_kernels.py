@@ -1,0 +1,111 @@
+"""The CPU kernels are specialised per formula variant at compile time.
+
+``cpu.kernels(flags)`` builds one set of kernels per flag set; each contains only its
+variant's operations (checked in the generated LLVM IR), its results match the
+NumPy reference bit for bit (``test_presets.py`` covers every rule through the public
+API; here the entry points are called directly), and Numba's on-disk cache keeps every
+variant apart (a second process loads each of them, compiling none).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastadagrad import _hyper as H
+from fastadagrad import cpu
+from fastadagrad.reference import reference_step
+from fastadagrad.testing import assert_bits_equal
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ir(dispatcher, *args):  # type: ignore[no-untyped-def]
+    """The optimised LLVM IR of the kernel compiled for ``args``."""
+    dispatcher(*args)
+    return "\n".join(dispatcher.inspect_llvm().values())
+
+
+def test_each_variant_holds_only_its_operations(monkeypatch):
+    from fastadagrad import config
+
+    monkeypatch.setattr(config, "CACHE", False)  # Numba cannot inspect cached code
+    p, g, h = (np.ones(64, np.float32) for _ in range(3))
+    c = (0.01, 1.0, 0.0, 1e-7, 0.1, 0.01, 2.0)
+    plain = _ir(cpu._build(0).span, p, g, h, *c)
+    fused = _ir(cpu._build(H.FMA_ACCUMULATE).span, p, g, h, *c)
+    assert "@llvm.fma" not in plain and "@llvm.fma" in fused
+    # the default loop divides once per element (the update); GRAD_SCALE adds a second
+    # division, which the other variants must not carry
+    scaled = _ir(cpu._build(H.GRAD_SCALE).span, p, g, h, *c)
+    assert scaled.count(" fdiv ") > plain.count(" fdiv ") > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("flags", [0, H.MAXIMIZE | H.WD_COUPLED | H.FMA_WEIGHT_DECAY,
+                                   H.WD_DECOUPLED | H.FMA_ACCUMULATE | H.GRAD_SCALE,
+                                   H.EPS_INSIDE | H.LR_AFTER | H.ZERO_WHERE_H0])
+def test_entry_points_take_numpy_scalars_or_floats_with_the_same_bits(dtype, flags):
+    """The historical ``adagrad_span(p, g, h, *coefficients)`` (NumPy scalars, flags
+    last) and the specialised kernel fed Python floats give identical bits."""
+    hyper = H.Hyper.make(lr=0.05, eps=1e-3, weight_decay=0.01 if flags & 6 else 0.0,
+                         maximize=bool(flags & H.MAXIMIZE),
+                         grad_scale=8.0 if flags & H.GRAD_SCALE else None,
+                         rule=H.Rule(fma_accumulate=bool(flags & H.FMA_ACCUMULATE),
+                                     fma_weight_decay=bool(flags & H.FMA_WEIGHT_DECAY),
+                                     weight_decay_mode="decoupled"
+                                     if flags & H.WD_DECOUPLED else "coupled",
+                                     eps_placement="inside" if flags & H.EPS_INSIDE
+                                     else "outside",
+                                     lr_placement="after" if flags & H.LR_AFTER
+                                     else "numerator",
+                                     zero_where_h0=bool(flags & H.ZERO_WHERE_H0)))
+    coefs = hyper.coefficients(np.dtype(dtype))
+    assert coefs[-1] == flags
+    rng = np.random.default_rng(flags)
+    n = 1037
+    p0 = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    h0 = rng.random(n).astype(dtype)
+    h0[::7] = 0  # with g = 0 there: h stays 0 (ZERO_WHERE_H0's case)
+    g[::7] = 0
+    p1, h1, p2, h2 = p0.copy(), h0.copy(), p0.copy(), h0.copy()
+    cpu.adagrad_span(p1, g, h1, *coefs)
+    cpu.kernels(flags).span(p2, g, h2, *(float(x) for x in coefs[:-1]))
+    assert_bits_equal(p2, p1)
+    assert_bits_equal(h2, h1)
+    p3, h3 = p0.copy(), h0.copy()
+    reference_step(p3, g, h3, hyper, step=1)
+    assert_bits_equal(p1, p3)
+    assert_bits_equal(h1, h3)
+
+
+def test_on_disk_cache_keeps_every_variant(tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np
+        from fastadagrad import _hyper as H, cpu
+        for flags in (0, H.FMA_ACCUMULATE, H.MAXIMIZE | H.WD_COUPLED):
+            k = cpu.kernels(flags).span
+            p = np.linspace(-1, 1, 50, dtype=np.float32)
+            k(p, p * 0.5, np.ones(50, np.float32), 0.01, 1.0, 0.0, 1e-7, 0.1, 0.01, 1.0)
+            print(flags, sum(k.stats.cache_hits.values()),
+                  sum(k.stats.cache_misses.values()), float(p.sum()))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    env.pop("FASTADAGRAD_NO_CACHE", None)
+
+    def run() -> list[list[str]]:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=ROOT, check=True).stdout
+        return [line.split() for line in out.strip().splitlines()]
+
+    first, second = run(), run()
+    assert [r[1:3] for r in first] == [["0", "1"]] * 3  # compiled, written
+    assert [r[1:3] for r in second] == [["1", "0"]] * 3  # each loaded, none compiled
+    assert [r[3] for r in first] == [r[3] for r in second]
