@@ -14,8 +14,9 @@ AMD EPYC, load 1.1-1.5 (two runs each, before -> after): serial 0.68/0.68 s ->
 0.37/0.37 s, flat parallel 0.91/0.97 s -> 0.54/0.54 s, many-tensor parallel 0.97/1.04 s
 -> 0.82/0.82 s. Numba's on-disk cache keeps each variant apart (its index key includes
 the closure's constants); loaded from it, each kernel's first call takes 3-15 ms after
-the first one (~0.14 s: Numba's own start). Passing the flags as a ``numba.literally`` argument instead
-re-types the function on every call (7 ms per call measured), and a flag-encoding
+the first one (~0.14 s: Numba's own start). Passing the flags as a ``numba.literally``
+argument instead re-types the function on every call (7 ms per call measured), and a
+flag-encoding
 argument type (a namedtuple class per flag set) costs ~0.5 us per call to fingerprint.
 
 The loops are the plain fused loop and nothing more: ``for i in prange(n)`` (parallel)
