@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _dispatch as D
+from . import _half_dispatch as _half
 from ._hyper import (
     Hyper,
     NonFinite,
@@ -19,6 +20,7 @@ from ._hyper import (
     check_nonfinite,
     check_step,
 )
+from ._rounding import is_half
 from .flat import FlatBuffer, layout_of
 from .presets import get_preset
 
@@ -27,7 +29,8 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
                    eps: float = 1e-7, lr_decay: float = 0.0, weight_decay: float = 0.0,
                    maximize: bool = False, step: int = 1,
                    grad_scale: float | None = None, nonfinite: NonFinite = "ignore",
-                   rule: Rule | None = None) -> bool:
+                   rule: Rule | None = None, rounding: str = "nearest",
+                   seed: int | None = None, master: Any = None) -> bool:
     """One fused AdaGrad step, in place, in a single pass over memory.
 
     With the default rule (the NumPy class the project started from)::
@@ -56,6 +59,12 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
             (if any gradient is NaN/inf, change nothing and return False) or
             ``"raise"`` (change nothing, raise FloatingPointError).
         rule: formula choices (eps placement, FMA, ...); see :mod:`fastadagrad.presets`.
+        rounding, seed, master: for bfloat16 (``ml_dtypes.bfloat16``) or float16
+            ``param``/``grad`` with a float32 ``state_sum``: the update runs in float32
+            and ``param`` is written back rounded, ``"nearest"`` (even) or
+            ``"stochastic"`` (random bits from ``(seed, step, element)``: pass a new
+            ``step`` at every call). ``master``: an optional float32 copy of ``param``
+            that the update starts from and keeps; ``param`` is then its rounding.
 
     Returns:
         True if the step was applied; False only when ``nonfinite="skip"`` skipped it.
@@ -79,6 +88,11 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     except TypeError:  # unhashable argument: let Hyper.make name what is wrong with it
         hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
                            maximize=maximize, grad_scale=grad_scale, rule=rule)
+    if (rounding != "nearest" or seed is not None or master is not None
+            or is_half(getattr(param, "dtype", None))):  # half precision: its own path
+        return _half.update_functional(param, grad, state_sum, master, hyper,
+                                       check_step(step), check_nonfinite(nonfinite),
+                                       rounding, seed)
     return D.update([param], [grad], [state_sum], [D.FUNCTIONAL_LABELS], hyper,
                     check_step(step), check_nonfinite(nonfinite))
 

@@ -99,3 +99,29 @@ def reference_step(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hyper,
     if r.zero_where_h0:
         q = np.where(h == 0, t(0), q)
     p[...] = pn - q
+
+
+def reference_step_half(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hyper,
+                        step: int = 1, *, master: np.ndarray | None = None,
+                        rounding: str = "nearest", seed: int | None = None,
+                        tensor: int = 0) -> None:
+    """One AdaGrad step on bfloat16/float16 ``p``/``g`` with a float32 ``h``, in place.
+
+    ``p`` (or the float32 ``master`` copy when given) and ``g`` are converted to float32,
+    :func:`reference_step` runs in float32, ``h`` (and ``master``) keep the float32
+    results and ``p`` gets them rounded to its dtype: ``astype`` (round to nearest even)
+    or stochastic rounding with the random stream of (``seed``, ``step``, ``tensor``)
+    (:func:`fastadagrad._rounding.round_to`).
+    """
+    from . import _rounding as R
+
+    x = master.copy() if master is not None else p.astype(np.float32)
+    reference_step(x, g.astype(np.float32), h, hyper, step)
+    if master is not None:
+        master[...] = x
+    bits = None
+    if rounding == "stochastic":
+        assert seed is not None
+        k0, k1 = R.stream_key(seed, step, tensor)
+        bits = R.rand32(k0, k1, np.arange(x.size)).reshape(x.shape)
+    p[...] = R.round_to(x, p.dtype, rounding, bits)  # type: ignore[arg-type]

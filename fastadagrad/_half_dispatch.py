@@ -1,0 +1,195 @@
+"""Dispatch for half-precision parameters: validation, keys and the kernel calls.
+
+bfloat16/float16 params and grads, float32 state (and optional float32 master
+weights). Everything is checked before the first write, as in ``_dispatch.py``: an
+error leaves every input bit-unchanged. The kernels are in ``cpu_half.py`` (host) and
+``cuda_half.py`` (device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _hyper as H
+from . import _rounding as R
+from . import config
+from ._arrays import Labels, coefficients, describe, is_cuda_array
+
+_F32 = np.dtype(np.float32)
+
+
+def _check_host(x: Any, label: str, *, writable: bool) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or type(x) is not np.ndarray:
+        raise TypeError(f"{label} must be a NumPy array, got {describe(x)}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
+                         "(it is updated in place, so no copy is made)")
+    if writable and not x.flags.writeable:
+        raise ValueError(f"{label} is read-only; it is updated in place")
+    return x
+
+
+def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
+    """Check one (param, grad, state[, master]) set: half p and g, float32 h and m."""
+    _check_host(p, lab.param, writable=True)
+    if not R.is_half(p.dtype):
+        raise TypeError(f"{lab.param} has dtype {p.dtype}; the half-precision path "
+                        "takes bfloat16 or float16 params")
+    _check_host(g, lab.grad, writable=False)
+    if g.dtype != p.dtype:
+        raise TypeError(f"{lab.grad} has dtype {g.dtype} but {lab.param} has dtype "
+                        f"{p.dtype}; they must match")
+    _check_host(h, lab.state, writable=True)
+    if R.is_half(h.dtype):
+        raise TypeError(
+            f"{lab.state} has dtype {h.dtype}: a 16-bit sum of squared gradients "
+            "overflows or stops growing (float16 reaches inf at 65504, i.e. after one "
+            "gradient of 256; bfloat16's 8-bit mantissa swallows every g*g below 1/256 "
+            "of the sum); pass a float32 state")
+    if h.dtype != _F32:
+        raise TypeError(f"{lab.state} has dtype {h.dtype}; with {p.dtype} params the "
+                        "state must be float32")
+    arrays = [(p, lab.param, True), (g, lab.grad, False), (h, lab.state, True)]
+    if m is not None:
+        mlab = lab.param.replace("param", "master", 1) if "param" in lab.param \
+            else f"master of {lab.param}"
+        _check_host(m, mlab, writable=True)
+        if m.dtype != _F32:
+            raise TypeError(f"{mlab} has dtype {m.dtype}; master weights are float32")
+        arrays.append((m, mlab, True))
+    for x, label, _ in arrays[1:]:
+        if x.shape != p.shape:
+            raise ValueError(f"{label} has shape {x.shape} but {lab.param} has shape "
+                             f"{p.shape}; they must match")
+    for i, (a, la, wa) in enumerate(arrays):  # written arrays must alias nothing
+        for b, lb, wb in arrays[i + 1:]:
+            if (wa or wb) and a.size and np.may_share_memory(a, b):
+                raise ValueError(f"{la} and {lb} share memory; a parameter, its state "
+                                 "and master copy are updated in place and must not "
+                                 "alias any other input")
+
+
+def check_options(rounding: object, seed: object) -> tuple[R.Rounding, int | None]:
+    r = R.check_rounding(rounding)
+    s = None if seed is None else R.check_seed(seed)
+    if r == "stochastic" and s is None:
+        raise ValueError("rounding='stochastic' needs seed= (an int); the random bits "
+                         "come from (seed, step, element), so pass a different step "
+                         "at every call")
+    return r, s
+
+
+def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+           masters: Sequence[Any] | None, labels: Sequence[Labels], hyper: H.Hyper,
+           step: int, nonfinite: str, rounding: R.Rounding, seed: int | None) -> bool:
+    """Validate every half-precision set, then run one fused step on each.
+
+    Returns False when ``nonfinite='skip'`` found a NaN/inf gradient (nothing written).
+    The i-th array's random stream is keyed by (seed, step, i).
+    """
+    n = len(params)
+    ms = list(masters) if masters is not None else [None] * n
+    if not (len(grads) == len(states) == len(ms) == len(labels) == n):
+        raise ValueError("params, grads and states must have the same length")
+    if any(is_cuda_array(x) for seq in (params, grads, states) for x in seq):
+        from . import cuda_half
+
+        return cuda_half.update(params, grads, states, ms, labels, hyper, step,
+                                nonfinite, rounding, seed)
+    for i in range(n):
+        check_half_triple(params[i], grads[i], states[i], ms[i], labels[i])
+    if n > 1:  # across tensors too: no written array may alias another tensor's
+        _check_across(params, grads, states, ms, labels)
+    from . import cpu_half as K
+
+    coefs = coefficients(hyper, _F32, step)
+    flags = coefs[7] | (K.STOCHASTIC if rounding == "stochastic" else 0)
+    carriers = [R.HALF_CARRIERS[p.dtype.name] for p in params]
+    if nonfinite != "ignore":  # read-only pre-pass before any write
+        for i in range(n):
+            g = grads[i].reshape(-1).view(carriers[i])
+            if g.size >= config.PARALLEL_THRESHOLD:
+                from .cpu import PARALLEL_LOCK
+
+                with PARALLEL_LOCK:
+                    bad = K.half_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
+                                                        coefs[7])
+            else:
+                bad = K.half_has_nonfinite(g, coefs[6], coefs[7])
+            if bad:
+                if nonfinite == "skip":
+                    return False
+                raise FloatingPointError(f"{labels[i].grad} contains NaN or inf; "
+                                         "nothing was updated")
+    for i in range(n):
+        p = params[i].reshape(-1).view(carriers[i])
+        g = grads[i].reshape(-1).view(carriers[i])
+        h = states[i].reshape(-1)
+        m = None if ms[i] is None else ms[i].reshape(-1)
+        k0, k1 = R.stream_key(seed, step, i) if seed is not None else (
+            np.uint32(0), np.uint32(0))
+        if p.size >= config.PARALLEL_THRESHOLD:
+            from .cpu import PARALLEL_LOCK
+
+            with PARALLEL_LOCK:
+                K.adagrad_half_parallel(p, g, h, m, config.CHUNK, k0, k1, *coefs[:7],
+                                        flags)
+        elif p.size:
+            K.adagrad_half_span(p, g, h, m, 0, k0, k1, *coefs[:7], flags)
+    return True
+
+
+def _check_across(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                  states: Sequence[np.ndarray], masters: Sequence[Any],
+                  labels: Sequence[Labels]) -> None:
+    """Byte ranges of every written array against every other array: one sort."""
+    ranges = []
+    for i in range(len(params)):
+        for arr, role, w in ((params[i], "param", True), (grads[i], "grad", False),
+                             (states[i], "state", True), (masters[i], "master", True)):
+            if arr is not None and arr.size:
+                a = arr.__array_interface__["data"][0]
+                ranges.append((a, a + arr.nbytes, w, i, role))
+    ranges.sort()
+    far_w: tuple[int, Any] | None = None
+    far_all: tuple[int, Any] | None = None
+    for r in ranges:
+        start, end, w = r[0], r[1], r[2]
+        other = far_all if w else far_w
+        if other is not None and start < other[0]:
+            raise ValueError(f"{_name(other[1], labels)} and {_name(r, labels)} share "
+                             "memory; a parameter and its state are updated in place "
+                             "and must not alias any other input")
+        if far_all is None or end > far_all[0]:
+            far_all = (end, r)
+        if w and (far_w is None or end > far_w[0]):
+            far_w = (end, r)
+
+
+def _name(r: tuple, labels: Sequence[Labels]) -> str:
+    lab = labels[r[3]]
+    role = r[4]
+    if role == "master":
+        return f"the master copy of {lab.param}"
+    return str(getattr(lab, role))
+
+
+def update_functional(param: Any, grad: Any, state_sum: Any, master: Any,
+                      hyper: H.Hyper, step: int, nonfinite: str, rounding: object,
+                      seed: object) -> bool:
+    """``adagrad_update`` for half-precision params (or with half-only options)."""
+    r, s = check_options(rounding, seed)
+    dt = getattr(param, "dtype", None)
+    if not R.is_half(dt) and not is_cuda_array(param):
+        what = "master=" if master is not None else (
+            "seed=" if r == "nearest" else f"rounding={r!r}")
+        raise TypeError(f"{what} applies to bfloat16/float16 params; param has dtype "
+                        f"{dt} (nothing was updated)")
+    return update([param], [grad], [state_sum], None if master is None else [master],
+                  [_FUNCTIONAL], hyper, step, nonfinite, r, s)
+
+
+_FUNCTIONAL = Labels("param", "grad", "state_sum")
