@@ -84,21 +84,36 @@ def check_options(rounding: object, seed: object) -> tuple[R.Rounding, int | Non
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
            masters: Sequence[Any] | None, labels: Sequence[Labels], hyper: H.Hyper,
-           step: int, nonfinite: str, rounding: R.Rounding, seed: int | None) -> bool:
+           step: int, nonfinite: str, rounding: R.Rounding, seed: int | None,
+           tensors: Sequence[int] | None = None) -> bool:
     """Validate every half-precision set, then run one fused step on each.
 
     Returns False when ``nonfinite='skip'`` found a NaN/inf gradient (nothing written).
-    The i-th array's random stream is keyed by (seed, step, i).
+    The i-th array's random stream is keyed by (seed, step, ``tensors[i]``), its
+    position in the model (default: i).
     """
+    calls = prepare(params, grads, states, masters, labels, hyper, step, nonfinite,
+                    rounding, seed, tensors)
+    if calls is None:
+        return False
+    run(calls)
+    return True
+
+
+def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+            masters: Sequence[Any] | None, labels: Sequence[Labels], hyper: H.Hyper,
+            step: int, nonfinite: str, rounding: R.Rounding, seed: int | None,
+            tensors: Sequence[int] | None = None) -> list[tuple] | None:
+    """Everything :func:`update` checks, nothing written: the kernel calls to make, or
+    None if ``nonfinite='skip'`` skips the step. Raises naming the offending array."""
     n = len(params)
     ms = list(masters) if masters is not None else [None] * n
     if not (len(grads) == len(states) == len(ms) == len(labels) == n):
         raise ValueError("params, grads and states must have the same length")
+    tensors = range(n) if tensors is None else tensors
     if any(is_cuda_array(x) for seq in (params, grads, states) for x in seq):
-        from . import cuda_half
-
-        return cuda_half.update(params, grads, states, ms, labels, hyper, step,
-                                nonfinite, rounding, seed)
+        raise TypeError("bfloat16/float16 params on a CUDA device are not supported yet "
+                        "(the host path takes NumPy arrays); nothing was updated")
     for i in range(n):
         check_half_triple(params[i], grads[i], states[i], ms[i], labels[i])
     if n > 1:  # across tensors too: no written array may alias another tensor's
@@ -112,33 +127,72 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         for i in range(n):
             g = grads[i].reshape(-1).view(carriers[i])
             if g.size >= config.PARALLEL_THRESHOLD:
-                from .cpu import PARALLEL_LOCK
-
-                with PARALLEL_LOCK:
+                with _lock():
                     bad = K.half_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
                                                         coefs[7])
             else:
                 bad = K.half_has_nonfinite(g, coefs[6], coefs[7])
             if bad:
                 if nonfinite == "skip":
-                    return False
+                    return None
                 raise FloatingPointError(f"{labels[i].grad} contains NaN or inf; "
                                          "nothing was updated")
-    for i in range(n):
-        p = params[i].reshape(-1).view(carriers[i])
-        g = grads[i].reshape(-1).view(carriers[i])
-        h = states[i].reshape(-1)
-        m = None if ms[i] is None else ms[i].reshape(-1)
-        k0, k1 = R.stream_key(seed, step, i) if seed is not None else (
+    calls = []
+    for i, t in zip(range(n), tensors):
+        k0, k1 = R.stream_key(seed, step, t) if seed is not None else (
             np.uint32(0), np.uint32(0))
-        if p.size >= config.PARALLEL_THRESHOLD:
-            from .cpu import PARALLEL_LOCK
+        calls.append((params[i].reshape(-1).view(carriers[i]),
+                      grads[i].reshape(-1).view(carriers[i]), states[i].reshape(-1),
+                      None if ms[i] is None else ms[i].reshape(-1), k0, k1,
+                      *coefs[:7], flags))
+    return calls
 
-            with PARALLEL_LOCK:
-                K.adagrad_half_parallel(p, g, h, m, config.CHUNK, k0, k1, *coefs[:7],
-                                        flags)
+
+def run(calls: list[tuple]) -> None:
+    """Make the kernel calls :func:`prepare` returned."""
+    from . import cpu_half as K
+
+    for p, g, h, m, k0, k1, *coefs in calls:
+        if p.size >= config.PARALLEL_THRESHOLD:
+            with _lock():
+                K.adagrad_half_parallel(p, g, h, m, config.CHUNK, k0, k1, *coefs)
         elif p.size:
-            K.adagrad_half_span(p, g, h, m, 0, k0, k1, *coefs[:7], flags)
+            K.adagrad_half_span(p, g, h, m, 0, k0, k1, *coefs)
+
+
+def _lock() -> Any:
+    """The lock every parallel kernel runs under (cpu.py: the workqueue layer aborts
+    when two Python threads enter parallel code at once)."""
+    from .cpu import PARALLEL_LOCK
+
+    return PARALLEL_LOCK
+
+
+def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                 labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str,
+                 plan: Any, half: Sequence[int], masters: Sequence[Any] | None,
+                 rounding: R.Rounding, seed: int) -> bool:
+    """One step of a model whose arrays ``half`` are 16-bit (``AdaGrad.update``).
+
+    The 16-bit arrays are validated first (and scanned for NaN/inf), then the others
+    go through ``_dispatch.update`` (which validates, then writes), then the 16-bit
+    arrays are written: an error anywhere leaves everything unchanged. ``masters``
+    lines up with ``half``.
+    """
+    from . import _dispatch as D
+
+    hs = set(half)
+    calls = prepare([params[i] for i in half], [grads[i] for i in half],
+                    [states[i] for i in half], masters, [labels[i] for i in half], hyper,
+                    step, nonfinite, rounding, seed, half)
+    if calls is None:
+        return False
+    rest = [i for i in range(len(params)) if i not in hs]
+    if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
+                             [states[i] for i in rest], [labels[i] for i in rest],
+                             hyper, step, nonfinite, plan):
+        return False
+    run(calls)
     return True
 
 

@@ -123,6 +123,14 @@ class AdaGrad:
     through one compiled call per dtype per step; params and grads held in flat
     buffers of one layout take a single call over one buffer.
 
+    bfloat16 (``ml_dtypes.bfloat16``) and float16 params get float32 accumulators;
+    each step runs in float32 and writes the params back rounded: ``rounding=
+    "nearest"`` (even) or ``"stochastic"`` (random bits from ``(seed, step, tensor
+    position, element)``: reproducible, independent of the thread count).
+    ``master_weights=True`` keeps a float32 copy of each 16-bit param (:attr:`master`)
+    that the update starts from; the param is its rounding. Both travel in
+    ``state_dict`` and checkpoints.
+
     Attributes:
         h: the accumulators, in the same container type as ``params`` (views into one
             flat buffer per dtype), ``None`` before the first update.
@@ -144,7 +152,9 @@ class AdaGrad:
     def __init__(self, lr: float | Callable[[int], float] = 0.01, eps: float = 1e-7, *,
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, maximize: bool = False,
-                 nonfinite: NonFinite = "ignore", rule: Rule | None = None) -> None:
+                 nonfinite: NonFinite = "ignore", rule: Rule | None = None,
+                 rounding: str = "nearest", seed: int = 0,
+                 master_weights: bool = False) -> None:
         self._schedule: Callable[[int], float] | None = lr if callable(lr) else None
         self.hyper = Hyper.make(lr=0.0 if callable(lr) else lr, eps=eps, lr_decay=lr_decay,
                                 weight_decay=weight_decay, maximize=maximize, rule=rule)
@@ -157,6 +167,14 @@ class AdaGrad:
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
         self._keys_seen: tuple[Any, list[Any]] | None = None
+        # bfloat16/float16 params (see _half_dispatch): rounding, random stream, masters
+        self.rounding, self.seed = _half.check_options(rounding, seed)
+        if not isinstance(master_weights, (bool, np.bool_)):
+            raise TypeError("master_weights must be a bool, got "
+                            f"{type(master_weights).__name__}")
+        self.master_weights = bool(master_weights)
+        self.master: Any = None  # {key: float32 copy} of the 16-bit params, if kept
+        self._half: tuple[Any, list[int]] | None = None  # (state, 16-bit positions)
 
     # -- copy and pickle ---------------------------------------------------------------
     # The accumulators are views into the flat buffers in ``_flat``: a default deep copy
@@ -169,6 +187,7 @@ class AdaGrad:
         state = self.__dict__.copy()
         state["_plan"] = None
         state["_keys_seen"] = None
+        state["_half"] = None
         h = self.h
         if h is not None and self._flat:
             where = {id(v): (j, lk) for j, fb in enumerate(self._flat)
@@ -275,7 +294,12 @@ class AdaGrad:
                     params.same_layout(grads) and params.same_layout(flat[0])):
                 plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
                 labels = _FLAT_LABELS
+        half = self._half[1] if self._half is not None and self._half[0] is h else [
+            i for i, p in enumerate(plist) if is_half(getattr(p, "dtype", None))]
         try:
+            if half:  # 16-bit params: their own path (float32 state, rounding, masters)
+                return self._update_half(plist, glist, hlist, labels, hyper, h, flat,
+                                         keys, half)
             applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
                                self.nonfinite, self._plan)
         except FloatingPointError:
@@ -290,14 +314,39 @@ class AdaGrad:
             self.skipped_steps += 1
         return applied
 
+    def _update_half(self, plist: list[Any], glist: list[Any], hlist: list[Any],
+                     labels: Any, hyper: Hyper, h: Any, flat: list[FlatBuffer],
+                     keys: list[Any], half: list[int]) -> bool:
+        """:meth:`update` for a model with bfloat16/float16 params (``half``)."""
+        master = self.master
+        if self.master_weights and master is None:  # float32 copies, once validated
+            for i in half:
+                _half.check_half_triple(plist[i], glist[i], hlist[i], None, labels[i])
+            master = {keys[i]: np.array(plist[i], np.float32) for i in half}
+        masters = None if master is None else [master[keys[i]] for i in half]
+        applied = _half.update_model(plist, glist, hlist, labels, hyper, self.step + 1,
+                                     self.nonfinite, self._plan, half, masters,
+                                     self.rounding, self.seed if self.seed is not None
+                                     else 0)
+        if self.h is None:  # commit new state only once the first step went through
+            self.h, self._flat = h, flat
+        self.master = master
+        self._half = (self.h, half)
+        if applied:
+            self.step += 1
+        else:
+            self.skipped_steps += 1
+        return applied
+
     def _new_state(self, params: Any, keys: list[Any], plist: list[Any]
                    ) -> tuple[Any, list[FlatBuffer]]:
         """Accumulators for ``params``: one flat buffer per dtype, views per key."""
         fill = self.initial_accumulator_value
         for p in plist:
             dt = getattr(p, "dtype", None)
-            if isinstance(dt, np.dtype) and dt in D._FLOATS:
-                check_in_dtype("initial_accumulator_value", fill, dt)
+            if isinstance(dt, np.dtype) and (dt in D._FLOATS or is_half(dt)):
+                check_in_dtype("initial_accumulator_value", fill,
+                               np.dtype(np.float32) if is_half(dt) else dt)
         if isinstance(params, FlatBuffer):
             flat = [params.full_like(fill)]
             views = [flat[0][k] for k in keys]
@@ -311,15 +360,16 @@ class AdaGrad:
             by_dtype: dict[Any, list[int]] = {}
             for i, p in enumerate(plist):
                 dt = getattr(p, "dtype", None)
-                ok = dt in D._FLOATS and not D.is_cuda_array(p)  # host/device mixed
+                ok = (dt in D._FLOATS or is_half(dt)) and not D.is_cuda_array(p)
                 by_dtype.setdefault(dt if ok else None, []).append(i)
             for dt, idx in by_dtype.items():
                 if dt is None:  # let validation name the offending array
                     for i in idx:
                         views[i] = np.zeros(np.shape(plist[i]), np.float32)
                     continue
-                buf = FlatBuffer._from(
-                    np.full(sum(int(np.size(plist[i])) for i in idx), fill, dt),
+                buf = FlatBuffer._from(  # 16-bit params: float32 state
+                    np.full(sum(int(np.size(plist[i])) for i in idx), fill,
+                            np.float32 if is_half(dt) else dt),
                     tuple(layout_of([(keys[i], plist[i]) for i in idx])))
                 flat.append(buf)
                 for i in idx:
