@@ -17,6 +17,7 @@ from . import _hyper as H
 from . import _rounding as R
 from . import config
 from ._arrays import Labels, coefficients, describe, is_cuda_array
+from ._rounding import check_options  # noqa: F401  (the public modules' way down)
 
 _F32 = np.dtype(np.float32)
 
@@ -48,7 +49,7 @@ def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
             f"{lab.state} has dtype {h.dtype}: a 16-bit sum of squared gradients "
             "overflows or stops growing (float16 reaches inf at 65504, i.e. after one "
             "gradient of 256; bfloat16's 8-bit mantissa swallows every g*g below 1/256 "
-            "of the sum); pass a float32 state")
+            f"of the sum); pass a float32 state for {p.dtype} {lab.param}")
     if h.dtype != _F32:
         raise TypeError(f"{lab.state} has dtype {h.dtype}; with {p.dtype} params the "
                         "state must be float32")
@@ -70,16 +71,6 @@ def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
                 raise ValueError(f"{la} and {lb} share memory; a parameter, its state "
                                  "and master copy are updated in place and must not "
                                  "alias any other input")
-
-
-def check_options(rounding: object, seed: object) -> tuple[R.Rounding, int | None]:
-    r = R.check_rounding(rounding)
-    s = None if seed is None else R.check_seed(seed)
-    if r == "stochastic" and s is None:
-        raise ValueError("rounding='stochastic' needs seed= (an int); the random bits "
-                         "come from (seed, step, element), so pass a different step "
-                         "at every call")
-    return r, s
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

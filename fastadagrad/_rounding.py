@@ -44,6 +44,16 @@ def check_seed(seed: object) -> int:
     return int(seed)
 
 
+def check_options(rounding: object, seed: object) -> tuple[Rounding, int | None]:
+    r = check_rounding(rounding)
+    s = None if seed is None else check_seed(seed)
+    if r == "stochastic" and s is None:
+        raise ValueError("rounding='stochastic' needs seed= (an int); the random bits "
+                         "come from (seed, step, element), so pass a different step "
+                         "at every call")
+    return r, s
+
+
 def _splitmix64(x: int) -> int:
     """Steele, Lea & Flood's SplitMix64 output function (JDK 8 / Vigna)."""
     z = (x + 0x9E3779B97F4A7C15) & _M64

@@ -308,6 +308,7 @@ class AdaGrad:
             raise
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
+            self._half = (h, [])  # a float model: a 16-bit param later is a mismatch
         if applied:
             self.step += 1
         else:

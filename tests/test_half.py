@@ -366,3 +366,145 @@ def test_bad_input_changes_nothing(rng):
             assert_bits_equal(master, m0, name)
         seen += 1
     assert seen == 20
+
+
+# --- the AdaGrad class -----------------------------------------------------------
+
+def _model(rng):
+    return {"emb": rng.standard_normal((40, 8)).astype(BF16),
+            "w": rng.standard_normal((8, 3)).astype(np.float32),
+            "b": rng.standard_normal(3).astype(F16)}
+
+
+def _reference_model(params, grads_seq, *, rounding, seed, master, lr=0.05, init=0.1):
+    """The class's contract, element by element: float32 state, one stream per
+    position in the model, float32 params through reference_step."""
+    from fastadagrad.reference import reference_step
+
+    hyper = Hyper.make(lr=lr)
+    p = {k: v.copy() for k, v in params.items()}
+    h = {k: np.full(v.shape, init, np.float32 if v.dtype.itemsize == 2 else v.dtype)
+         for k, v in params.items()}
+    m = {k: v.astype(np.float32) for k, v in params.items() if v.dtype.itemsize == 2
+         } if master else {}
+    for step, grads in enumerate(grads_seq, 1):
+        for t, k in enumerate(p):
+            if p[k].dtype.itemsize == 2:
+                reference_step_half(p[k], grads[k], h[k], hyper, step, master=m.get(k),
+                                    rounding=rounding, seed=seed, tensor=t)
+            else:
+                reference_step(p[k], grads[k], h[k], hyper, step)
+    return p, h, m
+
+
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_class_mixed_model_matches_reference(rng, path, rounding, master):
+    params = _model(rng)
+    grads_seq = [{k: (rng.standard_normal(v.shape) * 0.5).astype(v.dtype)
+                  for k, v in params.items()} for _ in range(5)]
+    ref_p, ref_h, ref_m = _reference_model(params, grads_seq, rounding=rounding, seed=5,
+                                           master=master)
+    p = {k: v.copy() for k, v in params.items()}
+    ids = {k: id(v) for k, v in p.items()}
+    opt = fastadagrad.AdaGrad(lr=0.05, initial_accumulator_value=0.1, rounding=rounding,
+                              seed=5, master_weights=master)
+    for grads in grads_seq:
+        assert opt.update(p, grads) is True
+    assert opt.step == 5
+    assert {k: id(v) for k, v in p.items()} == ids  # updated in place
+    for k in p:
+        assert_bits_equal(p[k], ref_p[k], k)
+        assert_bits_equal(opt.h[k], ref_h[k], k)
+        assert opt.h[k].dtype == (np.float32 if p[k].dtype.itemsize == 2 else p[k].dtype)
+    if master:
+        assert set(opt.master) == {"emb", "b"}
+        for k in opt.master:
+            assert_bits_equal(opt.master[k], ref_m[k], k)
+    else:
+        assert opt.master is None
+
+
+def test_class_bad_input_changes_nothing(rng):
+    params = _model(rng)
+    grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    opt = fastadagrad.AdaGrad(master_weights=True, rounding="stochastic", seed=1)
+    opt.update(params, grads)
+    before = {k: v.copy() for k, v in params.items()}
+    h0 = {k: v.copy() for k, v in opt.h.items()}
+    m0 = {k: v.copy() for k, v in opt.master.items()}
+    for k, bad, exc, msg in (
+            ("emb", grads["emb"].astype(F16), TypeError, r"grads\['emb'\] has dtype float16"),
+            ("w", grads["w"][:2], ValueError, r"grads\['w'\] has shape"),
+            ("b", np.full(3, np.nan, F16), None, None)):
+        g = dict(grads)
+        g[k] = bad
+        if exc is None:  # a NaN in a 16-bit grad, with nonfinite="raise"
+            opt.nonfinite = "raise"
+            with pytest.raises(FloatingPointError, match=r"grads\['b'\] contains NaN"):
+                opt.update(params, g)
+            opt.nonfinite = "ignore"
+        else:
+            with pytest.raises(exc, match=msg):
+                opt.update(params, g)
+        for key in params:
+            assert_bits_equal(params[key], before[key], key)
+            assert_bits_equal(opt.h[key], h0[key], key)
+        for key in opt.master:
+            assert_bits_equal(opt.master[key], m0[key], key)
+    assert opt.step == 1
+    for kw, exc in ((dict(rounding="down"), ValueError), (dict(seed="1"), TypeError),
+                    (dict(master_weights=1), TypeError)):
+        with pytest.raises(exc):
+            fastadagrad.AdaGrad(**kw)
+
+
+@pytest.mark.parametrize("how", ["state_dict", "file", "pickle"])
+def test_checkpoint_carries_master_and_rounding(rng, tmp_path, how):
+    """Train 3 steps, save, train 3 more; a fresh optimizer loaded from the save and
+    trained on the same 3 grads gives the same bits (stochastic rounding included)."""
+    import pickle
+
+    params = _model(rng)
+    grads_seq = [{k: rng.standard_normal(v.shape).astype(v.dtype)
+                  for k, v in params.items()} for _ in range(6)]
+    opt = fastadagrad.AdaGrad(lr=0.05, rounding="stochastic", seed=77, master_weights=True)
+    for grads in grads_seq[:3]:
+        opt.update(params, grads)
+    saved_params = {k: v.copy() for k, v in params.items()}
+    if how == "state_dict":
+        sd = opt.state_dict()
+        assert set(sd["state"][0]) == {"sum", "step", "master"}  # emb: 16-bit
+        assert set(sd["state"][1]) == {"sum", "step"}  # w: float32, no master
+        assert sd["param_groups"][0]["fastadagrad"]["rounding"] == "stochastic"
+        new = fastadagrad.AdaGrad(lr=0.05)
+        new.load_state_dict(sd, saved_params)
+    elif how == "file":
+        path = opt.save(tmp_path / "ckpt")
+        new = fastadagrad.AdaGrad(lr=0.05)
+        new.load(path, saved_params)
+    else:
+        new = pickle.loads(pickle.dumps(opt))
+    assert (new.rounding, new.seed, new.master_weights) == ("stochastic", 77, True)
+    for grads in grads_seq[3:]:
+        opt.update(params, grads)
+        new.update(saved_params, grads)
+    for k in params:
+        assert_bits_equal(saved_params[k], params[k], k)
+        assert_bits_equal(new.h[k], opt.h[k], k)
+    for k in opt.master:
+        assert_bits_equal(new.master[k], opt.master[k], k)
+
+
+def test_checkpoint_bad_master_refused(rng):
+    params = _model(rng)
+    opt = fastadagrad.AdaGrad(master_weights=True)
+    opt.update(params, {k: np.ones_like(v) for k, v in params.items()})
+    sd = opt.state_dict()
+    sd["state"][0]["master"] = sd["state"][0]["master"][:3]
+    fresh = fastadagrad.AdaGrad()
+    from fastadagrad.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"state\[0\]\['master'\] must be a float32"):
+        fresh.load_state_dict(sd, params)
+    assert fresh.h is None and fresh.master is None
