@@ -83,6 +83,9 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     The i-th array's random stream is keyed by (seed, step, ``tensors[i]``), its
     position in the model (default: i).
     """
+    if any(is_cuda_array(x) for seq in (params, grads, states) for x in seq):
+        return _update_device(params, grads, states, masters, labels, hyper, step,
+                              nonfinite, rounding, seed)
     calls = prepare(params, grads, states, masters, labels, hyper, step, nonfinite,
                     rounding, seed, tensors)
     if calls is None:
@@ -102,9 +105,6 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     if not (len(grads) == len(states) == len(ms) == len(labels) == n):
         raise ValueError("params, grads and states must have the same length")
     tensors = range(n) if tensors is None else tensors
-    if any(is_cuda_array(x) for seq in (params, grads, states) for x in seq):
-        raise TypeError("bfloat16/float16 params on a CUDA device are not supported yet "
-                        "(the host path takes NumPy arrays); nothing was updated")
     for i in range(n):
         check_half_triple(params[i], grads[i], states[i], ms[i], labels[i])
     if n > 1:  # across tensors too: no written array may alias another tensor's
@@ -137,6 +137,24 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                       None if ms[i] is None else ms[i].reshape(-1), k0, k1,
                       *coefs[:7], flags))
     return calls
+
+
+def _update_device(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                   masters: Sequence[Any] | None, labels: Sequence[Labels],
+                   hyper: H.Hyper, step: int, nonfinite: str, rounding: R.Rounding,
+                   seed: int | None) -> bool:
+    """The GPU path: every array must be a CUDA array (``cuda_half.py``)."""
+    for seq, role in ((params, "param"), (grads, "grad"), (states, "state")):
+        for x, lab in zip(seq, labels):
+            if not is_cuda_array(x):
+                raise TypeError(f"{getattr(lab, role)} is a host array ({describe(x)}) "
+                                "but other arrays are CUDA arrays; pass all arrays on "
+                                "one device (nothing was updated)")
+    from . import cuda_half
+
+    ms = list(masters) if masters is not None else [None] * len(params)
+    return cuda_half.update(params, grads, states, ms, labels, hyper, step, nonfinite,
+                            rounding, seed)
 
 
 def run(calls: list[tuple]) -> None:

@@ -25,9 +25,10 @@ _M32 = np.uint64(0xFFFFFFFF)
 
 
 def is_half(dtype: Any) -> bool:
-    """True for NumPy's float16 and ``ml_dtypes.bfloat16``."""
-    return (isinstance(dtype, np.dtype) and dtype.itemsize == 2
-            and dtype.name in HALF_CARRIERS)
+    """True for NumPy's float16 and ``ml_dtypes.bfloat16`` (and torch's two)."""
+    if isinstance(dtype, np.dtype):
+        return dtype.itemsize == 2 and dtype.name in HALF_CARRIERS
+    return dtype is not None and str(dtype) in ("torch.bfloat16", "torch.float16")
 
 
 def check_rounding(rounding: object) -> Rounding:
