@@ -185,11 +185,11 @@ def kernels(fmt: str, flags: int, stochastic: bool, master: bool) -> tuple[Any, 
 _TYPESTR_FMT = {"<f2": "float16"}
 
 
-def _device_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
-    """(flat carrier device array, format) for a 16-bit device array; raises naming it.
+def _describe_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
+    """(description, format) of a 16-bit device array; raises naming it.
 
     torch bfloat16 tensors (which export no ``__cuda_array_interface__`` for that
-    dtype) are viewed as int16, sharing memory.
+    dtype) are described through an int16 view of the same memory.
     """
     fmt = None
     if fcuda._is_torch(x):
@@ -202,7 +202,11 @@ def _device_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
     if fmt is None:
         raise TypeError(f"{label} has dtype {d.typestr!r}; the half-precision GPU path "
                         "takes float16 arrays or torch bfloat16 tensors")
-    itemsize = 2
+    _check_layout(d, label, 2, writable)
+    return d, fmt
+
+
+def _check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
     if d.strides is not None and d.size > 1:
         expect = itemsize
         for extent, stride in zip(reversed(d.shape), reversed(d.strides)):
@@ -212,69 +216,187 @@ def _device_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
             expect *= extent
     if writable and d.readonly:
         raise ValueError(f"{label} is read-only; it is updated in place")
-    if fcuda.simulator():
-        return d.obj.reshape(d.size), fmt
-    carrier = "<i2" if fmt == "bfloat16" else "<u2"
-    desc = {"shape": (d.size,), "typestr": carrier, "data": (d.ptr, False),
-            "strides": None, "version": 3, "stream": None}
-    return fcuda._cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False), fmt
 
 
-def _device_f32(x: Any, label: str, shape: tuple[int, ...], what: str) -> Any:
+def _describe_f32(x: Any, label: str, shape: tuple[int, ...], what: str) -> Any:
     d = fcuda._describe(x, label)
+    if d.typestr in ("<f2", "<i2", "<u2") or (fcuda._is_torch(x) and
+                                              str(x.dtype) == "torch.bfloat16"):
+        raise TypeError(f"{label} is a 16-bit array: a 16-bit sum of squared gradients "
+                        "overflows (float16) or stops growing (bfloat16); "
+                        f"{what} must be float32")
     if d.typestr != "<f4":
         raise TypeError(f"{label} has dtype {d.typestr!r}; {what} must be float32")
     if d.shape != shape:
-        raise ValueError(f"{label} has shape {d.shape} but the param has shape {shape}")
-    fcuda._check_array(d, label, writable=True)
-    return fcuda._flat(d, np.dtype(np.float32))
+        raise ValueError(f"{label} has shape {d.shape} but the param has shape {shape}; "
+                         "they must match")
+    _check_layout(d, label, 4, True)
+    return d
+
+
+def _flat(d: Any, typestr: str) -> Any:
+    """A 1-D Numba device array of ``typestr`` over ``d``'s memory (no copy)."""
+    if fcuda.simulator():
+        return d.obj.reshape(d.size)
+    desc = {"shape": (d.size,), "typestr": typestr, "data": (d.ptr, False),
+            "strides": None, "version": 3, "stream": None}
+    return _cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False)
+
+
+class _DirectLaunch:
+    """Launch a compiled half kernel without Numba's dispatcher (real GPUs only).
+
+    As ``cuda._DirectLaunch``: the dispatcher costs ~50-85 us of host time per launch
+    and each device-array wrapper ~17 us (H100), more than the kernel at 2^24. The
+    arguments are packed as Numba's launcher packs them (a 1-D C array is ``meminfo,
+    parent, nitems, itemsize, data, shape, stride``), from the kernel the dispatcher
+    compiled on its first launch and only if its signature is the expected one; any
+    failure turns it off for good.
+    """
+
+    def __init__(self, dispatcher: Any) -> None:
+        import ctypes
+
+        from cuda.core import LaunchConfig, launch
+        from numba.cuda import types as nbt
+        from numba.cuda._compat import CUDA_CORE_GE_1_0
+
+        (kern,) = dispatcher.overloads.values()
+        at = tuple(kern.argument_types)
+        f32 = nbt.float32
+        bits = (nbt.Array(nbt.int16, 1, "C"), nbt.Array(nbt.uint16, 1, "C"))
+        if len(at) != 13 or at[0] not in bits or at[1] != at[0] or \
+                at[2:4] != (nbt.Array(f32, 1, "C"),) * 2 or \
+                at[4:6] != (nbt.uint32,) * 2 or at[6:] != (f32,) * 7 or kern.cooperative:
+            raise TypeError("unexpected kernel signature")
+        self.kernel = kern._codelibrary.get_cufunc().kernel
+        self.u32, self.f32 = ctypes.c_uint32, ctypes.c_float
+        self.launch_fn = launch
+        self.config = (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
+                                                 is_cooperative=False)) \
+            if CUDA_CORE_GE_1_0 else \
+            (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
+                                       cooperative_launch=False))
+        self.ok = True
+
+    def launch(self, stream: Any, blocks: int, tpb: int, ptrs: tuple[int, ...], n: int,
+               k0: Any, k1: Any, coefs: tuple) -> bool:
+        if not self.ok:
+            return False
+        try:
+            from numba.cuda.cudadrv.driver import _to_core_stream
+
+            args: list[Any] = []
+            for ptr, isz in zip(ptrs, (2, 2, 4, 4)):
+                args += (0, 0, n, isz, ptr, n, isz)
+            args += [self.u32(int(k0)), self.u32(int(k1))]
+            args += [self.f32(c) for c in coefs[:7]]
+            self.launch_fn(_to_core_stream(stream), self.config(blocks, tpb), self.kernel,
+                           *args)
+            return True
+        except Exception:  # noqa: BLE001 - any surprise: the dispatcher from now on
+            self.ok = False
+            return False
+
+
+_DIRECT: dict[tuple[Any, ...], Any] = {}
+
+
+def _direct(key: tuple[Any, ...]) -> _DirectLaunch | None:
+    if fcuda.simulator():
+        return None
+    direct = _DIRECT.get(key)
+    if direct is None:
+        dispatcher = kernels(*key)[0]
+        if not dispatcher.overloads:
+            return None  # not compiled yet: the first launch goes through Numba
+        try:
+            direct = _DirectLaunch(dispatcher)
+        except Exception:  # noqa: BLE001 - another numba-cuda layout: the dispatcher
+            direct = False
+        _DIRECT[key] = direct
+    return direct or None
+
+
+def _check_overlap(work: list[tuple], labels: Sequence[Labels]) -> None:
+    """No written array (param, state, master) may share bytes with any other array."""
+    ranges = []
+    for i, (dp, dg, dh, dm, _) in enumerate(work):
+        for d, role, isz, w in ((dp, "param", 2, True), (dg, "grad", 2, False),
+                                (dh, "state", 4, True), (dm, "master", 4, True)):
+            if d is not None and d.size:
+                ranges.append((d.ptr, d.ptr + d.size * isz, w, i, role))
+    ranges.sort()
+    for a in range(len(ranges)):
+        for b in range(a + 1, len(ranges)):
+            if ranges[b][0] >= ranges[a][1]:
+                break
+            if ranges[a][2] or ranges[b][2]:
+                names = [f"the master copy of {labels[r[3]].param}" if r[4] == "master"
+                         else getattr(labels[r[3]], r[4]) for r in (ranges[a], ranges[b])]
+                raise ValueError(f"{names[0]} and {names[1]} share memory; a parameter, "
+                                 "its state and master copy are updated in place and "
+                                 "must not alias any other input")
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
            masters: Sequence[Any], labels: Sequence[Labels], hyper: H.Hyper, step: int,
            nonfinite: str, rounding: R.Rounding, seed: int | None) -> bool:
-    """Validate every array, then launch one kernel per tensor (asynchronous, except
-    that ``nonfinite='skip'``/``'raise'`` reads one flag per tensor back)."""
+    """Validate every array, then launch one kernel per tensor on the producer's stream
+    (``cuda.py``'s policy), without synchronizing, except that ``nonfinite='skip'`` /
+    ``'raise'`` reads one flag per tensor back."""
     cuda = fcuda.require_gpu()
     work = []
     for i, (p, g, h) in enumerate(zip(params, grads, states)):
         lab = labels[i]
-        pf, fmt = _device_half(p, lab.param, writable=True)
-        gf, gfmt = _device_half(g, lab.grad, writable=False)
+        dp, fmt = _describe_half(p, lab.param, writable=True)
+        dg, gfmt = _describe_half(g, lab.grad, writable=False)
         if gfmt != fmt:
             raise TypeError(f"{lab.grad} is {gfmt} but {lab.param} is {fmt}; they must "
                             "match")
-        shape = tuple(fcuda._describe(p, lab.param).shape) if not fcuda._is_torch(p) \
-            else tuple(p.shape)
-        if tuple(fcuda._describe(g, lab.grad).shape if not fcuda._is_torch(g)
-                 else g.shape) != shape:
-            raise ValueError(f"{lab.grad} has a different shape than {lab.param}")
-        hf = _device_f32(h, lab.state, shape, "the state")
-        mf = None if masters[i] is None else _device_f32(masters[i], f"master of "
-                                                         f"{lab.param}", shape,
-                                                         "master weights")
-        work.append((pf, gf, hf, mf, fmt))
+        if dg.shape != dp.shape:
+            raise ValueError(f"{lab.grad} has shape {dg.shape} but {lab.param} has shape "
+                             f"{dp.shape}; they must match")
+        dh = _describe_f32(h, lab.state, dp.shape, "the state")
+        dm = None if masters[i] is None else _describe_f32(
+            masters[i], f"the master copy of {lab.param}", dp.shape, "master weights")
+        work.append((dp, dg, dh, dm, fmt))
+    _check_overlap(work, labels)
+    if not work:
+        return True
+    stream = fcuda._stream_for(params[0], work[0][0])
     coefs = hyper.coefficients(np.dtype(np.float32), step)
     flags = coefs[7]
     stochastic = rounding == "stochastic"
+    carrier = {"bfloat16": "<i2", "float16": "<u2"}
     if nonfinite != "ignore":
-        found = cuda.to_device(np.zeros(len(work), np.int32))
-        for k, (_, gf, _, _, fmt) in enumerate(work):
+        found = cuda.to_device(np.zeros(len(work), np.int32), stream=stream)
+        for k, (_, dg, _, _, fmt) in enumerate(work):
             _, check = kernels(fmt, flags, False, False)
-            blocks, tpb = fcuda.launch_config(gf.size)
-            check[blocks, tpb](gf, coefs[6], found, k)
-        bad = np.flatnonzero(found.copy_to_host())
+            blocks, tpb = fcuda.launch_config(dg.size)
+            check[blocks, tpb, stream](_flat(dg, carrier[fmt]), coefs[6], found, k)
+        bad = np.flatnonzero(found.copy_to_host(stream=stream))
+        stream.synchronize()
         if bad.size:
             if nonfinite == "skip":
                 return False
             raise FloatingPointError(f"{labels[int(bad[0])].grad} contains NaN or inf; "
                                      "nothing was updated")
-    for t, (pf, gf, hf, mf, fmt) in enumerate(work):
-        if pf.size == 0:
+    for t, (dp, dg, dh, dm, fmt) in enumerate(work):
+        n = dp.size
+        if n == 0:
             continue
-        kern, _ = kernels(fmt, flags, stochastic, mf is not None)
+        key = (fmt, flags, stochastic, dm is not None)
         k0, k1 = R.stream_key(seed, step, t) if seed is not None else (
             np.uint32(0), np.uint32(0))
-        blocks, tpb = fcuda.launch_config(pf.size)
-        kern[blocks, tpb](pf, gf, hf, hf if mf is None else mf, k0, k1, *coefs[:7])
+        blocks, tpb = fcuda.launch_config(n)
+        direct = _direct(key)
+        ptrs = (dp.ptr, dg.ptr, dh.ptr, (dm or dh).ptr)
+        if direct is not None and direct.launch(stream, blocks, tpb, ptrs, n, k0, k1,
+                                                coefs):
+            continue
+        hf = _flat(dh, "<f4")
+        kernels(*key)[0][blocks, tpb, stream](
+            _flat(dp, carrier[fmt]), _flat(dg, carrier[fmt]), hf,
+            hf if dm is None else _flat(dm, "<f4"), k0, k1, *coefs[:7])
     return True

@@ -107,7 +107,7 @@ def test_functional_float16_device_arrays(rng):
                                  seed=4) is True
     _close16(pd.copy_to_host(), pc, 0 if not SIM else 1)
     before = pd.copy_to_host()
-    with pytest.raises(TypeError, match="state_sum has dtype"):
+    with pytest.raises(TypeError, match="state_sum is a 16-bit array"):
         fa.adagrad_update(pd, gd, cuda.to_device(np.zeros(n, np.float16)))
     with pytest.raises(TypeError, match="host array"):
         fa.adagrad_update(pd, g, hd)
