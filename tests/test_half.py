@@ -508,3 +508,37 @@ def test_checkpoint_bad_master_refused(rng):
     with pytest.raises(CheckpointError, match=r"state\[0\]\['master'\] must be a float32"):
         fresh.load_state_dict(sd, params)
     assert fresh.h is None and fresh.master is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_stream_across_the_2_32_index_boundary(rng, dtype):
+    """A span whose indices cross 2^32 (a tensor of > 4G elements): the kernel splits
+    it so the high index word is constant per piece; the bits are still
+    rand32(k0, k1, index) element by element."""
+    n, base = 40, 2**32 - 17
+    x = rng.standard_normal(n).astype(np.float32)
+    p = np.zeros(n, dtype)  # p = 0, g = -1, h = 0, lr = x: p' = x exactly (eps = 0)
+    k0, k1 = R.stream_key(3, 5, 1)
+    carrier = R.HALF_CARRIERS[dtype.name]
+    for i in range(n):  # lr per element: one call per element, each at its own index
+        hyper = Hyper.make(lr=float(abs(x[i])), eps=0.0)
+        co = hyper.coefficients(np.float32, 1)
+        g = np.full(1, -np.sign(x[i]), dtype)
+        cpu_half.adagrad_half_span(p[i:i + 1].view(carrier), g.view(carrier),
+                                   np.zeros(1, np.float32), None, base + i, k0, k1,
+                                   *co[:7], co[7] | cpu_half.STOCHASTIC)
+    bits = R.rand32(k0, k1, base + np.arange(n, dtype=np.uint64))
+    assert_bits_equal(p, R.round_to(x, dtype, "stochastic", bits))
+    # and one call over the whole span, crossing the boundary inside
+    q = np.zeros(n, dtype)
+    y = np.full(n, 0.3, np.float32) + np.arange(n, dtype=np.float32) * np.float32(1e-3)
+    co = Hyper.make(lr=1.0, eps=0.0).coefficients(np.float32, 1)
+    # p = 0, g = -y, h = 0: q = (1*-y)/(|y|) = -1, p' = 1: use master = y - 1 instead
+    m = (y - np.float32(1.0)).astype(np.float32)
+    expect_m = m + np.float32(1.0)
+    cpu_half.adagrad_half_span(q.view(carrier), np.full(n, -1.0, dtype).view(carrier),
+                               np.zeros(n, np.float32), m, base, k0, k1, *co[:7],
+                               co[7] | cpu_half.STOCHASTIC)
+    assert_bits_equal(m, expect_m)
+    bits = R.rand32(k0, k1, base + np.arange(n, dtype=np.uint64))
+    assert_bits_equal(q, R.round_to(expect_m, dtype, "stochastic", bits))
