@@ -66,6 +66,34 @@ def check_bits() -> int:
     return bad
 
 
+def check_class_bits() -> int:
+    """``AdaGrad`` on torch CUDA tensors (bfloat16 and float16 params, one float32 one)
+    against ``AdaGrad`` on NumPy arrays, master weights and stochastic rounding on."""
+    rng = np.random.default_rng(1)
+    host = {"emb": rng.standard_normal((1000, 33)).astype(BF16),
+            "w": rng.standard_normal((33, 7)).astype(np.float32),
+            "b": rng.standard_normal(7).astype(np.float16)}
+    dev = {k: to_torch(v) for k, v in host.items()}
+    cpu = {k: v.copy() for k, v in host.items()}
+    kw = dict(lr=0.05, rounding="stochastic", seed=5, master_weights=True)
+    o_dev, o_cpu = fa.AdaGrad(**kw), fa.AdaGrad(**kw)
+    for _ in range(3):
+        g = {k: (rng.standard_normal(v.shape) * 0.3).astype(v.dtype) for k, v in host.items()}
+        o_dev.update(dev, {k: to_torch(v) for k, v in g.items()})
+        o_cpu.update(cpu, g)
+    torch.cuda.synchronize()
+    bad = 0
+    for k in host:
+        view = np.uint16 if host[k].dtype.itemsize == 2 else np.uint32
+        bad += int((bits(dev[k]) != cpu[k].view(view)).sum())
+        bad += int((bits(o_dev.h[k]) != o_cpu.h[k].view(np.uint32)).sum())
+    for k in o_cpu.master:
+        bad += int((bits(o_dev.master[k]) != o_cpu.master[k].view(np.uint32)).sum())
+    print(f"bits AdaGrad class (bfloat16+float16+float32 model, stochastic, master): "
+          f"{bad} differing elements")
+    return bad
+
+
 def time_ms(step, reps: int = 50) -> float:
     for _ in range(5):
         step()
@@ -139,5 +167,6 @@ if __name__ == "__main__":
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "numpy", np.__version__)
     bad = check_bits()
+    bad += check_class_bits()
     timings(1 << args.n_exp)
     raise SystemExit(1 if bad else 0)

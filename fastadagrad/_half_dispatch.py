@@ -157,6 +157,24 @@ def _update_device(params: Sequence[Any], grads: Sequence[Any], states: Sequence
                             rounding, seed)
 
 
+def new_state(p: Any, fill: float) -> Any:
+    """The float32 accumulator of a 16-bit param ``p`` (host or device)."""
+    if is_cuda_array(p):
+        from . import cuda_half
+
+        return cuda_half.state_like(p, fill)
+    return np.full(np.shape(p), fill, np.float32)
+
+
+def new_master(p: Any) -> Any:
+    """A float32 copy of a validated 16-bit param ``p`` (host or device)."""
+    if is_cuda_array(p):
+        from . import cuda_half
+
+        return cuda_half.master_like(p)
+    return np.array(p, np.float32)
+
+
 def run(calls: list[tuple]) -> None:
     """Make the kernel calls :func:`prepare` returned."""
     from . import cpu_half as K
@@ -191,6 +209,30 @@ def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
     from . import _dispatch as D
 
     hs = set(half)
+    if any(is_cuda_array(params[i]) for i in half):  # the GPU: the same order of work
+        for i in half:
+            for x, role in ((grads[i], "grad"), (states[i], "state")):
+                if not is_cuda_array(x):
+                    raise TypeError(f"{getattr(labels[i], role)} is a host array "
+                                    f"({describe(x)}) but {labels[i].param} is a CUDA "
+                                    "array; pass all arrays on one device (nothing was "
+                                    "updated)")
+        from . import cuda_half
+
+        go = cuda_half.prepare([params[i] for i in half], [grads[i] for i in half],
+                               [states[i] for i in half],
+                               masters if masters is not None else [None] * len(half),
+                               [labels[i] for i in half], hyper, step, nonfinite,
+                               rounding, seed, half)
+        if go is None:
+            return False
+        rest = [i for i in range(len(params)) if i not in hs]
+        if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
+                                 [states[i] for i in rest], [labels[i] for i in rest],
+                                 hyper, step, nonfinite, plan):
+            return False
+        go()
+        return True
     calls = prepare([params[i] for i in half], [grads[i] for i in half],
                     [states[i] for i in half], masters, [labels[i] for i in half], hyper,
                     step, nonfinite, rounding, seed, half)

@@ -341,10 +341,27 @@ def _check_overlap(work: list[tuple], labels: Sequence[Labels]) -> None:
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
            masters: Sequence[Any], labels: Sequence[Labels], hyper: H.Hyper, step: int,
-           nonfinite: str, rounding: R.Rounding, seed: int | None) -> bool:
+           nonfinite: str, rounding: R.Rounding, seed: int | None,
+           tensors: Sequence[int] | None = None) -> bool:
     """Validate every array, then launch one kernel per tensor on the producer's stream
     (``cuda.py``'s policy), without synchronizing, except that ``nonfinite='skip'`` /
-    ``'raise'`` reads one flag per tensor back."""
+    ``'raise'`` reads one flag per tensor back. ``tensors``: each array's position in
+    the model, which keys its random stream (default 0, 1, ...)."""
+    go = prepare(params, grads, states, masters, labels, hyper, step, nonfinite,
+                 rounding, seed, tensors)
+    if go is None:
+        return False
+    go()
+    return True
+
+
+def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+            masters: Sequence[Any], labels: Sequence[Labels], hyper: H.Hyper, step: int,
+            nonfinite: str, rounding: R.Rounding, seed: int | None,
+            tensors: Sequence[int] | None = None) -> Any:
+    """Everything :func:`update` checks (the NaN/inf scan included), nothing written:
+    returns a function that launches the updates, or None if ``nonfinite='skip'``
+    skips the step."""
     cuda = fcuda.require_gpu()
     work = []
     for i, (p, g, h) in enumerate(zip(params, grads, states)):
@@ -363,7 +380,8 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         work.append((dp, dg, dh, dm, fmt))
     _check_overlap(work, labels)
     if not work:
-        return True
+        return lambda: None
+    ids = range(len(work)) if tensors is None else tensors
     stream = fcuda._stream_for(params[0], work[0][0])
     coefs = hyper.coefficients(np.dtype(np.float32), step)
     flags = coefs[7]
@@ -379,10 +397,16 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         stream.synchronize()
         if bad.size:
             if nonfinite == "skip":
-                return False
+                return None
             raise FloatingPointError(f"{labels[int(bad[0])].grad} contains NaN or inf; "
                                      "nothing was updated")
-    for t, (dp, dg, dh, dm, fmt) in enumerate(work):
+    return lambda: _launch(work, ids, stream, coefs, flags, stochastic, seed, step)
+
+
+def _launch(work: list[tuple], ids: Sequence[int], stream: Any, coefs: tuple, flags: int,
+            stochastic: bool, seed: int | None, step: int) -> None:
+    carrier = {"bfloat16": "<i2", "float16": "<u2"}
+    for t, (dp, dg, dh, dm, fmt) in zip(ids, work):
         n = dp.size
         if n == 0:
             continue
@@ -399,4 +423,29 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         kernels(*key)[0][blocks, tpb, stream](
             _flat(dp, carrier[fmt]), _flat(dg, carrier[fmt]), hf,
             hf if dm is None else _flat(dm, "<f4"), k0, k1, *coefs[:7])
-    return True
+
+
+def state_like(p: Any, fill: float) -> Any:
+    """A float32 device array shaped like the 16-bit ``p``, all ``fill`` (its state)."""
+    fcuda.require_gpu()
+    if fcuda._is_torch(p):
+        import torch
+
+        return torch.full(tuple(p.shape), fill, dtype=torch.float32, device=p.device)
+    if type(p).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy.full(p.shape, fill, np.float32)
+    return fcuda.full(int(np.prod(p.shape)), np.float32, fill).reshape(p.shape)
+
+
+def master_like(p: Any) -> Any:
+    """A float32 device copy of the 16-bit ``p`` (torch and CuPy arrays)."""
+    fcuda.require_gpu()
+    if fcuda._is_torch(p):
+        return p.detach().float().clone()
+    if type(p).__module__.split(".")[0] == "cupy":
+        return p.astype(np.float32)
+    raise TypeError("master_weights=True on the GPU takes torch or CuPy arrays (a Numba "
+                    "device array has no float32 conversion here); pass master copies "
+                    "yourself to adagrad_update(master=...)")

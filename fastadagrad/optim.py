@@ -321,9 +321,10 @@ class AdaGrad:
         """:meth:`update` for a model with bfloat16/float16 params (``half``)."""
         master = self.master
         if self.master_weights and master is None:  # float32 copies, once validated
-            for i in half:
-                _half.check_half_triple(plist[i], glist[i], hlist[i], None, labels[i])
-            master = {keys[i]: np.array(plist[i], np.float32) for i in half}
+            if not any(D.is_cuda_array(plist[i]) for i in half):  # (device: below)
+                for i in half:
+                    _half.check_half_triple(plist[i], glist[i], hlist[i], None, labels[i])
+            master = {keys[i]: _half.new_master(plist[i]) for i in half}
         masters = None if master is None else [master[keys[i]] for i in half]
         applied = _half.update_model(plist, glist, hlist, labels, hyper, self.step + 1,
                                      self.nonfinite, self._plan, half, masters,
@@ -354,7 +355,8 @@ class AdaGrad:
         elif plist and all(D.is_cuda_array(p) for p in plist):
             from . import cuda
 
-            views = [cuda.full_like(p, fill) for p in plist]
+            views = [_half.new_state(p, fill) if is_half(getattr(p, "dtype", None))
+                     else cuda.full_like(p, fill) for p in plist]
             flat = []
         else:
             flat, views = [], [None] * len(plist)

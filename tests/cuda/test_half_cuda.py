@@ -117,3 +117,25 @@ def test_functional_float16_device_arrays(rng):
         fa.adagrad_update(pd, cuda.to_device(g2), hd, nonfinite="raise")
     assert fa.adagrad_update(pd, cuda.to_device(g2), hd, nonfinite="skip") is False
     np.testing.assert_array_equal(pd.copy_to_host().view(np.uint16), before.view(np.uint16))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_adagrad_class_float16_device_arrays(rng, rounding):
+    """``AdaGrad`` with float16 device params: float32 device state, the same stream
+    per tensor position as on the CPU."""
+    host = {"a": rng.standard_normal(50).astype(np.float16),
+            "b": rng.standard_normal((3, 7)).astype(np.float16)}
+    dev = {k: cuda.to_device(v) for k, v in host.items()}
+    cpu = {k: v.copy() for k, v in host.items()}
+    o_dev = fa.AdaGrad(lr=0.05, rounding=rounding, seed=8, initial_accumulator_value=0.1)
+    o_cpu = fa.AdaGrad(lr=0.05, rounding=rounding, seed=8, initial_accumulator_value=0.1)
+    for _ in range(3):
+        g = {k: rng.standard_normal(v.shape).astype(np.float16) for k, v in host.items()}
+        assert o_dev.update(dev, {k: cuda.to_device(v) for k, v in g.items()}) is True
+        o_cpu.update(cpu, g)
+    for k in host:
+        _close16(dev[k].copy_to_host(), cpu[k], 1 if SIM else 0)
+        _close32(o_dev.h[k].copy_to_host(), o_cpu.h[k], 16 if SIM else 0)
+    with pytest.raises(TypeError, match="master_weights=True on the GPU"):
+        fa.AdaGrad(master_weights=True).update(dev, {k: cuda.to_device(v)
+                                                     for k, v in host.items()})
