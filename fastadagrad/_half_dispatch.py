@@ -109,11 +109,10 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         check_half_triple(params[i], grads[i], states[i], ms[i], labels[i])
     if n > 1:  # across tensors too: no written array may alias another tensor's
         _check_across(params, grads, states, ms, labels)
-    from . import cpu_half as K
-
+    K = _kernels()
     coefs = coefficients(hyper, _F32, step)
     flags = coefs[7] | (K.STOCHASTIC if rounding == "stochastic" else 0)
-    carriers = [R.HALF_CARRIERS[p.dtype.name] for p in params]
+    carriers = [R.carrier_of(p.dtype) for p in params]
     if nonfinite != "ignore":  # read-only pre-pass before any write
         for i in range(n):
             g = grads[i].reshape(-1).view(carriers[i])
@@ -177,8 +176,7 @@ def new_master(p: Any) -> Any:
 
 def run(calls: list[tuple]) -> None:
     """Make the kernel calls :func:`prepare` returned."""
-    from . import cpu_half as K
-
+    K = _kernels()
     for p, g, h, m, k0, k1, *coefs in calls:
         if p.size >= config.PARALLEL_THRESHOLD:
             with _lock():
@@ -193,6 +191,19 @@ def _lock() -> Any:
     from .cpu import PARALLEL_LOCK
 
     return PARALLEL_LOCK
+
+
+_K: Any = None
+
+
+def _kernels() -> Any:
+    """``cpu_half``, imported on first use (importing the package compiles nothing)."""
+    global _K
+    if _K is None:
+        from . import cpu_half
+
+        _K = cpu_half
+    return _K
 
 
 def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
