@@ -218,17 +218,19 @@ def _check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
         raise ValueError(f"{label} is read-only; it is updated in place")
 
 
-def _describe_f32(x: Any, label: str, shape: tuple[int, ...], what: str) -> Any:
+def _describe_f32(x: Any, label: str, shape: tuple[int, ...], what: str,
+                  owner: str) -> Any:
     d = fcuda._describe(x, label)
     if d.typestr in ("<f2", "<i2", "<u2") or (fcuda._is_torch(x) and
                                               str(x.dtype) == "torch.bfloat16"):
         raise TypeError(f"{label} is a 16-bit array: a 16-bit sum of squared gradients "
                         "overflows (float16) or stops growing (bfloat16); "
-                        f"{what} must be float32")
+                        f"{what} of {owner} must be float32")
     if d.typestr != "<f4":
-        raise TypeError(f"{label} has dtype {d.typestr!r}; {what} must be float32")
+        raise TypeError(f"{label} has dtype {d.typestr!r}; {what} of {owner} must be "
+                        "float32")
     if d.shape != shape:
-        raise ValueError(f"{label} has shape {d.shape} but the param has shape {shape}; "
+        raise ValueError(f"{label} has shape {d.shape} but {owner} has shape {shape}; "
                          "they must match")
     _check_layout(d, label, 4, True)
     return d
@@ -374,9 +376,10 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         if dg.shape != dp.shape:
             raise ValueError(f"{lab.grad} has shape {dg.shape} but {lab.param} has shape "
                              f"{dp.shape}; they must match")
-        dh = _describe_f32(h, lab.state, dp.shape, "the state")
+        dh = _describe_f32(h, lab.state, dp.shape, "the state", lab.param)
         dm = None if masters[i] is None else _describe_f32(
-            masters[i], f"the master copy of {lab.param}", dp.shape, "master weights")
+            masters[i], f"the master copy of {lab.param}", dp.shape, "the master copy",
+            lab.param)
         work.append((dp, dg, dh, dm, fmt))
     _check_overlap(work, labels)
     if not work:
