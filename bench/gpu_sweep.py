@@ -1,11 +1,11 @@
 """Launch-configuration sweep for the CUDA kernel (run by hand on a GPU machine).
 
-``python bench/gpu_sweep.py``: times ``fastadagrad.cuda`` 's update kernel (numpy rule)
-for several threads-per-block / blocks-per-SM settings at 2^26 float32 and float64,
-next to a device-to-device copy moving the same bytes, and prints registers per thread.
+``python bench/gpu_sweep.py``: times the multi-tensor update kernel (numpy rule, through
+``fastadagrad.adagrad_update``) for several threads-per-block / chunk-size settings at
+2^26 float32 and float64, next to a device-to-device copy moving the same bytes.
 It also times an experimental 4-way unrolled variant (same math) to see whether more
 loads in flight per thread help. This is how ``config.THREADS_PER_BLOCK`` and
-``config.BLOCKS_PER_SM`` were chosen; numbers are printed, never stored by hand.
+``config.GPU_CHUNK`` are chosen; numbers are printed, never stored by hand.
 """
 
 # ruff: noqa: B023, F821  (timed lambdas are called inside the loop iteration that made them)
@@ -17,6 +17,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda import libdevice as L
 
+import fastadagrad as fa
 from fastadagrad import config
 from fastadagrad import cuda as fc
 from fastadagrad._hyper import Hyper
@@ -72,6 +73,7 @@ def unrolled4(p, g, h, lr, eps):
 def main() -> int:
     n = 1 << 26
     sms = fc._sm_count()
+    tpb0, chunk0 = config.THREADS_PER_BLOCK, config.GPU_CHUNK
     print(f"{cuda.get_current_device().name} SMs={sms}")
     for dt in (np.float32, np.float64):
         isz = np.dtype(dt).itemsize
@@ -80,32 +82,27 @@ def main() -> int:
         g = cuda.to_device(np.random.default_rng(1).standard_normal(n).astype(dt) * 1e-2)
         h = cuda.to_device(np.zeros(n, dt))
         coefs = Hyper.make().coefficients(dt, 1)
-        kern = fc.kernels(np.dtype(dt), coefs[7])[0]
         src = cuda.device_array(nbytes // 2, np.uint8)
         dst = cuda.device_array(nbytes // 2, np.uint8)
         tc = gpu_time(lambda: dst.copy_to_device(src))
         print(f"{np.dtype(dt).name}: copy {nbytes / tc / 1e9:.0f} GB/s")
         for tpb in (128, 256, 512, 1024):
-            for bps in (2, 4, 8, 16, 32):
-                if tpb * bps > 2048 * 2:
+            for chunk in (1 << 12, 1 << 13, 1 << 14, 1 << 16):
+                if chunk < tpb:
                     continue
-                blocks = sms * bps
-                t = gpu_time(lambda: kern[blocks, tpb](p, g, h, *coefs[:7]))
-                print(f"  tpb={tpb:5} blocks/SM={bps:3}: {t * 1e6:8.1f} us "
+                config.THREADS_PER_BLOCK, config.GPU_CHUNK = tpb, chunk
+                t = gpu_time(lambda: fa.adagrad_update(p, g, h))
+                print(f"  tpb={tpb:5} chunk={chunk:6}: {t * 1e6:8.1f} us "
                       f"{nbytes / t / 1e9:7.0f} GB/s {100 * tc / t:5.1f}% of copy")
-        blocks = (n + 255) // 256
-        t = gpu_time(lambda: kern[blocks, 256](p, g, h, *coefs[:7]))
-        print(f"  one thread per element (tpb=256, {blocks} blocks): {t * 1e6:8.1f} us "
-              f"{100 * tc / t:5.1f}% of copy")
+        config.THREADS_PER_BLOCK, config.GPU_CHUNK = tpb0, chunk0
         if dt == np.float32:
             for bps in (4, 8):
                 t = gpu_time(lambda: unrolled4[sms * bps, 256](p, g, h, coefs[0], coefs[3]))
                 print(f"  unrolled x4 tpb=256 blocks/SM={bps}: {t * 1e6:8.1f} us "
                       f"{100 * tc / t:5.1f}% of copy")
-        print("  registers/thread:", kern.get_regs_per_thread())
         del p, g, h, src, dst
     print(f"config: THREADS_PER_BLOCK={config.THREADS_PER_BLOCK} "
-          f"BLOCKS_PER_SM={config.BLOCKS_PER_SM}")
+          f"GPU_CHUNK={config.GPU_CHUNK}")
     return 0
 
 

@@ -196,7 +196,7 @@ def targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
 
 
 def targets_table(run: Run) -> str:
-    lines = ["| target (issue 4; issue 2 item 10) | measured | same ratio for the roofline "
+    lines = ["| speed target | measured | same ratio for the roofline "
              "kernel | met |", "|---|---:|---:|:---:|"]
     for name, value, bound, ok in targets(run):
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
@@ -213,8 +213,8 @@ def options_table(run: Run) -> str:
     """Issue 5 (all options vs defaults) and issue 6 (nonfinite check) at 2^24 f32."""
     lines = ["| benchmark | variant | median | ÷ baseline | ÷ roofline |",
              "|---|---|---:|---:|---:|"]
-    spec = (("options", "defaults", "issue 5: every option on vs defaults"),
-            ("nonfinite", "nonfinite='ignore'", "issue 6: gradient check vs none"))
+    spec = (("options", "defaults", "every option on vs defaults"),
+            ("nonfinite", "nonfinite='ignore'", "gradient check vs none"))
     any_row = marked = False
     for scenario, base, title in spec:
         for key in run.cases((scenario,)):
@@ -242,7 +242,7 @@ def startup_table(path: Path) -> str:
     from startup import table  # the same formatting as the script prints
 
     data = json.loads(path.read_text())
-    return table({"cold": data["cold"], "warm": data["warm"]}, data["repeat"])
+    return table({k: v for k, v in data.items() if k != "repeat"}, data["repeat"])
 
 
 def _num(x: object) -> str:
@@ -371,7 +371,7 @@ WORKFLOW = """\
 .venv/bin/pytest-benchmark compare 0001 0002 --group-by=group --columns=median,iqr
 ```
 
-Medians on this shared 2-core machine move by 5-20% between runs; compare
+Medians on a shared 2-core machine move by 5-20% between runs; compare
 interleaved runs of the same cases, not numbers from different days. `make test` runs
 every benchmark once with timing disabled (`--benchmark-disable`, at most 2^16
 elements), so a broken benchmark fails CI.
@@ -391,8 +391,8 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
             return str(p.resolve())
 
     head = [
-        "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy class the project "
-        "started from and the roofline kernel (`bench/roofline.py`: the same reads and "
+        "fastadagrad against torch.optim.Adagrad (CPU) fused, the NumPy AdaGrad class it "
+        "replaces and the roofline kernel (`bench/roofline.py`: the same reads and "
         "writes, trivial math). Speed-ups are ratios of medians from one run; "
         "\"time ÷ roofline\" of 1.00 is the memory-bandwidth limit." + llc_note(run),
         "",
@@ -406,7 +406,7 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
             "Bold: the fastest implementation of the case (the roofline excluded).", "",
             medians_table(run), ""]
     if opts:
-        full += ["## Options (issues 5 and 6)", "", opts, ""]
+        full += ["## Options", "", opts, ""]
     if startup:
         full += ["## Import and first-update time (`bench/startup.py`)", "", startup, ""]
     full += ["---", "", footnote(run, command), ""]

@@ -52,7 +52,8 @@ def _run(benchmark, fn):
         fn()
         torch.cuda.synchronize()
 
-    benchmark.pedantic(timed, rounds=30, iterations=1, warmup_rounds=2)
+    rounds = int(os.environ.get("FASTADAGRAD_GPU_BENCH_ROUNDS", "30"))
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -103,3 +104,44 @@ def test_fastadagrad_matches_torch_fused_rule_on_gpu():
     torch.cuda.synchronize()
     np.testing.assert_array_equal(p.cpu().numpy(), pc)
     np.testing.assert_array_equal(h.cpu().numpy(), hc)
+
+
+# --- whole models of separate tensors ------------------------------------------------
+
+def _model_shapes(name: str):
+    from bench.benchlib import model_shapes
+
+    if name == "cnn100":  # 100 tensors, 2.95M parameters
+        return model_shapes()
+    return [(1024, 784), (1024,), (512, 1024), (512,), (10, 512), (10,)]  # the MLP
+
+
+MODELS = ["cnn100", "mlp"]
+
+
+def _torch_model(name: str):
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    ps = [torch.randn(s, device="cuda", generator=gen) for s in _model_shapes(name)]
+    gs = [torch.randn(s, device="cuda", generator=gen) * 1e-2 for s in _model_shapes(name)]
+    return ps, gs
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_fastadagrad(benchmark, model):
+    """AdaGrad.update over the model's separate torch tensors: one launch per step."""
+    benchmark.group = f"gpu model {model}"
+    ps, gs = _torch_model(model)
+    opt = fastadagrad.AdaGrad.from_preset("torch", lr=0.01)
+    _run(benchmark, lambda: opt.update(ps, gs))
+
+
+@pytest.mark.parametrize("impl", ["foreach", "single"])
+@pytest.mark.parametrize("model", MODELS)
+def test_model_torch(benchmark, model, impl):
+    benchmark.group = f"gpu model {model}"
+    ps, gs = _torch_model(model)
+    params = [torch.nn.Parameter(p) for p in ps]
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt = torch.optim.Adagrad(params, lr=0.01, foreach=impl == "foreach")
+    _run(benchmark, opt.step)

@@ -16,7 +16,10 @@ from typing import Any
 
 from numba import njit
 
-from . import config
+from . import _compile_notice, config
+
+# one notice on stderr before the first real compile of a process (not on cache loads)
+_compile_notice.install()
 
 
 def _cache_usable(dispatcher: Any) -> bool:

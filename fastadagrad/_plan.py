@@ -284,7 +284,8 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "meta", "nw",
-                 "gaddr", "groups", "threads", "fast", "largest", "coef_key", "coefs")
+                 "gaddr", "groups", "threads", "fast", "largest", "coef_key", "coefs",
+                 "gpu")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -292,12 +293,14 @@ class Plan:
         self.gaddr = np.empty(0, np.int64)
         self.coef_key: tuple[Any, int] | None = None  # (hyper, step) of ``coefs``
         self.coefs: list[tuple] = []  # the kernels' scalars, per dtype group
+        self.gpu: Any = None  # the GPU path's cache (fastadagrad.cuda.GpuCache)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
         return (Plan, ())
 
     def clear(self) -> None:
         self.params, self.states = (), ()
+        self.gpu = None  # device tables and counters are rebuilt from the host state
 
     def matches(self, params: Sequence[Any], states: Sequence[Any]) -> bool:
         """The same array objects as when the plan was built (their contents and

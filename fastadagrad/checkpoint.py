@@ -61,8 +61,10 @@ def _keys(h: Any) -> list[Any]:
 def _to_host(a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return a
-    if hasattr(a, "copy_to_host"):  # numba device array
-        return a.copy_to_host()
+    if is_cuda_array(a):  # Numba, torch or CuPy device array
+        from . import cuda
+
+        return cuda.to_host(a)
     return np.asarray(a)
 
 
@@ -334,7 +336,7 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         elif all(device):
             from . import cuda
 
-            views = [cuda.to_device(np.ascontiguousarray(s)) for s in sums]
+            views = [cuda.to_device_like(s, params[k]) for s, k in zip(sums, pkeys)]
         else:
             # one flat buffer per dtype, views per key: the layout update() creates
             views = [None] * len(sums)
@@ -361,7 +363,9 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
             if isinstance(cur, np.ndarray):
                 np.copyto(cur, s)
             else:  # device array
-                cur.copy_to_device(np.ascontiguousarray(s))
+                from . import cuda
+
+                cuda.copy_into(cur, s)
     else:  # new state, or none at all (a never-stepped checkpoint: a fresh optimizer)
         opt.h, opt._flat = new_h, new_flat
         opt._plan.clear()

@@ -1,44 +1,41 @@
-"""GPU kernels: the fused one-pass AdaGrad update with numba-cuda, and their launcher.
+"""The GPU path: validation, per-model device tables and the step's launches.
 
-The kernels are bare grid-stride loops over flat 1-D device buffers (64-bit indices,
-so buffers above 2^31 elements work) that compute exactly the per-element operations
-of :func:`fastadagrad.cpu.adagrad_span`, in the same order, each rounded once:
+The kernels live in :mod:`fastadagrad.cuda_kernels` (bare loops over raw addresses,
+bit-identical to :func:`fastadagrad.cpu.adagrad_span`), their loading and launching in
+:mod:`fastadagrad.cuda_launch` (numba-cuda's public ``compile`` + ``cuda.core``, or
+Numba's dispatcher). This module turns a call of :func:`update` into launches:
 
-* every multiply and add goes through libdevice's ``fmul_rn``/``fadd_rn``
-  (``dmul_rn``/``dadd_rn`` in float64), which NVVM cannot contract into an FMA —
-  ``@cuda.jit`` otherwise turns ``h + g*g`` into ``fma.rn`` while the CPU rounds twice;
-* an FMA appears only where the rule asks for one (``FMA_ACCUMULATE``,
-  ``FMA_WEIGHT_DECAY``: ``fmaf_rn``/``fma_rn``, like the CPU's ``llvm.fma``);
-* ``/`` and ``sqrt`` are ``fdiv_rn``/``fsqrt_rn`` (IEEE ``div.rn``/``sqrt.rn``), no
-  fastmath, no flush-to-zero.
+* **one update launch per dtype per step for the whole model**, however many separate
+  device arrays it has (Numba, CuPy, torch CUDA tensors): a device-side table of the
+  tensors' addresses and of fixed-size chunks (:class:`Tables`, apex
+  ``multi_tensor_apply`` / torch ``_foreach`` style), built once per model layout and
+  reused; only the gradients' column is rewritten when a gradient moves.
+* **validation cached across steps** (:class:`GpuCache`, kept by the optimizer's plan):
+  every step re-reads each array's address, shape, strides and dtype (identity for
+  Numba arrays) and compares them with what was validated; any difference sends the
+  step through full validation before anything is launched. No launch uses an address
+  that was not confirmed in the same call.
+* **non-finite check on the device**: a check kernel sets a flag in a preallocated
+  control block, the update kernel reads it, an end-of-step kernel counts the step
+  and clears the flag. ``"skip"`` needs no host round trip to decide (see
+  :func:`update` for what the return value costs); ``"raise"`` reads the flags back.
+* **CUDA graphs** (``capturable``): step and learning rate live in the control block,
+  so a captured step replays correctly.
+* **streams and devices**: launches go on the producer's stream — torch's current
+  stream for torch tensors, the ``__cuda_array_interface__`` stream for CuPy, a Numba
+  array's own stream (default stream otherwise) — on the device that owns the arrays
+  (a device guard on multi-GPU machines); arrays of two devices are refused, naming
+  both. Caches (tables, SM counts, loaded kernels) are keyed by device.
 
-So for the same inputs the GPU writes the same bits as the CPU (checked on hardware by
-``python -m fastadagrad validate``; the PTX is checked in CI by
-``tests/test_cuda_ptx.py``).
-
-Launch policy (documented for users in :func:`update`):
-
-* one launch per tensor. ``AdaGrad`` with :class:`~fastadagrad.FlatBuffer` params,
-  grads and state of one layout passes one flat buffer, i.e. ONE launch per step for
-  the whole model; separate device arrays take one launch per tensor (each costs
-  ~60-120 us of host time on the H100 machine, see :class:`_DirectLaunch`).
-* the stream is the producer's: torch tensors run on
-  ``torch.cuda.current_stream()``; arrays whose ``__cuda_array_interface__`` names a
-  stream (CuPy) on that stream; Numba device arrays on their own ``.stream`` (the
-  default stream unless bound). All tensors of one call go on the stream of the first
-  parameter. Launches are asynchronous: ``update`` does NOT synchronize, except that
-  ``nonfinite="skip"``/``"raise"`` must read one flag per tensor back to the host to
-  decide, which waits for that stream.
-
-Everything here is lazy: importing this module needs neither a GPU nor numba-cuda;
-the kernels compile on first use, and asking for the GPU where CUDA cannot be used
-raises :class:`CudaUnavailableError`.
+Everything is lazy: importing this module needs neither a GPU nor numba-cuda; kernels
+compile on first use, and asking for the GPU where CUDA cannot be used raises
+:class:`CudaUnavailableError`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
+import operator
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -48,6 +45,7 @@ from numba import uint64 as _u64
 
 from . import _hyper as H
 from . import config
+from ._arrays import coefficients
 
 try:  # numba-cuda is an optional dependency (the ``[cuda]`` extra)
     from numba import cuda as _cuda
@@ -55,7 +53,8 @@ try:  # numba-cuda is an optional dependency (the ``[cuda]`` extra)
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # pragma: no cover - depends on the installation
     _cuda = None  # type: ignore[assignment]
-    _IMPORT_ERROR = f"numba.cuda cannot be imported ({exc}); pip install fastadagrad[cuda]"
+    _IMPORT_ERROR = (f"numba.cuda cannot be imported ({exc}); install the cuda extra "
+                     '(pip install ".[cuda]" in a checkout of fastadagrad)')
 
 
 class CudaUnavailableError(RuntimeError):
@@ -95,110 +94,6 @@ def require_gpu() -> Any:
     return _cuda
 
 
-# --- kernels -------------------------------------------------------------------------
-
-
-def _ops(dtype: np.dtype) -> tuple[Any, ...]:
-    """``(mul, add, div, sqrt, fma)``, each rounding exactly once, for ``dtype``.
-
-    Under the simulator the libdevice functions are stubs that return None, so plain
-    operators stand in there; the simulator does not reproduce GPU rounding anyway
-    (no FMA, float32 ``math.sqrt`` returns a Python float), it checks the logic.
-    """
-    if simulator():
-        return (lambda a, b: a * b, lambda a, b: a + b, lambda a, b: a / b, math.sqrt,
-                lambda a, b, c: a * b + c)
-    from numba.cuda import libdevice as L
-
-    if np.dtype(dtype) == np.float32:
-        return L.fmul_rn, L.fadd_rn, L.fdiv_rn, L.fsqrt_rn, L.fmaf_rn
-    return L.dmul_rn, L.dadd_rn, L.ddiv_rn, L.dsqrt_rn, L.fma_rn
-
-
-@cache
-def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
-    """``(adagrad, nonfinite)``: the CUDA kernels for ``dtype`` and the rule ``flags``.
-
-    Built on first use (``@cuda.jit`` without a signature compiles at the first launch).
-    ``flags`` (the bit mask of :meth:`Hyper.coefficients`) is a compile-time constant:
-    each kernel contains only the operations of its rule (the "numpy" rule's kernel has
-    no FMA instruction at all, which ``tests/test_cuda_ptx.py`` checks) and spends no
-    registers on the others. A training run uses one or two variants (with and without
-    ``grad_scale``); each compiles once per process (about 1.5 s). One set per dtype too,
-    because libdevice's correctly-rounded functions are typed.
-    """
-    cuda = _cuda
-    if cuda is None:
-        raise CudaUnavailableError(f"fastadagrad: the GPU path cannot be used: "
-                                   f"{_IMPORT_ERROR}")
-    mul, add, div, sqrt, fma = _ops(np.dtype(dtype))
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
-
-    @cuda.jit
-    def adagrad(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
-        """:func:`fastadagrad.cpu.adagrad_span`, same operations in the same order.
-
-        ``a - b`` is written ``add(a, -b)``: negation is exact and IEEE defines
-        subtraction that way, so the bits are those of the CPU's ``a - b``.
-        """
-        zero = eps_in - eps_in
-        # 64-bit indices (grid() widens before multiplying), unsigned so that Numba
-        # emits no negative-index wraparound fix-up on each of the five accesses.
-        n = _u64(p.size)
-        i = _u64(_cuda.grid(1))
-        stride = _u64(_cuda.gridsize(1))
-        while i < n:
-            gi = g[i]
-            if scale:
-                gi = div(gi, grad_scale)
-            if maximize:
-                gi = -gi
-            pi = p[i]
-            if coupled:
-                if fma_wd:
-                    gi = fma(pi, wd, gi)
-                else:
-                    gi = add(gi, mul(pi, wd))
-            elif decoupled:
-                pi = add(pi, -mul(mul(pi, wd), lr_wd))
-            if fma_h:
-                hi = fma(gi, gi, h[i])
-            else:
-                hi = add(h[i], mul(gi, gi))
-            q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-            if zero_h0 and hi == zero:
-                q = zero
-            h[i] = hi
-            p[i] = add(pi, -mul(q, lr_after))
-            i += stride
-
-    @cuda.jit
-    def nonfinite(g, grad_scale, found, k):
-        """Set ``found[k] = 1`` if any ``g`` (divided by ``grad_scale`` when GRAD_SCALE is
-        set, as the update would) is NaN or inf. Read-only on ``g``."""
-        bad = False
-        n = _u64(g.size)
-        i = _u64(_cuda.grid(1))
-        stride = _u64(_cuda.gridsize(1))
-        while i < n:
-            x = g[i]
-            if scale:
-                x = div(x, grad_scale)
-            if math.isinf(x) or math.isnan(x):
-                bad = True
-            i += stride
-        if bad:
-            found[k] = 1  # every writer writes 1: the race is benign
-
-    return adagrad, nonfinite
-
-
 @cache
 def _fill_kernel() -> Any:
     cuda = require_gpu()
@@ -215,12 +110,23 @@ def _fill_kernel() -> Any:
     return fill
 
 
-@cache
-def _sm_count() -> int:
-    try:
-        return int(_cuda.get_current_device().MULTIPROCESSOR_COUNT)
-    except Exception:  # the simulator's fake device has no attributes
-        return 1
+_SM: dict[int, int] = {}
+
+
+def _sm_count(device: int | None = None) -> int:
+    """Streaming multiprocessors of ``device`` (default: the current one), cached per
+    device."""
+    key = -1 if device is None else device
+    n = _SM.get(key)
+    if n is None:
+        try:
+            dev = _cuda.get_current_device() if device is None else _cuda.gpus[device]
+            n = int(getattr(dev, "MULTIPROCESSOR_COUNT", None) or
+                    _cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        except Exception:  # the simulator's fake device has no attributes
+            n = 1
+        _SM[key] = n
+    return n
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -310,22 +216,6 @@ def _device_id(x: Any) -> Any:
     return None
 
 
-def _flat(d: _Dev, dt: np.dtype) -> Any:
-    """A 1-D Numba device array over ``d``'s memory (no copy)."""
-    n = d.size
-    if simulator():
-        return d.obj.reshape(n)
-    obj = d.obj
-    if getattr(type(obj), "__cuda_ndarray__", False):
-        # a Numba device array (e.g. a FlatBuffer's data): use it, or a reshaped view,
-        # directly; wrapping its interface again costs ~17 us per array per step (H100)
-        return obj if obj.ndim == 1 else obj.reshape(n)
-    desc = {"shape": (n,), "typestr": d.typestr, "data": (d.ptr, False), "strides": None,
-            "version": 3, "stream": None}
-    # sync=False: the kernel is launched on the producer's stream, which orders it.
-    return _cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False)
-
-
 _STREAMS: dict[Any, Any] = {}
 
 
@@ -339,7 +229,35 @@ def _builtin_stream(kind: str) -> Any:
     return s
 
 
-def _stream_for(x: Any, d: _Dev) -> Any:
+_RAW_STREAM_CHECKED: set[int] = set()
+
+
+def _torch_stream(torch: Any, device: Any) -> int:
+    """torch's current stream on ``device``, as a raw pointer.
+
+    The public ``torch.cuda.current_stream(device).cuda_stream`` costs ~27 us per call
+    on the H100 machine (it builds a Stream object); torch's private
+    ``_cuda_getCurrentRawStream`` returns the same pointer in ~1 us. The private one is
+    used only after it returned exactly the public answer on this device once; if it
+    ever disagrees, that is an error (torch changed what it means), not a fallback.
+    """
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return int(torch.cuda.current_stream(device).cuda_stream)
+    ptr = int(raw(idx))
+    if idx not in _RAW_STREAM_CHECKED:
+        public = int(torch.cuda.current_stream(device).cuda_stream)
+        if ptr != public:
+            raise RuntimeError(
+                f"torch._C._cuda_getCurrentRawStream({idx}) returned {ptr:#x} but "
+                f"torch.cuda.current_stream() is {public:#x}: this torch version changed "
+                "that private function; fastadagrad must be updated for it")
+        _RAW_STREAM_CHECKED.add(idx)
+    return ptr
+
+
+def _stream_for(x: Any, d: _Dev | None) -> Any:
     """The producer's stream for ``x`` (see the module docstring)."""
     cuda = _cuda
     if simulator():
@@ -347,12 +265,11 @@ def _stream_for(x: Any, d: _Dev) -> Any:
     if _is_torch(x):
         import torch
 
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # ~1 us, vs ~27 us
-        ptr = int(raw(x.device.index) if raw is not None  # for current_stream() (H100)
-                  else torch.cuda.current_stream(x.device).cuda_stream)
+        ptr = _torch_stream(torch, x.device)
         if ptr == 0:  # torch's default stream is the legacy NULL stream
             return _builtin_stream("legacy_default_stream")
-    elif isinstance(d.stream, int) and d.stream:  # CAI v3 "stream" (CuPy exports one)
+    elif d is not None and isinstance(d.stream, int) and d.stream:  # CAI v3 "stream"
+        # (CuPy exports one)
         ptr = d.stream
         if ptr == 1:
             return _builtin_stream("legacy_default_stream")
@@ -369,25 +286,332 @@ def _stream_for(x: Any, d: _Dev) -> Any:
     return s
 
 
+# --- per-model device tables -----------------------------------------------------------
+
+
+class _Group:
+    """One dtype group of a model: its tensor and chunk table on the device."""
+
+    __slots__ = ("dtype", "idx", "ntens", "nchunks", "blocks", "host", "dev", "addr")
+
+    def __init__(self, dtype: np.dtype, idx: list[int], host: np.ndarray, ntens: int,
+                 nchunks: int, blocks: int) -> None:
+        self.dtype, self.idx, self.host = dtype, idx, host
+        self.ntens, self.nchunks, self.blocks = ntens, nchunks, blocks
+        self.dev: Any = None
+        self.addr = 0
+
+
+class Tables:
+    """The device-side description of one model layout on one device, built once.
+
+    Per dtype group a tensor table and a chunk table (see :mod:`fastadagrad.cuda_kernels`
+    for the layout) and one control block for the whole model. Only the gradients'
+    column is rewritten (and the table uploaded again) when a gradient's address
+    changes. ``capturable`` control blocks also hold the step count and the learning
+    rate for CUDA graphs.
+    """
+
+    def __init__(self, layout: tuple, pptr: list[int], gptr: list[int], hptr: list[int],
+                 sizes: list[int], dtypes: list[np.dtype], device: int, stream: Any,
+                 capturable: bool, step: int, hyper: H.Hyper) -> None:
+        from . import cuda_kernels as K
+
+        self.layout, self.device, self.capturable = layout, device, capturable
+        self.chunk, self.tpb = config.GPU_CHUNK, config.THREADS_PER_BLOCK
+        self.gptr = list(gptr)
+        self.skipped_seen = 0  # the device's skipped count when last read
+        self.launches: Any = None  # the last step's packed launches (see _run)
+        n = len(pptr)
+        max_blocks = config.GPU_MAX_BLOCKS or max(1, _sm_count(device) *
+                                                  config.BLOCKS_PER_SM)
+        self.groups: list[_Group] = []
+        for dt in sorted(set(dtypes), key=lambda d: d.itemsize):
+            idx = [i for i in range(n) if dtypes[i] == dt and sizes[i]]
+            if not idx:
+                continue
+            rows = np.zeros((len(idx), K.ROW), np.int64)
+            rows[:, 0] = [pptr[i] for i in idx]
+            rows[:, 1] = [gptr[i] for i in idx]
+            rows[:, 2] = [hptr[i] for i in idx]
+            rows[:, 3] = [sizes[i] for i in idx]
+            rows[:, 4] = idx
+            chunk = self.chunk
+            counts = np.array([(sizes[i] + chunk - 1) // chunk for i in idx], np.int64)
+            t = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
+            first = np.repeat(np.cumsum(counts) - counts, counts)
+            start = (np.arange(t.size, dtype=np.int64) - first) * chunk
+            host = np.concatenate((rows.reshape(-1), np.stack((t, start), 1).reshape(-1)))
+            self.groups.append(_Group(dt, idx, host, len(idx), int(t.size),
+                                      min(int(t.size), max_blocks)))
+        ctl = np.zeros(K.CTL_HEAD + n, np.int64)
+        ctl[K.CTL_NTOT] = n
+        ctl[K.CTL_STEP] = step - 1
+        self.lr = (hyper.lr, hyper.lr_decay)
+        ctl[K.CTL_LR:K.CTL_LR_DECAY + 1] = np.array(self.lr, np.float64).view(np.int64)
+        self.ctl_host = ctl
+        with _on_device(device):
+            for g in self.groups:
+                g.dev, g.addr = _upload(g.host, stream)
+            self.ctl_dev, self.ctl = _upload(ctl, stream)
+
+    def refresh_grads(self, gptr: list[int], stream: Any) -> None:
+        """Write the gradients' new addresses into the tables (only those that moved)."""
+        from . import cuda_kernels as K
+
+        _refuse_if_capturing("the gradients' addresses changed since the last step")
+        for g in self.groups:
+            col = g.host[1:K.ROW * g.ntens:K.ROW]
+            new = np.fromiter((gptr[i] for i in g.idx), np.int64, g.ntens)
+            if not np.array_equal(col, new):
+                col[:] = new
+                with _on_device(self.device):
+                    _copy_in(g.dev, g.host, stream)
+        self.gptr = list(gptr)
+
+    def set_lr(self, hyper: H.Hyper, stream: Any) -> None:
+        """Capturable mode: the learning rate lives on the device; write a new one."""
+        from . import cuda_kernels as K
+
+        lr = (hyper.lr, hyper.lr_decay)
+        if lr != self.lr:
+            _refuse_if_capturing("the learning rate changed since the last step")
+            self.ctl_host[K.CTL_LR:K.CTL_LR_DECAY + 1] = np.array(lr, np.float64
+                                                                  ).view(np.int64)
+            with _on_device(self.device):
+                _copy_slice_in(self.ctl_dev, self.ctl_host, K.CTL_LR, K.CTL_LR_DECAY + 1,
+                               stream)
+            self.lr = lr
+
+    def counters(self, stream: Any) -> tuple[int, int]:
+        """``(applied steps, skipped steps)`` counted on the device; waits for
+        ``stream``."""
+        from . import cuda_kernels as K
+
+        with _on_device(self.device):
+            c = _copy_out(self.ctl_dev, stream)
+        return int(c[K.CTL_STEP]), int(c[K.CTL_SKIPPED])
+
+    def flags(self, stream: Any) -> np.ndarray:
+        """The control block (found flag and per-tensor flags); waits for ``stream``."""
+        with _on_device(self.device):
+            return _copy_out(self.ctl_dev, stream)
+
+
+def _upload(host: np.ndarray, stream: Any) -> tuple[Any, int]:
+    """A device copy of ``host`` and its address (under the simulator: ``host`` itself,
+    whose memory is the simulated device's)."""
+    if simulator():
+        return host, int(host.ctypes.data)
+    dev = _cuda.to_device(host, stream=stream.numba)
+    return dev, int(dev.__cuda_array_interface__["data"][0])
+
+
+def _copy_in(dev: Any, host: np.ndarray, stream: Any) -> None:
+    if dev is not host:  # the simulator's tables are the host arrays themselves
+        dev.copy_to_device(host, stream=stream.numba)
+
+
+def _copy_slice_in(dev: Any, host: np.ndarray, a: int, b: int, stream: Any) -> None:
+    if dev is not host:
+        dev[a:b].copy_to_device(host[a:b], stream=stream.numba)
+
+
+def _copy_out(dev: Any, stream: Any) -> np.ndarray:
+    if simulator():
+        return np.array(dev)
+    out = dev.copy_to_host(stream=stream.numba)
+    stream.numba.synchronize()
+    return out
+
+
+class _NoGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+_NGPUS: list[int] = []
+
+
+def _on_device(device: int) -> Any:
+    """A device guard: the arrays' device is current inside (a no-op on one GPU)."""
+    if simulator():
+        return _NO_GUARD
+    if not _NGPUS:
+        _NGPUS.append(len(_cuda.gpus))
+    if _NGPUS[0] <= 1:
+        return _NO_GUARD
+    return _cuda.gpus[device]
+
+
+def _refuse_if_capturing(what: str) -> None:
+    """Raise if a CUDA graph is being captured on torch's current stream: a host to
+    device copy cannot be captured, and the captured step would use stale tables."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and \
+            torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"fastadagrad: {what}, which needs a host-to-device copy that "
+                           "cannot be captured in a CUDA graph; run one eager step with "
+                           "the same tensors and learning rate before capturing")
+
+
+_TABLES: dict[tuple, Tables] = {}
+K_SKIPPED = 2  # cuda_kernels.CTL_SKIPPED (kept here: cuda_kernels imports numba.cuda)
+
+
+def _getters(x: Any) -> tuple[Any, ...]:
+    """Cheap readers of what validation established about arrays of ``x``'s kind:
+    data address, shape, contiguity or strides, dtype (~0.1 us each on a torch tensor,
+    against ~5 us for a ``__cuda_array_interface__`` dict). Numba arrays never change
+    address, shape or dtype in place, so their identity is enough (the cache keeps
+    them alive, so an id is never reused meanwhile)."""
+    if getattr(type(x), "__cuda_ndarray__", False):
+        return (id,)
+    mod = type(x).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+
+        # is_contiguous() rather than stride(): a bool, not a new tuple;
+        # with the same address, shape and dtype it pins down the same memory
+        return (torch.Tensor.data_ptr, operator.attrgetter("shape"),
+                torch.Tensor.is_contiguous, operator.attrgetter("dtype"))
+    if mod == "cupy":
+        return (operator.attrgetter("data.ptr"), operator.attrgetter("shape"),
+                operator.attrgetter("strides"), operator.attrgetter("dtype"))
+    return ()  # anything else: validated in full at every step
+
+
+class GpuCache:
+    """What an optimizer keeps between GPU steps: its arrays' identities and what
+    :func:`_getters` reads from each, as validated, and the device tables.
+
+    Each step re-reads every param, state and grad with those getters (one map per
+    getter over the whole model) and compares with the cached lists: params and
+    states must be the same objects, unchanged; grads must be unchanged since the last
+    step. Anything else goes through full validation (and, if the addresses moved,
+    a table refresh). ``capturable=True`` keeps step and learning rate on the device
+    (CUDA graphs).
+    """
+
+    def __init__(self, capturable: bool = False) -> None:
+        self.capturable = capturable
+        self.objs: tuple[Any, ...] = ()
+        self.getters: tuple[Any, ...] = ()
+        self.seen: list[list[Any]] = []
+        self.gobjs: tuple[Any, ...] = ()  # keeps the grads' ids unique while cached
+        self.tables: Tables | None = None
+        self.stream: Any = None  # the stream of the last step
+
+    def counters(self) -> tuple[int, int] | None:
+        """``(applied, skipped)`` steps as counted on the device (capturable mode), or
+        None before the first step. Reads them back: waits for the device."""
+        if self.tables is None or not self.capturable:
+            return None
+        # replays of a captured step run on whatever stream replays the graph: wait
+        # for the whole device, not only the stream the step was queued on
+        with _on_device(self.tables.device):
+            if not simulator():
+                _cuda.synchronize()
+            return self.tables.counters(self.stream)
+
+    def remember(self, params: Sequence[Any], states: Sequence[Any],
+                 grads: Sequence[Any]) -> None:
+        getters = _getters(params[0])
+        kinds = {type(x) for seq in (params, states, grads) for x in seq}
+        if not getters or len(kinds) != 1:  # a mix of array kinds: validate each step
+            self.objs, self.getters = (), ()
+            return
+        arrays = [*params, *states, *grads]
+        self.objs = tuple(params) + tuple(states)
+        self.gobjs = tuple(grads)
+        self.getters = getters
+        self.seen = [list(map(g, arrays)) for g in getters]
+
+    def holds(self, params: Sequence[Any], states: Sequence[Any],
+              grads: Sequence[Any]) -> bool:
+        """Every array is as validated (see the class docstring)."""
+        objs = self.objs
+        n = len(params)
+        if not objs or len(objs) != 2 * n or len(states) != n or len(grads) != n:
+            return False
+        if not (all(map(operator.is_, params, objs)) and
+                all(map(operator.is_, states, objs[n:]))):
+            return False
+        arrays = [*params, *states, *grads]
+        for g, seen in zip(self.getters, self.seen):
+            if list(map(g, arrays)) != seen:
+                return False
+        return True
+
+
 # --- front door ------------------------------------------------------------------------
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
-           labels: Sequence[Any], hyper: H.Hyper, step: int, nonfinite: str) -> bool:
-    """One fused step on device arrays, in place; False if ``nonfinite="skip"`` skipped it.
+           labels: Sequence[Any], hyper: H.Hyper, step: int, nonfinite: str,
+           plan: Any = None, check_mix: Any = None) -> bool | None:
+    """One fused step on device arrays, in place: one kernel launch per dtype.
 
     Called by :func:`fastadagrad._dispatch.update` once every input is known to be a
-    CUDA array. Validates every array (dtype, shape, contiguity, writability, device,
-    aliasing) before anything is written or launched. Launches one kernel per tensor on
-    the producer's stream (module docstring) without synchronizing, except for the
-    non-finite check of ``"skip"``/``"raise"``, which reads its flags back.
+    CUDA array (``check_mix``, if given, is called before validating: it raises if
+    host arrays are mixed in). Validates every array (dtype, shape, contiguity,
+    writability, device, aliasing) before anything is written or launched; an
+    optimizer's ``plan`` keeps the validated description (:class:`GpuCache`) and the
+    device tables across steps, so a step whose arrays all match what was validated
+    validates nothing again.
+
+    Launches run on the producer's stream (module docstring), on the device that owns
+    the arrays, without synchronizing, except:
+
+    * ``nonfinite="skip"``: a check kernel sets a device flag that the update kernel
+      reads, so the decision needs no host round trip; returning the bool (was the step
+      skipped?) reads 16 bytes back, which waits for the stream. In capturable mode
+      nothing is read back: the function returns None and the device counts applied
+      and skipped steps (:meth:`Tables.counters`).
+    * ``nonfinite="raise"`` reads the flags back (waits for the stream) and raises
+      FloatingPointError naming the first tensor with NaN/inf, nothing updated.
+
+    Returns True (applied), False (skipped) or None (capturable: decided on the device).
     """
-    cuda = require_gpu()
-    from ._arrays import check_no_overlap, coefficients
+    n = len(params)
+    if n == 0:
+        return True
+    gc = getattr(plan, "gpu", None) if plan is not None else None
+    if gc is None and plan is not None and hasattr(plan, "gpu"):
+        gc = plan.gpu = GpuCache()
+    capturable = gc is not None and gc.capturable
+    if capturable and nonfinite == "raise":
+        raise ValueError("nonfinite='raise' reads the device's flag back at every step, "
+                         "which a CUDA graph cannot capture; use 'skip' or 'ignore' with "
+                         "capturable=True")
+    if gc is not None and gc.tables is not None and gc.holds(params, states, grads):
+        tables = gc.tables
+        stream = gc.stream = _stream_ref(params[0], None)
+    else:
+        if check_mix is not None:
+            check_mix()
+        require_gpu()
+        tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step,
+                                            gc)
+    return _run(tables, stream, hyper, step, nonfinite, labels)
+
+
+def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                       labels: Sequence[Any], hyper: H.Hyper, step: int,
+                       gc: GpuCache | None) -> tuple[Tables, Any]:
+    from ._arrays import check_no_overlap
 
     n = len(params)
+    if not (len(grads) == len(states) == n):
+        raise ValueError("params, grads and states must have the same length")
     triples = []
-    dev0: Any = None
+    devs: dict[int, str] = {}
     for i in range(n):
         lab = labels[i]
         dp = _describe(params[i], lab.param)
@@ -406,123 +630,159 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                          (states[i], lab.state)):
             dev = _device_id(x)
             if dev is not None:
-                if dev0 is None:
-                    dev0 = dev
-                elif dev != dev0:
-                    raise ValueError(f"{label} is on CUDA device {dev} but other inputs "
-                                     f"are on device {dev0}; pass arrays of one device")
+                devs.setdefault(dev, label)
+                if len(devs) > 1:
+                    (d0, l0), (d1, l1) = list(devs.items())[:2]
+                    raise ValueError(f"{l0} is on CUDA device {d0} but {l1} is on CUDA "
+                                     f"device {d1}; pass arrays of one device (nothing "
+                                     "was updated)")
         triples.append((dp, dg, dh, dt))
-    if n == 0:
-        return True
     nbytes = np.fromiter((t[0].size * t[3].itemsize for t in triples), np.int64, n)
     addr = [np.fromiter((t[k].ptr for t in triples), np.int64, n) for k in range(3)]
     check_no_overlap(addr[0], addr[1], addr[2], nbytes, labels)
+    for _, _, _, dt in triples:  # overflow of a coefficient in the dtype: raise now
+        coefficients(hyper, dt, step)
 
-    stream = _stream_for(params[0], triples[0][0])
-    work = [(dp, dg, dh, dt, coefficients(hyper, dt, step))
-            for dp, dg, dh, dt in triples if dp.size]
+    device = next(iter(devs)) if devs else _current_device()
+    stream = _stream_ref(params[0], triples[0][0])
+    pptr, gptr, hptr = ([t[k].ptr for t in triples] for k in range(3))
+    sizes = [t[0].size for t in triples]
+    dtypes = [t[3] for t in triples]
+    layout = (device, config.GPU_CHUNK, config.THREADS_PER_BLOCK, config.BLOCKS_PER_SM,
+              config.GPU_MAX_BLOCKS,
+              tuple(pptr), tuple(hptr), tuple(sizes), tuple(dtypes))
+    capturable = gc is not None and gc.capturable
+    tables = gc.tables if gc is not None else None
+    if tables is None or tables.layout != layout:
+        if capturable:  # its step counter and lr are this optimizer's own
+            skipped = 0
+            if tables is not None:  # a new layout: carry the device's counts over
+                done, skipped = tables.counters(stream)
+                step = done + 1
+            tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream, True,
+                            step, hyper)
+            if skipped:
+                tables.ctl_host[K_SKIPPED] = skipped
+                with _on_device(device):
+                    _copy_in(tables.ctl_dev, tables.ctl_host, stream)
+        else:
+            tables = _TABLES.get(layout)
+            if tables is None:
+                tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream,
+                                False, step, hyper)
+                if len(_TABLES) >= 64:
+                    _TABLES.clear()
+                _TABLES[layout] = tables
+    if tables.gptr != gptr:
+        tables.refresh_grads(gptr, stream)
+    if gc is not None:
+        gc.stream = stream
+        gc.remember(params, states, grads)
+        gc.tables = tables
+    return tables, stream
 
-    if nonfinite != "ignore" and work:
-        found = cuda.to_device(np.zeros(len(work), np.int32), stream=stream)
-        for k, (_, dg, _, dt, coefs) in enumerate(work):
-            blocks, tpb = launch_config(dg.size)
-            kernels(dt, coefs[7])[1][blocks, tpb, stream](_flat(dg, dt), coefs[6], found,
-                                                         k)
-        bad = found.copy_to_host(stream=stream)  # waits for the stream
-        stream.synchronize()
-        if bad.any():
-            if nonfinite == "raise":
-                k = int(np.flatnonzero(bad)[0])
-                idx = [i for i, t in enumerate(triples) if t[0].size][k]
-                raise FloatingPointError(f"{labels[idx].grad} contains NaN or inf; nothing "
-                                         "was updated")
-            return False
 
-    for dp, dg, dh, dt, coefs in work:
-        blocks, tpb = launch_config(dp.size)
-        direct = _direct_launcher(dt, coefs[7])
-        if direct is not None and direct.launch(stream, blocks, tpb, dp, dg, dh, coefs):
-            continue
-        kernels(dt, coefs[7])[0][blocks, tpb, stream](
-            _flat(dp, dt), _flat(dg, dt), _flat(dh, dt), *coefs[:7])
+def _plan_launches(tables: Tables, hyper: H.Hyper, step: int, nonfinite: str
+                   ) -> tuple[list[tuple], list[tuple], tuple | None]:
+    """The step's launches as ``(kernel, blocks, threads, packed arguments)``: the
+    checks, the updates (one per dtype group) and the end-of-step kernel (or None)."""
+    from . import cuda_kernels as K
+    from . import cuda_launch as L
+
+    dev, tpb, chunk, ctl = tables.device, tables.tpb, tables.chunk, tables.ctl
+    mode = (K.CHECKED if nonfinite == "skip" else 0)
+    if tables.capturable:
+        mode |= K.CAPTURABLE | (K.LR_AFTER if hyper.rule.lr_placement == "after" else 0) \
+            | (K.FMA_LR_DECAY if hyper.rule.fma_lr_decay else 0)
+    checks, updates = [], []
+    for g in tables.groups:
+        coefs = coefficients(hyper, g.dtype, step)
+        if nonfinite != "ignore":
+            k = L.kernel("check", g.dtype, coefs[7], dev)
+            checks.append((k, g.blocks, tpb, k.prepare(
+                (g.addr, g.ntens, g.nchunks, chunk, coefs[6], ctl))))
+        k = L.kernel("update", g.dtype, coefs[7] | mode, dev)
+        updates.append((k, g.blocks, tpb, k.prepare(
+            (g.addr, g.ntens, g.nchunks, chunk, *coefs[:7], ctl))))
+    fin = L.kernel("finish", np.float64, 0, dev)
+    finish = (fin, 1, 1, fin.prepare((ctl,)))
+    return checks, updates, finish
+
+
+def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
+         labels: Sequence[Any]) -> bool | None:
+    """Launch the step's kernels: [check per group], update per group, [finish].
+
+    The launches (kernels, grids, packed arguments) are kept in ``tables`` for the
+    next step while the hyperparameters object, the step's learning rate and the
+    non-finite mode stay the same: a training loop packs its arguments once.
+    """
+    from . import cuda_kernels as K
+    from .cuda_launch import run_kernel
+
+    capturable = tables.capturable
+    key = (step if hyper.lr_decay and not capturable else 0, nonfinite)
+    last = tables.launches
+    if last is None or last[0] is not hyper or last[1] != key:
+        # coefficients() raises here, before anything is written, if one overflows
+        last = tables.launches = (hyper, key, *_plan_launches(tables, hyper, step,
+                                                              nonfinite))
+    if capturable:
+        tables.set_lr(hyper, stream)
+    _, _, checks, updates, finish = last
+    with _on_device(tables.device):
+        for k, blocks, tpb, args in checks:
+            run_kernel(k, stream, blocks, tpb, args)
+        if nonfinite == "raise":
+            flags = tables.flags(stream)  # waits for the stream
+            if flags[K.CTL_FOUND]:
+                run_kernel(*finish[:1], stream, *finish[1:])  # clear the flags
+                tables.skipped_seen += 1  # which the device counts as a skipped step
+                k = int(np.flatnonzero(flags[K.CTL_HEAD:])[0])
+                raise FloatingPointError(f"{labels[k].grad} contains NaN or inf; "
+                                         "nothing was updated")
+        for k, blocks, tpb, args in updates:
+            run_kernel(k, stream, blocks, tpb, args)
+        if capturable or nonfinite == "skip":
+            run_kernel(*finish[:1], stream, *finish[1:])
+    if capturable:
+        return None
+    if nonfinite == "skip":
+        before = tables.skipped_seen
+        _, skipped = tables.counters(stream)  # waits for the stream
+        tables.skipped_seen = skipped
+        return skipped == before
     return True
 
 
-class _DirectLaunch:
-    """Launch one compiled update kernel without Numba's dispatcher (real GPUs only).
-
-    Each dispatcher launch costs ~50-85 us of host time on the H100 machine, and wrapping
-    the three arrays as Numba device arrays ~17 us each: more than the kernel itself
-    takes below ~2^24 elements. This packs the arguments the way Numba's launcher does
-    (a 1-D C array is ``meminfo, parent, nitems, itemsize, data, shape, stride``; a
-    float32/float64 scalar a ``ctypes.c_float``/``c_double``) straight from the arrays'
-    pointers and calls ``cuda.core``'s ``launch``. It is built from the kernel that the
-    dispatcher compiled on its first launch, only if that kernel has exactly the
-    expected signature; any failure turns it off for good and the dispatcher is used.
-    """
-
-    def __init__(self, dispatcher: Any, dtype: np.dtype) -> None:
-        from cuda.core import LaunchConfig, launch
-        from numba.cuda import types as nbt
-        from numba.cuda._compat import CUDA_CORE_GE_1_0
-
-        (kern,) = dispatcher.overloads.values()  # one signature per (dtype, rule)
-        scalar = nbt.float32 if dtype == np.float32 else nbt.float64
-        want_arr = nbt.Array(scalar, 1, "C")
-        if tuple(kern.argument_types) != (want_arr,) * 3 + (scalar,) * 7 or \
-                kern.cooperative:
-            raise TypeError("unexpected kernel signature")
-        self.kernel = kern._codelibrary.get_cufunc().kernel
-        self.itemsize = np.dtype(dtype).itemsize
-        self.box = ctypes.c_float if dtype == np.float32 else ctypes.c_double
-        self.launch_fn = launch
-        self.config = (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
-                                                 is_cooperative=False)) \
-            if CUDA_CORE_GE_1_0 else \
-            (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
-                                       cooperative_launch=False))
-        self.ok = True
-
-    def launch(self, stream: Any, blocks: int, tpb: int, dp: _Dev, dg: _Dev, dh: _Dev,
-               coefs: tuple) -> bool:
-        """Launch; False (and off for good) if anything is not as expected."""
-        if not self.ok:
-            return False
-        try:
-            from numba.cuda.cudadrv.driver import _to_core_stream
-
-            n, isz = dp.size, self.itemsize
-            args: list[Any] = []
-            for d in (dp, dg, dh):
-                args += (0, 0, n, isz, d.ptr, n, isz)
-            args += [self.box(c) for c in coefs[:7]]
-            self.launch_fn(_to_core_stream(stream), self.config(blocks, tpb), self.kernel,
-                           *args)
-            return True
-        except Exception:  # noqa: BLE001 - any surprise: use the dispatcher from now on
-            self.ok = False
-            return False
-
-
-_DIRECT: dict[tuple[Any, int], Any] = {}
-
-
-def _direct_launcher(dtype: np.dtype, flags: int) -> _DirectLaunch | None:
-    """The direct launcher for a kernel the dispatcher has compiled, else None."""
+def _current_device() -> int:
     if simulator():
-        return None
-    key = (np.dtype(dtype), flags)
-    direct = _DIRECT.get(key)
-    if direct is None:
-        dispatcher = kernels(dtype, flags)[0]
-        if not dispatcher.overloads:
-            return None  # not compiled yet: the first launch goes through Numba
-        try:
-            direct = _DirectLaunch(dispatcher, np.dtype(dtype))
-        except Exception:  # noqa: BLE001 - another numba-cuda layout: keep the dispatcher
-            direct = False
-        _DIRECT[key] = direct
-    return direct or None
+        return 0
+    return int(_cuda.get_current_device().id)
+
+
+_REFS: dict[int, Any] = {}
+
+
+def _stream_ref(x: Any, d: _Dev | None) -> Any:
+    """The producer's stream for ``x`` (module docstring), as a launcher StreamRef."""
+    from .cuda_launch import StreamRef
+
+    if simulator():
+        ref = _REFS.get(0)
+        if ref is None:
+            ref = _REFS[0] = StreamRef(0, _cuda.default_stream())
+        return ref
+    if d is None and not _is_torch(x) and not getattr(type(x), "__cuda_ndarray__", False):
+        d = _describe(x, "array")
+    s = _stream_for(x, d)
+    h = int(s)
+    ref = _REFS.get(h)
+    if ref is None or ref.numba is not s:
+        if len(_REFS) > 64:
+            _REFS.clear()
+        ref = _REFS[h] = StreamRef(h, s)
+    return ref
 
 
 # --- allocation helpers used by FlatBuffer and AdaGrad -----------------------------------
@@ -564,3 +824,41 @@ def full_like(x: Any, value: float) -> Any:
     if dt is None:  # let validation name the offending array later
         dt = np.dtype(np.float32)
     return full(d.size, dt, value).reshape(d.shape)
+
+
+def to_host(a: Any) -> np.ndarray:
+    """A NumPy copy of device array ``a`` (Numba, torch or CuPy)."""
+    if _is_torch(a):
+        return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
+    return a.copy_to_host()
+
+
+def to_device_like(host: np.ndarray, proto: Any) -> Any:
+    """A device copy of ``host`` in ``proto``'s library (torch, CuPy, else Numba) and on
+    its device, so that a model's state stays one kind of array."""
+    host = np.ascontiguousarray(host)
+    if _is_torch(proto):
+        import torch
+
+        return torch.from_numpy(host.copy()).to(proto.device)
+    if type(proto).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        with proto.device:
+            return cupy.asarray(host)
+    return to_device(host)
+
+
+def copy_into(dev: Any, host: np.ndarray) -> None:
+    """Overwrite device array ``dev`` with ``host`` (same shape and dtype)."""
+    host = np.ascontiguousarray(host)
+    if _is_torch(dev):
+        import torch
+
+        dev.detach().copy_(torch.from_numpy(host.copy()))
+    elif type(dev).__module__.split(".")[0] == "cupy":
+        dev.set(host)
+    else:
+        dev.copy_to_device(host)

@@ -35,6 +35,7 @@ from . import _hyper as H
 from . import _rounding as R
 from . import cuda as fcuda
 from ._arrays import Labels
+from .cuda_kernels import _ops
 
 _FORMATS = ("bfloat16", "float16")
 
@@ -94,7 +95,7 @@ def kernels(fmt: str, flags: int, stochastic: bool, master: bool) -> tuple[Any, 
     cuda = _cuda  # building (and compiling to PTX) needs no GPU; launching does
     if cuda is None:
         fcuda.require_gpu()  # raises, saying why
-    mul, add, div, sqrt, fma = fcuda._ops(np.dtype(np.float32))
+    mul, add, div, sqrt, fma = _ops(np.dtype(np.float32))
     if fcuda.simulator():
         widen, narrow, narrow_sr, rand32 = _sim_helpers(fmt)
     else:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numba
 import numpy as np
 
 from .optim import AdaGrad
@@ -70,36 +71,81 @@ class MLP:
         return loss, grads
 
 
-def train(opt: Any, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, MLP]:
+def train(opt: Any, args: argparse.Namespace, label: str = "", progress: int = 0
+          ) -> tuple[np.ndarray, np.ndarray, MLP]:
+    """Train a fresh network; every ``progress`` steps print a line (0: none)."""
     x, y = make_data(args.samples, 784, 10, seed=1)
     net = MLP([784, *args.hidden, 10], seed=2)
     rng = np.random.default_rng(3)
     losses, times = [], []
-    for _ in range(args.steps):
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
         idx = rng.integers(0, x.shape[0], args.batch)
         loss, grads = net.loss_and_grads(x[idx], y[idx])
         t0 = time.perf_counter()
         opt.update(net.params, grads)
         times.append(time.perf_counter() - t0)
         losses.append(loss)
+        if progress and (step % progress == 0 or step == args.steps):
+            print(f"  {label:<12} step {step:>{len(str(args.steps))}}/{args.steps}  "
+                  f"loss {loss:.4f}  optimizer step {np.median(times) * 1e3:.3f} ms "
+                  f"(median so far)  {time.perf_counter() - start:.1f} s elapsed",
+                  flush=True)
     return np.array(losses), np.array(times), net
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastadagrad demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512])
-    ap.add_argument("--lr", type=float, default=0.001)
-    ap.add_argument("--plot", default="demo_out/adagrad_demo.png")
-    ap.add_argument("--blas-threads", type=int, default=1,
-                    help="threads for NumPy's BLAS during training (0: leave as is). "
-                         "BLAS threads keep spinning after each matmul and compete with "
-                         "the optimizer's threads on small machines (README, Performance)")
+    ap = argparse.ArgumentParser(
+        prog="python -m fastadagrad demo", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300,
+                    help="training steps per optimizer (default 300)")
+    ap.add_argument("--batch", type=int, default=64, help="minibatch size (default 64)")
+    ap.add_argument("--samples", type=int, default=4096,
+                    help="size of the generated training set (default 4096)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 512], metavar="N",
+                    help="hidden layer widths (default: 1024 512, i.e. a 784-1024-512-10 "
+                         "network, 1.3M parameters)")
+    ap.add_argument("--lr", type=float, default=0.001,
+                    help="learning rate of both optimizers (default 0.001)")
+    ap.add_argument("--progress", type=int, default=50, metavar="N",
+                    help="print a progress line every N steps (default 50; 0: none)")
+    ap.add_argument("--plot", default="demo_out/adagrad_demo.png", metavar="PATH",
+                    help="where to write the PNG plot of both loss curves (default "
+                         "demo_out/adagrad_demo.png; an empty string: no plot)")
+    ap.add_argument("--blas-threads", type=int, default=1, metavar="N",
+                    help="threads for NumPy's BLAS during training (default 1; 0: leave "
+                         "as is). BLAS threads keep spinning after each matmul and compete "
+                         "with the optimizer's threads on small machines (README, "
+                         "Performance)")
+    ap.add_argument("--threads", type=int, default=0, metavar="N",
+                    help="threads for fastadagrad's parallel kernels (numba.set_num_threads;"
+                         " default 0: Numba's default, one per core)")
     args = ap.parse_args(argv)
-    with _blas_threads(args.blas_threads):
+    for name in ("steps", "batch", "samples"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    if min(args.hidden) < 1 or args.progress < 0 or args.threads < 0:
+        ap.error("--hidden widths must be at least 1, --progress and --threads at least 0")
+    if args.threads > numba.config.NUMBA_NUM_THREADS:
+        ap.error(f"--threads {args.threads}: Numba was started with "
+                 f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+    with _blas_threads(args.blas_threads), _numba_threads(args.threads):
         return _run(args)
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int) -> Iterator[None]:
+    if n <= 0:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    print(f"fastadagrad's parallel kernels use {n} thread(s) (--threads)")
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -119,12 +165,18 @@ def _blas_threads(n: int) -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-
+    print(f"training a 784-{'-'.join(map(str, args.hidden))}-10 network for {args.steps} "
+          f"steps of batch {args.batch}, first with the NumPy AdaGrad class, then with "
+          "fastadagrad.AdaGrad", flush=True)
     # warm-up: compile the kernels (or load them from Numba's cache) outside the timing
+    t0 = time.perf_counter()
     train(AdaGrad(lr=args.lr), argparse.Namespace(**{**vars(args), "steps": 2}))
+    print(f"  fastadagrad kernels ready in {time.perf_counter() - t0:.1f} s (two untimed "
+          "steps)", flush=True)
 
-    ref_losses, ref_times, ref_net = train(NumpyAdaGrad(lr=args.lr), args)
-    losses, times, net = train(AdaGrad(lr=args.lr), args)
+    ref_losses, ref_times, ref_net = train(NumpyAdaGrad(lr=args.lr), args, "NumPy",
+                                           args.progress)
+    losses, times, net = train(AdaGrad(lr=args.lr), args, "fastadagrad", args.progress)
     nparams = sum(p.size for p in net.params.values())
     same_loss = np.array_equal(losses, ref_losses)
     same_params = all(np.array_equal(net.params[k], ref_net.params[k]) for k in net.params)
@@ -139,10 +191,29 @@ def _run(args: argparse.Namespace) -> int:
           f"speedup {med_ref / med_fast:.1f}x")
     print(f"optimizer time, total: NumPy {ref_times.sum():.3f} s, fastadagrad "
           f"{times.sum():.3f} s")
+    if med_fast > med_ref:
+        print(_slower_hint(nparams, numba.get_num_threads()))
     if args.plot:
         _plot(args.plot, ref_losses, losses, med_ref, med_fast)
         print(f"plot written to {args.plot}")
     return 0 if (same_loss and same_params) else 1
+
+
+def _slower_hint(nparams: int, threads: int) -> str:
+    """Why fastadagrad can lose to the NumPy class (README: "Where fastadagrad is not
+    faster"), for the causes that apply to this run."""
+    hint = ("fastadagrad was SLOWER than the NumPy class in this run (README, Performance: "
+            "where fastadagrad is not faster).")
+    if nparams < 100_000:
+        hint += (f" This model is small ({nparams:,} parameters): the fixed cost of each "
+                 "call weighs more than the passes over memory it saves.")
+    if threads > 1:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        hint += (f" The parallel kernel waits for all {threads} threads at every step, so "
+                 f"a core kept busy by another process (1-minute load average {load:.2f} "
+                 f"on {os.cpu_count()} CPUs) or by BLAS threads stalls it: try --threads 1 "
+                 "(numba.set_num_threads(1) in your own loop).")
+    return hint
 
 
 def _plot(path: str, ref: np.ndarray, fast: np.ndarray, t_ref: float, t_fast: float

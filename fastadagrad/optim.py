@@ -131,6 +131,17 @@ class AdaGrad:
     that the update starts from; the param is its rounding. Both travel in
     ``state_dict`` and checkpoints.
 
+    ``capturable=True`` (CUDA arrays only) keeps the step count, the learning rate
+    (with ``lr_decay``) and the non-finite flag in device memory, so that
+    ``torch.cuda.graph`` can capture ``update`` and replays give the same bits as eager
+    steps. ``update`` then returns True once the step is queued (with
+    ``nonfinite="skip"`` the device decides, with no host round trip), and ``step`` /
+    ``skipped_steps`` are read back by :meth:`sync_steps` (which waits for the GPU;
+    ``state_dict``, ``save`` and pickling call it). A numeric ``lr`` only, and
+    ``nonfinite`` "ignore" or "skip". Without it, ``nonfinite="skip"`` on the GPU still
+    decides on the device but ``update`` reads 16 bytes back to return the bool (a
+    wait for the stream); ``"raise"`` always waits.
+
     Attributes:
         h: the accumulators, in the same container type as ``params`` (views into one
             flat buffer per dtype), ``None`` before the first update.
@@ -153,7 +164,7 @@ class AdaGrad:
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, maximize: bool = False,
                  nonfinite: NonFinite = "ignore", rule: Rule | None = None,
-                 rounding: str = "nearest", seed: int = 0,
+                 capturable: bool = False, rounding: str = "nearest", seed: int = 0,
                  master_weights: bool = False) -> None:
         self._schedule: Callable[[int], float] | None = lr if callable(lr) else None
         self.hyper = Hyper.make(lr=0.0 if callable(lr) else lr, eps=eps, lr_decay=lr_decay,
@@ -161,6 +172,13 @@ class AdaGrad:
         self.initial_accumulator_value = check_hyper("initial_accumulator_value",
                                                      initial_accumulator_value)
         self.nonfinite: NonFinite = check_nonfinite(nonfinite)
+        # capturable (GPU only): step, lr and the skip flag live in device memory, so a
+        # CUDA graph can capture update(); see fastadagrad.cuda.update
+        self.capturable = bool(capturable)
+        if self.capturable and (self._schedule is not None or nonfinite == "raise"):
+            raise ValueError("capturable=True takes a numeric lr (a schedule runs on the "
+                             "host) and nonfinite 'ignore' or 'skip' ('raise' reads the "
+                             "device back every step)")
         self.h: Any = None
         self.step = 0
         self.skipped_steps = 0
@@ -184,6 +202,7 @@ class AdaGrad:
     # plan (cached addresses) is never carried over.
 
     def __getstate__(self) -> dict[str, Any]:
+        self.sync_steps()
         state = self.__dict__.copy()
         state["_plan"] = None
         state["_keys_seen"] = None
@@ -296,6 +315,10 @@ class AdaGrad:
                 labels = _FLAT_LABELS
         half = self._half[1] if self._half is not None and self._half[0] is h else [
             i for i, p in enumerate(plist) if is_half(getattr(p, "dtype", None))]
+        if getattr(self, "capturable", False) and self._plan.gpu is None:
+            from . import cuda as _cuda
+
+            self._plan.gpu = _cuda.GpuCache(capturable=True)
         try:
             if half:  # 16-bit params: their own path (float32 state, rounding, masters)
                 return self._update_half(plist, glist, hlist, labels, hyper, h, flat,
@@ -309,6 +332,8 @@ class AdaGrad:
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
             self._half = (h, [])  # a float model: a 16-bit param later is a mismatch
+        if applied is None:  # capturable: counted on the device, see sync_steps()
+            return True
         if applied:
             self.step += 1
         else:
@@ -319,6 +344,9 @@ class AdaGrad:
                      labels: Any, hyper: Hyper, h: Any, flat: list[FlatBuffer],
                      keys: list[Any], half: list[int]) -> bool:
         """:meth:`update` for a model with bfloat16/float16 params (``half``)."""
+        if getattr(self, "capturable", False):
+            raise ValueError("capturable=True does not support bfloat16/float16 params "
+                             "(nothing was updated)")
         master = self.master
         if self.master_weights and master is None:  # float32 copies, once validated
             if not any(D.is_cuda_array(plist[i]) for i in half):  # (device: below)
@@ -339,6 +367,19 @@ class AdaGrad:
         else:
             self.skipped_steps += 1
         return applied
+
+    def sync_steps(self) -> None:
+        """capturable=True: read ``step`` and ``skipped_steps`` back from the device.
+
+        In capturable mode :meth:`update` only queues the step (it returns True; a
+        replayed CUDA graph does not even run Python), and the device counts applied
+        and skipped steps. This reads them (it waits for the last step's stream);
+        :meth:`state_dict`, :meth:`save` and pickling call it. A no-op otherwise.
+        """
+        gc = getattr(self._plan, "gpu", None) if self._plan is not None else None
+        counts = gc.counters() if gc is not None else None
+        if counts is not None:
+            self.step, self.skipped_steps = counts
 
     def _new_state(self, params: Any, keys: list[Any], plist: list[Any]
                    ) -> tuple[Any, list[FlatBuffer]]:
@@ -393,6 +434,7 @@ class AdaGrad:
         """
         from . import checkpoint
 
+        self.sync_steps()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: Any, params: Any = None) -> None:
@@ -417,6 +459,7 @@ class AdaGrad:
         """
         from . import checkpoint
 
+        self.sync_steps()
         return checkpoint.save(self, path)
 
     def load(self, path: Any, params: Any = None) -> None:

@@ -126,3 +126,71 @@ def reference_step_half(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hype
         k0, k1 = R.stream_key(seed, step, tensor)
         bits = R.rand32(k0, k1, np.arange(x.size)).reshape(x.shape)
     p[...] = R.round_to(x, p.dtype, rounding, bits)  # type: ignore[arg-type]
+
+
+def reference_sum_rows(indices: np.ndarray, grad_rows: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, sums)``: the distinct rows of ``indices`` (ascending) and, for each, the sum
+    of its gradient rows in the order they appear in ``indices``, left to right, starting
+    from the first row itself (``((g_a + g_b) + g_c) + ...``)."""
+    idx = np.asarray(indices).astype(np.int64)
+    order = np.argsort(idx, kind="stable")
+    rows, first, counts = np.unique(idx[order], return_index=True, return_counts=True)
+    sums = grad_rows[order[first]].copy()
+    for j in range(1, int(counts.max(initial=1))):
+        sel = counts > j
+        sums[sel] = sums[sel] + grad_rows[order[first[sel] + j]]
+    return rows, sums
+
+
+def reference_rows_step(table: np.ndarray, state: np.ndarray, indices: np.ndarray,
+                        grad_rows: np.ndarray, hyper: Hyper, step: int = 1, *,
+                        rowwise: bool = False) -> None:
+    """One row update in plain NumPy, in place (the oracle of ``adagrad_update_rows``).
+
+    Duplicates are summed by :func:`reference_sum_rows`; then the full accumulator takes
+    :func:`reference_step` on the touched rows, and the rowwise one FBGEMM's
+    ``EXACT_ROWWISE_ADAGRAD`` order (see ``fastadagrad.cpu_rows._update_row_rowwise``).
+    """
+    if len(indices) == 0 or table.shape[1] == 0:
+        return
+    rows, g = reference_sum_rows(indices, grad_rows)
+    if not rowwise:
+        p, h = table[rows], state[rows]
+        reference_step(p, g, h, hyper, step)
+        table[rows], state[rows] = p, h
+        return
+    t = table.dtype.type
+    r = hyper.rule
+    lr = t(hyper.clr(step))
+    if hyper.grad_scale is not None:
+        g = g / t(hyper.grad_scale)
+    if hyper.maximize:
+        g = -g
+    p = table[rows]
+    wd = t(hyper.weight_decay)
+    coupled = hyper.weight_decay != 0.0 and r.weight_decay_mode == "coupled"
+    decoupled = hyper.weight_decay != 0.0 and r.weight_decay_mode == "decoupled"
+    a = g
+    if coupled:
+        a = exact_fma(p, np.full_like(p, wd), g) if r.fma_weight_decay else g + p * wd
+    s = np.zeros(len(rows), table.dtype)
+    for d in range(table.shape[1]):  # left to right over the row, like the kernels
+        s = exact_fma(a[:, d], a[:, d], s) if r.fma_accumulate else s + a[:, d] * a[:, d]
+    h = state[rows] + s / t(table.shape[1])
+    eps = t(hyper.eps)
+    denom = np.sqrt(h + eps) if r.eps_placement == "inside" else np.sqrt(h) + eps
+    m = lr / denom
+    if r.zero_where_h0:
+        m = np.where(h == 0, t(0), m)
+    c = np.ones_like(m)
+    if coupled:
+        c = exact_fma(-m, np.full_like(m, wd), np.ones_like(m))
+    elif decoupled:
+        c = np.full_like(m, t(1) - lr * wd)
+    state[rows] = h
+    gm = g * m[:, None]
+    if coupled or decoupled:
+        table[rows] = exact_fma(np.broadcast_to(c[:, None], p.shape), p, -gm)
+    else:  # fma(1, p, -gm) is p - gm rounded once
+        table[rows] = p - gm

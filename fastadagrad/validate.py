@@ -8,7 +8,9 @@ Cases: sizes with awkward tails up to 2^26 elements (2^31+17 with ``--large``),
 float32 and float64, several formulas (the NumPy class, torch's FMA accumulation with
 coupled weight decay and lr_decay, FMA weight decay, Keras' eps-inside + decoupled
 weight decay, optax's lr-after + zero-where-h0, maximize + grad_scale), whole-model
-flat buffers (one launch per step) and separate tensors with the non-finite check.
+flat buffers (one launch per step) and separate tensors with the non-finite check, and
+embedding-row updates (``adagrad_update_rows``, full and rowwise accumulators, Zipf and
+uniform lookups with duplicates, several formulas).
 
 It also times the GPU step (CUDA events around back-to-back steps through the public
 API, so Python overhead counts where it is not hidden) and a device-to-device copy
@@ -281,6 +283,62 @@ def run_separate_case(dtype: Any, steps: int, cuda: Any, seed: int, max_dim: int
                 ok=nb == 0 and same_skips)
 
 
+#: Row-update cases (embedding tables): (name, preset, Rule overrides, hyperparameters,
+#: rowwise, rows, columns, lookups, distribution). Zipf lookups repeat the first rows
+#: thousands of times: the duplicate sums must match too.
+ROW_CASES = [
+    ("numpy", "numpy", {}, dict(lr=0.01, eps=1e-7), False, 100_003, 64, 65_536, "zipf"),
+    ("fbgemm(l2)", "numpy", dict(fma_weight_decay=True),
+     dict(lr=0.01, eps=1e-7, weight_decay=0.01), True, 100_003, 64, 65_536, "zipf"),
+    ("torch(fma,wd,decay)", "torch", {}, dict(lr=0.01, eps=1e-10, lr_decay=0.01,
+                                             weight_decay=0.01), False, 1_000, 17, 5_000,
+     "uniform"),
+    ("keras(eps-in,dwd)", "keras", {}, dict(lr=0.001, eps=1e-7, weight_decay=0.004), True,
+     1_000, 17, 5_000, "uniform"),
+    ("optax+maximize", "optax", {}, dict(lr=0.01, eps=1e-7, maximize=True), False, 1_000,
+     1, 3_000, "zipf"),
+]
+
+
+def run_rows_case(spec: tuple, dtype: Any, steps: int, cuda: Any, seed: int,
+                  timing: bool = True) -> dict[str, Any]:
+    """``adagrad_update_rows`` on host arrays vs device arrays, same inputs, ``steps`` steps."""
+    from dataclasses import replace
+
+    import fastadagrad as fa
+
+    from .presets import get_preset
+
+    name, preset, rule_kw, hyper, rowwise, r, d, k, dist = spec
+    rule = replace(get_preset(preset).rule, **rule_kw)
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal((r, d)).astype(dtype)
+    h = np.full((r,) if rowwise else (r, d), 0.1 if preset == "keras" else 0.0, dtype)
+    dp, dh = cuda.to_device(p), cuda.to_device(h)
+    batches = []
+    for _ in range(3):
+        idx = (rng.zipf(1.05, k) % r) if dist == "zipf" else rng.integers(0, r, k)
+        g = make_grads(k * d, dtype, 1, int(rng.integers(1 << 30)))[0].reshape(k, d)
+        batches.append((idx, g, cuda.to_device(g)))
+    for s in range(1, steps + 1):
+        idx, g, dg = batches[(s - 1) % len(batches)]
+        fa.adagrad_update_rows(p, h, idx, g, step=s, rowwise=rowwise, rule=rule, **hyper)
+        fa.adagrad_update_rows(dp, dh, idx, dg, step=s, rowwise=rowwise, rule=rule, **hyper)
+    cuda.synchronize()
+    up, np_ = ulp_diff(p.reshape(-1), dp.copy_to_host().reshape(-1))
+    uh, nh = ulp_diff(h.reshape(-1), dh.copy_to_host().reshape(-1))
+    row: dict[str, Any] = dict(
+        kind=f"rows {'rowwise' if rowwise else 'full'} {r}x{d} {dist} K={k}", case=name,
+        dtype=np.dtype(dtype).name, n=r * d, steps=steps, max_ulp_param=up,
+        max_ulp_state=uh, bits_differ=np_ + nh, ok=(np_ + nh) == 0)
+    if timing:  # host grouping, transfers and the launch, per step (events around it)
+        idx, _, dg = batches[0]
+        row["gpu_us_rows"] = 1e6 * _time_gpu(
+            lambda: fa.adagrad_update_rows(dp, dh, idx, dg, step=steps, rowwise=rowwise,
+                                           rule=rule, **hyper), 0, cuda)
+    return row
+
+
 def environment(cuda: Any) -> dict[str, Any]:
     import numba
 
@@ -304,7 +362,24 @@ def environment(cuda: Any) -> dict[str, Any]:
 
     env["threads_per_block"] = config.THREADS_PER_BLOCK
     env["blocks_per_sm"] = config.BLOCKS_PER_SM
+    env["gpu_chunk"] = config.GPU_CHUNK
+    try:
+        import cuda.core
+
+        env["cuda_core"] = cuda.core.__version__
+    except Exception as exc:
+        env["cuda_core"] = f"not importable ({exc})"
     return env
+
+
+def launch_path_ran() -> list[str]:
+    """Which launch path ran (``[path, reason]``), asked after the cases launched."""
+    from . import cuda_launch
+
+    path, why = cuda_launch.launch_path()
+    if path == "cuda.core":
+        why = f"{why}; {cuda_launch.LOADED_AS}"
+    return [path, why]
 
 
 def _fmt(row: dict[str, Any]) -> str:
@@ -375,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             emit(run_flat_case(case, dtype, args.steps, cuda, seed=7, timing=True,
                                copy_cache=copy_cache))
         emit(run_separate_case(dtype, min(args.steps, 10), cuda, seed=11))
+        for i, spec in enumerate(ROW_CASES[:2] if args.quick else ROW_CASES):
+            emit(run_rows_case(spec, dtype, args.steps, cuda, seed=21 + i))
     if args.large:
         n = LARGE
         grads = make_grads(n, np.float32, 1, seed=5, tiled=True)
@@ -384,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         del grads, p0
 
     ok = all(r["ok"] for r in rows)
+    env["launch_path"] = launch_path_ran()
+    print(f"launch path: {env['launch_path'][0]} ({env['launch_path'][1]})")
     big32 = [r for r in rows if r["kind"] == "array" and r["dtype"] == "float32"
              and r["n"] >= (1 << 26) and "frac_copy" in r]
     summary = dict(ok=ok, cases=len(rows), mismatches=sum(not r["ok"] for r in rows),

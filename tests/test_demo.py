@@ -18,3 +18,56 @@ def test_demo_small(tmp_path, capsys):
     assert "final parameters identical: True" in out
     assert "speedup" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_progress_lines_and_threads(capsys):
+    import numba
+
+    threads = numba.get_num_threads()
+    rc = main(["--steps", "6", "--batch", "8", "--samples", "64", "--hidden", "8",
+               "--progress", "3", "--plot", "", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert numba.get_num_threads() == threads  # --threads is undone afterwards
+    for label in ("NumPy", "fastadagrad"):
+        steps = [ln.split()[2] for ln in out.splitlines()
+                 if ln.startswith(f"  {label} ") and " step " in ln]
+        assert steps == ["3/6", "6/6"], out
+    assert "use 1 thread(s) (--threads)" in out
+    assert "loss curves identical (bit for bit): True" in out
+    assert "plot written" not in out
+
+
+def test_demo_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--steps", "0"])
+    assert exc.value.code == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_demo_says_why_when_fastadagrad_is_slower(monkeypatch, capsys):
+    import time
+
+    from fastadagrad import demo
+
+    class Slow(demo.AdaGrad):
+        def update(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            time.sleep(0.002)
+            return super().update(*a, **k)
+
+    monkeypatch.setattr(demo, "AdaGrad", Slow)
+    assert main(["--steps", "3", "--batch", "4", "--samples", "16", "--hidden", "4",
+                 "--progress", "0", "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    assert "fastadagrad was SLOWER than the NumPy class" in out
+    assert "This model is small" in out
+
+
+def test_slower_hint_names_the_causes_that_apply():
+    from fastadagrad.demo import _slower_hint
+
+    both = _slower_hint(50_000, 2)
+    assert "small (50,000 parameters)" in both and "all 2 threads" in both
+    assert "--threads 1" in both and "load average" in both
+    neither = _slower_hint(2_000_000, 1)
+    assert "small" not in neither and "threads" not in neither

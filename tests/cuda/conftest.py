@@ -20,3 +20,8 @@ def small_grid(monkeypatch):
     64 threads, so a 100-element buffer takes two trips round the grid-stride loop."""
     monkeypatch.setattr(config, "THREADS_PER_BLOCK", 32)
     monkeypatch.setattr(config, "BLOCKS_PER_SM", 2)
+    # the multi-tensor kernel: 48-element chunks (a block of 32 threads walks each
+    # twice, with a partial tail) on a grid of 2 blocks (each walks several chunks),
+    # on the simulator and on a real GPU alike
+    monkeypatch.setattr(config, "GPU_CHUNK", 48)
+    monkeypatch.setattr(config, "GPU_MAX_BLOCKS", 2)

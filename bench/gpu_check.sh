@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One-shot hardware check, run ONCE on a GPU machine from the repository root with the
+# machine's own python3 (nothing is installed). Writes at most 5 files under $OUT:
+#   checks.log      every step's command, output, exit code and seconds, in order
+#   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
+#   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
+#                   capture test included (their text output is in checks.log)
+#   overhead.txt    bench/gpu_overhead.py: host time per step, 100-tensor torch model
+#   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (10 rounds each)
+# Steps, most important first; each has its own timeout and the whole run a budget
+# (BUDGET seconds, default 285): a step that would start with under 10 s left is
+# skipped and counted as failed, so the script ends within the budget and never hangs.
+# --dry-run prints the steps without running them. Exit status: failed steps.
+set -u
+OUT="${OUT:-/tmp/gpu_check_out}"
+PY="${PYTHON:-python3}"
+BUDGET="${BUDGET:-285}"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+mkdir -p "$OUT"
+LOG="$OUT/checks.log"
+: > "$LOG"
+FAILED=0
+START=$(date +%s)
+unset NUMBA_ENABLE_CUDASIM
+
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name="$1" limit="$2"; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  [ "$left" -lt "$limit" ] && limit="$left"
+  echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
+  [ "$DRY" = 1 ] && return 0
+  if [ "$limit" -lt 10 ]; then
+    echo "=== $name SKIPPED: out of time (budget ${BUDGET}s)" | tee -a "$LOG"
+    FAILED=$((FAILED + 1)); return 0
+  fi
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc seconds=$(( $(date +%s) - t0 ))" | tee -a "$LOG"
+  [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
+}
+
+step env 30 "$PY" -c "import numba, numba_cuda, numpy, torch; import cuda.core as cc; \
+print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', \
+numpy.__version__, 'torch', torch.__version__, 'cuda.core', cc.__version__); \
+from numba import cuda; print(cuda.get_current_device().name, torch.cuda.device_count(), 'GPUs')"
+step validate 100 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
+step pytest-gpu 120 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
+  -o addopts="" --junitxml="$OUT/pytest.xml"
+[ -f "$OUT/pytest.xml" ] && mv "$OUT/pytest.xml" "$OUT/pytest.log"
+step overhead 45 bash -c "'$PY' bench/gpu_overhead.py > '$OUT/overhead.txt'"
+FASTADAGRAD_GPU_BENCH_ROUNDS=10 step bench 90 "$PY" -m pytest bench/test_bench_gpu.py \
+  -q -p no:cacheprovider -o addopts="" --benchmark-only \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
+  --benchmark-sort=name
+FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
+  tests/cuda/test_cuda_kernels.py -q -p no:cacheprovider -x -o addopts="" \
+  -k "separate or capturable or launch_path or known_values"
+step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
+  -o addopts="" -k sm_90
+echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
+exit "$FAILED"

@@ -1,0 +1,205 @@
+"""torch tensors on the CPU → one compiled call per dtype, with per-model work cached.
+
+The dispatch layer of :mod:`fastadagrad.torch`: it reads each tensor's address with
+``data_ptr()`` (no array interface, no copy), validates every tensor it will write
+through in this very call, and hands address tables to the many-tensor kernels of
+``cpu.py`` (torch's fused formula) or ``cpu_vsqrt.py`` (torch's eager formula).
+
+What stays the same between steps of a training loop (the parameters' and
+accumulators' addresses, shapes and dtypes, their mutual overlap check, the dtype
+groups and their chunk tables) is kept in a :class:`TensorPlan`. The cache is keyed on
+the addresses, shapes and dtypes read again at every step, so a parameter whose storage
+was swapped (``p.data = ...``, ``load_state_dict``, ``resize_``) rebuilds the plan
+instead of being written through a stale address. Gradients are new tensors every step
+and are checked every step.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from operator import attrgetter
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+
+from . import _dispatch as D
+from . import config, cpu, cpu_vsqrt
+
+NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+_ptr = torch.Tensor.data_ptr
+_contig = torch.Tensor.is_contiguous
+_shape = attrgetter("shape")
+_numel = torch.Tensor.numel
+_dtype = attrgetter("dtype")
+_is_cpu = attrgetter("is_cpu")
+_layout = attrgetter("layout")
+_strided = torch.strided
+
+#: kernel pairs (parallel, serial) by formula; both take
+#: (proto, paddr, gaddr, haddr, ctensor, cstart, clen, *coefficients)
+KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    "fused": (cpu.adagrad_many_parallel, cpu.adagrad_many_serial),
+    "vsqrt": (cpu_vsqrt.adagrad_many_vsqrt_parallel, cpu_vsqrt.adagrad_many_vsqrt_serial),
+}
+
+
+def unsupported(x: Any) -> str | None:
+    """Why the CPU kernels cannot update tensor ``x`` in place, or None if they can."""
+    if x.layout is not _strided:
+        return f"has layout {x.layout}"
+    if not x.is_cpu:
+        return f"is on device {x.device}"
+    if x.dtype not in NP_DTYPES:
+        return f"has dtype {x.dtype} (the CPU kernels take float32 and float64)"
+    if not x.is_contiguous():
+        return "is not contiguous"
+    return None
+
+
+def eligible(p: Any, g: Any, h: Any) -> bool:
+    """True when (param, grad, state) can take the compiled CPU path."""
+    return (unsupported(p) is None and unsupported(g) is None and unsupported(h) is None
+            and g.dtype == p.dtype == h.dtype and g.shape == p.shape == h.shape)
+
+
+class TensorPlan:
+    """Per-model work for one list of (param, state) tensors, reused while it matches."""
+
+    __slots__ = ("key", "pdtypes", "paddr", "haddr", "nbytes", "groups", "threads",
+                 "wstart", "wend", "wlists")
+
+    def __init__(self) -> None:
+        self.key: Any = None
+
+    def build(self, params: Sequence[Any], states: Sequence[Any], labels: Sequence[Any],
+              key: Any) -> None:
+        n = len(params)
+        self.key = None
+        for i in range(n):
+            p, h = params[i], states[i]
+            for x, label in ((p, labels[i].param), (h, labels[i].state)):
+                why = unsupported(x)
+                if why is not None:
+                    raise ValueError(f"{label} {why}; nothing was updated")
+            if h.dtype != p.dtype or h.shape != p.shape:
+                raise ValueError(f"{labels[i].state} has dtype {h.dtype} and shape "
+                                 f"{tuple(h.shape)} but {labels[i].param} has dtype "
+                                 f"{p.dtype} and shape {tuple(p.shape)}; nothing was "
+                                 "updated")
+        paddr = np.fromiter(key[0], np.int64, n)
+        haddr = np.fromiter(key[1], np.int64, n)
+        nbytes = np.fromiter((p.numel() * p.element_size() for p in params), np.int64, n)
+        D.check_no_overlap(paddr, np.zeros(n, np.int64), haddr, nbytes, labels,
+                           grads=False)
+        self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
+        # the written byte ranges, disjoint (just checked), sorted: a gradient overlaps
+        # one of them iff it overlaps the last one that starts before the gradient ends
+        start = np.concatenate((paddr, haddr))
+        end = start + np.concatenate((nbytes, nbytes))
+        keep = end > start
+        order = np.argsort(start[keep], kind="stable")
+        self.wstart, self.wend = start[keep][order], end[keep][order]
+        self.wlists = (self.wstart.tolist(), self.wend.tolist(), nbytes.tolist())
+        self.pdtypes = key[3]
+        self.plan_groups([p.numel() for p in params], [NP_DTYPES[d] for d in key[3]],
+                         numba.get_num_threads())
+        self.key = key
+
+    def plan_groups(self, sizes: list[int], dtypes: list[np.dtype], threads: int) -> None:
+        groups = []
+        kinds = sorted(set(dtypes), key=lambda d: d.itemsize)
+        for dt in kinds:
+            idx = None if len(kinds) == 1 else np.fromiter(
+                (i for i, d in enumerate(dtypes) if d == dt), np.int64)
+            gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
+            groups.append((np.empty(0, dt), idx, D.chunk_table(gsizes, threads),
+                           sum(gsizes)))
+        self.groups, self.threads = groups, threads
+
+
+def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
+            states: Sequence[Any], labels: Sequence[Any], formula: str,
+            coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None
+            ) -> Callable[[], None] | None:
+    """Validate a step now; return the function that runs it, or None if it cannot.
+
+    Every tensor is checked in this call, before anything is written: CPU, strided,
+    contiguous, float32/float64, the gradient and the state of the parameter's dtype and
+    shape, and no parameter or state sharing memory with any other tensor. None means
+    some tensor cannot be updated in place by the kernels (the caller then takes a
+    slower path that can); nothing has been written. ``formula`` picks the kernel
+    (``"fused"`` or ``"vsqrt"``, see :data:`KERNELS`); ``coefficients(dtype)`` returns
+    its scalar arguments and may raise (before anything is written, too). ``pdtypes``:
+    the parameters' dtypes if the caller already read them in this call.
+    """
+    n = len(params)
+    pshapes = list(map(_shape, params))
+    key = (list(map(_ptr, params)), list(map(_ptr, states)), pshapes,
+           list(map(_dtype, params)) if pdtypes is None else pdtypes,
+           list(map(_numel, states)), list(map(_dtype, states)))
+    try:
+        # the addresses, shapes and dtypes are read again at every step; layout,
+        # contiguity and device too (a transposed square tensor keeps address and shape)
+        if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))
+                                   and all(map(_is_cpu, params))
+                                   and all(map(_is_cpu, states))):
+            plan.build(params, states, labels, key)
+        # gradients: new tensors every step
+        if not (list(map(_shape, grads)) == pshapes and list(map(_dtype, grads)) == key[3]
+                and all(map(_contig, grads)) and all(map(_is_cpu, grads))
+                and all(layout is _strided for layout in map(_layout, grads))):
+            return None
+        gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
+    except ValueError:
+        return None
+    if _grads_overlap(plan, gaddr):  # a gradient sharing memory with what is written
+        return None
+    threads = numba.get_num_threads()  # thread-local: the caller may change it any time
+    if threads != plan.threads:
+        plan.plan_groups([p.numel() for p in params], [NP_DTYPES[d] for d in key[3]],
+                         threads)
+    parallel, serial = KERNELS[formula]
+    calls = []
+    for proto, idx, (ct, cs, cl), total in plan.groups:
+        coefs = coefficients(proto.dtype)
+        if idx is None:
+            pa, ga, ha = plan.paddr, gaddr, plan.haddr
+        else:
+            pa, ga, ha = plan.paddr[idx], gaddr[idx], plan.haddr[idx]
+        if total:
+            calls.append((parallel if total >= config.PARALLEL_THRESHOLD else None,
+                          serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
+
+    def run() -> None:
+        for par, ser, args in calls:
+            if par is not None:
+                with cpu.PARALLEL_LOCK:
+                    par(*args)
+            else:
+                ser(*args)
+
+    return run
+
+
+def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
+    """Whether any gradient's bytes overlap a parameter's or a state's (read: fine).
+
+    Binary search in the plan's sorted, disjoint written ranges: a few NumPy calls
+    instead of the general sweep of ``_dispatch.check_no_overlap`` (which sorts all
+    3n ranges every step; for one small tensor the sweep was the largest cost of a step).
+    """
+    if gaddr.size <= 16:  # a few tensors: bisect on lists, 6 us of NumPy calls -> <1 us
+        ws, we, nb = plan.wlists
+        for a, n in zip(gaddr.tolist(), nb):
+            i = bisect.bisect_left(ws, a + n) - 1
+            if n and i >= 0 and we[i] > a:
+                return True
+        return False
+    gend = gaddr + plan.nbytes
+    i = np.searchsorted(plan.wstart, gend, side="left") - 1
+    hit = (i >= 0) & (plan.wend[np.maximum(i, 0)] > gaddr) & (gend > gaddr)
+    return bool(hit.any())

@@ -1,0 +1,430 @@
+"""CPU kernels for the row update: AdaGrad on the touched rows of an embedding table.
+
+A step gets ``K`` lookups (``indices``, ``grad_rows``) into a table of ``R`` rows of
+``D`` elements. Rows that repeat are summed first, then each touched row is updated
+once. The work is split in three bare loops, all compiled with Numba:
+
+1. :func:`group_by_row`: a stable LSD radix sort of the ``K`` indices (digits of at
+   most 11 bits; a 1,000,000-row table takes two passes), then the groups put in the
+   order their rows first appear: ``order`` (lookup positions, grouped by row,
+   ascending inside a group) and ``starts`` (where each group begins). Memory: a few
+   arrays of ``K`` integers and one histogram of 2^11 counts, never anything
+   proportional to the table. The duplicates of a row are thus summed in the order
+   they appear in ``indices``.
+2. The duplicate gradient rows of a group are summed in that order, left to right
+   (``((g_a + g_b) + g_c) + ...``, starting from ``g_a`` itself, so a lone ``-0.0``
+   stays ``-0.0``), into a per-block scratch row.
+3. The update of that row, one pass over its ``D`` elements of ``table`` (and
+   ``state``): :func:`_update_row` (full accumulator, the per-element formula of the
+   dense kernel in ``cpu.py``) or :func:`_update_row_rowwise` (one accumulator per row).
+
+The parallel kernels split the groups into contiguous blocks with about the same number
+of lookups each (a Zipf-distributed batch puts thousands of lookups on its first rows)
+and give each thread whole blocks: every row is written by exactly one thread, so there
+are no atomics, and the bits do not depend on the number of threads.
+
+Validation, the CPU/GPU choice and the serial/parallel choice live in
+``_rows_dispatch.py``; the coefficients come from ``_hyper.Hyper.coefficients``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from . import _hyper as H
+from ._jit import jit
+
+
+@intrinsic
+def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """``a*b + c`` rounded once (``llvm.fma``), for formulas defined with one."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fma(*args)
+
+    return a(a, b, c), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    """Hint the cache to fetch ``arr.ravel()[idx]`` (``llvm.prefetch``, write, keep)."""
+    if not (isinstance(arr, types.Array) and isinstance(idx, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, fnty, "llvm.prefetch.p0")
+        addr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        builder.call(fn, [addr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, idx), codegen
+
+
+@jit(inline="always")
+def _prefetch_row(a, r):
+    """Prefetch every 64-byte line of row ``r`` of the C-contiguous 2-D array ``a``."""
+    d = a.shape[1]
+    line = max(1, 64 // a.itemsize)
+    for j in range(0, d, line):
+        _prefetch(a, r * d + j)
+    _prefetch(a, r * d + d - 1)
+
+
+#: Groups ahead whose table/state rows are prefetched, and gradient rows prefetched
+#: ahead counted in lookups (a group of duplicates has many). Touched rows are scattered,
+#: so the hardware prefetcher cannot guess them. 1M x 64 f32, 65,536 Zipf lookups, one
+#: thread: the row loop took 19.6 ms without prefetch (rows in table order), 7.5 ms with
+#: (8, 16) and rows in first-appearance order. Distances from (4, 32) to (32, 96) gave
+#: the same time within the noise (about 10%, load average 2-5 on the shared machine).
+PREFETCH_GROUPS = 4
+PREFETCH_LOOKUPS = 32
+
+#: Radix digit width of :func:`group_by_row`: 2^11 counters (16 KiB) stay in L1, and a
+#: table of up to 2^22 rows needs two passes over the ``K`` indices.
+RADIX_BITS = 11
+
+
+@jit()
+def first_bad_index(indices, nrows):
+    """Position of the first index outside ``[0, nrows)``, or -1. Read-only."""
+    for i in range(indices.size):
+        r = indices[i]
+        if r < 0 or r >= nrows:
+            return i
+    return -1
+
+
+def workspace_size(k: int) -> int:
+    """int64 elements of scratch :func:`group_by_row` needs for ``k`` lookups."""
+    return 6 * k + 2
+
+
+@jit()
+def group_by_row(indices, nrows, work):
+    """``(order, starts)``: the lookups grouped by row (see the module docstring).
+
+    ``order[starts[u]:starts[u + 1]]`` are the positions in ``indices`` of the lookups of
+    the ``u``-th distinct row, ascending (the order they appear in ``indices``). Groups
+    come in the order of their rows' first appearance, so the kernels read the gradient
+    rows of rows seen once (most of them) front to back: gathered in row order instead,
+    reading ``grad_rows`` alone took 14 ms for 65,536 rows of 256 bytes, 2.3 ms in order
+    (one thread, interleaved runs, loaded machine). Every index must be in ``[0, nrows)``
+    (checked by the caller).
+
+    ``work``: int64 scratch of at least :func:`workspace_size` elements; ``order`` and
+    ``starts`` are views into it. Fresh arrays cost more than the sort itself: six new
+    512 KiB arrays, first touched, took 1.07 ms, the same writes into reused ones 0.04 ms
+    (65,536 lookups, page faults), so the dispatcher keeps one per thread.
+    """
+    k = indices.size
+    bits = 0
+    while bits < 63 and ((nrows - 1) >> bits) > 0:
+        bits += 1
+    passes = max(1, (bits + RADIX_BITS - 1) // RADIX_BITS)
+    width = max(1, (bits + passes - 1) // passes)  # 20 bits: two passes of 10
+    mask = (1 << width) - 1
+    keys = work[0:k]
+    keys2 = work[k:2 * k]
+    order = work[2 * k:3 * k]
+    order2 = work[3 * k:4 * k]
+    for i in range(k):
+        keys[i] = indices[i]
+        order[i] = i
+    count = np.empty(mask + 2, np.int64)
+    shift = 0
+    for _ in range(passes if bits else 0):
+        count[:] = 0
+        for i in range(k):
+            count[((keys[i] >> shift) & mask) + 1] += 1
+        for d in range(1, mask + 2):
+            count[d] += count[d - 1]
+        for i in range(k):  # stable scatter: equal digits keep their order
+            d = (keys[i] >> shift) & mask
+            j = count[d]
+            count[d] = j + 1
+            keys2[j] = keys[i]
+            order2[j] = order[i]
+        keys, keys2 = keys2, keys
+        order, order2 = order2, order
+        shift += width
+    starts = work[4 * k:5 * k + 1]
+    u = 0
+    for i in range(k):
+        if i == 0 or keys[i] != keys[i - 1]:
+            starts[u] = i
+            u += 1
+    starts[u] = k
+    # groups (in row order so far) by first appearance: slot[first position] = group
+    slot = keys2
+    slot[:] = -1
+    for v in range(u):
+        slot[order[starts[v]]] = v
+    out = order2
+    first = work[5 * k + 1:6 * k + 2]
+    j = 0
+    w = 0
+    for i in range(k):
+        v = slot[i]
+        if v >= 0:
+            first[w] = j
+            w += 1
+            for t in range(starts[v], starts[v + 1]):
+                out[j] = order[t]
+                j += 1
+    first[u] = k
+    return out, first[:u + 1]
+
+
+@jit(error_model="numpy")
+def has_nonfinite(g):
+    """True if any element of the 2-D array ``g`` is NaN or inf. Read-only; an integer
+    OR-reduction so that the loop vectorises."""
+    flat = g.reshape(g.size)
+    bad = np.int32(0)
+    for i in range(flat.size):
+        bad |= np.int32(not math.isfinite(flat[i]))
+    return bad != 0
+
+
+@jit(parallel=True, error_model="numpy")
+def has_nonfinite_parallel(g, nblocks):
+    """:func:`has_nonfinite` over ``nblocks`` blocks of rows on all threads."""
+    k = g.shape[0]
+    bad = 0
+    for b in prange(nblocks):
+        bad += has_nonfinite(g[b * k // nblocks:(b + 1) * k // nblocks])
+    return bad != 0
+
+
+@jit(error_model="numpy", inline="always")
+def _sum_group(g, order, s, e, acc):
+    """``acc = g[order[s]] + g[order[s+1]] + ...``, left to right (``e - s >= 2``)."""
+    first = g[order[s]]
+    for d in range(acc.size):
+        acc[d] = first[d]
+    for k in range(s + 1, e):
+        row = g[order[k]]
+        for d in range(acc.size):
+            acc[d] = acc[d] + row[d]
+
+
+@jit(error_model="numpy", inline="always")
+def _update_row(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """Full accumulator: the dense kernel's per-element update over one row.
+
+    Per element, in the dtype of the arrays (every coefficient already cast to it)::
+
+        g' = g / grad_scale             if GRAD_SCALE
+        g' = -g'                        if MAXIMIZE
+        g' = g' + p * wd                if WD_COUPLED     (fma(p, wd, g') if FMA_WEIGHT_DECAY)
+        p' = p - (p * wd) * lr_wd       if WD_DECOUPLED   (else p' = p)
+        h  = h + g' * g'                                  (fma(g', g', h) if FMA_ACCUMULATE)
+        q  = (lr_num * g') / (sqrt(h + eps_in) + eps_out)
+        q  = 0                          if ZERO_WHERE_H0 and h == 0
+        p  = p' - q * lr_after
+    """
+    scale = (flags & H.GRAD_SCALE) != 0
+    maximize = (flags & H.MAXIMIZE) != 0
+    coupled = (flags & H.WD_COUPLED) != 0
+    decoupled = (flags & H.WD_DECOUPLED) != 0
+    fma_h = (flags & H.FMA_ACCUMULATE) != 0
+    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
+    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    zero = eps_in - eps_in
+    for i in range(p.size):
+        gi = g[i]
+        if scale:
+            gi = gi / grad_scale
+        if maximize:
+            gi = -gi
+        pi = p[i]
+        if coupled:
+            if fma_wd:
+                gi = fma(pi, wd, gi)
+            else:
+                gi = gi + pi * wd
+        elif decoupled:
+            pi = pi - (pi * wd) * lr_wd
+        if fma_h:
+            hi = fma(gi, gi, h[i])
+        else:
+            hi = h[i] + gi * gi
+        q = (lr_num * gi) / (math.sqrt(hi + eps_in) + eps_out)
+        if zero_h0 and hi == zero:
+            q = zero
+        h[i] = hi
+        p[i] = pi - q * lr_after
+
+
+@jit(error_model="numpy", inline="always")
+def _update_row_rowwise(p, g, h, r, dn, one, lr_wd, eps_in, eps_out, wd, grad_scale,
+                        flags):
+    """Rowwise accumulator (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, CPU operation order).
+
+    In the dtype of the arrays, ``D = p.size``::
+
+        g'_d = g_d / grad_scale, negated if MAXIMIZE
+        a_d  = g'_d + p_d * wd  if WD_COUPLED (fma(p_d, wd, g'_d) if FMA_WEIGHT_DECAY),
+               else g'_d
+        s    = (((0 + a_0*a_0) + a_1*a_1) + ...) + a_{D-1}*a_{D-1}
+                                           (each term fma(a_d, a_d, s) if FMA_ACCUMULATE)
+        h[r] = h[r] + s / D
+        m    = lr / (sqrt(h[r] + eps_in) + eps_out)         (0 if ZERO_WHERE_H0, h[r] == 0)
+        c    = fma(-m, wd, 1) if WD_COUPLED;  1 - lr*wd if WD_DECOUPLED;  else 1
+        p_d  = fma(c, p_d, -(g'_d * m))
+
+    ``lr`` is the step's learning rate (``lr_wd``); ``dn`` and ``one`` are ``D`` and 1 in
+    the dtype (Numba would promote ``float32 / int`` to float64). The sum over ``d`` runs
+    left to right (not vectorised: reassociating it would change its bits). ``c`` and
+    the last line round as FBGEMM's compiled CPU kernel does (its ``1.0 - m * wd`` is
+    evaluated in double, its ``c * w - g * m`` contracted to one FMA); with ``c = 1`` the
+    last line is ``p_d - g'_d * m`` rounded twice, exactly.
+    """
+    scale = (flags & H.GRAD_SCALE) != 0
+    maximize = (flags & H.MAXIMIZE) != 0
+    coupled = (flags & H.WD_COUPLED) != 0
+    decoupled = (flags & H.WD_DECOUPLED) != 0
+    fma_h = (flags & H.FMA_ACCUMULATE) != 0
+    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
+    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    zero = eps_in - eps_in
+    s = zero
+    for i in range(p.size):
+        gi = g[i]
+        if scale:
+            gi = gi / grad_scale
+        if maximize:
+            gi = -gi
+        if coupled:
+            if fma_wd:
+                gi = fma(p[i], wd, gi)
+            else:
+                gi = gi + p[i] * wd
+        if fma_h:
+            s = fma(gi, gi, s)
+        else:
+            s = s + gi * gi
+    hr = h[r] + s / dn
+    m = lr_wd / (math.sqrt(hr + eps_in) + eps_out)
+    if zero_h0 and hr == zero:
+        m = zero
+    c = one
+    if coupled:
+        c = fma(-m, wd, one)
+    elif decoupled:
+        c = one - lr_wd * wd
+    h[r] = hr
+    for i in range(p.size):
+        gi = g[i]
+        if scale:
+            gi = gi / grad_scale
+        if maximize:
+            gi = -gi
+        p[i] = fma(c, p[i], -(gi * m))
+
+
+@jit(error_model="numpy", inline="always")
+def _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend):
+    """Prefetch the table row ``PREFETCH_GROUPS`` groups ahead and the gradient rows
+    ``PREFETCH_LOOKUPS`` lookups ahead of group ``u`` (lookups ``s..e-1``); return that
+    table row (-1 if none), for the caller to prefetch its state row too. Touched rows
+    are scattered: the hardware prefetcher cannot guess them."""
+    ra = -1
+    if u + PREFETCH_GROUPS < uhi:
+        ra = indices[order[starts[u + PREFETCH_GROUPS]]]
+        _prefetch_row(p, ra)
+    for j in range(s + PREFETCH_LOOKUPS, min(e + PREFETCH_LOOKUPS, kend)):
+        _prefetch_row(g, order[j])
+    return ra
+
+
+@jit(error_model="numpy")
+def rows_span_full(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_after, eps_in,
+                   eps_out, wd, lr_wd, grad_scale, flags):
+    """Update the rows of groups ``ulo .. uhi-1``, full accumulator ``h`` (R, D)."""
+    acc = np.empty(p.shape[1], p.dtype)  # one scratch row per block, not per row
+    kend = starts[uhi]
+    for u in range(ulo, uhi):
+        s = starts[u]
+        e = starts[u + 1]
+        ra = _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend)
+        if ra >= 0:
+            _prefetch_row(h, ra)
+        r = indices[order[s]]
+        if e - s == 1:
+            _update_row(p[r], g[order[s]], h[r], lr_num, lr_after, eps_in, eps_out, wd,
+                        lr_wd, grad_scale, flags)
+        else:
+            _sum_group(g, order, s, e, acc)
+            _update_row(p[r], acc, h[r], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                        grad_scale, flags)
+
+
+@jit(error_model="numpy")
+def rows_span_rowwise(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_after,
+                      eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """Update the rows of groups ``ulo .. uhi-1``, rowwise accumulator ``h`` (R,)."""
+    acc = np.empty(p.shape[1], p.dtype)
+    acc[0] = p.shape[1]  # D and 1 in the dtype (at least one column: the caller checks)
+    dn = acc[0]
+    acc[0] = 1
+    one = acc[0]
+    kend = starts[uhi]
+    for u in range(ulo, uhi):
+        s = starts[u]
+        e = starts[u + 1]
+        _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend)
+        r = indices[order[s]]
+        if e - s == 1:
+            _update_row_rowwise(p[r], g[order[s]], h, r, dn, one, lr_wd, eps_in, eps_out,
+                                wd, grad_scale, flags)
+        else:
+            _sum_group(g, order, s, e, acc)
+            _update_row_rowwise(p[r], acc, h, r, dn, one, lr_wd, eps_in, eps_out, wd,
+                                grad_scale, flags)
+
+
+@jit()
+def block_bounds(starts, k, nblocks):
+    """First group of each of ``nblocks`` blocks of about ``k / nblocks`` lookups.
+
+    Block ``b`` starts at the first group that begins at or after lookup ``b*k/nblocks``,
+    so a group is never split and every row belongs to one block (one thread).
+    """
+    ngroups = starts.size - 1
+    bounds = np.empty(nblocks + 1, np.int64)
+    for b in range(nblocks):
+        bounds[b] = np.searchsorted(starts[:ngroups], b * k // nblocks)
+    bounds[nblocks] = ngroups
+    return bounds
+
+
+@jit(parallel=True)
+def rows_full_parallel(p, g, h, indices, order, starts, bounds, lr_num, lr_after, eps_in,
+                       eps_out, wd, lr_wd, grad_scale, flags):
+    """:func:`rows_span_full` over the blocks of :func:`block_bounds`, one per task."""
+    for b in prange(bounds.size - 1):
+        rows_span_full(p, g, h, indices, order, starts, bounds[b], bounds[b + 1], lr_num,
+                       lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)
+
+
+@jit(parallel=True)
+def rows_rowwise_parallel(p, g, h, indices, order, starts, bounds, lr_num, lr_after,
+                          eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """:func:`rows_span_rowwise` over the blocks of :func:`block_bounds`."""
+    for b in prange(bounds.size - 1):
+        rows_span_rowwise(p, g, h, indices, order, starts, bounds[b], bounds[b + 1],
+                          lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)

@@ -1,0 +1,344 @@
+"""The CUDA kernels of the fused AdaGrad update, written against raw device addresses.
+
+Every kernel takes only scalars: 64-bit addresses, 64-bit counts and the update's
+coefficients. The arrays they read are described by two tables that live in device
+memory and whose layout this module owns (``apex.multi_tensor_apply`` / torch
+``_foreach`` style):
+
+* the **tensor table**, ``int64[ROW * ntens]``: per tensor ``(p, g, h, n, k)``, the
+  data addresses of the parameter, gradient and accumulator, the element count, and
+  ``k``, the tensor's index in the whole model (for the per-tensor non-finite flags);
+* the **chunk table**, ``int64[2 * nchunks]`` right after it: per chunk
+  ``(tensor, start)``; a chunk covers ``start .. min(start + chunk, n)``.
+
+Block ``b`` walks chunks ``b, b + gridDim.x, ...``; its threads walk a chunk with a
+stride of ``blockDim.x``. Both loops wrap (tested with a forced small grid).
+
+The **control block** ``ctl`` (``int64[CTL_HEAD + ntot]``, one per model and device)
+holds what must live in device memory for CUDA graphs and for a non-finite check with
+no host round trip: the "found a NaN/inf" flag, the number of applied and skipped
+steps, ``lr`` and ``lr_decay`` (as float64 bits), and one flag per tensor.
+
+Rounding (the reason GPU and CPU agree bit for bit): every multiply and add goes
+through libdevice's ``fmul_rn``/``fadd_rn`` (``dmul_rn``/``dadd_rn``), which NVVM
+cannot contract into an FMA; an FMA appears only where the rule asks for one; ``/`` and
+``sqrt`` are IEEE ``div.rn``/``sqrt.rn``; no fastmath, no flush-to-zero. The same per
+element operations in the same order as :func:`fastadagrad.cpu.adagrad_span`.
+
+Under Numba's CUDA simulator the address casts become NumPy views over host memory
+(simulated device memory is host memory) and libdevice becomes plain operators, so the
+same kernel source runs there; the simulator checks the logic, not GPU rounding.
+
+Nothing here needs a GPU at import: kernels are built on first use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import re
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from . import _hyper as H
+
+try:  # the kernels name ``cuda`` as a module global: the simulator swaps it at launch
+    from numba import cuda
+except Exception:  # pragma: no cover - numba-cuda is the optional [cuda] extra
+    cuda = None
+
+# --- table and control-block layout (shared with the host side, cuda.py) -------------
+
+ROW = 5  # tensor table row: p, g, h, n, k
+CTL_FOUND, CTL_STEP, CTL_SKIPPED, CTL_LR, CTL_LR_DECAY, CTL_NTOT = 0, 1, 2, 3, 4, 5
+CTL_HEAD = 8  # then one int64 flag per tensor of the model
+
+# Mode bits above the rule's flags (H.MAXIMIZE ... H.GRAD_SCALE use bits 0-6).
+CHECKED = 1 << 16      # the update kernel skips when ctl[CTL_FOUND] is set
+CAPTURABLE = 1 << 17   # step and lr are read from ctl (CUDA graphs)
+LR_AFTER = 1 << 18     # capturable: the rule multiplies by lr after the division
+FMA_LR_DECAY = 1 << 19  # capturable: lr_decay's denominator rounded once (fma)
+
+
+def simulator() -> bool:
+    return cuda is not None and bool(cuda.config.ENABLE_CUDASIM)
+
+
+# --- address casts -------------------------------------------------------------------
+
+_CTYPES = {np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double,
+           np.dtype(np.int64): ctypes.c_int64}
+
+
+def _sim_view(dtype: np.dtype) -> Any:
+    ct = _CTYPES[np.dtype(dtype)]
+
+    def view(addr: Any, n: Any) -> np.ndarray:
+        """A NumPy view of ``n`` elements at host address ``addr`` (the simulator)."""
+        return np.ctypeslib.as_array((ct * max(int(n), 1)).from_address(int(addr)))
+
+    return view
+
+
+@cache
+def _gpu_view(dtype: np.dtype) -> Any:
+    """An intrinsic: ``view(addr, n)`` is ``addr`` as a pointer to ``dtype`` (global
+    memory). ``n`` is for the simulator's view only; the GPU reads no bounds."""
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    nbt = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64,
+           np.dtype(np.int64): types.int64}[np.dtype(dtype)]
+
+    @intrinsic
+    def view(typingctx, addr, n):  # type: ignore[no-untyped-def]
+        if not isinstance(addr, types.Integer):
+            return None
+        ptrty = types.CPointer(nbt)
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            elem = context.get_value_type(nbt)
+            # via addrspace(1) so that NVVM knows these are global loads (ld.global)
+            glob = builder.inttoptr(args[0], ir.PointerType(elem, addrspace=1))
+            return builder.addrspacecast(glob, ir.PointerType(elem))
+
+        return ptrty(addr, n), codegen
+
+    return view
+
+
+def _views(dtype: np.dtype) -> tuple[Any, Any, Any]:
+    """``(view of dtype, view of int64, view of float64)``."""
+    mk = _sim_view if simulator() else _gpu_view
+    return mk(np.dtype(dtype)), mk(np.dtype(np.int64)), mk(np.dtype(np.float64))
+
+
+def _ops(dtype: np.dtype) -> tuple[Any, ...]:
+    """``(mul, add, div, sqrt, fma)`` each rounding once, for ``dtype``; plain operators
+    under the simulator (whose libdevice functions are stubs returning None)."""
+    if simulator():
+        return (lambda a, b: a * b, lambda a, b: a + b, lambda a, b: a / b, math.sqrt,
+                lambda a, b, c: a * b + c)
+    from numba.cuda import libdevice as L
+
+    if np.dtype(dtype) == np.float32:
+        return L.fmul_rn, L.fadd_rn, L.fdiv_rn, L.fsqrt_rn, L.fmaf_rn
+    return L.dmul_rn, L.dadd_rn, L.ddiv_rn, L.dsqrt_rn, L.fma_rn
+
+
+# --- kernel sources ------------------------------------------------------------------
+
+def update_source(dtype: Any, flags: int) -> Any:
+    """The Python source of the update kernel for ``dtype`` and ``flags`` (rule bits of
+    :meth:`Hyper.coefficients` plus the mode bits above), not yet compiled.
+
+    Arguments: ``(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd,
+    lr_wd, grad_scale, ctl)``. Each flag is a compile-time constant: a kernel contains
+    only the operations of its rule.
+    """
+    dt = np.dtype(dtype)
+    fview, iview, dview = _views(dt)
+    mul, add, div, sqrt, fma = _ops(dt)
+    _, dadd, ddiv, _, dfma = _ops(np.dtype(np.float64))
+    dmul = _ops(np.dtype(np.float64))[0]
+    to_t = np.float32 if dt == np.float32 else np.float64
+    scale = (flags & H.GRAD_SCALE) != 0
+    maximize = (flags & H.MAXIMIZE) != 0
+    coupled = (flags & H.WD_COUPLED) != 0
+    decoupled = (flags & H.WD_DECOUPLED) != 0
+    fma_h = (flags & H.FMA_ACCUMULATE) != 0
+    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
+    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    checked = (flags & CHECKED) != 0
+    capturable = (flags & CAPTURABLE) != 0
+    after = (flags & LR_AFTER) != 0
+    fma_decay = (flags & FMA_LR_DECAY) != 0
+
+    def adagrad(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                grad_scale, ctl):
+        """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table.
+
+        ``a - b`` is written ``add(a, -b)``: negation is exact and IEEE defines
+        subtraction that way, so the bits are those of the CPU's ``a - b``.
+        """
+        if checked or capturable:
+            C = iview(ctl, CTL_HEAD)
+            if checked and C[CTL_FOUND] != 0:
+                return  # a gradient holds NaN/inf: the whole step is skipped
+            if capturable:
+                # the step about to be applied, and torch's lr_decay rule in double,
+                # exactly as Hyper.clr computes it on the host
+                D = dview(ctl, CTL_HEAD)
+                k = np.float64(C[CTL_STEP])  # = step - 1
+                if fma_decay:
+                    den = dfma(k, D[CTL_LR_DECAY], np.float64(1.0))
+                else:
+                    den = dadd(np.float64(1.0), dmul(k, D[CTL_LR_DECAY]))
+                clr = to_t(ddiv(D[CTL_LR], den))
+                if after:
+                    lr_after = clr
+                else:
+                    lr_num = clr
+                lr_wd = clr
+        zero = eps_in - eps_in
+        T = iview(tab, ROW * ntens + 2 * nchunks)
+        base = ROW * ntens
+        c = np.int64(cuda.blockIdx.x)
+        step_c = np.int64(cuda.gridDim.x)
+        tpb = np.int64(cuda.blockDim.x)
+        while c < nchunks:
+            t = T[base + 2 * c]
+            s = T[base + 2 * c + 1]
+            n = T[ROW * t + 3]
+            e = min(s + chunk, n)
+            p = fview(T[ROW * t], n)
+            g = fview(T[ROW * t + 1], n)
+            h = fview(T[ROW * t + 2], n)
+            i = s + np.int64(cuda.threadIdx.x)
+            while i < e:
+                gi = g[i]
+                if scale:
+                    gi = div(gi, grad_scale)
+                if maximize:
+                    gi = -gi
+                pi = p[i]
+                if coupled:
+                    if fma_wd:
+                        gi = fma(pi, wd, gi)
+                    else:
+                        gi = add(gi, mul(pi, wd))
+                elif decoupled:
+                    pi = add(pi, -mul(mul(pi, wd), lr_wd))
+                if fma_h:
+                    hi = fma(gi, gi, h[i])
+                else:
+                    hi = add(h[i], mul(gi, gi))
+                q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
+                if zero_h0 and hi == zero:
+                    q = zero
+                h[i] = hi
+                p[i] = add(pi, -mul(q, lr_after))
+                i += tpb
+            c += step_c
+
+    return adagrad
+
+
+def check_source(dtype: Any, flags: int) -> Any:
+    """The non-finite check kernel: ``(tab, ntens, nchunks, chunk, grad_scale, ctl)``.
+
+    Sets ``ctl[CTL_FOUND]`` and tensor ``k``'s flag ``ctl[CTL_HEAD + k]`` to 1 if any
+    of its gradients (divided by ``grad_scale`` when GRAD_SCALE is set, as the update
+    would) is NaN or inf. Read-only on the gradients; every writer writes 1, so the
+    race between writers is benign.
+    """
+    dt = np.dtype(dtype)
+    fview, iview, _ = _views(dt)
+    div = _ops(dt)[2]
+    scale = (flags & H.GRAD_SCALE) != 0
+
+    def nonfinite(tab, ntens, nchunks, chunk, grad_scale, ctl):
+        T = iview(tab, ROW * ntens + 2 * nchunks)
+        C = iview(ctl, CTL_HEAD)
+        C = iview(ctl, CTL_HEAD + C[CTL_NTOT])
+        base = ROW * ntens
+        c = np.int64(cuda.blockIdx.x)
+        while c < nchunks:
+            t = T[base + 2 * c]
+            s = T[base + 2 * c + 1]
+            n = T[ROW * t + 3]
+            e = min(s + chunk, n)
+            g = fview(T[ROW * t + 1], n)
+            bad = False
+            i = s + np.int64(cuda.threadIdx.x)
+            while i < e:
+                x = g[i]
+                if scale:
+                    x = div(x, grad_scale)
+                if math.isinf(x) or math.isnan(x):
+                    bad = True
+                i += np.int64(cuda.blockDim.x)
+            if bad:
+                C[CTL_HEAD + T[ROW * t + 4]] = 1
+                C[CTL_FOUND] = 1
+            c += np.int64(cuda.gridDim.x)
+
+    return nonfinite
+
+
+def finish_source() -> Any:
+    """The end-of-step kernel (one thread): count the step as applied or skipped,
+    clear the found flag and the per-tensor flags for the next step."""
+    _, iview, _ = _views(np.dtype(np.int64))
+
+    def finish(ctl):
+        if cuda.grid(1) == 0:
+            C = iview(ctl, CTL_HEAD)
+            ntot = C[CTL_NTOT]
+            C = iview(ctl, CTL_HEAD + ntot)
+            if C[CTL_FOUND] != 0:
+                C[CTL_SKIPPED] += 1
+            else:
+                C[CTL_STEP] += 1
+            C[CTL_FOUND] = 0
+            for k in range(ntot):
+                C[CTL_HEAD + k] = 0
+
+    return finish
+
+
+# --- signatures and compile options (what the launcher really uses) ------------------
+
+def signature(kind: str, dtype: Any) -> tuple[Any, ...]:
+    """The kernel's argument types: the layout this module owns."""
+    from numba.cuda import types
+
+    t = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    u64, i64 = types.uint64, types.int64
+    if kind == "update":
+        return (u64, i64, i64, i64) + (t,) * 7 + (u64,)
+    if kind == "check":
+        return (u64, i64, i64, i64, t, u64)
+    if kind == "finish":
+        return (u64,)
+    raise ValueError(kind)
+
+
+def arg_sizes(kind: str, dtype: Any) -> list[int]:
+    """The byte size of each kernel argument, checked against the loaded kernel."""
+    isz = np.dtype(dtype).itemsize
+    return {"update": [8, 8, 8, 8] + [isz] * 7 + [8], "check": [8, 8, 8, 8, isz, 8],
+            "finish": [8]}[kind]
+
+
+def source(kind: str, dtype: Any, flags: int) -> Any:
+    if kind == "update":
+        return update_source(dtype, flags)
+    if kind == "check":
+        return check_source(dtype, flags)
+    return finish_source()
+
+
+#: Options of ``numba.cuda.compile`` for every kernel: IEEE division and square root,
+#: no flush-to-zero, no contraction beyond the libdevice calls (fastmath=False), the
+#: Numba ABI (the only one numba-cuda supports for kernels), PTX out.
+COMPILE_OPTIONS: dict[str, Any] = dict(device=False, abi="numba", output="ptx",
+                                       fastmath=False, debug=False, lineinfo=False,
+                                       opt=True)
+
+_ENTRY = re.compile(r"\.visible\s+\.entry\s+(\S+?)\s*\(")
+
+
+def compile_ptx(kind: str, dtype: Any, flags: int, cc: tuple[int, int]) -> tuple[str, str]:
+    """``(ptx, entry name)`` of a kernel, compiled with :data:`COMPILE_OPTIONS` for
+    compute capability ``cc`` through numba-cuda's public ``numba.cuda.compile``."""
+    ptx, _ = cuda.compile(source(kind, dtype, flags), signature(kind, dtype), cc=cc,
+                          **COMPILE_OPTIONS)
+    names = _ENTRY.findall(ptx)
+    if len(names) != 1:
+        raise RuntimeError(f"fastadagrad: expected one kernel entry in the PTX of the "
+                           f"{kind} kernel, found {names}")
+    return ptx, names[0]

@@ -1,0 +1,588 @@
+"""``fastadagrad.torch.Adagrad`` against ``torch.optim.Adagrad`` itself, bit for bit.
+
+Every test trains the same model twice, once with torch's class and once with ours,
+from the same parameters and the same gradients, and compares every parameter and
+accumulator bit for bit. Where a test asserts the compiled path ran, torch's
+implementation is patched to fail if it is called.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastadagrad.torch as FT  # noqa: E402
+from fastadagrad import _tensorplan  # noqa: E402
+
+TORCH_OPT = torch.optim.Adagrad
+MODES = {"single": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+DTYPES = [torch.float32, torch.float64]
+# torch's own test inputs for Adagrad (common_optimizers.optim_inputs_func_adagrad) and
+# every combination of the options that change the bits
+OPTIONS = [
+    {},
+    {"lr": 0.1},
+    {"weight_decay": 0.1},
+    {"weight_decay": 0.1, "maximize": True},
+    {"lr_decay": 0.5},
+    {"initial_accumulator_value": 0.1},
+    {"eps": 1e-3},
+    {"lr": 0.3, "lr_decay": 0.1, "weight_decay": 0.2, "initial_accumulator_value": 0.5,
+     "eps": 1e-4, "maximize": True},
+] + [dict(zip(("lr_decay", "weight_decay", "maximize"), combo))
+     for combo in itertools.product((0.0, 0.25), (0.0, 0.05), (False, True))]
+SIZES = [(5, 7), (17,), (1,), (0,), (3, 16), (2**12 + 3,), (64, 33)]
+
+
+@pytest.fixture
+def no_torch_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if the adapter hands any step to torch's implementation."""
+    def fail(*a: object, **k: object) -> None:
+        raise AssertionError("torch's implementation was called")
+
+    monkeypatch.setattr(FT, "_torch_step", fail)
+
+
+def _params(dtype: torch.dtype, sizes: list[tuple[int, ...]] = SIZES, seed: int = 0
+            ) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, dtype=dtype, generator=g) for s in sizes]
+
+
+def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    # magnitudes from 1e-3 to 30 so that FMA and non-FMA accumulations differ
+    scale = torch.tensor([1e-3, 1.0, 30.0], dtype=torch.float64)
+    return [(torch.randn(p.shape, dtype=p.dtype, generator=g)
+             * scale[torch.randint(0, 3, p.shape, generator=g)].to(p.dtype))
+            for p in params]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], what: str = "") -> None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what} {i}"
+        if x.is_complex():
+            x, y = torch.view_as_real(x), torch.view_as_real(y)
+        bad = int((_bits(x) != _bits(y)).sum())
+        assert bad == 0, f"{what} tensor {i}: {bad} of {x.numel()} elements differ"
+
+
+def _train(cls: type, params: list[torch.Tensor], steps: int, kw: dict,
+           grads: list | None = None) -> tuple[list[torch.Tensor], object]:
+    ps = [p.clone().requires_grad_() for p in params]
+    opt = cls(ps, **kw)
+    for s in range(steps):
+        for p, g in zip(ps, grads[s] if grads else _grads(params, s)):
+            p.grad = g.clone()
+        opt.step()
+    return ps, opt
+
+
+def _compare(params: list[torch.Tensor], steps: int, kw: dict) -> None:
+    ref, ropt = _train(TORCH_OPT, params, steps, kw)
+    out, opt = _train(FT.Adagrad, params, steps, kw)
+    assert_same(out, ref, "param")
+    assert_same([opt.state[p]["sum"] for p in out], [ropt.state[p]["sum"] for p in ref],
+                "sum")
+    assert [float(opt.state[p]["step"]) for p in out] == \
+        [float(ropt.state[p]["step"]) for p in ref]
+
+
+# ------------------------------------------------------------------- exact bits
+
+def test_every_path_compiled_here() -> None:
+    # x86-64 torch with MKL (the project's machines): every path runs compiled
+    paths = FT.compiled_paths()
+    if not all(paths.values()):
+        pytest.skip(f"this torch build rounds differently: {paths}")
+    assert set(paths) == {"single-tensor/foreach float32", "single-tensor/foreach float64",
+                          "fused float32", "fused float64"}
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_failed_self_check_hands_the_step_to_torch(mode: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # a torch build that rounds differently: the path goes to torch, still exact
+    formula = "fused" if mode == "fused" else "vsqrt"
+    monkeypatch.setitem(FT._CHECKED, (formula, torch.float32), False)
+    calls = []
+    real = FT._torch_step
+
+    def counting(*a: object, **k: object) -> None:
+        calls.append(1)
+        real(*a, **k)
+
+    monkeypatch.setattr(FT, "_torch_step", counting)
+    _compare(_params(torch.float32, [(5, 3), (17,)]), 3, {**MODES[mode], "lr_decay": 0.1})
+    assert calls and not FT.compiled_paths()[
+        ("fused" if mode == "fused" else "single-tensor/foreach") + " float32"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_matches_torch_bit_for_bit(dtype: torch.dtype, mode: str, opts: dict,
+                                   no_torch_step: None) -> None:
+    _compare(_params(dtype), 6, {**MODES[mode], **opts})
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_many_steps_large_parallel(mode: str, no_torch_step: None) -> None:
+    # above the parallel threshold, mixed dtypes in one group, 30 steps
+    sizes = [(2**16 + 5,), (300, 301), (7,)]
+    params = _params(torch.float32, sizes) + _params(torch.float64, sizes[:2], seed=1)
+    _compare(params, 30, {**MODES[mode], "lr_decay": 0.1, "weight_decay": 0.01})
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_tensor_lr(mode: str, no_torch_step: None) -> None:
+    for lr in (torch.tensor(0.05), torch.tensor([0.05], dtype=torch.float64)):
+        for extra in ({}, {"lr_decay": 0.3}):
+            _compare(_params(torch.float32, [(33,), (4, 5)]), 5,
+                     {**MODES[mode], "lr": lr, **extra})
+            _compare(_params(torch.float64, [(33,)]), 5, {**MODES[mode], "lr": lr, **extra})
+
+
+def test_hard_coded_values() -> None:
+    # guards against torch and the adapter drifting together: two steps by hand
+    p = torch.tensor([1.0, -2.0], requires_grad=True)
+    opt = FT.Adagrad([p], lr=0.5)
+    for g in ([0.5, 1.0], [1.0, -2.0]):
+        p.grad = torch.tensor(g)
+        opt.step()
+    h = np.array([0.5**2 + 1.0, 1.0 + 4.0], np.float32)
+    expect = np.array([1.0 - 0.5, -2.0 - 0.5], np.float32)
+    expect = expect - np.float32(0.5) * np.array([1.0, -2.0], np.float32) / (
+        np.sqrt(h) + np.float32(1e-10))
+    np.testing.assert_allclose(p.detach().numpy(), expect, rtol=1e-6)
+    np.testing.assert_array_equal(opt.state[p]["sum"].numpy(), h)
+
+
+# ------------------------------------------------------------- the Optimizer API
+
+def test_signature_and_defaults_are_torchs() -> None:
+    assert inspect.signature(FT.Adagrad.__init__) == inspect.signature(TORCH_OPT.__init__)
+    p = [torch.zeros(2, requires_grad=True)]
+    assert FT.Adagrad(p).defaults == TORCH_OPT(p).defaults
+    assert issubclass(FT.Adagrad, torch.optim.Optimizer)
+
+
+BAD_ARGS = [
+    {"lr": -1.0}, {"lr_decay": -0.1}, {"weight_decay": -1e-3},
+    {"initial_accumulator_value": -1.0}, {"eps": -1e-8},
+    {"lr": torch.tensor([0.1, 0.2])}, {"fused": True, "foreach": True},
+    {"fused": True, "differentiable": True}, {"lr": "0.1"},
+]
+
+
+@pytest.mark.parametrize("kw", BAD_ARGS, ids=str)
+def test_bad_arguments_raise_as_torch(kw: dict) -> None:
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(Exception) as ref:
+        TORCH_OPT(p, **kw)
+    with pytest.raises(type(ref.value)):
+        FT.Adagrad(p, **kw)
+
+
+@pytest.mark.parametrize("params", [[], torch.zeros(3), [torch.zeros(2)] * 2],
+                         ids=["empty", "a tensor", "a parameter twice"])
+def test_bad_params_raise_as_torch(params: object) -> None:
+    with pytest.raises(Exception) as ref:
+        TORCH_OPT(params)
+    with pytest.raises(type(ref.value)):
+        FT.Adagrad(params)
+
+
+@pytest.mark.parametrize("kw", [{"fused": True}, {}], ids=str)
+def test_int_param_raises_as_torch_at_step(kw: dict) -> None:
+    for cls in (TORCH_OPT, FT.Adagrad):
+        p = torch.zeros(2, dtype=torch.int64)
+        p.grad = torch.ones(2, dtype=torch.int64)
+        with pytest.raises(RuntimeError):
+            cls([p], **kw).step()
+        assert not p.any()
+
+
+def test_param_groups_add_param_group_none_grads_closure_hooks(no_torch_step: None
+                                                                ) -> None:
+    def build(cls: type) -> tuple[list[torch.Tensor], object, list[str]]:
+        ps = _params(torch.float32, [(5, 3), (3,), (4,), (2, 2)])
+        ps = [p.requires_grad_() for p in ps]
+        opt = cls([{"params": ps[:2], "lr_decay": 0.3},  # ps[1] skips steps: 2 counts
+                   {"params": [ps[2]], "lr": 0.5, "maximize": True}],
+                  lr=0.1, weight_decay=0.01)
+        opt.add_param_group({"params": [ps[3]], "lr_decay": 0.2, "eps": 1e-2})
+        calls: list[str] = []
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+        return ps, opt, calls
+
+    (ref, ropt, rcalls), (out, opt, calls) = build(TORCH_OPT), build(FT.Adagrad)
+    for s in range(4):
+        grads = _grads(ref, s)
+        for ps in (ref, out):
+            for i, (p, g) in enumerate(zip(ps, grads)):
+                p.grad = None if (i == 1 and s % 2) else g.clone()
+        assert ropt.step(lambda: 1.5) == 1.5
+        assert opt.step(lambda: 1.5) == 1.5
+    assert calls == rcalls == ["pre", "post"] * 4
+    assert_same(out, ref, "param")
+    assert float(opt.state[out[1]]["step"]) == 2.0  # None grads are skipped
+    opt.zero_grad()
+    assert all(p.grad is None for p in out)
+
+
+def test_closure_runs_with_grad_enabled(no_torch_step: None) -> None:
+    w = torch.ones(3, requires_grad=True)
+    opt = FT.Adagrad([w], lr=0.1)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure).detach()) == 3.0
+    assert torch.all(w < 1)
+
+
+@pytest.mark.parametrize("sched", ["step", "lambda", "exp"])
+def test_lr_schedulers(sched: str, no_torch_step: None) -> None:
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4)])]
+        opt = cls(ps, lr=0.2)
+        s = {"step": lambda: torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.3),
+             "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 / (e + 1)),
+             "exp": lambda: torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)}[sched]()
+        for step in range(6):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            opt.step()
+            s.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+def test_import_fastadagrad_does_not_import_torch() -> None:
+    code = "import sys, fastadagrad; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------- plans and stale addresses
+
+def test_swapped_storage_between_steps_is_followed(no_torch_step: None) -> None:
+    # p.data replaced (new address, then an address reused with another size) and the
+    # state replaced by load_state_dict: the cached plan must not write through the old
+    ps = {cls: [p.requires_grad_() for p in _params(torch.float32, [(100,), (40,)])]
+          for cls in (TORCH_OPT, FT.Adagrad)}
+    opts = {cls: cls(ps[cls], lr=0.1) for cls in ps}
+    for step in range(6):
+        grads = _grads(ps[TORCH_OPT], step)
+        for cls in ps:
+            if step == 2:
+                ps[cls][0].data = ps[cls][0].data.clone()
+            if step == 3:
+                sd = copy.deepcopy(opts[cls].state_dict())
+                opts[cls].load_state_dict(sd)
+            if step == 4:  # a smaller tensor, and the state to match it
+                ps[cls][1].data = ps[cls][1].data[:20].clone()
+                opts[cls].state[ps[cls][1]]["sum"] = opts[cls].state[ps[cls][1]]["sum"][
+                    :20].clone()
+            shaped = [g[:p.numel()].reshape(p.shape) for g, p in zip(grads, ps[cls])]
+            for p, g in zip(ps[cls], shaped):
+                p.grad = g.clone()
+            opts[cls].step()
+        assert_same(ps[FT.Adagrad], ps[TORCH_OPT], f"step {step}")
+
+
+def test_transposed_square_param_keeps_address_and_shape() -> None:
+    # p.data = p.data.t(): same address, same shape, no longer contiguous
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(6, 6), (5,)])]
+        opt = cls(ps, lr=0.1)
+        for step in range(4):
+            if step == 2:
+                ps[0].data = ps[0].data.t()
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            opt.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+def test_plan_is_reused_across_steps(no_torch_step: None, monkeypatch: pytest.MonkeyPatch
+                                     ) -> None:
+    builds = []
+    real = _tensorplan.TensorPlan.build
+
+    def counting(self: object, *a: object, **k: object) -> None:
+        builds.append(1)
+        real(self, *a, **k)
+
+    FT.compiled_paths()  # the one-time self-checks build probe plans: run them first
+    monkeypatch.setattr(_tensorplan.TensorPlan, "build", counting)
+    ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (4, 4)])]
+    opt = FT.Adagrad(ps)
+    for step in range(5):
+        for p, g in zip(ps, _grads(ps, step)):
+            p.grad = g
+        opt.step()
+    assert len(builds) == 1
+
+
+# --------------------------------------------- tensors the kernels cannot take
+
+def _odd_params() -> list[torch.Tensor]:
+    base = _params(torch.float32, [(6, 5)])[0]
+    return [base.t(),  # non-contiguous
+            _params(torch.bfloat16, [(9,)])[0], _params(torch.float16, [(9,)])[0],
+            torch.randn(4, dtype=torch.complex64), _params(torch.float32, [(7,)])[0]]
+
+
+@pytest.mark.parametrize("mode", ["single", "foreach"])
+def test_odd_tensors_take_torchs_path(mode: str) -> None:
+    params = _odd_params()
+    ref, ropt = _train(TORCH_OPT, params, 4, {**MODES[mode], "weight_decay": 0.1})
+    out, opt = _train(FT.Adagrad, params, 4, {**MODES[mode], "weight_decay": 0.1})
+    assert_same(out, ref)
+
+
+def test_noncontiguous_grad_and_overlapping_params() -> None:
+    base = torch.zeros(50)
+    for mode in MODES.values():
+        def run(cls: type, mode: dict = mode) -> torch.Tensor:
+            buf = base.clone()
+            a, b = buf[0:30], buf[20:50]  # two params sharing 10 elements
+            opt = cls([a, b], lr=0.1, **mode)
+            for s in range(3):
+                a.grad = torch.arange(60, dtype=torch.float32)[::2] + s  # strided grad
+                b.grad = torch.ones(30)
+                opt.step()
+            return buf
+
+        assert_same([run(FT.Adagrad)], [run(TORCH_OPT)])
+
+
+def test_fused_rejects_complex_before_writing() -> None:
+    p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    q = torch.randn(3, requires_grad=True)
+    q0 = q.detach().clone()
+    for cls in (TORCH_OPT, FT.Adagrad):
+        with pytest.raises(RuntimeError):
+            opt = cls([q, p], fused=True)
+            q.grad, p.grad = torch.ones(3), torch.ones(3, dtype=torch.complex64)
+            opt.step()
+    assert torch.equal(q.detach(), q0)
+
+
+def test_differentiable_is_torchs() -> None:
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = _params(torch.float32, [(5,), (2, 3)])  # not leaves that require grad
+        opt = cls(ps, differentiable=True, weight_decay=0.1)
+        for s in range(3):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g
+            opt.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+# ------------------------------------------------------------------ sparse grads
+
+# torch's own sparse step warns about its sparse invariant checks
+SPARSE_WARNING = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_embedding_matches_torch(dtype: torch.dtype) -> None:
+    def run(cls: type, **kw: object) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(50, 8, sparse=True).to(dtype)
+        lin = torch.nn.Linear(8, 1).to(dtype)
+        opt = cls(list(emb.parameters()) + list(lin.parameters()), lr=0.1, **kw)
+        g = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            idx = torch.randint(0, 50, (40,), generator=g)  # repeats: summed by coalesce
+            opt.zero_grad()
+            lin(emb(idx)).pow(2).sum().backward()
+            opt.step()
+        return [emb.weight, lin.weight, lin.bias]
+
+    for kw in ({}, {"lr_decay": 0.1, "maximize": True, "initial_accumulator_value": 0.1},
+               {"foreach": True}):
+        assert_same(run(FT.Adagrad, **kw), run(TORCH_OPT, **kw))
+
+
+def test_sparse_with_weight_decay_raises_before_writing() -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    lin = torch.nn.Linear(3, 1)
+    opt = FT.Adagrad(list(lin.parameters()) + list(emb.parameters()), weight_decay=0.1)
+    lin(emb(torch.tensor([1, 2, 2]))).sum().backward()
+    before = [p.detach().clone() for p in (lin.weight, lin.bias, emb.weight)]
+    with pytest.raises(RuntimeError, match="weight_decay"):
+        opt.step()
+    assert_same([lin.weight, lin.bias, emb.weight], before)
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+    ropt = TORCH_OPT(list(emb.parameters()), weight_decay=0.1)
+    with pytest.raises(RuntimeError):
+        ropt.step()
+
+
+# ------------------------------------------------------------------- state dicts
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_state_dict_both_ways(mode: str) -> None:
+    kw = {**MODES[mode], "lr_decay": 0.1}
+    params = _params(torch.float32, [(12,), (3, 4)])
+    grads = [_grads(params, s) for s in range(8)]
+    ref, _ = _train(TORCH_OPT, params, 8, kw, grads)
+    for first, second in ((TORCH_OPT, FT.Adagrad), (FT.Adagrad, TORCH_OPT)):
+        ps, opt = _train(first, params, 4, kw, grads)
+        sd = copy.deepcopy(opt.state_dict())
+        opt2 = second(ps, **kw)
+        opt2.load_state_dict(sd)
+        assert sd["param_groups"][0].keys() == opt2.state_dict()["param_groups"][0].keys()
+        for s in range(4, 8):
+            for p, g in zip(ps, grads[s]):
+                p.grad = g.clone()
+            opt2.step()
+        assert_same(ps, ref, f"{first.__name__} -> {second.__name__}")
+
+
+def test_fastadagrad_class_loads_the_adapters_state_dict() -> None:
+    import fastadagrad
+
+    params = _params(torch.float32, [(12,), (3, 4)])
+    grads = [_grads(params, s) for s in range(6)]
+    ps, opt = _train(FT.Adagrad, params, 3, {"fused": True}, grads)
+    sd = opt.state_dict()
+    npsd = {"state": {i: {k: v.numpy() for k, v in s.items()} for i, s in sd["state"].items()},
+            "param_groups": sd["param_groups"]}
+    arrays = [p.detach().numpy().copy() for p in ps]
+    fopt = fastadagrad.AdaGrad.from_preset("torch")
+    fopt.load_state_dict(npsd, arrays)
+    for s in range(3, 6):
+        fopt.update(arrays, [g.numpy() for g in grads[s]])
+        for p, g in zip(ps, grads[s]):
+            p.grad = g.clone()
+        opt.step()
+    assert_same([torch.from_numpy(a) for a in arrays], [p.detach() for p in ps])
+
+
+# ------------------------------------------------------------------ aliasing
+
+@pytest.mark.parametrize("n", [3, 20])  # the bisect branch and the NumPy branch
+def test_grad_sharing_a_params_memory_takes_torchs_path(n: int) -> None:
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = _params(torch.float32, [(7,)] * n)
+        opt = cls(ps, lr=0.1)
+        for s in range(3):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g
+            ps[1].grad = ps[0].detach()  # reads memory that the step writes
+            opt.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40])
+def test_grads_overlap_matches_brute_force(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(200):
+        nbytes = rng.integers(0, 5, n) * 4
+        # params and states: disjoint ranges at random places in a 1000-byte space
+        slots = rng.permutation(2 * n)
+        paddr = 16 * slots[:n].astype(np.int64) + 1000
+        haddr = 16 * slots[n:].astype(np.int64) + 1000
+        plan = _tensorplan.TensorPlan()
+        plan.paddr, plan.haddr, plan.nbytes = paddr, haddr, nbytes.astype(np.int64)
+        start = np.concatenate((paddr, haddr))
+        end = start + np.concatenate((nbytes, nbytes))
+        keep = end > start
+        order = np.argsort(start[keep], kind="stable")
+        plan.wstart, plan.wend = start[keep][order], end[keep][order]
+        plan.wlists = (plan.wstart.tolist(), plan.wend.tolist(), nbytes.tolist())
+        gaddr = rng.integers(990, 1000 + 32 * n, n).astype(np.int64)
+        brute = any(g < e and s < g + b
+                    for g, b in zip(gaddr.tolist(), nbytes.tolist()) if b
+                    for s, e in zip(start.tolist(), end.tolist()) if e > s)
+        assert _tensorplan._grads_overlap(plan, gaddr) == brute
+
+
+def test_thread_count_change_between_steps(no_torch_step: None) -> None:
+    import numba
+
+    before = numba.get_num_threads()
+    sizes = [(2**15 + 3,), (40_000,), (9,)]  # the parallel kernels
+    try:
+        def run(cls: type) -> list[torch.Tensor]:
+            ps = [p.requires_grad_() for p in _params(torch.float32, sizes)]
+            opt = cls(ps, lr=0.1, fused=True)
+            for s in range(4):
+                numba.set_num_threads(1 if s % 2 else before)
+                for p, g in zip(ps, _grads(ps, s)):
+                    p.grad = g
+                opt.step()
+            return ps
+
+        assert_same(run(FT.Adagrad), run(TORCH_OPT))
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _compare(_params(torch.float32, [(5,), (3, 3)]), 4, {"lr_decay": 0.2})
+    finally:
+        torch.set_default_dtype(old)
+
+
+@SPARSE_WARNING
+def test_dense_beside_sparse_is_compiled_and_cached(monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    FT.compiled_paths()  # the one-time self-checks build probe plans: run them first
+    builds, torch_calls = [], []
+    real_build, real_step = _tensorplan.TensorPlan.build, FT._torch_step
+
+    def counting_build(self: object, *a: object, **k: object) -> None:
+        builds.append(1)
+        real_build(self, *a, **k)
+
+    def counting_step(params: list, *a: object, **k: object) -> None:
+        torch_calls.append(len(params))
+        real_step(params, *a, **k)
+
+    monkeypatch.setattr(_tensorplan.TensorPlan, "build", counting_build)
+    monkeypatch.setattr(FT, "_torch_step", counting_step)
+    emb = torch.nn.Embedding(20, 4, sparse=True)
+    lin = torch.nn.Linear(4, 3)
+    opt = FT.Adagrad(list(emb.parameters()) + list(lin.parameters()), lr=0.1)
+    for s in range(5):
+        opt.zero_grad()
+        lin(emb(torch.tensor([s, 1, 1, 7]))).sum().backward()
+        opt.step()
+    assert len(builds) == 1  # the two dense tensors: one plan, kept across steps
+    assert torch_calls == [1] * 5  # only the embedding goes to torch
+    opt.load_state_dict(opt.state_dict())  # new group dicts: old plans are dropped
+    opt.step()
+    assert list(opt._fastadagrad_plans) == [id(opt.param_groups[0])]
