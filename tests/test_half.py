@@ -542,3 +542,25 @@ def test_random_stream_across_the_2_32_index_boundary(rng, dtype):
     assert_bits_equal(m, expect_m)
     bits = R.rand32(k0, k1, base + np.arange(n, dtype=np.uint64))
     assert_bits_equal(q, R.round_to(expect_m, dtype, "stochastic", bits))
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
+                    reason="checks x86 instructions")
+@pytest.mark.parametrize("carrier", [np.int16, np.uint16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_loop_vectorises(carrier, stochastic):
+    """The per-element loop compiles to packed square roots and divisions (SIMD), with
+    the 16-bit conversions and the random stream inline: a fresh, uncached compile of
+    the loop (cached code cannot be inspected)."""
+    fresh = numba.njit(error_model="numpy", cache=False)(cpu_half._half_piece.py_func)
+    co = Hyper.make(lr=0.1).coefficients(np.float32, 1)
+    n = 64
+    p, g = np.zeros(n, carrier), np.zeros(n, carrier)
+    fresh(p, g, np.zeros(n, np.float32), None, np.uint32(0), np.uint32(1), np.uint32(2),
+          *co[:7], co[7] | (cpu_half.STOCHASTIC if stochastic else 0))
+    asm = next(iter(fresh.inspect_asm().values()))
+    assert "sqrtps" in asm and "divps" in asm, "no packed sqrt/div: the loop is scalar"
+    if carrier is np.uint16:
+        assert "cvtps2ph" in asm and "cvtph2ps" in asm  # F16C, packed
+    if stochastic:
+        assert "pmulld" in asm  # the hash, packed 32-bit multiplies
