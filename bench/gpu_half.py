@@ -1,6 +1,6 @@
 """Half-precision params on a GPU: CPU/GPU bit identity and timings (run on a GPU box).
 
-    python bench/gpu_half.py [--n-exp 24]
+    python -m bench.gpu_half [--n-exp 24]     (from the repository root)
 
 1. Bits: 2^20 + 3 bfloat16 and float16 elements, 3 steps, nearest and stochastic
    rounding, with and without master weights: fastadagrad on torch CUDA tensors
