@@ -38,6 +38,7 @@ import numpy as np
 
 from ._arrays import is_cuda_array
 from ._hyper import Hyper, Rule, check_hyper, check_in_dtype
+from ._rounding import check_options, is_half
 from .flat import FlatBuffer, layout_of
 
 AdaGrad = Any  # the optimizer (optim.py imports this module, not the other way round)
@@ -83,6 +84,11 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
         "fastadagrad": {"rule": dataclasses.asdict(hy.rule), "nonfinite": opt.nonfinite,
                         "skipped_steps": int(opt.skipped_steps)},
     }
+    rounding = getattr(opt, "rounding", "nearest")  # 16-bit params (optim.py)
+    if rounding != "nearest" or getattr(opt, "master_weights", False):
+        group["fastadagrad"].update(rounding=rounding, seed=opt.seed,
+                                    master_weights=bool(opt.master_weights))
+    master = getattr(opt, "master", None) or {}
     state: dict[int, dict[str, Any]] = {}
     if opt.h is not None:
         keys = _keys(opt.h)
@@ -96,6 +102,8 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
             s = _to_host(opt.h[k])
             state[i] = {"step": np.array(float(opt.step)),  # float64: exact to 2^53
                         "sum": np.array(s, copy=True) if copy else s}
+            if k in master:  # the float32 master copy of a 16-bit param
+                state[i]["master"] = np.array(master[k], copy=True) if copy else master[k]
     return {"state": state, "param_groups": [group]}
 
 
@@ -148,10 +156,16 @@ def _parse_checked(sd: Any, where: str
         if i not in state:
             raise _err(f"no state for parameter {i}", where)
         entry = state[i]
-        if not isinstance(entry, Mapping) or set(entry) != {"sum", "step"}:
+        if not isinstance(entry, Mapping) or set(entry) - {"master"} != {"sum", "step"}:
             got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
-            raise _err(f"state[{i}] must have keys ['step', 'sum'], got {got}", where)
+            raise _err(f"state[{i}] must have keys ['step', 'sum'] (and 'master' for a "
+                       f"16-bit param), got {got}", where)
         s = entry["sum"]
+        m = entry.get("master")
+        if m is not None and not (isinstance(m, np.ndarray) and m.dtype == np.float32
+                                  and m.shape == np.shape(s)):
+            raise _err(f"state[{i}]['master'] must be a float32 array shaped like its "
+                       f"sum {list(np.shape(s))}, got {_what(m)}", where)
         if not isinstance(s, np.ndarray):
             raise _err(f"state[{i}]['sum'] must be a NumPy array (convert tensors with "
                        f".numpy()), got {type(s).__name__}", where)
@@ -169,6 +183,17 @@ def _parse_checked(sd: Any, where: str
         raise _err(f"parameters are at different steps {sorted(steps)}; fastadagrad keeps "
                    "one step counter", where)
     return group, sums, steps.pop()
+
+
+def _what(a: Any) -> str:
+    if isinstance(a, np.ndarray):
+        return f"{a.dtype}{list(a.shape)}"
+    return type(a).__name__
+
+
+def _masters(sd: Mapping[str, Any]) -> dict[int, np.ndarray]:
+    """The float32 master copies in a state dict parsed by :func:`_parse`, by position."""
+    return {i: e["master"] for i, e in sd["state"].items() if "master" in e}
 
 
 def _names(group: Mapping[str, Any], n: int, where: str) -> list[Any] | None:
@@ -248,6 +273,13 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
             or skipped < 0:
         raise _err(f"'skipped_steps' must be a whole number >= 0, got {skipped!r}", where)
     saved = _names(group, len(sums), where) if sums else None
+    masters = _masters(sd)
+    try:
+        rounding, seed = check_options(fa.get("rounding", getattr(opt, "rounding",
+                                                                  "nearest")),
+                                       fa.get("seed", getattr(opt, "seed", 0)))
+    except (TypeError, ValueError) as e:
+        raise _err(f"bad rounding option in the param group: {e}", where) from e
 
     new_h: Any = None
     new_flat: list[Any] = []
@@ -277,7 +309,8 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
             order = _order(saved, pkeys, isinstance(params, Mapping), "params", where)
             for k, j in zip(pkeys, order):
                 p, s = params[k], sums[j]
-                if tuple(np.shape(p)) != s.shape or np.dtype(p.dtype) != s.dtype:
+                if tuple(np.shape(p)) != s.shape or (np.dtype(p.dtype) != s.dtype and not (
+                        is_half(np.dtype(p.dtype)) and s.dtype == np.float32)):
                     raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but "
                                f"params[{k!r}] is {np.dtype(p.dtype)}{list(np.shape(p))}",
                                where)
@@ -318,6 +351,11 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
                 for i in idx:
                     views[i] = buf[pkeys[i]]
         new_h = dict(zip(pkeys, views)) if as_dict else views
+    mkeys = (_keys(opt.h) if opt.h is not None else pkeys) if sums else []
+    morder = (order if (opt.h is not None or params is not None)
+              else list(range(len(sums)))) if sums else []
+    new_master = {k: np.array(masters[j], np.float32) for k, j in zip(mkeys, morder)
+                  if j in masters} or None
 
     # ---- validated: commit
     if opt.h is not None and sums:
@@ -332,6 +370,10 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         opt.h, opt._flat = new_h, new_flat
         opt._plan.clear()
     opt.hyper = hyper
+    opt.master, opt._half = new_master, None
+    opt.rounding, opt.seed = rounding, seed
+    if new_master is not None:
+        opt.master_weights = True
     opt.initial_accumulator_value = iav
     opt.step = step if step is not None else 0
     opt.skipped_steps = int(skipped)
@@ -361,6 +403,8 @@ def save(opt: AdaGrad, path: str | bytes | os.PathLike[Any]) -> str:
     sd = state_dict(opt, copy=False)
     group = sd["param_groups"][0]
     arrays = {f"sum_{i}": np.ascontiguousarray(e["sum"]) for i, e in sd["state"].items()}
+    arrays.update({f"master_{i}": np.ascontiguousarray(e["master"])
+                   for i, e in sd["state"].items() if "master" in e})
     meta = {"format": FORMAT, "version": VERSION,
             "step": int(opt.step) if sd["state"] else None,
             "param_group": group,
@@ -465,15 +509,23 @@ def _read(fh: Any, where: str) -> dict[str, Any]:
         if list(a.shape) != spec["shape"] or a.dtype.str != spec["dtype"]:
             raise _err(f"entry {k!r} is {a.dtype.str}{list(a.shape)}, its index says "
                        f"{spec['dtype']}{spec['shape']}", where)
-    n = len(specs)
-    if sorted(specs) != sorted(f"sum_{i}" for i in range(n)):
-        raise _err(f"entries {sorted(specs)} are not sum_0..sum_{n - 1}", where)
+    n = sum(1 for k in specs if k.startswith("sum_"))
+    if sorted(k for k in specs if not k.startswith("master_")) != sorted(
+            f"sum_{i}" for i in range(n)) or not all(
+            k[len("master_"):] in {str(i) for i in range(n)}
+            for k in specs if k.startswith("master_")):
+        raise _err(f"entries {sorted(specs)} are not sum_0..sum_{n - 1} (and master_<i>)",
+                   where)
     step = meta.get("step")
     if n and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise _err(f"its step must be a whole number >= 0, got {step!r}", where)
     group = meta.get("param_group")
     if not isinstance(group, dict):
         raise _err("its param group is missing or malformed", where)
-    return {"state": {i: {"sum": arrays[f"sum_{i}"], "step": np.float64(step or 0)}
-                      for i in range(n)},
+    state: dict[int, dict[str, Any]] = {
+        i: {"sum": arrays[f"sum_{i}"], "step": np.float64(step or 0)} for i in range(n)}
+    for i in range(n):
+        if f"master_{i}" in arrays:
+            state[i]["master"] = arrays[f"master_{i}"]
+    return {"state": state,
             "param_groups": [group]}

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _dispatch as D
+from . import _half_dispatch as _half
 from ._hyper import (
     Hyper,
     NonFinite,
@@ -19,6 +20,7 @@ from ._hyper import (
     check_nonfinite,
     check_step,
 )
+from ._rounding import is_half
 from .flat import FlatBuffer, layout_of
 from .presets import get_preset
 
@@ -27,7 +29,8 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
                    eps: float = 1e-7, lr_decay: float = 0.0, weight_decay: float = 0.0,
                    maximize: bool = False, step: int = 1,
                    grad_scale: float | None = None, nonfinite: NonFinite = "ignore",
-                   rule: Rule | None = None) -> bool:
+                   rule: Rule | None = None, rounding: str = "nearest",
+                   seed: int | None = None, master: Any = None) -> bool:
     """One fused AdaGrad step, in place, in a single pass over memory.
 
     With the default rule (the NumPy class the project started from)::
@@ -56,6 +59,12 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
             (if any gradient is NaN/inf, change nothing and return False) or
             ``"raise"`` (change nothing, raise FloatingPointError).
         rule: formula choices (eps placement, FMA, ...); see :mod:`fastadagrad.presets`.
+        rounding, seed, master: for bfloat16 (``ml_dtypes.bfloat16``) or float16
+            ``param``/``grad`` with a float32 ``state_sum``: the update runs in float32
+            and ``param`` is written back rounded, ``"nearest"`` (even) or
+            ``"stochastic"`` (random bits from ``(seed, step, element)``: pass a new
+            ``step`` at every call). ``master``: an optional float32 copy of ``param``
+            that the update starts from and keeps; ``param`` is then its rounding.
 
     Returns:
         True if the step was applied; False only when ``nonfinite="skip"`` skipped it.
@@ -79,6 +88,11 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     except TypeError:  # unhashable argument: let Hyper.make name what is wrong with it
         hyper = Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
                            maximize=maximize, grad_scale=grad_scale, rule=rule)
+    if (rounding != "nearest" or seed is not None or master is not None
+            or is_half(getattr(param, "dtype", None))):  # half precision: its own path
+        return _half.update_functional(param, grad, state_sum, master, hyper,
+                                       check_step(step), check_nonfinite(nonfinite),
+                                       rounding, seed)
     return D.update([param], [grad], [state_sum], [D.FUNCTIONAL_LABELS], hyper,
                     check_step(step), check_nonfinite(nonfinite))
 
@@ -108,6 +122,14 @@ class AdaGrad:
     lists/tuples of arrays, or :class:`FlatBuffer` objects. The whole model goes
     through one compiled call per dtype per step; params and grads held in flat
     buffers of one layout take a single call over one buffer.
+
+    bfloat16 (``ml_dtypes.bfloat16``) and float16 params get float32 accumulators;
+    each step runs in float32 and writes the params back rounded: ``rounding=
+    "nearest"`` (even) or ``"stochastic"`` (random bits from ``(seed, step, tensor
+    position, element)``: reproducible, independent of the thread count).
+    ``master_weights=True`` keeps a float32 copy of each 16-bit param (:attr:`master`)
+    that the update starts from; the param is its rounding. Both travel in
+    ``state_dict`` and checkpoints.
 
     ``capturable=True`` (CUDA arrays only) keeps the step count, the learning rate
     (with ``lr_decay``) and the non-finite flag in device memory, so that
@@ -142,7 +164,8 @@ class AdaGrad:
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, maximize: bool = False,
                  nonfinite: NonFinite = "ignore", rule: Rule | None = None,
-                 capturable: bool = False) -> None:
+                 capturable: bool = False, rounding: str = "nearest", seed: int = 0,
+                 master_weights: bool = False) -> None:
         self._schedule: Callable[[int], float] | None = lr if callable(lr) else None
         self.hyper = Hyper.make(lr=0.0 if callable(lr) else lr, eps=eps, lr_decay=lr_decay,
                                 weight_decay=weight_decay, maximize=maximize, rule=rule)
@@ -162,6 +185,14 @@ class AdaGrad:
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
         self._keys_seen: tuple[Any, list[Any]] | None = None
+        # bfloat16/float16 params (see _half_dispatch): rounding, random stream, masters
+        self.rounding, self.seed = _half.check_options(rounding, seed)
+        if not isinstance(master_weights, (bool, np.bool_)):
+            raise TypeError("master_weights must be a bool, got "
+                            f"{type(master_weights).__name__}")
+        self.master_weights = bool(master_weights)
+        self.master: Any = None  # {key: float32 copy} of the 16-bit params, if kept
+        self._half: tuple[Any, list[int]] | None = None  # (state, 16-bit positions)
 
     # -- copy and pickle ---------------------------------------------------------------
     # The accumulators are views into the flat buffers in ``_flat``: a default deep copy
@@ -175,6 +206,7 @@ class AdaGrad:
         state = self.__dict__.copy()
         state["_plan"] = None
         state["_keys_seen"] = None
+        state["_half"] = None
         h = self.h
         if h is not None and self._flat:
             where = {id(v): (j, lk) for j, fb in enumerate(self._flat)
@@ -281,11 +313,16 @@ class AdaGrad:
                     params.same_layout(grads) and params.same_layout(flat[0])):
                 plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
                 labels = _FLAT_LABELS
+        half = self._half[1] if self._half is not None and self._half[0] is h else [
+            i for i, p in enumerate(plist) if is_half(getattr(p, "dtype", None))]
         if getattr(self, "capturable", False) and self._plan.gpu is None:
             from . import cuda as _cuda
 
             self._plan.gpu = _cuda.GpuCache(capturable=True)
         try:
+            if half:  # 16-bit params: their own path (float32 state, rounding, masters)
+                return self._update_half(plist, glist, hlist, labels, hyper, h, flat,
+                                         keys, half)
             applied = D.update(plist, glist, hlist, labels, hyper, self.step + 1,
                                self.nonfinite, self._plan)
         except FloatingPointError:
@@ -294,8 +331,37 @@ class AdaGrad:
             raise
         if self.h is None:  # commit new state only once the first step went through
             self.h, self._flat = h, flat
+            self._half = (h, [])  # a float model: a 16-bit param later is a mismatch
         if applied is None:  # capturable: counted on the device, see sync_steps()
             return True
+        if applied:
+            self.step += 1
+        else:
+            self.skipped_steps += 1
+        return applied
+
+    def _update_half(self, plist: list[Any], glist: list[Any], hlist: list[Any],
+                     labels: Any, hyper: Hyper, h: Any, flat: list[FlatBuffer],
+                     keys: list[Any], half: list[int]) -> bool:
+        """:meth:`update` for a model with bfloat16/float16 params (``half``)."""
+        if getattr(self, "capturable", False):
+            raise ValueError("capturable=True does not support bfloat16/float16 params "
+                             "(nothing was updated)")
+        master = self.master
+        if self.master_weights and master is None:  # float32 copies, once validated
+            if not any(D.is_cuda_array(plist[i]) for i in half):  # (device: below)
+                for i in half:
+                    _half.check_half_triple(plist[i], glist[i], hlist[i], None, labels[i])
+            master = {keys[i]: _half.new_master(plist[i]) for i in half}
+        masters = None if master is None else [master[keys[i]] for i in half]
+        applied = _half.update_model(plist, glist, hlist, labels, hyper, self.step + 1,
+                                     self.nonfinite, self._plan, half, masters,
+                                     self.rounding, self.seed if self.seed is not None
+                                     else 0)
+        if self.h is None:  # commit new state only once the first step went through
+            self.h, self._flat = h, flat
+        self.master = master
+        self._half = (self.h, half)
         if applied:
             self.step += 1
         else:
@@ -321,30 +387,33 @@ class AdaGrad:
         fill = self.initial_accumulator_value
         for p in plist:
             dt = getattr(p, "dtype", None)
-            if isinstance(dt, np.dtype) and dt in D._FLOATS:
-                check_in_dtype("initial_accumulator_value", fill, dt)
+            if isinstance(dt, np.dtype) and (dt in D._FLOATS or is_half(dt)):
+                check_in_dtype("initial_accumulator_value", fill,
+                               np.dtype(np.float32) if is_half(dt) else dt)
         if isinstance(params, FlatBuffer):
             flat = [params.full_like(fill)]
             views = [flat[0][k] for k in keys]
         elif plist and all(D.is_cuda_array(p) for p in plist):
             from . import cuda
 
-            views = [cuda.full_like(p, fill) for p in plist]
+            views = [_half.new_state(p, fill) if is_half(getattr(p, "dtype", None))
+                     else cuda.full_like(p, fill) for p in plist]
             flat = []
         else:
             flat, views = [], [None] * len(plist)
             by_dtype: dict[Any, list[int]] = {}
             for i, p in enumerate(plist):
                 dt = getattr(p, "dtype", None)
-                ok = dt in D._FLOATS and not D.is_cuda_array(p)  # host/device mixed
+                ok = (dt in D._FLOATS or is_half(dt)) and not D.is_cuda_array(p)
                 by_dtype.setdefault(dt if ok else None, []).append(i)
             for dt, idx in by_dtype.items():
                 if dt is None:  # let validation name the offending array
                     for i in idx:
                         views[i] = np.zeros(np.shape(plist[i]), np.float32)
                     continue
-                buf = FlatBuffer._from(
-                    np.full(sum(int(np.size(plist[i])) for i in idx), fill, dt),
+                buf = FlatBuffer._from(  # 16-bit params: float32 state
+                    np.full(sum(int(np.size(plist[i])) for i in idx), fill,
+                            np.float32 if is_half(dt) else dt),
                     tuple(layout_of([(keys[i], plist[i]) for i in idx])))
                 flat.append(buf)
                 for i in idx:

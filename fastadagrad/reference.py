@@ -101,6 +101,33 @@ def reference_step(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hyper,
     p[...] = pn - q
 
 
+def reference_step_half(p: np.ndarray, g: np.ndarray, h: np.ndarray, hyper: Hyper,
+                        step: int = 1, *, master: np.ndarray | None = None,
+                        rounding: str = "nearest", seed: int | None = None,
+                        tensor: int = 0) -> None:
+    """One AdaGrad step on bfloat16/float16 ``p``/``g`` with a float32 ``h``, in place.
+
+    ``p`` (or the float32 ``master`` copy when given) and ``g`` are converted to float32,
+    :func:`reference_step` runs in float32, ``h`` (and ``master``) keep the float32
+    results and ``p`` gets them rounded to its dtype: ``astype`` (round to nearest even)
+    or stochastic rounding with the random stream of (``seed``, ``step``, ``tensor``)
+    (:func:`fastadagrad._rounding.round_to`).
+    """
+    from . import _rounding as R
+
+    x = master.copy() if master is not None else p.astype(np.float32)
+    with np.errstate(all="ignore"):  # 0/0, inf-inf: NaN bits are compared, not warned
+        reference_step(x, g.astype(np.float32), h, hyper, step)
+    if master is not None:
+        master[...] = x
+    bits = None
+    if rounding == "stochastic":
+        assert seed is not None
+        k0, k1 = R.stream_key(seed, step, tensor)
+        bits = R.rand32(k0, k1, np.arange(x.size)).reshape(x.shape)
+    p[...] = R.round_to(x, p.dtype, rounding, bits)  # type: ignore[arg-type]
+
+
 def reference_sum_rows(indices: np.ndarray, grad_rows: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, sums)``: the distinct rows of ``indices`` (ascending) and, for each, the sum
