@@ -196,6 +196,27 @@ def _masters(sd: Mapping[str, Any]) -> dict[int, np.ndarray]:
     return {i: e["master"] for i, e in sd["state"].items() if "master" in e}
 
 
+def _dtype_of(x: Any) -> np.dtype | None:
+    """``x``'s dtype as a NumPy dtype (NumPy, Numba and CuPy arrays, torch tensors), or
+    None if NumPy has no such dtype."""
+    dt = getattr(x, "dtype", None)
+    try:
+        return np.dtype(dt)
+    except TypeError:  # torch.float32 and friends
+        name = str(dt).rsplit(".", 1)[-1]
+        try:
+            return np.dtype(name)
+        except TypeError:
+            pass
+    if name == "bfloat16":
+        try:
+            import ml_dtypes  # the half extra; a torch bfloat16 tensor has no NumPy twin
+        except ImportError:
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    return None
+
+
 def _names(group: Mapping[str, Any], n: int, where: str) -> list[Any] | None:
     """The saved parameters' names (keys), in state-dict order, or None if unnamed."""
     fa = group.get("fastadagrad", {})
@@ -291,9 +312,9 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         order = _order(saved, keys, isinstance(opt.h, Mapping), "the optimizer", where)
         for k, j in zip(keys, order):
             cur, s = opt.h[k], sums[j]
-            if tuple(cur.shape) != s.shape or np.dtype(cur.dtype) != s.dtype:
+            if tuple(cur.shape) != s.shape or _dtype_of(cur) != s.dtype:
                 raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but parameter "
-                           f"{k!r} is {np.dtype(cur.dtype)}{list(cur.shape)}", where)
+                           f"{k!r} is {_dtype_of(cur)}{list(cur.shape)}", where)
         copies = [(opt.h[k], sums[j]) for k, j in zip(keys, order)]
     elif sums:
         copies = []
@@ -309,11 +330,11 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
             order = _order(saved, pkeys, isinstance(params, Mapping), "params", where)
             for k, j in zip(pkeys, order):
                 p, s = params[k], sums[j]
-                if tuple(np.shape(p)) != s.shape or (np.dtype(p.dtype) != s.dtype and not (
-                        is_half(np.dtype(p.dtype)) and s.dtype == np.float32)):
+                pdt = _dtype_of(p)
+                if tuple(np.shape(p)) != s.shape or (pdt != s.dtype and not (
+                        pdt is not None and is_half(pdt) and s.dtype == np.float32)):
                     raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but "
-                               f"params[{k!r}] is {np.dtype(p.dtype)}{list(np.shape(p))}",
-                               where)
+                               f"params[{k!r}] is {pdt}{list(np.shape(p))}", where)
             sums = [sums[j] for j in order]
             as_dict = isinstance(params, Mapping)
             device = [is_cuda_array(params[k]) for k in pkeys]

@@ -614,3 +614,15 @@ def test_byte_flips_raise_checkpoint_error_or_load_the_same_data(
             assert list(got) == list(expected), i
             for k in got:
                 assert_bits_equal(got[k], expected[k], f"flip at {i}: {k}")
+
+
+def test_checkpoint_reads_torch_dtypes() -> None:
+    """Loading onto torch tensors compares their dtypes with the saved sums' (the GPU
+    run found ``np.dtype(torch.float32)`` raising there)."""
+    torch = pytest.importorskip("torch")
+    from fastadagrad.checkpoint import _dtype_of
+
+    assert _dtype_of(torch.zeros(2)) == np.float32
+    assert _dtype_of(torch.zeros(2, dtype=torch.float64)) == np.float64
+    assert _dtype_of(np.zeros(2, np.float32)) == np.float32
+    assert _dtype_of(object()) is None
