@@ -200,6 +200,8 @@ def _dtype_of(x: Any) -> np.dtype | None:
     """``x``'s dtype as a NumPy dtype (NumPy, Numba and CuPy arrays, torch tensors), or
     None if NumPy has no such dtype."""
     dt = getattr(x, "dtype", None)
+    if dt is None:  # np.dtype(None) would be float64
+        return None
     try:
         return np.dtype(dt)
     except TypeError:  # torch.float32 and friends
