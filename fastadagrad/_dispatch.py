@@ -34,7 +34,7 @@ from ._plan import Plan, chunk_table  # noqa: F401
 # --- CPU --------------------------------------------------------------------------
 
 def _has_nonfinite(g: np.ndarray, coefs: tuple) -> bool:
-    if g.size >= config.PARALLEL_THRESHOLD:
+    if g.size >= config.parallel_from(g.itemsize):
         with cpu.PARALLEL_LOCK:
             return bool(cpu.flat_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
                                                          coefs[7]))
@@ -51,7 +51,7 @@ def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
             raise FloatingPointError(f"{labels.grad} contains NaN or inf; nothing was "
                                      "updated")
         return False
-    if n >= config.PARALLEL_THRESHOLD:
+    if n >= config.parallel_from(p.itemsize):
         with cpu.PARALLEL_LOCK:
             cpu.adagrad_flat_parallel(pf, gf, hf, config.CHUNK, *coefs)
     elif n:
@@ -68,7 +68,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     ``plan`` describes ``params``/``states`` and ``gaddr`` holds the grads' data
     addresses, both confirmed in this call.
     """
-    if plan.largest >= config.PARALLEL_THRESHOLD:  # the table's balance matters
+    if plan.largest >= config.parallel_from(8):  # the table's balance matters
         threads = numba.get_num_threads()  # thread-local: may change any time
         if threads != plan.threads:
             plan.plan_groups(threads)
@@ -86,7 +86,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     if nonfinite != "ignore":  # read-only pre-pass over every gradient before any write
         first = -1
         for proto, idx, (_, ga, _), (ct, cs, cl), total, coefs in runs:
-            if total >= config.PARALLEL_THRESHOLD:
+            if total >= config.parallel_from(proto.itemsize):
                 with cpu.PARALLEL_LOCK:
                     bad = cpu.first_nonfinite_many(proto, ga, ct, cs, cl, coefs[6],
                                                    coefs[7])
@@ -103,7 +103,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
                                      "was updated")
 
     for proto, _, (pa, ga, ha), (ct, cs, cl), total, coefs in runs:
-        if total >= config.PARALLEL_THRESHOLD:
+        if total >= config.parallel_from(proto.itemsize):
             with cpu.PARALLEL_LOCK:
                 cpu.adagrad_many_parallel(proto, pa, ga, ha, ct, cs, cl, *coefs)
         else:

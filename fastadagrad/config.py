@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import os
 
-#: Below this many elements the serial kernel is used: waking the omp thread pool costs
-#: a few microseconds per call (NUMBA_NOTES: ~3 us even for 16 elements). In
-#: ``make bench`` (bench/results/cpu.md, f32) the default dispatch and the serial kernel
-#: tie at 2^14 (10.6 vs 10.5 us) and the parallel kernel wins at 2^16 (19.3 vs 28.8 us).
+#: Below this many float32 elements the serial kernel is used: waking the omp thread pool
+#: costs a few microseconds per call (NUMBA_NOTES: ~3 us even for 16 elements). Measured
+#: with ``bench/cpu_probe.py`` (the smallest size from which the parallel call beats the
+#: serial one at every larger size): float32 32,768 on the 2-core AMD EPYC and 24,576 on
+#: a 16-core Intel Xeon host; float64 12,288 and 6,144 (bench/results/cpu-probe-*.md).
+#: float64 arrays switch at a quarter of this (:func:`parallel_from`: 8,192, the AMD
+#: machine's tie, already a win on the Xeon): each element costs more (double sqrt/div).
 PARALLEL_THRESHOLD: int = 1 << 15
+
+
+def parallel_from(itemsize: int) -> int:
+    """The element count from which the parallel kernels run, for an array dtype of
+    ``itemsize`` bytes (read at every call, so patching PARALLEL_THRESHOLD works)."""
+    return PARALLEL_THRESHOLD if itemsize <= 4 else PARALLEL_THRESHOLD // 4
 
 #: Elements per work item of the parallel kernels. Each chunk is a contiguous span that
 #: the inner loop vectorises over; 16k f32 elements = 64 KiB per array, large enough to

@@ -306,13 +306,17 @@ def test_cache_fallback_unit(monkeypatch):
     assert f(1) == 2
 
 
-def test_threshold_dispatch(monkeypatch):
-    """Small buffers take the serial kernel, large ones the parallel one."""
+@pytest.mark.parametrize("dtype,n", [(np.float32, config.PARALLEL_THRESHOLD),
+                                     (np.float64, config.PARALLEL_THRESHOLD // 4)])
+def test_threshold_dispatch(monkeypatch, dtype, n):
+    """Small buffers take the serial kernel, large ones the parallel one; float64
+    switches at a quarter of the float32 count (config.parallel_from)."""
+    assert config.parallel_from(np.dtype(dtype).itemsize) == n
     par = _count_calls(monkeypatch, "adagrad_flat_parallel")
-    n = config.PARALLEL_THRESHOLD
-    fastadagrad.adagrad_update(np.ones(n - 1), np.ones(n - 1), np.zeros(n - 1))
+    a = lambda m: (np.ones(m, dtype), np.ones(m, dtype), np.zeros(m, dtype))  # noqa: E731
+    fastadagrad.adagrad_update(*a(n - 1))
     assert par[0] == 0
-    fastadagrad.adagrad_update(np.ones(n), np.ones(n), np.zeros(n))
+    fastadagrad.adagrad_update(*a(n))
     assert par[0] == 1
 
 
