@@ -40,12 +40,14 @@ def _kernel_call(params: list[np.ndarray], grads: list[np.ndarray]) -> Any:
     plan = opt._plan
     proto, _, (ct, cs, cl), _ = plan.groups[0]
     coefs = D.coefficients(opt.hyper, proto.dtype, 1)
+    kernel = cpu.kernels(coefs[7]).many_serial  # the compiled kernel itself, floats in
+    fcoefs = tuple(float(c) for c in coefs[:7])
     gaddr = np.array([g.__array_interface__["data"][0] for g in grads], np.int64)
     pa, ha = plan.paddr, plan.haddr
 
     def step() -> None:
         # ``opt`` is referenced here so that the state arrays behind ``ha`` stay alive
-        cpu.adagrad_many_serial(proto, pa, gaddr, ha, ct, cs, cl, *coefs)
+        kernel(proto, pa, gaddr, ha, ct, cs, cl, *fcoefs)
         assert opt.h is not None
 
     return step
@@ -92,6 +94,8 @@ def test_overhead_functional(run: Any, impl: str) -> None:
         step = lambda: fastadagrad.adagrad_update(p, g, h, lr=1e-3)  # noqa: E731
     else:
         coefs = D.coefficients(fastadagrad._hyper.Hyper.make(lr=1e-3), p.dtype, 1)
-        step = lambda: cpu.adagrad_span(p, g, h, *coefs)  # noqa: E731
+        kernel = cpu.kernels(coefs[7]).span  # the compiled kernel itself, floats in
+        fcoefs = tuple(float(c) for c in coefs[:7])
+        step = lambda: kernel(p, g, h, *fcoefs)  # noqa: E731
     run(step, scenario="overhead functional", impl=impl, dtype="float32", n=1024,
         group="overhead functional 2^10 f32", warmup=20)

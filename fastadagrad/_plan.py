@@ -284,15 +284,15 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "meta", "nw",
-                 "gaddr", "groups", "threads", "fast", "largest", "coef_key", "coefs",
-                 "gpu")
+                 "gaddr", "groups", "threads", "fast", "largest", "coef_cache", "gpu")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
         self.states: tuple[Any, ...] = ()
         self.gaddr = np.empty(0, np.int64)
-        self.coef_key: tuple[Any, int] | None = None  # (hyper, step) of ``coefs``
-        self.coefs: list[tuple] = []  # the kernels' scalars, per dtype group
+        # (id(hyper), step) -> (hyper, kernel scalars per dtype group, (serial kernel,
+        # float scalars) per group): filled by the dispatcher, emptied with the groups
+        self.coef_cache: dict[tuple[int, int], tuple[Any, list, list]] = {}
         self.gpu: Any = None  # the GPU path's cache (fastadagrad.cuda.GpuCache)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
@@ -374,7 +374,7 @@ class Plan:
             groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
                            sum(gsizes)))
         self.groups, self.threads = groups, threads
-        self.coef_key = None
+        self.coef_cache = {}
         self.largest = max((g[3] for g in groups), default=0)
 
 

@@ -109,3 +109,71 @@ def test_on_disk_cache_keeps_every_variant(tmp_path):
     assert [r[1:3] for r in first] == [["0", "1"]] * 3  # compiled, written
     assert [r[1:3] for r in second] == [["1", "0"]] * 3  # each loaded, none compiled
     assert [r[3] for r in first] == [r[3] for r in second]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0,), (1,), (17,), (3, 5), (2, 3, 4)])
+def test_functional_fast_path_matches_reference(monkeypatch, dtype, shape):
+    """Small float arrays are checked and updated in one compiled call: the full path
+    (``_dispatch.update``) is never entered, and the bits are the reference's."""
+    import fastadagrad
+    from fastadagrad import _dispatch
+    from fastadagrad._hyper import Hyper
+    from fastadagrad.reference import reference_step
+    from fastadagrad.testing import assert_bits_equal
+
+    def full_path(*a, **k):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(_dispatch, "update", full_path)
+    rng = np.random.default_rng(3)
+    p = rng.standard_normal(shape).astype(dtype)
+    h = np.abs(rng.standard_normal(shape)).astype(dtype)
+    rp, rh = p.copy(), h.copy()
+    kw = dict(lr=0.05, eps=1e-8, weight_decay=0.01, maximize=True)
+    for step in range(1, 4):
+        g = rng.standard_normal(shape).astype(dtype)
+        assert fastadagrad.adagrad_update(p, g, h, step=step, **kw)
+        reference_step(rp, g, rh, Hyper.make(**kw), step)
+    assert_bits_equal(p, rp)
+    assert_bits_equal(h, rh)
+
+
+@pytest.mark.parametrize("case", ["alias", "shape", "dtype", "readonly", "strided",
+                                  "byteswapped", "large"])
+def test_functional_fast_path_defers_to_the_full_path(monkeypatch, case):
+    """Whatever the compiled check refuses goes to the full path, untouched."""
+    import fastadagrad
+    from fastadagrad import _dispatch, config
+
+    calls = []
+    real = _dispatch.update
+
+    def full_path(*a, **k):
+        calls.append(case)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_dispatch, "update", full_path)
+    p, g, h = np.ones(8, np.float32), np.ones(8, np.float32), np.zeros(8, np.float32)
+    if case == "alias":
+        g = p[:]
+    elif case == "shape":
+        g = np.ones(9, np.float32)
+    elif case == "dtype":
+        g = np.ones(8, np.float64)
+    elif case == "readonly":
+        p.flags.writeable = False
+    elif case == "strided":
+        p = np.ones(16, np.float32)[::2]
+    elif case == "byteswapped":
+        p = np.ones(8, ">f4")
+    else:
+        monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 8)
+    before = p.copy()
+    if case == "large":
+        assert fastadagrad.adagrad_update(p, g, h)
+    else:
+        with pytest.raises((TypeError, ValueError)):
+            fastadagrad.adagrad_update(p, g, h)
+        assert np.array_equal(p, before) and not h.any()
+    assert calls == [case]
