@@ -41,32 +41,8 @@ from numba import carray, prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
+from ._intrinsics import _as_pointer, fma  # noqa: F401  (fma: part of this module's API)
 from ._jit import jit
-
-
-@intrinsic
-def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
-    """``a*b + c`` rounded once (``llvm.fma``), for formulas that are defined with one."""
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.fma(*args)
-
-    return a(a, b, c), codegen
-
-
-@intrinsic
-def _as_pointer(typingctx, address, proto):  # type: ignore[no-untyped-def]
-    """Turn an integer address into a typed pointer to ``proto``'s dtype."""
-    if not (isinstance(address, types.Integer) and isinstance(proto, types.Array)):
-        return None
-    ptr = types.CPointer(proto.dtype)
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-    return ptr(address, proto), codegen
 
 
 @intrinsic

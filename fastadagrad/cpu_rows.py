@@ -37,19 +37,8 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from . import _hyper as H
+from ._intrinsics import fma
 from ._jit import jit
-
-
-@intrinsic
-def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
-    """``a*b + c`` rounded once (``llvm.fma``), for formulas defined with one."""
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.fma(*args)
-
-    return a(a, b, c), codegen
 
 
 @intrinsic

@@ -29,6 +29,7 @@ from numba import carray, prange, types
 from numba.extending import intrinsic
 
 from . import _hyper as H
+from ._intrinsics import _as_pointer, fma
 from ._jit import jit
 
 #: Elements per call of the external square root: 512 float32 = 2 KiB per array, so
@@ -39,31 +40,6 @@ BLOCK = 512
 #: The mode torch passes to vmsSqrt/vmdSqrt (aten/src/ATen/cpu/vml.h):
 #: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 VML_MODE = 0x2 | 0x140000 | 0x100
-
-
-@intrinsic
-def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
-    """``a*b + c`` rounded once (``llvm.fma``)."""
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.fma(*args)
-
-    return a(a, b, c), codegen
-
-
-@intrinsic
-def _as_pointer(typingctx, address, proto):  # type: ignore[no-untyped-def]
-    """Turn an integer address into a typed pointer to ``proto``'s dtype."""
-    if not (isinstance(address, types.Integer) and isinstance(proto, types.Array)):
-        return None
-    ptr = types.CPointer(proto.dtype)
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-    return ptr(address, proto), codegen
 
 
 @intrinsic
