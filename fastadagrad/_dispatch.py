@@ -127,26 +127,31 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
-def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple[Any, tuple] | None:
-    """The checked serial kernel of ``hyper``'s formula for ``dtype`` at ``step`` and its
-    coefficients as floats (the kernels round them to the array dtype: the same bits as
-    dtype scalars, and ~5 instead of ~50 ns each to pass), or None for a dtype the
-    kernels do not take. Raises like :meth:`Hyper.coefficients` (a float32 overflow).
-    Meant to be cached by the caller per set of hyperparameters."""
+def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int
+                   ) -> tuple[Any, Any, tuple] | None:
+    """The checked serial kernel and the parallel kernel of ``hyper``'s formula for
+    ``dtype`` at ``step``, and its coefficients as floats (the kernels round them to the
+    array dtype: the same bits as dtype scalars, and ~5 instead of ~50 ns each to pass),
+    or None for a dtype the kernels do not take. Raises like
+    :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
+    per set of hyperparameters."""
     if dtype is not _F32 and dtype is not _F64:
         return None
     coefs = coefficients(hyper, dtype, step)
-    return cpu.kernels(coefs[7]).checked_span, tuple(float(c) for c in coefs[:7])
+    k = cpu.kernels(coefs[7])
+    return k.checked_span, k.flat_parallel, tuple(float(c) for c in coefs[:7])
 
 
-def update_one_fast(p: Any, g: Any, h: Any, kernel: Any, coefs: tuple) -> bool:
-    """The functional update on three small NumPy arrays, checked in compiled code.
+def update_one_fast(p: Any, g: Any, h: Any, kernel: Any, parallel: Any, coefs: tuple
+                    ) -> bool:
+    """The functional update on three NumPy arrays, checked in compiled code.
 
-    ``kernel, coefs`` from :func:`checked_kernel` for ``p.dtype``. True if the step was
-    applied. False means nothing was written: not three plain C-contiguous float
-    arrays of one dtype and shape, overlapping arrays, or large enough for the parallel
-    kernel; the caller then takes :func:`update`, which runs the parallel kernel or
-    raises naming the problem. For nonfinite="ignore" only.
+    ``kernel, parallel, coefs`` from :func:`checked_kernel` for ``p.dtype``. True if the
+    step was applied: by the checked serial kernel itself, or, for arrays at or above
+    the parallel threshold that it checked, by the parallel kernel. False means nothing
+    was written: not three plain C-contiguous float arrays of one dtype and shape, or
+    overlapping arrays; the caller then takes :func:`update`, which raises naming the
+    problem. For nonfinite="ignore" only.
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
@@ -155,8 +160,12 @@ def update_one_fast(p: Any, g: Any, h: Any, kernel: Any, coefs: tuple) -> bool:
         code = kernel(p, g, h, limit, *coefs)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):
         return False  # nothing ran; the full path says what is wrong
+    if code == 4:  # checked; large enough for all threads (C-contiguous: flat views)
+        n = p.size
+        with cpu.PARALLEL_LOCK:
+            parallel(p.reshape(n), g.reshape(n), h.reshape(n), config.CHUNK, *coefs)
+        return True
     return code == 0
-
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

@@ -135,10 +135,11 @@ def _checked_span_impl(p, g, h, limit, lr_num, lr_after, eps_in, eps_out, wd, lr
     the kernel at 2^10): the argument types decide at compile time whether these are
     C-contiguous float32/float64 arrays of one dtype and rank with ``p`` and ``h``
     writable (else the compiled function is just ``return 1``); at run time the shapes
-    must match (2), no two arrays may overlap (3) and the size must be below ``limit``,
-    the parallel kernels' threshold (4). Returns 0 after the update; any other code
-    means nothing was written and the caller takes the full path, which runs the
-    parallel kernel or raises the clear error.
+    must match (2) and no two arrays may overlap (3). At or above ``limit``, the
+    parallel kernels' threshold, it returns 4 having checked everything but updated
+    nothing (the caller runs the parallel kernel). Returns 0 after the update; codes 1-3
+    mean nothing was written and the caller takes the full path, which raises the
+    clear error.
     """
     arrays = (p, g, h)
     ok = (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)
@@ -153,13 +154,13 @@ def _checked_span_impl(p, g, h, limit, lr_num, lr_after, eps_in, eps_out, wd, lr
         if p.shape != g.shape or p.shape != h.shape:
             return 2
         n = p.size
-        if n >= limit:
-            return 4
         nb = n * p.itemsize
         pa, ga, ha = p.ctypes.data, g.ctypes.data, h.ctypes.data
         if nb and ((pa < ga + nb and ga < pa + nb) or (pa < ha + nb and ha < pa + nb)
                    or (ga < ha + nb and ha < ga + nb)):
             return 3
+        if n >= limit:
+            return 4
         pf, gf, hf = p.reshape(n), g.reshape(n), h.reshape(n)
         for i in range(n):
             _update_at(pf, gf, hf, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,

@@ -142,7 +142,8 @@ def test_functional_fast_path_matches_reference(monkeypatch, dtype, shape):
 @pytest.mark.parametrize("case", ["alias", "shape", "dtype", "readonly", "strided",
                                   "byteswapped", "large"])
 def test_functional_fast_path_defers_to_the_full_path(monkeypatch, case):
-    """Whatever the compiled check refuses goes to the full path, untouched."""
+    """Whatever the compiled check refuses goes to the full path, untouched; arrays it
+    checked at or above the parallel threshold go to the parallel kernel directly."""
     import fastadagrad
     from fastadagrad import _dispatch, config
 
@@ -171,9 +172,15 @@ def test_functional_fast_path_defers_to_the_full_path(monkeypatch, case):
         monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 8)
     before = p.copy()
     if case == "large":
+        from fastadagrad.reference import NumpyAdaGrad
+
+        ref = {"p": p.copy()}
+        NumpyAdaGrad().update(ref, {"p": g})
         assert fastadagrad.adagrad_update(p, g, h)
+        assert np.array_equal(p, ref["p"])
+        assert calls == []
     else:
         with pytest.raises((TypeError, ValueError)):
             fastadagrad.adagrad_update(p, g, h)
         assert np.array_equal(p, before) and not h.any()
-    assert calls == [case]
+        assert calls == [case]
