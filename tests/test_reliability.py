@@ -626,3 +626,23 @@ def test_checkpoint_reads_torch_dtypes() -> None:
     assert _dtype_of(torch.zeros(2, dtype=torch.float64)) == np.float64
     assert _dtype_of(np.zeros(2, np.float32)) == np.float32
     assert _dtype_of(object()) is None
+
+
+def test_overlap_search_agrees_with_brute_force() -> None:
+    """The aliasing check finds an overlap exactly when two non-empty byte ranges, one
+    of them written, intersect; the pair it names does intersect."""
+    from fastadagrad._arrays import _find_overlap
+
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        n = int(rng.integers(0, 9))
+        start = rng.integers(1, 80, n).astype(np.int64)
+        end = start + rng.integers(0, 15, n)
+        writable = rng.random(n) < 0.5
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)
+                 if end[i] > start[i] and end[j] > start[j] and start[i] < end[j]
+                 and start[j] < end[i] and (writable[i] or writable[j])]
+        i, j = _find_overlap(start, end, writable)
+        assert (i >= 0) == bool(pairs), (start, end, writable)
+        if i >= 0:
+            assert start[i] < end[j] and start[j] < end[i] and (writable[i] or writable[j])
