@@ -246,81 +246,6 @@ def _flat(d: Any, typestr: str) -> Any:
     return _cuda.from_cuda_array_interface(desc, owner=d.obj, sync=False)
 
 
-class _DirectLaunch:
-    """Launch a compiled half kernel without Numba's dispatcher (real GPUs only).
-
-    As ``cuda._DirectLaunch``: the dispatcher costs ~50-85 us of host time per launch
-    and each device-array wrapper ~17 us (H100), more than the kernel at 2^24. The
-    arguments are packed as Numba's launcher packs them (a 1-D C array is ``meminfo,
-    parent, nitems, itemsize, data, shape, stride``), from the kernel the dispatcher
-    compiled on its first launch and only if its signature is the expected one; any
-    failure turns it off for good.
-    """
-
-    def __init__(self, dispatcher: Any) -> None:
-        import ctypes
-
-        from cuda.core import LaunchConfig, launch
-        from numba.cuda import types as nbt
-        from numba.cuda._compat import CUDA_CORE_GE_1_0
-
-        (kern,) = dispatcher.overloads.values()
-        at = tuple(kern.argument_types)
-        f32 = nbt.float32
-        bits = (nbt.Array(nbt.int16, 1, "C"), nbt.Array(nbt.uint16, 1, "C"))
-        if len(at) != 13 or at[0] not in bits or at[1] != at[0] or \
-                at[2:4] != (nbt.Array(f32, 1, "C"),) * 2 or \
-                at[4:6] != (nbt.uint32,) * 2 or at[6:] != (f32,) * 7 or kern.cooperative:
-            raise TypeError("unexpected kernel signature")
-        self.kernel = kern._codelibrary.get_cufunc().kernel
-        self.u32, self.f32 = ctypes.c_uint32, ctypes.c_float
-        self.launch_fn = launch
-        self.config = (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
-                                                 is_cooperative=False)) \
-            if CUDA_CORE_GE_1_0 else \
-            (lambda b, t: LaunchConfig(grid=b, block=t, shmem_size=0,
-                                       cooperative_launch=False))
-        self.ok = True
-
-    def launch(self, stream: Any, blocks: int, tpb: int, ptrs: tuple[int, ...], n: int,
-               k0: Any, k1: Any, coefs: tuple) -> bool:
-        if not self.ok:
-            return False
-        try:
-            from numba.cuda.cudadrv.driver import _to_core_stream
-
-            args: list[Any] = []
-            for ptr, isz in zip(ptrs, (2, 2, 4, 4)):
-                args += (0, 0, n, isz, ptr, n, isz)
-            args += [self.u32(int(k0)), self.u32(int(k1))]
-            args += [self.f32(c) for c in coefs[:7]]
-            self.launch_fn(_to_core_stream(stream), self.config(blocks, tpb), self.kernel,
-                           *args)
-            return True
-        except Exception:  # noqa: BLE001 - any surprise: the dispatcher from now on
-            self.ok = False
-            return False
-
-
-_DIRECT: dict[tuple[Any, ...], Any] = {}
-
-
-def _direct(key: tuple[Any, ...]) -> _DirectLaunch | None:
-    if fcuda.simulator():
-        return None
-    direct = _DIRECT.get(key)
-    if direct is None:
-        dispatcher = kernels(*key)[0]
-        if not dispatcher.overloads:
-            return None  # not compiled yet: the first launch goes through Numba
-        try:
-            direct = _DirectLaunch(dispatcher)
-        except Exception:  # noqa: BLE001 - another numba-cuda layout: the dispatcher
-            direct = False
-        _DIRECT[key] = direct
-    return direct or None
-
-
 def _check_overlap(work: list[tuple], labels: Sequence[Labels]) -> None:
     """No written array (param, state, master) may share bytes with any other array."""
     ranges = []
@@ -418,11 +343,9 @@ def _launch(work: list[tuple], ids: Sequence[int], stream: Any, coefs: tuple, fl
         k0, k1 = R.stream_key(seed, step, t) if seed is not None else (
             np.uint32(0), np.uint32(0))
         blocks, tpb = fcuda.launch_config(n)
-        direct = _direct(key)
-        ptrs = (dp.ptr, dg.ptr, dh.ptr, (dm or dh).ptr)
-        if direct is not None and direct.launch(stream, blocks, tpb, ptrs, n, k0, k1,
-                                                coefs):
-            continue
+        # Numba's dispatcher, a public API (a launcher that packed Numba's array ABI by
+        # hand from private internals was removed: it could not be checked, and it
+        # retried a non-idempotent step after any error); errors propagate.
         hf = _flat(dh, "<f4")
         kernels(*key)[0][blocks, tpb, stream](
             _flat(dp, carrier[fmt]), _flat(dg, carrier[fmt]), hf,
