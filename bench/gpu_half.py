@@ -138,19 +138,6 @@ def timings(n: int) -> None:
             cases[f"torch {mode} bfloat16"] = opt.step
         except Exception as e:  # fused Adagrad may be CPU-only in this torch
             print(f"torch {mode} bfloat16: unavailable ({type(e).__name__}: {e})")
-    from fastadagrad import cuda as fcuda
-    from fastadagrad import cuda_half
-    from fastadagrad._hyper import Hyper
-
-    cases["fastadagrad bfloat16"]()  # compiled: the direct launcher exists now
-    direct = cuda_half._direct(("bfloat16", 0, False, False))
-    if direct is not None:  # the kernel alone: no validation, no Python per step
-        coefs = Hyper.make(lr=0.01).coefficients(np.float32, 1)
-        stream = fcuda._builtin_stream("legacy_default_stream")
-        ptrs = (pb.data_ptr(), gb.data_ptr(), hb.data_ptr(), hb.data_ptr())
-        blocks, tpb = fcuda.launch_config(n)
-        cases["kernel only bfloat16 (direct launch)"] = lambda: direct.launch(
-            stream, blocks, tpb, ptrs, n, 0, 0, coefs)
     res = {}
     for _ in range(2):  # two interleaved passes; report the better median of each
         for name, f in cases.items():
