@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 from . import _hyper as H
 from ._intrinsics import fma
 from ._jit import jit
+from .cpu import _update_at
 
 
 @intrinsic
@@ -225,37 +226,9 @@ def _update_row(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scal
         q  = 0                          if ZERO_WHERE_H0 and h == 0
         p  = p' - q * lr_after
     """
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
-    zero = eps_in - eps_in
-    for i in range(p.size):
-        gi = g[i]
-        if scale:
-            gi = gi / grad_scale
-        if maximize:
-            gi = -gi
-        pi = p[i]
-        if coupled:
-            if fma_wd:
-                gi = fma(pi, wd, gi)
-            else:
-                gi = gi + pi * wd
-        elif decoupled:
-            pi = pi - (pi * wd) * lr_wd
-        if fma_h:
-            hi = fma(gi, gi, h[i])
-        else:
-            hi = h[i] + gi * gi
-        q = (lr_num * gi) / (math.sqrt(hi + eps_in) + eps_out)
-        if zero_h0 and hi == zero:
-            q = zero
-        h[i] = hi
-        p[i] = pi - q * lr_after
+    for i in range(p.size):  # the dense kernel's element function: one formula, one place
+        _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
+                   flags)
 
 
 @jit(error_model="numpy", inline="always")
