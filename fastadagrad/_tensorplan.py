@@ -44,6 +44,8 @@ _strided = torch.strided
 KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "fused": (cpu.adagrad_many_parallel, cpu.adagrad_many_serial),
     "vsqrt": (cpu_vsqrt.adagrad_many_vsqrt_parallel, cpu_vsqrt.adagrad_many_vsqrt_serial),
+    # float32 only: the same bits as "vsqrt" where MKL's generic kernel runs
+    "vsqrt-emu": (cpu_vsqrt.adagrad_many_emu_parallel, cpu_vsqrt.adagrad_many_emu_serial),
 }
 
 
@@ -122,7 +124,7 @@ class TensorPlan:
 
 
 def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
-            states: Sequence[Any], labels: Sequence[Any], formula: str,
+            states: Sequence[Any], labels: Sequence[Any], formula: str | dict[Any, str],
             coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None
             ) -> Callable[[], None] | None:
     """Validate a step now; return the function that runs it, or None if it cannot.
@@ -132,7 +134,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     shape, and no parameter or state sharing memory with any other tensor. None means
     some tensor cannot be updated in place by the kernels (the caller then takes a
     slower path that can); nothing has been written. ``formula`` picks the kernel
-    (``"fused"`` or ``"vsqrt"``, see :data:`KERNELS`); ``coefficients(dtype)`` returns
+    (a key of :data:`KERNELS`, or a dict from NumPy dtype to one); ``coefficients(dtype)`` returns
     its scalar arguments and may raise (before anything is written, too). ``pdtypes``:
     the parameters' dtypes if the caller already read them in this call.
     """
@@ -162,9 +164,10 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     if threads != plan.threads:
         plan.plan_groups([p.numel() for p in params], [NP_DTYPES[d] for d in key[3]],
                          threads)
-    parallel, serial = KERNELS[formula]
     calls = []
     for proto, idx, (ct, cs, cl), total in plan.groups:
+        parallel, serial = KERNELS[formula if isinstance(formula, str)
+                                   else formula[proto.dtype]]
         coefs = coefficients(proto.dtype)
         if idx is None:
             pa, ga, ha = plan.paddr, gaddr, plan.haddr

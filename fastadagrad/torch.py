@@ -63,6 +63,7 @@ from torch.optim import optimizer as _torch_optimizer
 from . import _dispatch as D
 from . import _hyper as H
 from . import _tensorplan as T
+from . import cpu_vsqrt
 from .presets import PRESETS
 
 __all__ = ["Adagrad", "compiled_paths"]
@@ -108,6 +109,8 @@ def _vml_sqrt_addresses() -> dict[Any, int]:
 
 _VSQRT = _vml_sqrt_addresses()
 _CHECKED: dict[tuple[str, Any], bool] = {}
+#: the eager formula's kernels per dtype where the emulated square root passed its check
+_EAGER_EMU = {np.dtype(np.float32): "vsqrt-emu", np.dtype(np.float64): "vsqrt"}
 
 
 def compiled_paths() -> dict[str, bool]:
@@ -133,10 +136,48 @@ def _formula_ok(formula: str, dtype: Any) -> bool:
     return ok
 
 
+def _eager_kernels() -> str | dict[np.dtype, str]:
+    """The kernels of torch's eager formula (after their self-checks): float32 through
+    the emulated MKL square root where it reproduces the routine, else the routine."""
+    return _EAGER_EMU if _formula_ok("vsqrt-emu", torch.float32) else "vsqrt"
+
+
+def _emulation_ok(exhaustive: bool = False) -> bool:
+    """Whether :func:`cpu_vsqrt.mkl_ex_sqrt_normal` gives the routine's bits on float32
+    inputs in its normal range: every 61st of the 2^24 mantissa/exponent-parity patterns
+    of [0.5, 2) (all of them if ``exhaustive``: the tests do that), then 1024 random
+    mantissas of every exponent (the square root of ``x * 4^k`` is ``2^k`` times that
+    of ``x`` in both). 5-10 ms, once per process (the exhaustive check: ~0.3 s).
+    """
+    fn = _VSQRT[torch.float32]
+    rng = np.random.default_rng(0)
+    exps = np.arange(1, 255, dtype=np.int32)
+    xs = [np.arange(0x7E << 23, 0x80 << 23, 1 if exhaustive else 61, dtype=np.int32),
+          ((exps[:, None] << 23) | rng.integers(0, 1 << 23, (exps.size, 1024),
+                                                dtype=np.int32)).ravel()]
+    for bits in xs:
+        bits = bits[(bits >= cpu_vsqrt.NORMAL_LO) & (bits <= cpu_vsqrt.NORMAL_HI)]
+        x = bits.view(np.float32)
+        mine, theirs = np.empty_like(x), np.empty_like(x)
+        cpu_vsqrt.mkl_sqrt_emulated(x, mine)
+        cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
+        if not np.array_equal(mine.view(np.int32), theirs.view(np.int32)):
+            return False
+    return True
+
+
 def _self_check(formula: str, dtype: Any) -> bool:
     """Two steps on a probe, every option on, kernel vs torch's own implementation."""
-    if formula == "vsqrt" and dtype not in _VSQRT:
+    if formula.startswith("vsqrt") and dtype not in _VSQRT:
         return False
+    if formula == "vsqrt-emu":
+        if dtype != torch.float32:
+            return False
+        try:
+            if not _emulation_ok():
+                return False
+        except Exception:  # noqa: BLE001 - not x86 (no rsqrtps to compile): not this path
+            return False
     gen = torch.Generator().manual_seed(0)
     n = 1031  # a vector body and a scalar tail, several kernel blocks
     p0 = torch.randn(n, dtype=dtype, generator=gen)
@@ -339,7 +380,7 @@ class Adagrad(torch.optim.Adagrad):
                 or getattr(self, "found_inf", None) is not None):
             return torch_update(list(range(len(params))))
 
-        formula = "fused" if fused else "vsqrt"
+        formula = "fused" if fused else "vsqrt"  # the formula each tensor is checked for
         labels = _GroupLabels(gi, index)
         plan = plans.get(id(group))
         if plan is None or plan[0] is not group:
@@ -426,6 +467,7 @@ class Adagrad(torch.optim.Adagrad):
         """
         if not all(d in T.NP_DTYPES and _formula_ok(formula, d) for d in set(dtypes)):
             return None
+        kernels = _eager_kernels() if formula == "vsqrt" else formula
         lr, lr_decay = group["lr"], group["lr_decay"]
         args = (group["eps"], lr_decay, group["weight_decay"], group["maximize"])
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
@@ -433,7 +475,7 @@ class Adagrad(torch.optim.Adagrad):
         try:
             if lr_decay == 0:  # clr does not depend on the step
                 coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0)
-                run = T.prepare(plan, params, grads, sums, labels, formula, coefs, dtypes)
+                run = T.prepare(plan, params, grads, sums, labels, kernels, coefs, dtypes)
                 if run is None:
                     return None
                 return functools.partial(_increment_then, steps, [run])
@@ -447,7 +489,7 @@ class Adagrad(torch.optim.Adagrad):
                 sub_plan = plan if len(by_step) == 1 else T.TensorPlan()
                 run = T.prepare(sub_plan, [params[i] for i in idx], [grads[i] for i in idx],
                                 [sums[i] for i in idx], labels if len(by_step) == 1 else
-                                _SubLabels(labels, idx), formula, coefs,
+                                _SubLabels(labels, idx), kernels, coefs,
                                 [dtypes[i] for i in idx])
                 if run is None:
                     return None

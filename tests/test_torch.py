@@ -171,6 +171,87 @@ def test_hard_coded_values() -> None:
     np.testing.assert_array_equal(opt.state[p]["sum"].numpy(), h)
 
 
+# ------------------------------------------- the emulated MKL square root (float32)
+
+def _emulation_used() -> bool:
+    """True where the emulation must pass: MKL's generic kernel runs on AMD CPUs (the
+    project's machines); elsewhere (Intel's AVX-512 kernel, no MKL) it may not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            amd = "AuthenticAMD" in f.read(4096)
+    except OSError:
+        amd = False
+    if amd and FT._formula_ok("vsqrt", torch.float32):
+        assert FT._formula_ok("vsqrt-emu", torch.float32)
+        return True
+    return False
+
+
+def test_emulated_sqrt_is_the_routine_exhaustively() -> None:
+    # every mantissa/exponent-parity pattern of the normal range, against vmsSqrt itself
+    if not _emulation_used():
+        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    assert FT._emulation_ok(exhaustive=True)
+
+
+def test_emulated_sqrt_is_used_and_differs_from_ieee(no_torch_step: None,
+                                                     monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    if not _emulation_used():
+        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    calls = []
+    real = _tensorplan.KERNELS["vsqrt-emu"]
+    def counting(kernel: object) -> object:
+        return lambda *a: (calls.append(1), kernel(*a))  # type: ignore[operator]
+
+    monkeypatch.setitem(_tensorplan.KERNELS, "vsqrt-emu", tuple(map(counting, real)))
+    _compare(_params(torch.float32, [(2**12 + 3,)]), 3, {})
+    assert calls
+    # the emulation is not an IEEE square root in disguise: torch's bits are not
+    x = torch.rand(2**16) * 100 + 1
+    assert not torch.equal(torch.sqrt(x), torch.from_numpy(np.sqrt(x.numpy())))
+
+
+@pytest.mark.parametrize("mode", ["single", "foreach"])
+def test_accumulators_outside_mkls_normal_range(mode: str, no_torch_step: None) -> None:
+    # zeros (gradients that stay 0), subnormals, the largest floats, inf, NaN and
+    # negative sums (a loaded state) take MKL's scalar path: the kernel hands those
+    # blocks to the routine; the other blocks of the same tensor stay emulated
+    tiny, big = float(np.finfo(np.float32).smallest_subnormal), 3.4e38
+    params = _params(torch.float32, [(3000,), (600,), (9,)])
+    grads = _grads(params, 0)
+    grads[0][:700] = 0.0
+    grads[0][1100:1110] = tiny
+    grads[0][1500] = float("inf")
+    grads[0][2100] = float("nan")
+    grads[1][:] = 0.0
+    grads[2][3] = 1.8e19  # g*g near the largest float
+    for cls in (TORCH_OPT, FT.Adagrad):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = cls(ps, **MODES[mode])
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p in ps:
+            opt.state[p]["sum"][5:9] = torch.tensor([-1.0, -0.0, big, tiny])
+        for s in range(3):
+            for p, g in zip(ps, _grads(params, s + 1) if s else grads):
+                p.grad = g.clone()
+            opt.step()
+        if cls is TORCH_OPT:
+            ref = [ps, [opt.state[p]["sum"] for p in ps]]
+        else:
+            assert_same(ps, ref[0], "param")
+            assert_same([opt.state[p]["sum"] for p in ps], ref[1], "sum")
+
+
+def test_failed_emulation_check_keeps_the_routine(no_torch_step: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(FT._CHECKED, ("vsqrt-emu", torch.float32), False)
+    monkeypatch.delitem(_tensorplan.KERNELS, "vsqrt-emu")  # would raise KeyError if used
+    _compare(_params(torch.float32, [(2**12 + 3,), (5,)]), 3, {"lr_decay": 0.1})
+
+
 # ------------------------------------------------------------- the Optimizer API
 
 def test_signature_and_defaults_are_torchs() -> None:
