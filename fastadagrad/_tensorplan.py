@@ -72,10 +72,29 @@ class TensorPlan:
     """Per-model work for one list of (param, state) tensors, reused while it matches."""
 
     __slots__ = ("key", "pdtypes", "paddr", "haddr", "nbytes", "groups", "threads",
-                 "wstart", "wend", "wlists")
+                 "wstart", "wend", "wlists", "skey", "scalls")
 
     def __init__(self) -> None:
         self.key: Any = None
+        self.skey: Any = None
+        self.scalls: Any = None
+
+    def build_steps(self, steps: Sequence[Any], key: Any) -> None:
+        """The step counters' increment: (proto, addresses) per dtype, or None when a
+        counter is not a one-element CPU float32/float64 tensor (torch then adds)."""
+        self.skey = None
+        calls: Any = []
+        for t in steps:
+            if t.layout is not _strided or not t.is_cpu or t.numel() != 1 or (
+                    t.dtype not in NP_DTYPES):
+                calls = None
+                break
+        if calls is not None:
+            dts = key[1]
+            for dt in sorted(set(dts), key=str):
+                addr = np.fromiter((a for a, d in zip(key[0], dts) if d == dt), np.int64)
+                calls.append((np.empty(0, NP_DTYPES[dt]), addr))
+        self.scalls, self.skey = calls, key
 
     def build(self, params: Sequence[Any], states: Sequence[Any], labels: Sequence[Any],
               key: Any) -> None:
@@ -125,8 +144,9 @@ class TensorPlan:
 
 def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             states: Sequence[Any], labels: Sequence[Any], formula: str | dict[Any, str],
-            coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None
-            ) -> Callable[[], None] | None:
+            coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None,
+            steps: Sequence[Any] | None = None, params_on_cpu: bool = False,
+            grads_strided: bool = False) -> Callable[[], None] | None:
     """Validate a step now; return the function that runs it, or None if it cannot.
 
     Every tensor is checked in this call, before anything is written: CPU, strided,
@@ -136,7 +156,10 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     slower path that can); nothing has been written. ``formula`` picks the kernel
     (a key of :data:`KERNELS`, or a dict from NumPy dtype to one); ``coefficients(dtype)`` returns
     its scalar arguments and may raise (before anything is written, too). ``pdtypes``:
-    the parameters' dtypes if the caller already read them in this call.
+    the parameters' dtypes if the caller already read them in this call;
+    ``params_on_cpu``/``grads_strided``: True if the caller checked that in this call.
+    ``steps``: torch's step counters, incremented by 1 before the update (as torch
+    does), in one compiled call where they are one-element CPU float tensors.
     """
     n = len(params)
     pshapes = list(map(_shape, params))
@@ -147,16 +170,24 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         # the addresses, shapes and dtypes are read again at every step; layout,
         # contiguity and device too (a transposed square tensor keeps address and shape)
         if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))
-                                   and all(map(_is_cpu, params))
+                                   and (params_on_cpu or all(map(_is_cpu, params)))
                                    and all(map(_is_cpu, states))):
             plan.build(params, states, labels, key)
         # gradients: new tensors every step
         if not (list(map(_shape, grads)) == pshapes and list(map(_dtype, grads)) == key[3]
-                and all(map(_contig, grads)) and all(map(_is_cpu, grads))
-                and all(layout is _strided for layout in map(_layout, grads))):
+                and (grads_strided
+                     or all(layout is _strided for layout in map(_layout, grads)))
+                and all(map(_contig, grads)) and all(map(_is_cpu, grads))):
             return None
         gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
-    except ValueError:
+        if steps is not None:
+            # a counter whose storage, dtype or size changed gets re-checked; one that
+            # kept all three stays a one-element CPU tensor at that address
+            skey = (list(map(_ptr, steps)), list(map(_dtype, steps)),
+                    list(map(_numel, steps)))
+            if skey != plan.skey:
+                plan.build_steps(steps, skey)
+    except (ValueError, RuntimeError):  # RuntimeError: data_ptr() of a sparse tensor
         return None
     if _grads_overlap(plan, gaddr):  # a gradient sharing memory with what is written
         return None
@@ -177,7 +208,17 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             calls.append((parallel if total >= config.PARALLEL_THRESHOLD else None,
                           serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
 
+    scalls = None if steps is None else plan.scalls
+    if steps is not None and scalls is None:
+        scalls = [(None, steps)]
+
     def run() -> None:
+        if scalls is not None:  # torch counts the step before it updates
+            for proto, addresses in scalls:
+                if proto is None:  # e.g. an integer counter: as torch's foreach path adds
+                    torch._foreach_add_(addresses, 1)
+                else:
+                    cpu.add_one_at(proto, addresses)
         for par, ser, args in calls:
             if par is not None:
                 with cpu.PARALLEL_LOCK:

@@ -418,3 +418,16 @@ first_nonfinite_many_serial = _ByFlags("first_nonfinite_many_serial",
 #: process when two Python threads enter parallel code at once, and even with omp two
 #: concurrent 2-thread kernels only oversubscribe the cores. Serial kernels need none.
 PARALLEL_LOCK = threading.Lock()
+
+
+@jit()
+def add_one_at(proto, addresses):
+    """``x += 1`` for the one ``proto``-dtype number at each address, in order.
+
+    The step counters of ``fastadagrad.torch`` (one 0-dim tensor per parameter): one
+    compiled call for 100 of them takes ~1 us where ``torch._foreach_add_`` takes
+    ~39 us (2-core AMD EPYC). Integer-valued counts + 1 are exact in either dtype.
+    """
+    for a in addresses:
+        x = carray(_as_pointer(a, proto), 1)
+        x[0] += 1

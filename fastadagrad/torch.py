@@ -89,7 +89,7 @@ _get_step = itemgetter("step")
 _get_dtype = attrgetter("dtype")
 _get_grad = attrgetter("grad")
 _not_none = functools.partial(operator.is_not, None)
-_is_sparse = attrgetter("is_sparse")
+_get_layout = attrgetter("layout")
 _is_cpu = attrgetter("is_cpu")
 _ONE = torch.tensor(1.0)
 
@@ -347,7 +347,9 @@ class Adagrad(torch.optim.Adagrad):
             self._need_device_dtype_check_for_fused = False
         states = self._states(group, params)
         sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
-        has_sparse = any(map(_is_sparse, grads))
+        layouts = list(map(_get_layout, grads))
+        grads_strided = layouts.count(torch.strided) == len(layouts)
+        has_sparse = not grads_strided and torch.sparse_coo in layouts
         dtypes = list(map(_get_dtype, params))
         has_complex = any(d.is_complex for d in set(dtypes))
         if has_sparse and group["weight_decay"] != 0:
@@ -395,7 +397,7 @@ class Adagrad(torch.optim.Adagrad):
         fast = None
         if not has_sparse and all_cpu:
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
-                                     group, dtypes)
+                                     group, dtypes, grads_strided)
         if fast is not None:
             return fast
         # a mix: sort every tensor to the path that can take it
@@ -417,7 +419,7 @@ class Adagrad(torch.optim.Adagrad):
             run = self._prepare_cpu(plan[2], [params[i] for i in cpu], [grads[i] for i in cpu],
                                     [sums[i] for i in cpu], [steps[i] for i in cpu],
                                     _GroupLabels(gi, [index[i] for i in cpu]), formula,
-                                    group, [dtypes[i] for i in cpu])
+                                    group, [dtypes[i] for i in cpu], True)
             runs.append(run if run is not None else torch_update(cpu))
         if cuda:
             try:
@@ -459,11 +461,12 @@ class Adagrad(torch.optim.Adagrad):
 
     def _prepare_cpu(self, plan: T.TensorPlan, params: list[Any], grads: list[Any],
                      sums: list[Any], steps: list[Any], labels: Any, formula: str,
-                     group: dict[str, Any], dtypes: list[Any]
+                     group: dict[str, Any], dtypes: list[Any], grads_strided: bool
                      ) -> Callable[[], None] | None:
         """The compiled CPU step for these tensors, validated; None if it cannot run.
 
-        ``dtypes``: the parameters' dtypes (read once per step by the caller).
+        The caller checked in this call that the parameters are CPU tensors and read
+        their dtypes (``dtypes``), and whether every gradient is strided.
         """
         if not all(d in T.NP_DTYPES and _formula_ok(formula, d) for d in set(dtypes)):
             return None
@@ -475,10 +478,9 @@ class Adagrad(torch.optim.Adagrad):
         try:
             if lr_decay == 0:  # clr does not depend on the step
                 coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0)
-                run = T.prepare(plan, params, grads, sums, labels, kernels, coefs, dtypes)
-                if run is None:
-                    return None
-                return functools.partial(_increment_then, steps, [run])
+                return T.prepare(plan, params, grads, sums, labels, kernels, coefs, dtypes,
+                                 steps=steps, params_on_cpu=True,
+                                 grads_strided=grads_strided)
             # clr depends on each parameter's step: the steps after this increment
             by_step: dict[float, list[int]] = {}
             for i, s in enumerate(steps):
@@ -490,7 +492,8 @@ class Adagrad(torch.optim.Adagrad):
                 run = T.prepare(sub_plan, [params[i] for i in idx], [grads[i] for i in idx],
                                 [sums[i] for i in idx], labels if len(by_step) == 1 else
                                 _SubLabels(labels, idx), kernels, coefs,
-                                [dtypes[i] for i in idx])
+                                [dtypes[i] for i in idx], params_on_cpu=True,
+                                grads_strided=grads_strided)
                 if run is None:
                     return None
                 runs.append(run)

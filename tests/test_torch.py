@@ -358,6 +358,41 @@ def test_lr_schedulers(sched: str, no_torch_step: None) -> None:
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_step_counters_replaced_between_steps(mode: str) -> None:
+    # the counters are incremented in one compiled call through their addresses: a
+    # counter replaced (another tensor, another dtype, an integer one, one shared by
+    # two parameters) is read again, and torch's increment takes what the call cannot
+    def swaps(opt: torch.optim.Optimizer, ps: list[torch.Tensor], s: int) -> None:
+        st = [opt.state[p] for p in ps]
+        if s == 2:
+            st[0]["step"] = torch.tensor(float(st[0]["step"]) + 3.0)
+        if s == 3:
+            st[1]["step"] = st[1]["step"].to(torch.float64)
+        if s == 4 and mode == "single":  # torch's other paths refuse integer counters
+            st[2]["step"] = torch.tensor(int(st[2]["step"]))  # int64: torch adds
+        if s == 5:
+            st[3]["step"] = st[0]["step"]  # one counter for two parameters
+        if s == 6:
+            st[0]["step"].data = torch.tensor(11.0)  # storage swapped in place
+
+    def run(cls: type) -> tuple[list[torch.Tensor], list[float]]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4), (5,),
+                                                                   (7,)])]
+        opt = cls(ps, lr=0.2, lr_decay=0.0, **MODES[mode])
+        for s in range(8):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g
+            opt.step()
+            swaps(opt, ps, s)
+        return ps, [float(opt.state[p]["step"]) for p in ps]
+
+    out, steps = run(FT.Adagrad)
+    ref, ref_steps = run(TORCH_OPT)
+    assert_same(out, ref)
+    assert steps == ref_steps
+
+
 def test_import_fastadagrad_does_not_import_torch() -> None:
     code = "import sys, fastadagrad; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
