@@ -247,3 +247,61 @@ def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
     i = np.searchsorted(plan.wstart, gend, side="left") - 1
     hit = (i >= 0) & (plan.wend[np.maximum(i, 0)] > gaddr) & (gend > gaddr)
     return bool(hit.any())
+
+
+def _numpy_rows(x: Any) -> np.ndarray:
+    """A (rows, row size) NumPy view of a contiguous CPU tensor (no copy)."""
+    a = x.detach().numpy()
+    return a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+
+
+def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float,
+                   maximize: bool, sqrt_fn: int, emulate: bool
+                   ) -> Callable[[], None] | None:
+    """torch's sparse Adagrad step for one parameter, validated; None if it cannot run.
+
+    ``grad``: a sparse COO gradient with one sparse dimension (``nn.Embedding(sparse=
+    True)``'s). It is coalesced by torch itself (duplicates summed in torch's order,
+    which is not the order of appearance), then everything the kernel reads or writes is
+    checked in this call, before anything is written: the parameter and ``state`` CPU,
+    contiguous, of one float dtype and shape, not sharing memory with each other or with
+    the gradient's values; the coalesced row indices sorted, unique and in range. None
+    means torch's implementation should take this parameter (nothing was written).
+    """
+    if not (grad.layout is torch.sparse_coo and grad.is_cpu and grad.sparse_dim() == 1
+            and grad.dtype == param.dtype and grad.shape == param.shape
+            and param.dim() >= 1):
+        return None
+    if unsupported(param) is not None or unsupported(state) is not None or (
+            state.dtype != param.dtype or state.shape != param.shape):
+        return None
+    gc = grad.coalesce()
+    rows_t, vals_t = gc._indices()[0], gc._values()
+    if not vals_t.is_contiguous():
+        vals_t = vals_t.contiguous()
+    if not rows_t.is_contiguous():
+        rows_t = rows_t.contiguous()
+    p, h = _numpy_rows(param), _numpy_rows(state)
+    rows = rows_t.numpy()
+    vals = vals_t.detach().numpy().reshape(rows.size, p.shape[1])
+    for a, b in ((p, h), (p, vals), (h, vals), (p, rows), (h, rows)):
+        if np.may_share_memory(a, b):
+            return None
+    if rows.dtype != np.int64 or cpu_vsqrt.first_bad_row(rows, p.shape[0]) >= 0:
+        return None
+    if rows.size == 0 or p.shape[1] == 0:
+        return lambda: None
+    dt = p.dtype.type
+    per_block = max(1, cpu_vsqrt.BLOCK // p.shape[1])
+    args = (p, h, rows, vals, per_block, sqrt_fn, dt(neg_clr), dt(eps), bool(maximize),
+            bool(emulate))
+    # (the NumPy views keep their tensors alive: ``Tensor.numpy()`` sets ``base``)
+    if vals.size >= config.parallel_from(p.itemsize) and numba.get_num_threads() > 1:
+        def run() -> None:
+            with cpu.PARALLEL_LOCK:
+                cpu_vsqrt.adagrad_sparse_rows_parallel(*args)
+    else:
+        def run() -> None:
+            cpu_vsqrt.adagrad_sparse_rows_serial(*args)
+
+    return run

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import _hyper as H
 from ._intrinsics import _as_pointer, fma
@@ -329,3 +329,107 @@ def adagrad_many_emu_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
                          carray(_as_pointer(gaddr[t] + off, proto), n),
                          carray(_as_pointer(haddr[t] + off, proto), n),
                          tmp, sqrt_fn, neg_clr, eps, wd, flags)
+
+
+# --- sparse gradients: torch's sparse branch on coalesced rows -----------------------------
+
+def _sqrt_rows(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
+    """Typing stub: ``out = torch.sqrt(x)`` bits (see :func:`_sqrt_rows_impl`)."""
+
+
+@overload(_sqrt_rows, jit_options={"error_model": "numpy"})
+def _sqrt_rows_impl(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
+    """float32 with ``emulate``: :func:`mkl_ex_sqrt_normal` unless an input is outside
+    MKL's normal range; otherwise (and for float64) the routine ``sqrt_fn`` itself."""
+    if x.dtype == types.float32:
+        def impl(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
+            if emulate:
+                outside = 0
+                for i in range(x.size):
+                    outside += _outside_normal(x[i])
+                if not outside:
+                    rsqrt_block(x, out)
+                    for i in range(x.size):
+                        out[i] = mkl_ex_sqrt_normal(x[i], out[i])
+                    return
+            _vsqrt(sqrt_fn, x, out)
+    else:
+        def impl(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
+            _vsqrt(sqrt_fn, x, out)
+    return impl
+
+
+@jit()
+def first_bad_row(rows, nrows):
+    """Position of the first row index that is out of ``[0, nrows)`` or not above the
+    one before it (a coalesced gradient's indices are sorted and unique), or -1."""
+    prev = -1
+    for j in range(rows.size):
+        r = rows[j]
+        if r <= prev or r >= nrows:
+            return j
+        prev = r
+    return -1
+
+
+@jit(error_model="numpy")
+def sparse_rows_span(p, h, rows, vals, lo, hi, hs, ss, sqrt_fn, neg_clr, eps, maximize,
+                     emulate):
+    """torch's sparse Adagrad step on the rows ``rows[lo:hi]`` (unique, coalesced).
+
+    ``p``, ``h``: (R, D) views of the parameter and its accumulator; ``vals``: (nnz, D),
+    the coalesced gradient's values; ``hs``, ``ss``: scratch of ``(hi - lo) * D``
+    elements. torch 2.13's ``_single_tensor_adagrad`` sparse branch, operation for
+    operation (each rounded once in the dtype; bit-identical, ``tests/test_torch.py``)::
+
+        g = -v if maximize
+        h[r] = h[r] + g * g                      (add_ of values.pow(2): no FMA)
+        s = torch.sqrt(h[r]) + eps               (MKL's routine: see _sqrt_rows)
+        p[r] = fma(g / s, neg_clr, p[r])         (add_(alpha=-clr): MKL's axpy, an FMA)
+    """
+    d = vals.shape[1]
+    k = 0
+    for j in range(lo, hi):
+        r = rows[j]
+        for i in range(d):
+            g = vals[j, i]
+            x = h[r, i] + g * g
+            h[r, i] = x
+            hs[k + i] = x
+        k += d
+    _sqrt_rows(sqrt_fn, hs[:k], ss[:k], emulate)
+    k = 0
+    for j in range(lo, hi):
+        r = rows[j]
+        for i in range(d):
+            g = -vals[j, i] if maximize else vals[j, i]
+            p[r, i] = fma(g / (ss[k + i] + eps), neg_clr, p[r, i])
+        k += d
+
+
+@jit()
+def adagrad_sparse_rows_serial(p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps,
+                               maximize, emulate):
+    """:func:`sparse_rows_span` over all rows, ``per_block`` rows per square-root call
+    (about :data:`BLOCK` elements, so the scratch stays in L1)."""
+    d = vals.shape[1]
+    hs = np.empty(per_block * d, p.dtype)
+    ss = np.empty(per_block * d, p.dtype)
+    for lo in range(0, rows.size, per_block):
+        sparse_rows_span(p, h, rows, vals, lo, min(lo + per_block, rows.size), hs, ss,
+                         sqrt_fn, neg_clr, eps, maximize, emulate)
+
+
+@jit(parallel=True)
+def adagrad_sparse_rows_parallel(p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps,
+                                 maximize, emulate):
+    """:func:`adagrad_sparse_rows_serial` on all threads (the rows are unique: no two
+    blocks write the same row)."""
+    d = vals.shape[1]
+    nblocks = (rows.size + per_block - 1) // per_block
+    for b in prange(nblocks):
+        lo = b * per_block
+        hs = np.empty(per_block * d, p.dtype)
+        ss = np.empty(per_block * d, p.dtype)
+        sparse_rows_span(p, h, rows, vals, lo, min(lo + per_block, rows.size), hs, ss,
+                         sqrt_fn, neg_clr, eps, maximize, emulate)

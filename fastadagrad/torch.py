@@ -51,6 +51,7 @@ import functools
 import glob
 import operator
 import os
+import warnings
 from collections.abc import Callable
 from operator import attrgetter, itemgetter
 from typing import Any
@@ -166,8 +167,43 @@ def _emulation_ok(exhaustive: bool = False) -> bool:
     return True
 
 
+def _sparse_self_check(dtype: Any) -> bool:
+    """Two steps of torch's sparse branch on probe tables (rows of 1, 19 and 600
+    elements, repeated indices, every option sparse gradients allow) vs the kernel."""
+    gen = torch.Generator().manual_seed(1)
+    kw = dict(lr=0.3, lr_decay=0.1, eps=1e-3, maximize=True)
+    emulate = dtype == torch.float32 and _formula_ok("vsqrt-emu", torch.float32)
+    for shape in ((41,), (37, 19), (9, 600)):
+        p0 = torch.randn(shape, dtype=dtype, generator=gen)
+        h0 = torch.rand(shape, dtype=dtype, generator=gen)
+        grads = []
+        for _ in range(2):
+            idx = torch.randint(0, shape[0], (3 * shape[0],), generator=gen)
+            vals = torch.randn((idx.numel(), *shape[1:]), dtype=dtype, generator=gen)
+            grads.append(torch.sparse_coo_tensor(idx[None], vals * 10, shape,
+                                                 check_invariants=False))
+        ref_p, ref_h, steps = p0.clone(), h0.clone(), [torch.tensor(0.0)]
+        with warnings.catch_warnings():  # torch's "Sparse invariant checks" notice
+            warnings.simplefilter("ignore", UserWarning)
+            for g in grads:
+                _torch_adagrad.adagrad([ref_p], [g], [ref_h], steps, has_sparse_grad=True,
+                                       weight_decay=0.0, foreach=False, **kw)
+        p, h = p0.clone(), h0.clone()
+        for step, g in enumerate(grads, 1):
+            run = T.prepare_sparse(p, g, h, _neg_clr(kw["lr"], kw["lr_decay"], step),
+                                   kw["eps"], kw["maximize"], _VSQRT[dtype], emulate)
+            if run is None:
+                return False
+            run()
+        if not (_same_bits(p, ref_p) and _same_bits(h, ref_h)):
+            return False
+    return True
+
+
 def _self_check(formula: str, dtype: Any) -> bool:
     """Two steps on a probe, every option on, kernel vs torch's own implementation."""
+    if formula == "sparse":
+        return dtype in _VSQRT and _sparse_self_check(dtype)
     if formula.startswith("vsqrt") and dtype not in _VSQRT:
         return False
     if formula == "vsqrt-emu":
@@ -402,6 +438,7 @@ class Adagrad(torch.optim.Adagrad):
             return fast
         # a mix: sort every tensor to the path that can take it
         cpu, cuda, slow = [], [], []
+        sparse_runs: list[Callable[[], None]] = []
         for i, (p, g, h) in enumerate(zip(params, grads, sums)):
             if (p.is_cuda and g.is_cuda and h.is_cuda and not g.is_sparse
                     and p.dtype in T.NP_DTYPES and g.dtype == h.dtype == p.dtype
@@ -410,9 +447,12 @@ class Adagrad(torch.optim.Adagrad):
                 cuda.append(i)
             elif T.eligible(p, g, h) and _formula_ok(formula, p.dtype):
                 cpu.append(i)
+            elif g.is_sparse and not fused and self._sparse_run(p, g, h, steps[i], group,
+                                                                 sparse_runs):
+                pass  # validated; runs with the others
             else:
                 slow.append(i)
-        runs = []
+        runs = sparse_runs
         if slow:
             runs.append(torch_update(slow))
         if cpu:  # e.g. the dense layers beside a sparse embedding: cached as well
@@ -437,6 +477,28 @@ class Adagrad(torch.optim.Adagrad):
                 r()
 
         return run_all
+
+    def _sparse_run(self, p: Any, g: Any, h: Any, step: Any, group: dict[str, Any],
+                    runs: list[Callable[[], None]]) -> bool:
+        """Append the compiled step of a parameter with a sparse gradient to ``runs``
+        (validated now: see :func:`_tensorplan.prepare_sparse`); False if torch's
+        implementation should take it (nothing was written either way)."""
+        lr = group["lr"]
+        if (isinstance(lr, torch.Tensor) or p.dtype not in _VSQRT
+                or not _formula_ok("sparse", p.dtype)):
+            return False
+        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
+                and step.dtype in T.NP_DTYPES):
+            return False
+        # torch: step_t += 1; clr = lr / (1 + (step - 1) * lr_decay), in Python floats
+        neg_clr = _neg_clr(lr, group["lr_decay"], float(step) + 1)
+        emulate = p.dtype == torch.float32 and _formula_ok("vsqrt-emu", torch.float32)
+        run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],
+                               _VSQRT[p.dtype], emulate)
+        if run is None:
+            return False
+        runs.append(functools.partial(_count_then, step, run))
+        return True
 
     def _states(self, group: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
         """Each parameter's state, created as torch's ``_init_group`` does if missing."""
@@ -535,6 +597,11 @@ class _SubLabels:
 
     def __getitem__(self, i: int) -> Any:
         return self.labels[self.idx[i]]
+
+
+def _count_then(step: Any, run: Callable[[], None]) -> None:
+    step.add_(1)  # torch's step_t += 1, before the update
+    run()
 
 
 def _increment_then(steps: list[Any], runs: list[Callable[[], None]]) -> None:

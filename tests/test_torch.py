@@ -546,6 +546,121 @@ def test_sparse_embedding_matches_torch(dtype: torch.dtype) -> None:
         assert_same(run(FT.Adagrad, **kw), run(TORCH_OPT, **kw))
 
 
+def _sparse_grad(shape: tuple[int, ...], k: int, seed: int, dtype: torch.dtype,
+                 hot: int = 0) -> torch.Tensor:
+    """``k`` lookups of ``shape[0]`` rows, magnitudes 1e-6..1e6; ``hot`` more lookups
+    of row 0 (many repeats of one index: summed in torch's coalesce order)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.randint(0, shape[0], (k,), generator=g),
+                     torch.zeros(hot, dtype=torch.int64)])
+    idx = idx[torch.randperm(idx.numel(), generator=g)]
+    scale = torch.tensor([1e-6, 1.0, 1e6], dtype=torch.float64)
+    vshape = (idx.numel(), *shape[1:])
+    vals = (torch.randn(vshape, dtype=dtype, generator=g)
+            * scale[torch.randint(0, 3, vshape, generator=g)].to(dtype))
+    return torch.sparse_coo_tensor(idx[None], vals, shape, check_invariants=False)
+
+
+SPARSE_OPTIONS = [{}, {"lr_decay": 0.3}, {"maximize": True},
+                  {"initial_accumulator_value": 0.25}, {"eps": 1e-3},
+                  {"lr": 0.7, "lr_decay": 0.1, "maximize": True,
+                   "initial_accumulator_value": 0.1, "eps": 1e-4}, {"foreach": True}]
+SPARSE_SHAPES = [(50, 8), (30, 1), (40,), (7, 600), (20, 3, 5)]
+
+
+def _compare_sparse(shapes: list[tuple[int, ...]], dtype: torch.dtype, kw: dict,
+                    steps: int = 4, k: int = 60, hot: int = 0) -> None:
+    params = _params(dtype, shapes)
+
+    def run(cls: type) -> tuple[list[torch.Tensor], object]:
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = cls(ps, **kw)
+        for s in range(steps):
+            for i, p in enumerate(ps):
+                p.grad = _sparse_grad(p.shape, k, 10 * s + i, dtype, hot)
+            opt.step()
+        return ps, opt
+
+    out, opt = run(FT.Adagrad)
+    ref, ropt = run(TORCH_OPT)
+    assert_same(out, ref, "param")
+    assert_same([opt.state[p]["sum"] for p in out], [ropt.state[p]["sum"] for p in ref],
+                "sum")
+    assert [float(opt.state[p]["step"]) for p in out] == \
+        [float(ropt.state[p]["step"]) for p in ref]
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SPARSE_OPTIONS, ids=str)
+def test_sparse_grads_compiled_bit_for_bit(dtype: torch.dtype, opts: dict,
+                                           no_torch_step: None) -> None:
+    _compare_sparse(SPARSE_SHAPES, dtype, opts)
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_duplicates_summed_in_torchs_order(dtype: torch.dtype,
+                                                  no_torch_step: None) -> None:
+    # 500 repeats of row 0, magnitudes 1e-6..1e6: the sum depends on the order, and
+    # torch's coalesce order is not the order of appearance (checked here, so that the
+    # comparison below is a real one)
+    grad = _sparse_grad((10, 4), 20, 0, dtype, hot=500)
+    idx, vals = grad._indices()[0], grad._values()
+    left_to_right = vals[idx == 0][0].clone()
+    for v in vals[idx == 0][1:]:
+        left_to_right = left_to_right + v
+    coalesced = grad.coalesce()
+    assert not torch.equal(coalesced._values()[0], left_to_right)
+    _compare_sparse([(10, 4), (25, 16)], dtype, {"lr": 0.5}, steps=3, k=20, hot=500)
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_large_parallel(dtype: torch.dtype, no_torch_step: None) -> None:
+    # nnz * D above the parallel threshold: the rows split across threads
+    _compare_sparse([(3000, 64)], dtype, {"lr_decay": 0.05, "maximize": True}, steps=3,
+                    k=2500, hot=300)
+
+
+@SPARSE_WARNING
+def test_sparse_grads_torch_takes_what_the_kernel_cannot(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    calls = []
+    real = FT._torch_step
+
+    def counting(params: list, *a: object, **k: object) -> None:
+        calls.append(len(params))
+        real(params, *a, **k)
+
+    monkeypatch.setattr(FT, "_torch_step", counting)
+    # a tensor lr
+    _compare_sparse([(20, 4)], torch.float32, {"lr": torch.tensor(0.1)}, steps=2)
+    assert calls == [1, 1]
+    calls.clear()
+    # indices flagged as coalesced but repeated (torch trusts the flag; the kernel
+    # does not) and a gradient with two sparse dimensions
+
+    def odd(cls: type) -> list[torch.Tensor]:
+        p = _params(torch.float32, [(6, 3), (5, 4)])
+        ps = [x.clone().requires_grad_() for x in p]
+        opt = cls(ps)
+        ps[0].grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 4]]), torch.ones(3, 3),
+                                             (6, 3), is_coalesced=True)
+        ps[1].grad = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 3]]),
+                                             torch.tensor([1.0, 2.0]), (5, 4))
+        opt.step()
+        return ps
+
+    assert_same(odd(FT.Adagrad), odd(TORCH_OPT))
+    assert calls == [2]
+    calls.clear()
+    # a failed self-check: torch's implementation
+    monkeypatch.setitem(FT._CHECKED, ("sparse", torch.float64), False)
+    _compare_sparse([(20, 4)], torch.float64, {}, steps=2)
+    assert calls == [1, 1]
+
+
 def test_sparse_with_weight_decay_raises_before_writing() -> None:
     emb = torch.nn.Embedding(10, 3, sparse=True)
     lin = torch.nn.Linear(3, 1)
@@ -698,7 +813,7 @@ def test_dense_beside_sparse_is_compiled_and_cached(monkeypatch: pytest.MonkeyPa
         lin(emb(torch.tensor([s, 1, 1, 7]))).sum().backward()
         opt.step()
     assert len(builds) == 1  # the two dense tensors: one plan, kept across steps
-    assert torch_calls == [1] * 5  # only the embedding goes to torch
+    assert torch_calls == []  # the embedding's sparse gradient is compiled too
     opt.load_state_dict(opt.state_dict())  # new group dicts: old plans are dropped
     opt.step()
     assert list(opt._fastadagrad_plans) == [id(opt.param_groups[0])]
