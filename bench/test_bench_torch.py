@@ -9,11 +9,16 @@ tensors with their gradients set, as after ``loss.backward()``:
 - ``torch-mlp784-1024-512-10``: an MLP, weights and biases (float32).
 
 Implementations: torch's three (default single-tensor, ``foreach=True``,
-``fused=True``) and the adapter with the default flags and with ``fused=True`` (each
-reproduces the bits of the torch implementation the same flags select). Target: the
-adapter at least 1.5x faster than torch fused on the 100-tensor model. Under
+``fused=True``) and the adapter with the same three flag sets (each reproduces the bits
+of the torch implementation the same flags select). Target: the adapter at least 1.5x
+faster than torch fused on the 100-tensor model, for each flag set. Under
 ``--benchmark-disable`` each case runs once on a shrunken model (every dimension capped
 at 8: the same 100 tensors, ~40k parameters) so CI stays quick.
+
+``torch-embedding-sparse``: one ``nn.Embedding(100_000, 64, sparse=True)`` table (float32)
+with the sparse gradient of 16,384 skewed lookups (about a third of them distinct rows),
+one step of ``torch.optim.Adagrad`` (default flags; its sparse branch) against the
+adapter (the same bits). Disabled: a 1,000 x 16 table, 256 lookups.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import pytest
 from bench import benchlib as B
 
 FAST_TORCH = "fastadagrad.torch"
+FAST_TORCH_FOREACH = "fastadagrad.torch foreach=True"
 FAST_TORCH_FUSED = "fastadagrad.torch fused=True"
 IMPLS = {
     FAST_TORCH: ("fastadagrad", {}),
+    FAST_TORCH_FOREACH: ("fastadagrad", {"foreach": True}),
     FAST_TORCH_FUSED: ("fastadagrad", {"fused": True}),
     B.TORCH_FORLOOP: ("torch", {"foreach": False}),
     B.TORCH_FOREACH: ("torch", {"foreach": True}),
@@ -73,3 +80,27 @@ def test_torch_model(run: Any, disabled: bool, impl: str, model: str) -> None:
     step = make_step(impl, shapes)
     run(step, scenario=model, impl=impl, dtype="float32", n=B.numel(shapes),
         tensors=len(shapes), group=f"{model} float32")
+
+
+SPARSE_IMPLS = {FAST_TORCH: "fastadagrad", B.TORCH_FORLOOP: "torch"}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("impl", list(SPARSE_IMPLS))
+def test_torch_sparse_embedding(run: Any, disabled: bool, impl: str) -> None:
+    torch = B.require_torch()
+    rows, dim, lookups = (1_000, 16, 256) if disabled else (100_000, 64, 16_384)
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.Embedding(rows, dim, sparse=True)
+    # skewed lookups (u^3: a few hot rows, many repeats, as a real batch has)
+    idx = (torch.rand(lookups, generator=gen) ** 3 * rows).long()
+    emb(idx).pow(2).sum().backward()  # the gradient nn.Embedding gives: not coalesced
+    if SPARSE_IMPLS[impl] == "torch":
+        opt = torch.optim.Adagrad(emb.parameters(), lr=B.LR, eps=B.EPS)
+    else:
+        import fastadagrad.torch
+
+        opt = fastadagrad.torch.Adagrad(emb.parameters(), lr=B.LR, eps=B.EPS)
+    run(opt.step, scenario="torch-embedding-sparse", impl=impl, dtype="float32",
+        n=lookups * dim, rows=rows, lookups=lookups,
+        group=f"torch-embedding-sparse {rows}x{dim} float32")
