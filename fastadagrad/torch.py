@@ -25,20 +25,34 @@ What ``step`` does with each parameter that has a gradient:
         p = p + (-clr * g) / (torch.sqrt(h) + eps)
 
     with ``torch.sqrt`` the MKL routine torch itself calls (it is not correctly
-    rounded; see :mod:`fastadagrad.cpu_vsqrt`), ``clr = lr / (1 + (step-1)*lr_decay)``
-    in double;
+    rounded; see :mod:`fastadagrad.cpu_vsqrt`): in float32 its arithmetic reproduced
+    inline (MKL's generic kernel, the one it runs on AMD CPUs; checked against the
+    routine once per process), otherwise the routine called on blocks;
+    ``clr = lr / (1 + (step-1)*lr_decay)`` in double;
   * ``fused=True`` (ATen's fused kernel): the ``"torch"`` preset of
     :mod:`fastadagrad.presets` (FMAs, IEEE square root).
 
   A one-time self-check per formula and dtype compares the kernel with torch's own
   implementation on a probe; if this torch build rounds differently (another BLAS,
   another CPU architecture), that path is handed to torch's implementation instead
-  (:func:`compiled_paths` says which are compiled).
+  (:func:`compiled_paths` says which are compiled). The step counters are incremented
+  by one more compiled call.
+- CPU float32/float64 parameters with a sparse COO gradient of one sparse dimension
+  (``nn.Embedding(sparse=True)``, default flags or ``foreach=True``): torch coalesces
+  the gradient (its order of summing duplicates), then one compiled call updates the
+  touched rows with torch's sparse branch, bit for bit::
+
+        h[r] = h[r] + g*g;  p[r] = fma(g / (torch.sqrt(h[r]) + eps), -clr, p[r])
+
+  (the FMA is MKL's ``axpy`` inside ``param.add_(sparse, alpha=-clr)``; self-checked
+  per dtype like the dense formulas). Weight decay with sparse gradients raises, as
+  in torch.
 - CUDA tensors: fastadagrad's GPU kernels (one launch per tensor).
-- Anything the kernels cannot update in place (sparse gradients, non-contiguous
-  tensors, float16/bfloat16/complex, tensors sharing memory, ``differentiable=True``,
-  AMP's ``grad_scale``/``found_inf``): torch's own implementation, with the same flags,
-  so the result is still torch's, bit for bit. Nothing is ever skipped.
+- Anything the kernels cannot update in place (non-contiguous tensors,
+  float16/bfloat16/complex, tensors sharing memory, other sparse layouts, a tensor
+  ``lr`` with sparse gradients, ``differentiable=True``, AMP's
+  ``grad_scale``/``found_inf``): torch's own implementation, with the same flags, so
+  the result is still torch's, bit for bit. Nothing is ever skipped.
 
 Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
 Stochastic Optimization", JMLR 12 (2011).
@@ -117,12 +131,15 @@ _EAGER_EMU = {np.dtype(np.float32): "vsqrt-emu", np.dtype(np.float64): "vsqrt"}
 def compiled_paths() -> dict[str, bool]:
     """Which torch implementations run compiled on the CPU in this process.
 
-    ``{"single-tensor/foreach float32": True, ..., "fused float64": True}``: True once
-    the one-time self-check passed (it runs on first use), False where this torch build
-    rounds differently and the adapter hands the step to torch's own implementation.
+    ``{"single-tensor/foreach float32": True, ..., "fused float64": True, "sparse
+    float32": True, "sparse float64": True}`` ("sparse": the sparse-gradient branch):
+    True once the one-time self-check passed (it runs on first use), False where this
+    torch build rounds differently and the adapter hands the step to torch's own
+    implementation.
     """
     out = {}
-    for formula, name in (("vsqrt", "single-tensor/foreach"), ("fused", "fused")):
+    for formula, name in (("vsqrt", "single-tensor/foreach"), ("fused", "fused"),
+                          ("sparse", "sparse")):
         for dt in (torch.float32, torch.float64):
             out[f"{name} {str(dt).removeprefix('torch.')}"] = _formula_ok(formula, dt)
     return out

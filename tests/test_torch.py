@@ -109,7 +109,8 @@ def test_every_path_compiled_here() -> None:
     if not all(paths.values()):
         pytest.skip(f"this torch build rounds differently: {paths}")
     assert set(paths) == {"single-tensor/foreach float32", "single-tensor/foreach float64",
-                          "fused float32", "fused float64"}
+                          "fused float32", "fused float64", "sparse float32",
+                          "sparse float64"}
 
 
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
