@@ -327,6 +327,44 @@ def test_param_groups_add_param_group_none_grads_closure_hooks(no_torch_step: No
     assert all(p.grad is None for p in out)
 
 
+def test_step_hooks_and_profiler_range_as_torchs() -> None:
+    # the step wrapper is torch's, with record_function entered only while profiling
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    def run(cls: type) -> tuple[list[str], list[str], list[torch.Tensor]]:
+        p = torch.ones(4, requires_grad=True)
+        opt = cls([p], lr=0.1)
+        calls: list[str] = []
+
+        def pre(o: object, a: tuple, k: dict) -> tuple:
+            calls.append("pre")
+            return a, {**k, "closure": lambda: calls.append("closure") or 2.0}
+
+        opt.register_step_pre_hook(pre)
+        opt.register_step_post_hook(lambda o, a, k: calls.append(f"post {sorted(k)}"))
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("gpre")),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("gpost"))]
+        try:
+            p.grad = torch.full((4,), 0.5)
+            assert opt.step() == 2.0
+            with torch.profiler.profile() as prof:
+                opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+        names = [e.key for e in prof.key_averages() if e.key.startswith("Optimizer.step")]
+        return calls, names, [p]
+
+    calls, names, out = run(FT.Adagrad)
+    rcalls, rnames, ref = run(TORCH_OPT)
+    assert calls == rcalls == ["gpre", "pre", "closure", "post ['closure']", "gpost"] * 2
+    assert names == rnames == ["Optimizer.step#Adagrad.step"]
+    assert_same(out, ref)
+
+
 def test_closure_runs_with_grad_enabled(no_torch_step: None) -> None:
     w = torch.ones(3, requires_grad=True)
     opt = FT.Adagrad([w], lr=0.1)
