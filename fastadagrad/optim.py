@@ -358,7 +358,8 @@ class AdaGrad:
                     grad_scale=grad_scale, rule=hyper.rule))
             hyper = scaled[2]
         flat_state = self._flat[0] if len(self._flat) == 1 else None
-        if (self.h is not None and isinstance(params, FlatBuffer)
+        is_dict = type(params) is dict  # not a FlatBuffer: skip the ABC isinstance checks
+        if (not is_dict and self.h is not None and isinstance(params, FlatBuffer)
                 and isinstance(self.h, Mapping) and params.same_layout(grads)
                 and params.same_layout(flat_state)):
             # The whole model in buffers of one layout, state included: one call over
@@ -381,7 +382,7 @@ class AdaGrad:
                     self._keys_seen = (h, keys)
             hlist = [h[k] for k in keys] if type(h) is dict else list(h)
             # One layout for params, grads and state: one call over the whole buffer.
-            if (isinstance(params, FlatBuffer) and len(flat) == 1 and
+            if (not is_dict and isinstance(params, FlatBuffer) and len(flat) == 1 and
                     params.same_layout(grads) and params.same_layout(flat[0])):
                 plist, glist, hlist = [params.data], [grads.data], [flat[0].data]
                 labels = _FLAT_LABELS
@@ -580,7 +581,7 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
                                                D.KeyedLabels]:
     """Keys, parallel lists and error labels for a params/grads pair of containers."""
     if type(params) is dict or isinstance(params, Mapping):
-        if not isinstance(grads, Mapping):
+        if type(grads) is not dict and not isinstance(grads, Mapping):
             raise TypeError(f"params is a mapping but grads is {type(grads).__name__}")
         keys = list(params)
         try:
@@ -594,7 +595,7 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
                            f"extra {extra}")
         return keys, list(params.values()), glist, D.KeyedLabels(keys)
     if isinstance(params, (list, tuple)):
-        if not isinstance(grads, (list, tuple)):
+        if type(grads) is not list and not isinstance(grads, (list, tuple)):
             raise TypeError(f"params is a {type(params).__name__} but grads is "
                             f"{type(grads).__name__}")
         if len(grads) != len(params):
