@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 5 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 6 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
 #                   capture test included (their text output is in checks.log)
 #   overhead.txt    bench/gpu_overhead.py: host time per step, 100-tensor torch model
 #   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (10 rounds each)
+#   sweep.txt       bench/gpu_sweep.py: launch configurations at 2^26 against a copy
 # Steps, most important first; each has its own timeout and the whole run a budget
 # (BUDGET seconds, default 285): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
@@ -69,5 +70,6 @@ FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
   -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
   -o addopts="" "${PYW[@]}" -k sm_90
+step sweep 60 bash -c "'$PY' bench/gpu_sweep.py > '$OUT/sweep.txt'"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
 exit "$FAILED"
