@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 6 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 7 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
 #                   capture test included (their text output is in checks.log)
 #   overhead.txt    bench/gpu_overhead.py: host time per step, 100-tensor torch model
+#   profile.txt     cProfile of those host-time cases (where the host time goes)
 #   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (10 rounds each)
 #   sweep.txt       bench/gpu_sweep.py: launch configurations at 2^26 against a copy
 # Steps, most important first; each has its own timeout and the whole run a budget
@@ -56,11 +57,11 @@ step env 30 "$PY" -c "import numba, numba_cuda, numpy, torch; import cuda.core a
 print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', \
 numpy.__version__, 'torch', torch.__version__, 'cuda.core', cc.__version__); \
 from numba import cuda; print(cuda.get_current_device().name, torch.cuda.device_count(), 'GPUs')"
-step validate 100 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
+step validate 130 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
 step pytest-gpu 120 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
   -o addopts="" "${PYW[@]}" --junitxml="$OUT/pytest.xml"
 [ -f "$OUT/pytest.xml" ] && mv "$OUT/pytest.xml" "$OUT/pytest.log"
-step overhead 45 bash -c "'$PY' bench/gpu_overhead.py > '$OUT/overhead.txt'"
+step overhead 60 bash -c "'$PY' bench/gpu_overhead.py --profile '$OUT/profile.txt' > '$OUT/overhead.txt'"
 FASTADAGRAD_GPU_BENCH_ROUNDS=10 step bench 90 "$PY" -m pytest bench/test_bench_gpu.py \
   -q -p no:cacheprovider -o addopts="" "${PYW[@]}" --benchmark-only \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
