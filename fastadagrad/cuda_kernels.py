@@ -157,36 +157,6 @@ def update_source(dtype: Any, flags: int) -> Any:
     after = (flags & LR_AFTER) != 0
     fma_decay = (flags & FMA_LR_DECAY) != 0
 
-    # float32: four elements per thread per pass (float64 reached 95% of copy bandwidth
-    # with one on an H200, float32 79%: half the bytes per load)
-    unroll = dt.itemsize == 4
-
-    def elem(gi, pi, hv, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, zero):
-        """One element: ``(new p, new h)`` from ``g``, ``p``, ``h``."""
-        if scale:
-            gi = div(gi, grad_scale)
-        if maximize:
-            gi = -gi
-        if coupled:
-            if fma_wd:
-                gi = fma(pi, wd, gi)
-            else:
-                gi = add(gi, mul(pi, wd))
-        elif decoupled:
-            pi = add(pi, -mul(mul(pi, wd), lr_wd))
-        if fma_h:
-            hi = fma(gi, gi, hv)
-        else:
-            hi = add(hv, mul(gi, gi))
-        q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-        if zero_h0 and hi == zero:
-            q = zero
-        return add(pi, -mul(q, lr_after)), hi
-
-    if not simulator():  # pasted into the kernel's IR before typing (the simulator
-        # calls it as Python): no separate compile, which would need a device context
-        elem = cuda.jit(device=True, inline="always")(elem)
-
     def adagrad(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                 grad_scale, ctl):
         """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table.
@@ -228,32 +198,29 @@ def update_source(dtype: Any, flags: int) -> Any:
             g = fview(T[ROW * t + 1], n)
             h = fview(T[ROW * t + 2], n)
             i = s + np.int64(cuda.threadIdx.x)
-            if unroll:
-                # four elements per thread per pass, all twelve loads issued before the
-                # first store: twice to four times the bytes in flight of one element
-                # per pass, which float32 needs to approach copy bandwidth
-                t2 = tpb + tpb
-                t3 = t2 + tpb
-                while i + t3 < e:
-                    g0, g1, g2, g3 = g[i], g[i + tpb], g[i + t2], g[i + t3]
-                    p0, p1, p2, p3 = p[i], p[i + tpb], p[i + t2], p[i + t3]
-                    h0, h1, h2, h3 = h[i], h[i + tpb], h[i + t2], h[i + t3]
-                    p0, h0 = elem(g0, p0, h0, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                                  grad_scale, zero)
-                    p1, h1 = elem(g1, p1, h1, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                                  grad_scale, zero)
-                    p2, h2 = elem(g2, p2, h2, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                                  grad_scale, zero)
-                    p3, h3 = elem(g3, p3, h3, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                                  grad_scale, zero)
-                    h[i], h[i + tpb], h[i + t2], h[i + t3] = h0, h1, h2, h3
-                    p[i], p[i + tpb], p[i + t2], p[i + t3] = p0, p1, p2, p3
-                    i += t2 + t2
             while i < e:
-                pi, hi = elem(g[i], p[i], h[i], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                              grad_scale, zero)
+                gi = g[i]
+                if scale:
+                    gi = div(gi, grad_scale)
+                if maximize:
+                    gi = -gi
+                pi = p[i]
+                if coupled:
+                    if fma_wd:
+                        gi = fma(pi, wd, gi)
+                    else:
+                        gi = add(gi, mul(pi, wd))
+                elif decoupled:
+                    pi = add(pi, -mul(mul(pi, wd), lr_wd))
+                if fma_h:
+                    hi = fma(gi, gi, h[i])
+                else:
+                    hi = add(h[i], mul(gi, gi))
+                q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
+                if zero_h0 and hi == zero:
+                    q = zero
                 h[i] = hi
-                p[i] = pi
+                p[i] = add(pi, -mul(q, lr_after))
                 i += tpb
             c += step_c
 

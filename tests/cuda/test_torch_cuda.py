@@ -152,8 +152,10 @@ def test_torch_adapter_on_cuda_matches_torch_bits(monkeypatch, kw, dtype):
     from fastadagrad.torch import Adagrad
 
     ps, gs = _model(7)
-    mine = [torch.nn.Parameter(p.to(dtype)) for p in ps]
-    theirs = [torch.nn.Parameter(p.to(dtype)) for p in ps]
+    # clone(): .to() of a tensor already of ``dtype`` returns it, and the two models
+    # must not share memory
+    mine = [torch.nn.Parameter(p.to(dtype).clone()) for p in ps]
+    theirs = [torch.nn.Parameter(p.to(dtype).clone()) for p in ps]
     opt = Adagrad(mine, lr=0.1, **kw)
     ref = torch.optim.Adagrad(theirs, lr=0.1, **kw)
     calls = []
