@@ -12,7 +12,8 @@
 # Steps, most important first; each has its own timeout and the whole run a budget
 # (BUDGET seconds, default 285): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
-# --dry-run prints the steps without running them. Exit status: failed steps.
+# --dry-run prints the steps without running them; SKIP="name ..." leaves steps out (a
+# rerun of what changed, on a short device budget). Exit status: failed steps.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 PY="${PYTHON:-python3}"
@@ -40,6 +41,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$left" -lt "$limit" ] && limit="$left"
+  case " ${SKIP:-} " in *" $name "*)
+    echo "=== $name skipped (SKIP)" | tee -a "$LOG"; return 0;; esac
   echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
   [ "$DRY" = 1 ] && return 0
   if [ "$limit" -lt 10 ]; then
