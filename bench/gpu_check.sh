@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 5 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 7 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
 #                   capture test included (their text output is in checks.log)
 #   overhead.txt    bench/gpu_overhead.py: host time per step, 100-tensor torch model
+#   profile.txt     cProfile of those host-time cases (where the host time goes)
 #   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (10 rounds each)
+#   sweep.txt       bench/gpu_sweep.py: launch configurations at 2^26 against a copy
 # Steps, most important first; each has its own timeout and the whole run a budget
 # (BUDGET seconds, default 285): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
-# --dry-run prints the steps without running them. Exit status: failed steps.
+# --dry-run prints the steps without running them; SKIP="name ..." leaves steps out (a
+# rerun of what changed, on a short device budget). Exit status: failed steps.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 PY="${PYTHON:-python3}"
@@ -23,11 +26,23 @@ LOG="$OUT/checks.log"
 FAILED=0
 START=$(date +%s)
 unset NUMBA_ENABLE_CUDASIM
+# numba-cuda 0.30.4 overloads np.row_stack at its first compile, which numpy 2.5 removed
+# (the `cuda` extra pins numpy<2.5; a GPU image may not): alias it for this run only.
+if ! "$PY" -c "import numpy; numpy.row_stack" 2>/dev/null; then
+  SHIM="$(mktemp -d)"
+  echo 'import numpy; numpy.row_stack = numpy.vstack' > "$SHIM/sitecustomize.py"
+  export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+  echo "numpy without row_stack: aliased to vstack through $SHIM/sitecustomize.py" | tee -a "$LOG"
+fi
+# the image's packages may warn (DeprecationWarning) where CI's pinned ones do not
+PYW=(-W ignore::DeprecationWarning)
 
 step() {  # step NAME TIMEOUT_S COMMAND...
   local name="$1" limit="$2"; shift 2
   local left=$(( BUDGET - ($(date +%s) - START) ))
   [ "$left" -lt "$limit" ] && limit="$left"
+  case " ${SKIP:-} " in *" $name "*)
+    echo "=== $name skipped (SKIP)" | tee -a "$LOG"; return 0;; esac
   echo "=== $name (timeout ${limit}s): $*" | tee -a "$LOG"
   [ "$DRY" = 1 ] && return 0
   if [ "$limit" -lt 10 ]; then
@@ -45,19 +60,20 @@ step env 30 "$PY" -c "import numba, numba_cuda, numpy, torch; import cuda.core a
 print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', \
 numpy.__version__, 'torch', torch.__version__, 'cuda.core', cc.__version__); \
 from numba import cuda; print(cuda.get_current_device().name, torch.cuda.device_count(), 'GPUs')"
-step validate 100 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
+step validate 130 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
 step pytest-gpu 120 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
-  -o addopts="" --junitxml="$OUT/pytest.xml"
+  -o addopts="" "${PYW[@]}" --junitxml="$OUT/pytest.xml"
 [ -f "$OUT/pytest.xml" ] && mv "$OUT/pytest.xml" "$OUT/pytest.log"
-step overhead 45 bash -c "'$PY' bench/gpu_overhead.py > '$OUT/overhead.txt'"
+step overhead 60 bash -c "'$PY' bench/gpu_overhead.py --profile '$OUT/profile.txt' > '$OUT/overhead.txt'"
 FASTADAGRAD_GPU_BENCH_ROUNDS=10 step bench 90 "$PY" -m pytest bench/test_bench_gpu.py \
-  -q -p no:cacheprovider -o addopts="" --benchmark-only \
+  -q -p no:cacheprovider -o addopts="" "${PYW[@]}" --benchmark-only \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
   --benchmark-sort=name
 FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
-  tests/cuda/test_cuda_kernels.py -q -p no:cacheprovider -x -o addopts="" \
+  tests/cuda/test_cuda_kernels.py -q -p no:cacheprovider -x -o addopts="" "${PYW[@]}" \
   -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
-  -o addopts="" -k sm_90
+  -o addopts="" "${PYW[@]}" -k sm_90
+step sweep 60 bash -c "'$PY' bench/gpu_sweep.py > '$OUT/sweep.txt'"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
 exit "$FAILED"

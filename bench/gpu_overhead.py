@@ -8,7 +8,11 @@ the host spends per step, not the GPU's:
   model (bench/benchlib.model_shapes) as separate torch CUDA tensors;
 * ``model100 torch foreach us`` / ``single us``: ``torch.optim.Adagrad.step()`` on it;
 * ``full update us`` / ``torch full update us``: the functional ``adagrad_update`` on
-  one 1000-element Numba array / torch tensor (what bench/gpu_report.py reads).
+  one 1000-element Numba array / torch tensor (what bench/gpu_report.py reads);
+* ``model100 fastadagrad.torch us``: ``fastadagrad.torch.Adagrad.step()`` on it.
+
+``--profile FILE``: also write a cProfile of each fastadagrad case (top functions by
+own time) to FILE, to see where the host time goes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastadagrad as fa  # noqa: E402
 from fastadagrad.cuda_launch import launch_path  # noqa: E402
+
+PROFILE: list[str] = []  # cProfile reports, written by main() when --profile is given
+
+
+def profile(name: str, f, reps: int = 300) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(reps):
+        f()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(25)
+    PROFILE.append(f"=== {name}: {reps} calls\n{out.getvalue()}")
 
 
 def median_us(f, sync, reps: int = 300) -> float:
@@ -43,6 +64,7 @@ def main() -> None:
     p, g = cuda.to_device(np.ones(n, np.float32)), cuda.to_device(np.ones(n, np.float32))
     h = cuda.to_device(np.zeros(n, np.float32))
     print("full update us", median_us(lambda: fa.adagrad_update(p, g, h), cuda.synchronize))
+    profile("adagrad_update, Numba arrays", lambda: fa.adagrad_update(p, g, h))
     try:
         import torch
     except ImportError:
@@ -60,9 +82,15 @@ def main() -> None:
     sync = torch.cuda.synchronize
     opt = fa.AdaGrad.from_preset("torch", lr=0.01)
     print("model100 torch update us", median_us(lambda: opt.update(ps, gs), sync))
+    profile("AdaGrad.update, 100 torch tensors", lambda: opt.update(ps, gs))
     params = [torch.nn.Parameter(x.clone()) for x in ps]
     for q, gr in zip(params, gs):
         q.grad = gr
+    from fastadagrad.torch import Adagrad
+
+    fopt = Adagrad(params, lr=0.01)
+    print("model100 fastadagrad.torch us", median_us(fopt.step, sync))
+    profile("fastadagrad.torch.Adagrad.step, 100 parameters", fopt.step)
     for impl in ("foreach", "single"):
         topt = torch.optim.Adagrad(params, lr=0.01, foreach=impl == "foreach")
         print(f"model100 torch {impl} us", median_us(topt.step, sync))
@@ -71,3 +99,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "--profile" in sys.argv:
+        Path(sys.argv[sys.argv.index("--profile") + 1]).write_text("\n".join(PROFILE))

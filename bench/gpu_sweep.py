@@ -12,15 +12,18 @@ loads in flight per thread help. This is how ``config.THREADS_PER_BLOCK`` and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from numba import cuda
 from numba.cuda import libdevice as L
 
-import fastadagrad as fa
-from fastadagrad import config
-from fastadagrad import cuda as fc
-from fastadagrad._hyper import Hyper
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+import fastadagrad as fa  # noqa: E402
+from fastadagrad import config  # noqa: E402
+from fastadagrad import cuda as fc  # noqa: E402
+from fastadagrad._hyper import Hyper  # noqa: E402
 
 
 def gpu_time(fn, reps=30):

@@ -135,6 +135,21 @@ def test_model_fastadagrad(benchmark, model):
     _run(benchmark, lambda: opt.update(ps, gs))
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_model_fastadagrad_torch(benchmark, model):
+    """``fastadagrad.torch.Adagrad`` (torch's single-tensor bits) on the model's
+    parameters: the drop-in optimizer, adapter overhead included."""
+    from fastadagrad.torch import Adagrad
+
+    benchmark.group = f"gpu model {model}"
+    ps, gs = _torch_model(model)
+    params = [torch.nn.Parameter(p) for p in ps]
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt = Adagrad(params, lr=0.01)
+    _run(benchmark, opt.step)
+
+
 @pytest.mark.parametrize("impl", ["foreach", "single"])
 @pytest.mark.parametrize("model", MODELS)
 def test_model_torch(benchmark, model, impl):

@@ -127,11 +127,11 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
-def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int
-                   ) -> tuple[Any, Any, tuple] | None:
-    """The checked serial kernel and the parallel kernel of ``hyper``'s formula for
-    ``dtype`` at ``step``, and its coefficients as floats (the kernels round them to the
-    array dtype: the same bits as dtype scalars, and ~5 instead of ~50 ns each to pass),
+def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
+    """What :func:`update_one_fast` needs for ``hyper``'s formula on ``dtype`` at
+    ``step``: the checked serial kernel, its coefficients as a float64 array, the
+    parallel kernel and the same coefficients as floats (the kernels round them to the
+    array dtype: the same bits as dtype scalars, and ~5 instead of ~50 ns each to pass);
     or None for a dtype the kernels do not take. Raises like
     :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
     per set of hyperparameters."""
@@ -139,33 +139,37 @@ def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int
         return None
     coefs = coefficients(hyper, dtype, step)
     k = cpu.kernels(coefs[7])
-    return k.checked_span, k.flat_parallel, tuple(float(c) for c in coefs[:7])
+    floats = tuple(float(c) for c in coefs[:7])
+    table = np.array(floats, np.float64)
+    table.flags.writeable = False  # shared by every call with these hyperparameters
+    return k.checked_span, table, k.flat_parallel, floats
 
 
-def update_one_fast(p: Any, g: Any, h: Any, kernel: Any, parallel: Any, coefs: tuple
-                    ) -> bool:
+def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
     """The functional update on three NumPy arrays, checked in compiled code.
 
-    ``kernel, parallel, coefs`` from :func:`checked_kernel` for ``p.dtype``. True if the
-    step was applied: by the checked serial kernel itself, or, for arrays at or above
-    the parallel threshold that it checked, by the parallel kernel. False means nothing
-    was written: not three plain C-contiguous float arrays of one dtype and shape, or
-    overlapping arrays; the caller then takes :func:`update`, which raises naming the
-    problem. For nonfinite="ignore" only.
+    ``fast`` from :func:`checked_kernel` for ``p.dtype``. True if the step was applied:
+    by the checked serial kernel itself, or, for arrays at or above the parallel
+    threshold that it checked, by the parallel kernel. False means nothing was written:
+    not three plain C-contiguous float arrays of one dtype and shape, or overlapping
+    arrays; the caller then takes :func:`update`, which raises naming the problem. For
+    nonfinite="ignore" only.
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
-    limit = config.parallel_from(p.itemsize)
+    kernel, table, parallel, coefs = fast
     try:
-        code = kernel(p, g, h, limit, *coefs)
+        code = kernel(p, g, h, table, config.PARALLEL_THRESHOLD)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):
         return False  # nothing ran; the full path says what is wrong
+    if code == 0:
+        return True
     if code == 4:  # checked; large enough for all threads (C-contiguous: flat views)
         n = p.size
         with cpu.PARALLEL_LOCK:
             parallel(p.reshape(n), g.reshape(n), h.reshape(n), config.CHUNK, *coefs)
         return True
-    return code == 0
+    return False
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

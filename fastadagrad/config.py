@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from numba.extending import register_jitable
+
 #: Below this many float32 elements the serial kernel is used: waking the omp thread pool
 #: costs a few microseconds per call (NUMBA_NOTES: ~3 us even for 16 elements). Measured
 #: with ``bench/cpu_probe.py`` (the smallest size from which the parallel call beats the
@@ -18,10 +20,15 @@ import os
 PARALLEL_THRESHOLD: int = 1 << 15
 
 
-def parallel_from(itemsize: int) -> int:
+@register_jitable
+def parallel_from(itemsize: int, threshold: int = -1) -> int:
     """The element count from which the parallel kernels run, for an array dtype of
-    ``itemsize`` bytes (read at every call, so patching PARALLEL_THRESHOLD works)."""
-    return PARALLEL_THRESHOLD if itemsize <= 4 else PARALLEL_THRESHOLD // 4
+    ``itemsize`` bytes: ``threshold`` (default: ``PARALLEL_THRESHOLD``, read at every
+    call, so patching it works) for 4-byte elements, a quarter of it for 8-byte ones.
+    Compiled code calls it too (it cannot read the module global at run time), passing
+    ``threshold`` explicitly."""
+    t = PARALLEL_THRESHOLD if threshold < 0 else threshold
+    return t if itemsize <= 4 else t // 4
 
 #: Elements per work item of the parallel kernels. Each chunk is a contiguous span that
 #: the inner loop vectorises over; 16k f32 elements = 64 KiB per array, large enough to

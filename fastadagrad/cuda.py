@@ -470,21 +470,30 @@ def _getters(x: Any) -> tuple[Any, ...]:
     data address, shape, contiguity or strides, dtype (~0.1 us each on a torch tensor,
     against ~5 us for a ``__cuda_array_interface__`` dict). Numba arrays never change
     address, shape or dtype in place, so their identity is enough (the cache keeps
-    them alive, so an id is never reused meanwhile)."""
+    them alive, so an id is never reused meanwhile). The same tuple object for every
+    array of one family (torch parameters and plain tensors alike), () for others."""
     if getattr(type(x), "__cuda_ndarray__", False):
-        return (id,)
+        return _ID_GETTERS
     mod = type(x).__module__.split(".")[0]
     if mod == "torch":
-        import torch
+        global _TORCH_GETTERS
+        if _TORCH_GETTERS is None:
+            import torch
 
-        # is_contiguous() rather than stride(): a bool, not a new tuple;
-        # with the same address, shape and dtype it pins down the same memory
-        return (torch.Tensor.data_ptr, operator.attrgetter("shape"),
-                torch.Tensor.is_contiguous, operator.attrgetter("dtype"))
+            # is_contiguous() rather than stride(): a bool, not a new tuple;
+            # with the same address, shape and dtype it pins down the same memory
+            _TORCH_GETTERS = (torch.Tensor.data_ptr, operator.attrgetter("shape"),
+                              torch.Tensor.is_contiguous, operator.attrgetter("dtype"))
+        return _TORCH_GETTERS
     if mod == "cupy":
-        return (operator.attrgetter("data.ptr"), operator.attrgetter("shape"),
-                operator.attrgetter("strides"), operator.attrgetter("dtype"))
+        return _CUPY_GETTERS
     return ()  # anything else: validated in full at every step
+
+
+_ID_GETTERS: tuple[Any, ...] = (id,)
+_TORCH_GETTERS: tuple[Any, ...] | None = None
+_CUPY_GETTERS = (operator.attrgetter("data.ptr"), operator.attrgetter("shape"),
+                 operator.attrgetter("strides"), operator.attrgetter("dtype"))
 
 
 class GpuCache:
@@ -523,9 +532,12 @@ class GpuCache:
     def remember(self, params: Sequence[Any], states: Sequence[Any],
                  grads: Sequence[Any]) -> None:
         getters = _getters(params[0])
-        kinds = {type(x) for seq in (params, states, grads) for x in seq}
-        if not getters or len(kinds) != 1:  # a mix of array kinds: validate each step
-            self.objs, self.getters = (), ()
+        reps: dict[type, Any] = {}  # one array of each type (torch: Parameter, Tensor)
+        for seq in (params, states, grads):
+            for x in seq:
+                reps.setdefault(type(x), x)
+        if not getters or any(_getters(x) is not getters for x in reps.values()):
+            self.objs, self.getters = (), ()  # a mix of array kinds: validate each step
             return
         arrays = [*params, *states, *grads]
         self.objs = tuple(params) + tuple(states)

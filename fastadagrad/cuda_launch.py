@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -166,7 +167,30 @@ class DispatcherKernel:
                 np.uint64(args[n - 1]))
 
     def launch_prepared(self, stream: Any, blocks: int, tpb: int, packed: tuple) -> None:
-        self.kernel[blocks, tpb, stream.numba](*packed)
+        if blocks >= 128:
+            self.kernel[blocks, tpb, stream.numba](*packed)
+            return
+        # Numba warns (NumbaPerformanceWarning) at every launch of fewer than 128 blocks:
+        # the one-block end-of-step kernel and small models do so by design. Silenced
+        # for these launches only (a fallback path: ~50-85 us per launch, so the ~3 us
+        # of catch_warnings do not matter), not for the user's own kernels.
+        with warnings.catch_warnings():
+            for category in _performance_warnings():
+                warnings.simplefilter("ignore", category)
+            self.kernel[blocks, tpb, stream.numba](*packed)
+
+
+def _performance_warnings() -> list[type[Warning]]:
+    """Numba's performance-warning classes: numba-cuda (which warns about small grids)
+    has its own, not a subclass of numba's."""
+    from numba.core import errors
+
+    found = [errors.NumbaPerformanceWarning]
+    try:
+        from numba.cuda.core import errors as cuda_errors
+    except ImportError:  # an older numba-cuda: numba's class is the one it uses
+        return found
+    return [*found, cuda_errors.NumbaPerformanceWarning]
 
     def launch(self, stream: Any, blocks: int, tpb: int, args: tuple) -> None:
         self.launch_prepared(stream, blocks, tpb, self.prepare(args))

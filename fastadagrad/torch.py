@@ -79,6 +79,7 @@ from . import _dispatch as D
 from . import _hyper as H
 from . import _tensorplan as T
 from . import cpu_vsqrt
+from ._plan import Plan
 from .presets import PRESETS
 
 __all__ = ["Adagrad", "compiled_paths"]
@@ -488,8 +489,9 @@ class Adagrad(torch.optim.Adagrad):
             live = {id(g) for g in self.param_groups}
             for k in [k for k in plans if k not in live]:
                 del plans[k]
-            # (group, plan of the whole group, plan of its CPU tensors in a mixed group)
-            plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan())
+            # (group, plan of the whole group, plan of its CPU tensors in a mixed group,
+            # plan of its CUDA tensors)
+            plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan(), Plan())
         tplan = plan[1]
 
         fast = None
@@ -523,14 +525,20 @@ class Adagrad(torch.optim.Adagrad):
                                     _GroupLabels(gi, [index[i] for i in cpu]), formula,
                                     group, [dtypes[i] for i in cpu], True)
             runs.append(run if run is not None else torch_update(cpu))
-        if cuda:
+        if cuda and not (fused or foreach):
+            # torch's single-tensor step ends in addcdiv_, which its CUDA kernel contracts
+            # into fma(-clr, g / std, p): a rounding the kernels do not reproduce, so the
+            # bits come from torch's own implementation (foreach, the CUDA default, is
+            # p + (-clr * g) / std: the kernels' formula)
+            runs.append(torch_update(cuda))
+        elif cuda:
             try:
                 runs.append(self._prepare_cuda([params[i] for i in cuda],
                                                [grads[i] for i in cuda],
                                                [sums[i] for i in cuda],
                                                [steps[i] for i in cuda],
                                                _GroupLabels(gi, [index[i] for i in cuda]),
-                                               fused, group))
+                                               fused, group, plan[3]))
             except (TypeError, ValueError):  # a hyperparameter the kernels do not take
                 runs.append(torch_update(cuda))
 
@@ -627,25 +635,45 @@ class Adagrad(torch.optim.Adagrad):
 
     def _prepare_cuda(self, params: list[Any], grads: list[Any], sums: list[Any],
                       steps: list[Any], labels: Any, fused: bool,
-                      group: dict[str, Any]) -> Callable[[], None]:
-        """fastadagrad's GPU kernels on CUDA tensors (validated when they run)."""
-        lr = float(group["lr"])
-        hyper = H.Hyper.make(lr=lr, eps=group["eps"], lr_decay=group["lr_decay"],
-                             weight_decay=group["weight_decay"],
-                             maximize=group["maximize"],
-                             rule=_FUSED_RULE if fused else _EAGER_RULE)
+                      group: dict[str, Any], plan: Plan) -> Callable[[], None]:
+        """fastadagrad's GPU kernels on CUDA tensors, validated when they run.
+
+        ``plan`` is kept across steps for this group: its GPU cache holds the validated
+        description and the device tables, so a step whose tensors (parameters, sums and
+        gradients) are unchanged validates nothing again (one launch per dtype).
+        """
+        lr_decay = group["lr_decay"]
+        hyper = _cuda_hyper(float(group["lr"]), group["eps"], lr_decay,
+                            group["weight_decay"], group["maximize"], fused)
 
         def run() -> None:
-            by_step: dict[int, list[int]] = {}
-            for i, s in enumerate(steps):  # the step after this one's increment
-                by_step.setdefault(int(s) + 1 if group["lr_decay"] else 1, []).append(i)
-            for step, idx in by_step.items():  # validates everything before any launch
-                D.update([params[i].detach() for i in idx], [grads[i] for i in idx],
-                         [sums[i] for i in idx], [labels[i] for i in idx], hyper, step,
-                         "ignore")
-            torch._foreach_add_(steps, 1)
+            if not lr_decay:  # one learning rate for every parameter
+                D.update(params, grads, sums, labels, hyper, 1, "ignore", plan)
+            else:
+                by_step: dict[int, list[int]] = {}
+                for i, s in enumerate(steps):  # the step after this one's increment
+                    by_step.setdefault(int(s) + 1, []).append(i)
+                for step, idx in by_step.items():  # validates everything before launching
+                    sub = len(by_step) == 1
+                    D.update(params if sub else [params[i] for i in idx],
+                             grads if sub else [grads[i] for i in idx],
+                             sums if sub else [sums[i] for i in idx],
+                             labels if sub else [labels[i] for i in idx], hyper, step,
+                             "ignore", plan if sub else None)
+            # a tensor scalar: ~40 us per 100 steps where a Python 1 took ~200 us (H200
+            # host, cProfile); the same integers
+            torch._foreach_add_(steps, _ONE, alpha=1.0)
 
         return run
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_hyper(lr: float, eps: float, lr_decay: float, weight_decay: float,
+                maximize: bool, fused: bool) -> H.Hyper:
+    """One Hyper object per set of group hyperparameters: the GPU path keeps a step's
+    packed launch arguments while the same object comes back."""
+    return H.Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
+                        maximize=maximize, rule=_FUSED_RULE if fused else _EAGER_RULE)
 
 
 class _SubLabels:

@@ -478,6 +478,26 @@ def test_functional_bad_hyperparameter(rng: np.random.Generator,
     assert checksums(p, g, h) == before
 
 
+# A value equal to an accepted one (True == 1.0, 0 == False) must not reach the kernels
+# through the functional call's caches of already-validated arguments.
+EQUAL_BUT_BAD = [("lr", 1.0, True), ("lr", 0.0, np.False_), ("eps", 1.0, np.True_),
+                 ("lr_decay", 0.0, False), ("weight_decay", 1.0, True),
+                 ("maximize", False, 0), ("maximize", True, np.float64(1.0)),
+                 ("grad_scale", 1.0, True)]
+
+
+@pytest.mark.parametrize("case", EQUAL_BUT_BAD, ids=lambda c: f"{c[0]}={c[1]!r}-then-{c[2]!r}")
+def test_functional_cache_keeps_type_checks(rng: np.random.Generator,
+                                            case: tuple[str, Any, Any]) -> None:
+    key, good, bad = case
+    p, g, h = _triple(rng)
+    adagrad_update(p, g, h, **{key: good})  # validated and cached
+    before = checksums(p, g, h)
+    with pytest.raises(TypeError, match=rf"\b{key}\b"):
+        adagrad_update(p, g, h, **{key: bad})
+    assert checksums(p, g, h) == before
+
+
 @pytest.mark.parametrize("case", [*BAD_HYPER, ("initial_accumulator_value", NAN, ValueError),
                                   ("initial_accumulator_value", -1.0, ValueError),
                                   ("initial_accumulator_value", INF, ValueError),

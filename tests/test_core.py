@@ -195,6 +195,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
 
     monkeypatch.setattr(cpu, "kernels", kernels)
     optim._cached_fast.cache_clear()  # cached kernels from before the patch
+    optim._PLAIN.clear()
     return calls
 
 

@@ -856,3 +856,23 @@ def test_dense_beside_sparse_is_compiled_and_cached(monkeypatch: pytest.MonkeyPa
     opt.load_state_dict(opt.state_dict())  # new group dicts: old plans are dropped
     opt.step()
     assert list(opt._fastadagrad_plans) == [id(opt.param_groups[0])]
+
+
+def test_gpu_cache_takes_parameters_beside_tensors():
+    """The GPU path's per-step check (device-independent readers: run here on CPU
+    tensors) caches a model of nn.Parameters with plain-tensor sums and gradients, and
+    notices a parameter swapped in place (``.data =``) or new gradient tensors."""
+    from fastadagrad.cuda import GpuCache
+
+    ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    hs = [torch.zeros(3) for _ in range(2)]
+    gs = [torch.ones(3) for _ in range(2)]
+    gc = GpuCache()
+    gc.remember(ps, hs, gs)
+    assert gc.getters and gc.holds(ps, hs, gs)
+    assert not gc.holds(ps, hs, [g.clone() for g in gs])
+    ps[0].data = torch.ones(4)
+    assert not gc.holds(ps, hs, gs)
+    mixed = GpuCache()
+    mixed.remember(ps, hs, [np.ones(3, np.float32)] * 2)  # not one family: every step
+    assert not mixed.getters and not mixed.holds(ps, hs, gs)

@@ -132,3 +132,48 @@ def test_arrays_on_two_devices_rejected():
     with pytest.raises(ValueError, match="device 0.*device 1|device 1.*device 0"):
         fa.adagrad_update(p0, g1, h0)
     assert torch.equal(p0, torch.zeros(4, device="cuda:0"))
+
+
+def _ulps(a, b):
+    """Largest distance in units in the last place between two float tensors."""
+    ia = a.detach().contiguous().view(torch.int32 if a.dtype == torch.float32 else torch.int64)
+    ib = b.detach().contiguous().view(ia.dtype)
+    return int((ia.long() - ib.long()).abs().max()) if ia.numel() else 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"foreach": False}, {"foreach": True, "maximize": True},
+                                {"lr_decay": 0.01, "weight_decay": 0.1,
+                                 "initial_accumulator_value": 0.1}],
+                         ids=["default", "single-tensor", "foreach-maximize", "decay-wd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_adapter_on_cuda_matches_torch_bits(monkeypatch, kw, dtype):
+    """fastadagrad.torch.Adagrad on CUDA parameters: torch.optim.Adagrad's bits with the
+    same arguments, and (gradients updated in place) validated once, not every step."""
+    from fastadagrad.torch import Adagrad
+
+    ps, gs = _model(7)
+    # clone(): .to() of a tensor already of ``dtype`` returns it, and the two models
+    # must not share memory
+    mine = [torch.nn.Parameter(p.to(dtype).clone()) for p in ps]
+    theirs = [torch.nn.Parameter(p.to(dtype).clone()) for p in ps]
+    opt = Adagrad(mine, lr=0.1, **kw)
+    ref = torch.optim.Adagrad(theirs, lr=0.1, **kw)
+    calls = []
+    real = fcuda._validate_and_plan
+    monkeypatch.setattr(fcuda, "_validate_and_plan",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for a, b, g in zip(mine, theirs, gs):
+        a.grad, b.grad = g.to(dtype).clone(), g.to(dtype).clone()
+    for _ in range(5):
+        opt.step()
+        ref.step()
+        for a, b in zip(mine, theirs):  # in place: the same gradient tensors next step
+            a.grad.mul_(-0.75)
+            b.grad.mul_(-0.75)
+    torch.cuda.synchronize()
+    worst = max(_ulps(a, b) for a, b in zip(mine, theirs))
+    worst_h = max(_ulps(opt.state[a]["sum"], ref.state[b]["sum"])
+                  for a, b in zip(mine, theirs))
+    assert (worst, worst_h) == (0, 0), f"params {worst} ulp, sums {worst_h} ulp from torch"
+    if kw.get("foreach", True):  # the kernels' path: validated at the first step only
+        assert len(calls) == 1
