@@ -211,7 +211,16 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
         if nb == 0 or m == 0:
             continue
         gs = gaddr[i]
-        j = np.searchsorted(w_end, gs, side="right")  # first written range ending after gs
+        # j: the first written range ending after gs (``np.searchsorted(w_end, gs,
+        # side="right")``, written out: the library one made the cached scan import
+        # numba.np.arraymath and numba.cpython.unicode when loaded, ~30 ms)
+        j, hi = 0, m
+        while j < hi:
+            mid = (j + hi) >> 1
+            if w_end[mid] <= gs:
+                j = mid + 1
+            else:
+                hi = mid
         if j < m and w_start[j] < gs + nb:
             return 3 * n + i
     return -1
