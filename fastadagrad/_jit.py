@@ -7,6 +7,17 @@ locator, and some locators (e.g. the one for packages imported from a zip file) 
 accepted at decoration but raise ``OSError`` at the first compile, when the cache is
 written. Both are caught here, before any kernel is used: the cache path is probed
 at decoration and the function is compiled in memory if it cannot be created.
+
+Loading from the cache: before its first load Numba refreshes its whole target
+context, which imports and registers every lowering it has (``numba.np.arraymath``,
+``linalg``, ``unicode``, the typed containers...: ~90 ms of a 0.41 s warm
+import-and-first-update on a 2-core AMD EPYC), although the machine code it loads
+needs none of it: only the runtime's C symbols (NRT), the helper symbols registered
+when the context was created, and the threading layer (the cached parallel kernels
+start it themselves). So a fastadagrad kernel's cache load initialises the runtime
+and loads, and leaves the refresh to the first real compile, which always does it
+(``numba.core.compiler.CompilerBase``). ``config.LIGHT_CACHE_LOAD = False`` (or
+``FASTADAGRAD_FULL_CACHE_LOAD=1``) restores Numba's own load.
 """
 
 from __future__ import annotations
@@ -22,16 +33,55 @@ from . import _compile_notice, config
 _compile_notice.install()
 
 
+#: cache directory -> usable: one probe per directory, not per function (the module's
+#: ~25 kernels share two or three directories)
+_USABLE: dict[str, bool] = {}
+
+
 def _cache_usable(dispatcher: Any) -> bool:
     try:
         locator = dispatcher._cache._impl.locator
+        path = str(locator.get_cache_path())
     except AttributeError:  # a Numba without this internal layout: trust its cache
         return True
-    try:
-        locator.ensure_cache_path()  # makedirs + a temporary file: raises if unusable
-    except OSError:
-        return False
-    return True
+    usable = _USABLE.get(path)
+    if usable is None:
+        try:
+            locator.ensure_cache_path()  # makedirs + a temporary file: raises if unusable
+        except OSError:
+            usable = False
+        else:
+            usable = True
+        _USABLE[path] = usable
+    return usable
+
+
+def _light_loads(dispatcher: Any) -> None:
+    """Make ``dispatcher``'s cache loads skip Numba's context refresh (module doc).
+
+    Replaces the bound ``load_overload`` of this dispatcher's own cache object with
+    Numba's body minus ``target_context.refresh()``: the runtime is initialised (it
+    registers the NRT symbols the loaded code links against), then the usual guarded
+    load. Left alone if Numba's cache does not have this layout.
+    """
+    cache = getattr(dispatcher, "_cache", None)
+    load = getattr(cache, "_load_overload", None)
+    guard = getattr(cache, "_guard_against_spurious_io_errors", None)
+    if load is None or guard is None or not callable(getattr(cache, "load_overload", None)):
+        return
+    full = cache.load_overload
+
+    def load_overload(sig: Any, target_context: Any) -> Any:
+        if not config.LIGHT_CACHE_LOAD:
+            return full(sig, target_context)
+        from numba.core.runtime import nrt
+
+        nrt.rtsys.initialize(target_context)
+        with guard():
+            return load(sig, target_context)
+        return None  # the guard swallowed an I/O error: compile instead, as Numba does
+
+    cache.load_overload = load_overload
 
 
 def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -43,6 +93,7 @@ def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
                 pass
             else:
                 if _cache_usable(dispatcher):
+                    _light_loads(dispatcher)
                     return dispatcher
         return njit(cache=False, **options)(fn)
 

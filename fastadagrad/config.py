@@ -40,6 +40,12 @@ CHUNK: int = 1 << 14
 #: directory is writable. ``FASTADAGRAD_NO_CACHE=1`` turns it off.
 CACHE: bool = os.environ.get("FASTADAGRAD_NO_CACHE", "") not in ("1", "true", "yes")
 
+#: Load cached kernels without Numba's full context refresh (see ``_jit.py``: ~90 ms of
+#: the first call of a warm process on the 2-core AMD EPYC). ``FASTADAGRAD_FULL_CACHE_LOAD=1``
+#: turns it off (Numba's own load: refresh first). Read at every cache load.
+LIGHT_CACHE_LOAD: bool = os.environ.get("FASTADAGRAD_FULL_CACHE_LOAD", "") not in (
+    "1", "true", "yes")
+
 #: CUDA launch configuration: threads per block for the grid-stride kernels, and the
 #: most blocks per SM the grid is sized to (grid-stride loops cover the rest). Measured
 #: on an H100 (bench/gpu_sweep.py, 2^26 elements): 8 blocks/SM of 256 threads reached
