@@ -163,7 +163,9 @@ def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped
             return 3
         if n >= parallel_from(p.itemsize, threshold):
             return 4
-        pf, gf, hf = p.reshape(n), g.reshape(n), h.reshape(n)
+        # flat views of the C-contiguous arrays (``reshape(n)``, whose implementation
+        # is compiled apart, made the cached kernel import numba.np.arrayobj on loading)
+        pf, gf, hf = _view(pa, n, p), _view(ga, n, g), _view(ha, n, h)
         lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6])
         for i in range(n):
