@@ -334,7 +334,13 @@ class Plan:
         self.obj, self.gaddr = obj, np.empty(n, np.int64)
         self.fast = struct_layout_ok()
         self.params, self.states = tuple(params), tuple(states)
-        self.plan_groups(numba.get_num_threads())
+        # the thread count only orders the table for the parallel kernel: a model below
+        # its threshold runs serially (the dispatcher re-plans it if the threshold drops
+        # under it) and does not start Numba's thread pool (~15 ms on first use, 2-core
+        # AMD EPYC); nor does the layout probe's model
+        self.plan_groups(1)
+        if self.largest >= config.parallel_from(8):  # the rule of cpu_update_many
+            self.plan_groups(numba.get_num_threads())
 
     def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
               ) -> tuple[int, np.ndarray]:
