@@ -16,8 +16,17 @@ needs none of it: only the runtime's C symbols (NRT), the helper symbols registe
 when the context was created, and the threading layer (the cached parallel kernels
 start it themselves). So a fastadagrad kernel's cache load initialises the runtime
 and loads, and leaves the refresh to the first real compile, which always does it
-(``numba.core.compiler.CompilerBase``). ``config.LIGHT_CACHE_LOAD = False`` (or
-``FASTADAGRAD_FULL_CACHE_LOAD=1``) restores Numba's own load.
+(``numba.core.compiler.CompilerBase``).
+
+Typing the arguments of a first call: Numba types an ndarray argument in Python the
+first time it sees its (dtype, rank, layout), and that code starts by checking
+``isinstance(val, np.ma.MaskedArray)``, which imports ``numpy.ma`` (~15-30 ms, most of
+it building docstrings). A fastadagrad dispatcher types an exact ``np.ndarray`` itself,
+with the same calls Numba makes after that check (an exact ndarray is never a masked
+array) and hands everything else to Numba.
+
+``config.LIGHT_START = False`` (or ``FASTADAGRAD_FULL_NUMBA_START=1``) restores Numba's
+own load and typing.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from numba import njit
 
 from . import _compile_notice, config
@@ -72,7 +82,7 @@ def _light_loads(dispatcher: Any) -> None:
     full = cache.load_overload
 
     def load_overload(sig: Any, target_context: Any) -> Any:
-        if not config.LIGHT_CACHE_LOAD:
+        if not config.LIGHT_START:
             return full(sig, target_context)
         from numba.core.runtime import nrt
 
@@ -82,6 +92,35 @@ def _light_loads(dispatcher: Any) -> None:
         return None  # the guard swallowed an I/O error: compile instead, as Numba does
 
     cache.load_overload = load_overload
+
+
+def _light_typeof(dispatcher: Any) -> None:
+    """Type exact ndarrays without Numba's ``numpy.ma`` check (module doc).
+
+    The result is Numba's own ``_typeof_ndarray`` result: ``types.Array(from_dtype(
+    dtype), ndim, map_layout(val), readonly=not writeable)``; any other value, or a
+    dtype Numba does not take, goes to Numba's ``typeof_pyval``. Left alone if the
+    dispatcher does not have this layout.
+    """
+    full = getattr(dispatcher, "typeof_pyval", None)
+    active = getattr(dispatcher, "_types_active_call", None)
+    if full is None or active is None:
+        return
+    from numba.core import types
+    from numba.np import numpy_support
+
+    def typeof_pyval(val: Any) -> Any:
+        if type(val) is not np.ndarray or not config.LIGHT_START:
+            return full(val)
+        try:
+            tp = types.Array(numpy_support.from_dtype(val.dtype), val.ndim,
+                             numpy_support.map_layout(val), readonly=not val.flags.writeable)
+        except Exception:  # a dtype Numba does not take: its own error path
+            return full(val)
+        dispatcher._types_active_call.add(tp)
+        return tp
+
+    dispatcher.typeof_pyval = typeof_pyval
 
 
 def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
@@ -94,7 +133,10 @@ def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
             else:
                 if _cache_usable(dispatcher):
                     _light_loads(dispatcher)
+                    _light_typeof(dispatcher)
                     return dispatcher
-        return njit(cache=False, **options)(fn)
+        dispatcher = njit(cache=False, **options)(fn)
+        _light_typeof(dispatcher)
+        return dispatcher
 
     return decorate

@@ -40,10 +40,12 @@ CHUNK: int = 1 << 14
 #: directory is writable. ``FASTADAGRAD_NO_CACHE=1`` turns it off.
 CACHE: bool = os.environ.get("FASTADAGRAD_NO_CACHE", "") not in ("1", "true", "yes")
 
-#: Load cached kernels without Numba's full context refresh (see ``_jit.py``: ~90 ms of
-#: the first call of a warm process on the 2-core AMD EPYC). ``FASTADAGRAD_FULL_CACHE_LOAD=1``
-#: turns it off (Numba's own load: refresh first). Read at every cache load.
-LIGHT_CACHE_LOAD: bool = os.environ.get("FASTADAGRAD_FULL_CACHE_LOAD", "") not in (
+#: Skip the parts of Numba's start-up that fastadagrad's kernels do not need (see
+#: ``_jit.py``): the full context refresh before a cache load and the ``numpy.ma`` import
+#: when an ndarray argument is first typed; ~100 ms of a warm process's import and first
+#: update on the 2-core AMD EPYC. ``FASTADAGRAD_FULL_NUMBA_START=1`` turns it off.
+#: Read at every cache load and argument typing.
+LIGHT_START: bool = os.environ.get("FASTADAGRAD_FULL_NUMBA_START", "") not in (
     "1", "true", "yes")
 
 #: CUDA launch configuration: threads per block for the grid-stride kernels, and the
