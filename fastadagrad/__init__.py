@@ -23,14 +23,19 @@ _LAZY = {"RowAdaGrad": "rows", "adagrad_update_rows": "rows"}
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastadagrad' has no attribute {name!r}")
+    """``fastadagrad.RowAdaGrad`` and friends, and submodules (``fastadagrad.checkpoint``,
+    ``fastadagrad.torch``...), imported when first asked for."""
     import importlib
+    import importlib.util
 
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastadagrad' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

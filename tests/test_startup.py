@@ -37,10 +37,13 @@ def _child(code: str, cache: Path, **env: str) -> dict:
 
 def test_import_leaves_the_row_optimizer_and_decimal_out(tmp_path: Path) -> None:
     got = _child("import json, sys, fastadagrad\n"
-                 "print(json.dumps(sorted(m for m in sys.modules if m.startswith("
-                 "('fastadagrad.', 'decimal', 'fractions')))))", tmp_path)
+                 "before = sorted(m for m in sys.modules if m.startswith("
+                 "('fastadagrad.', 'decimal', 'fractions')))\n"
+                 "fastadagrad.checkpoint.save  # a submodule, imported when asked for\n"
+                 "print(json.dumps(before))", tmp_path)
     assert "fastadagrad.rows" not in got and "fastadagrad.cpu_rows" not in got, got
     assert "decimal" not in got and "fractions" not in got, got
+    assert "fastadagrad.checkpoint" not in got, got
     assert "fastadagrad.optim" in got  # the module list is real
 
 
@@ -50,6 +53,7 @@ def test_lazy_names_resolve_to_the_row_module() -> None:
     assert fastadagrad.RowAdaGrad is rows.RowAdaGrad
     assert adagrad_update_rows is rows.adagrad_update_rows
     assert {"RowAdaGrad", "adagrad_update_rows", "AdaGrad"} <= set(dir(fastadagrad))
+    assert fastadagrad.checkpoint.__name__ == "fastadagrad.checkpoint"  # a submodule
     with pytest.raises(AttributeError, match="no_such_name"):
         fastadagrad.no_such_name  # noqa: B018
 
