@@ -16,7 +16,11 @@ needs none of it: only the runtime's C symbols (NRT), the helper symbols registe
 when the context was created, and the threading layer (the cached parallel kernels
 start it themselves). So a fastadagrad kernel's cache load initialises the runtime
 and loads, and leaves the refresh to the first real compile, which always does it
-(``numba.core.compiler.CompilerBase``).
+(``numba.core.compiler.CompilerBase``). A library overload compiled into a kernel
+(``carray``, ``np.searchsorted``...) is still found: loading rebuilds its environment,
+which imports its Numba module (and whatever symbols that module registers), though
+that costs the import (CONTRIBUTING rule 5). ``tests/test_startup.py`` loads the
+typical first-step kernels this way in a fresh process and checks their bits.
 
 Typing the arguments of a first call: Numba types an ndarray argument in Python the
 first time it sees its (dtype, rank, layout), and that code starts by checking
