@@ -19,6 +19,12 @@ A second child, in its own cache directory, does only ``import numpy, fastadagra
 and the first ``AdaGrad.update`` on the 784-50-10 dict: what a training script pays
 before its first step.
 
+Before timing, the package's modules are byte-compiled (``compileall``, as ``pip
+install`` does), so that every child reads ``__pycache__`` instead of compiling
+fastadagrad's source (~20 ms per process on the 2-core AMD EPYC when
+``PYTHONDONTWRITEBYTECODE`` is set and no ``.pyc`` exists); ``--no-compileall`` skips
+it.
+
 Usage::
 
     python bench/startup.py [--repeat 3] [--json bench/results/startup.json]
@@ -30,6 +36,7 @@ the JSON into the generated report when it finds it next to the benchmark JSON.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import statistics
@@ -144,6 +151,9 @@ def measure(repeat: int) -> dict[str, dict[str, float]]:
         runs["after warmup"].append(after)
     result = {col: {r: statistics.median(x[r] for x in xs) for r in xs[0]}
               for col, xs in runs.items()}
+    # the headline row's range over the runs: the machine may be shared
+    result["spread"] = {col: [min(x[ALONE_ROW] for x in xs), max(x[ALONE_ROW] for x in xs)]
+                        for col, xs in runs.items()}
     result["warmup command"] = {"seconds": statistics.median(warmups)}
     return result
 
@@ -175,6 +185,14 @@ def table(result: dict[str, dict[str, float]], repeat: int) -> str:
         lines[-1] += (" \"after `warmup`\": a directory filled only by `python -m "
                       "fastadagrad warmup --dtype float32`"
                       + (f", which took {w:.1f} s with an empty cache" if w else "") + ".")
+    if result.get("settings", {}).get("compileall"):
+        lines[-1] += (" fastadagrad's modules were byte-compiled beforehand, as an installed "
+                      "package's are.")
+    spread = result.get("spread")
+    if spread:
+        lines.append("Range of the last row over the runs: " + ", ".join(
+            f"{c} {ms(spread[c][0])}-{ms(spread[c][1])}" for c in cols if c in spread)
+            + ".")
     if "compiled" in result["cold"]:
         counts = ", ".join(f"{c} {result[c]['compiled']:.0f}" for c in cols)
         lines.append(f"Functions Numba compiled in the process timed in the rows above: {counts}.")
@@ -185,8 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the medians here")
+    ap.add_argument("--no-compileall", action="store_true",
+                    help="do not byte-compile fastadagrad first (children compile its "
+                    "source if no .pyc exists and PYTHONDONTWRITEBYTECODE is set)")
     args = ap.parse_args(argv)
+    if not args.no_compileall:
+        compileall.compile_dir(ROOT / "fastadagrad", quiet=1)
     result = measure(args.repeat)
+    result["settings"] = {"compileall": not args.no_compileall}
     print(table(result, args.repeat))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

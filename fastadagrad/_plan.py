@@ -178,12 +178,9 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     Returns -1 when everything holds, ``k`` (< 3n) for the first array that does not
     (params and states first), or ``3n + i`` when grad ``i`` overlaps a param or state.
     """
-    descr = meta[:2 * n]
-    cached = meta[2 * n:5 * n]
-    shape_off = meta[5 * n:6 * n + 1]
-    w_start = meta[6 * n + 1:6 * n + 1 + m]
-    w_end = meta[6 * n + 1 + m:6 * n + 1 + 2 * m]
-    shape = meta[6 * n + 1 + 2 * m:]
+    # offsets into meta (plain indexing: slices would be views that Numba refcounts)
+    cached, shape_off, w_start = 2 * n, 5 * n, 6 * n + 1
+    w_end, shape = w_start + m, w_start + 2 * m
     if _load_i64(plist + OFF_LIST_SIZE) != n or _load_i64(hlist + OFF_LIST_SIZE) != n:
         return 0
     if _load_i64(glist + OFF_LIST_SIZE) != n:
@@ -191,28 +188,44 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     pitems = _load_i64(plist + OFF_LIST_ITEMS)
     hitems = _load_i64(hlist + OFF_LIST_ITEMS)
     items = _load_i64(glist + OFF_LIST_ITEMS)
-    for k in range(2 * n):  # params, then states: unchanged since the plan was built
-        i = k if k < n else k - n
-        if _load_i64((pitems if k < n else hitems) + 8 * i) != obj[k]:
+    # params, then states (unchanged since the plan was built), then grads (fresh arrays
+    # of the params' dtypes and shapes): one loop, so one inlined copy of _same (each
+    # copy cost ~50 ms of the first compile)
+    for k in range(3 * n):
+        if k < 2 * n:
+            i = k if k < n else k - n
+            o = _load_i64((pitems if k < n else hitems) + 8 * i)
+            if o != obj[k]:
+                return k
+            d, flags = meta[k], C_CONTIGUOUS | WRITEABLE
+        else:
+            i = k - 2 * n
+            o = _load_i64(items + 8 * i)
+            d, flags = meta[i], C_CONTIGUOUS
+        if not _same(o, ndarray_type, d, meta, shape + meta[shape_off + i],
+                     shape + meta[shape_off + i + 1], flags):
             return k
-        if not _same(obj[k], ndarray_type, descr[k], shape, shape_off[i],
-                     shape_off[i + 1], C_CONTIGUOUS | WRITEABLE) \
-                or _load_i64(obj[k] + OFF_DATA) != cached[k]:
-            return k
-    for i in range(n):  # grads: fresh arrays of the params' dtypes and shapes
-        o = _load_i64(items + 8 * i)
-        if not _same(o, ndarray_type, descr[i], shape, shape_off[i], shape_off[i + 1],
-                     C_CONTIGUOUS):
-            return 2 * n + i
-        gaddr[i] = _load_i64(o + OFF_DATA)
-    m = w_start.size
+        if k < 2 * n:
+            if _load_i64(o + OFF_DATA) != meta[cached + k]:
+                return k
+        else:
+            gaddr[i] = _load_i64(o + OFF_DATA)
     for i in range(n):
-        nb = cached[2 * n + i]
+        nb = meta[cached + 2 * n + i]
         if nb == 0 or m == 0:
             continue
         gs = gaddr[i]
-        j = np.searchsorted(w_end, gs, side="right")  # first written range ending after gs
-        if j < m and w_start[j] < gs + nb:
+        # j: the first written range ending after gs (``np.searchsorted(w_end, gs,
+        # side="right")``, written out: the library one made the cached scan import
+        # numba.np.arraymath and numba.cpython.unicode when loaded, ~30 ms)
+        j, hi = 0, m
+        while j < hi:
+            mid = (j + hi) >> 1
+            if meta[w_end + mid] <= gs:
+                j = mid + 1
+            else:
+                hi = mid
+        if j < m and meta[w_start + j] < gs + nb:
             return 3 * n + i
     return -1
 
@@ -325,7 +338,13 @@ class Plan:
         self.obj, self.gaddr = obj, np.empty(n, np.int64)
         self.fast = struct_layout_ok()
         self.params, self.states = tuple(params), tuple(states)
-        self.plan_groups(numba.get_num_threads())
+        # the thread count only orders the table for the parallel kernel: a model below
+        # its threshold runs serially (the dispatcher re-plans it if the threshold drops
+        # under it) and does not start Numba's thread pool (~15 ms on first use, 2-core
+        # AMD EPYC); nor does the layout probe's model
+        self.plan_groups(1)
+        if self.largest >= config.parallel_from(8):  # the rule of cpu_update_many
+            self.plan_groups(numba.get_num_threads())
 
     def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
               ) -> tuple[int, np.ndarray]:

@@ -40,6 +40,14 @@ CHUNK: int = 1 << 14
 #: directory is writable. ``FASTADAGRAD_NO_CACHE=1`` turns it off.
 CACHE: bool = os.environ.get("FASTADAGRAD_NO_CACHE", "") not in ("1", "true", "yes")
 
+#: Skip the parts of Numba's start-up that fastadagrad's kernels do not need (see
+#: ``_jit.py``): the full context refresh before a cache load and the ``numpy.ma`` import
+#: when an ndarray argument is first typed; ~100 ms of a warm process's import and first
+#: update on the 2-core AMD EPYC. ``FASTADAGRAD_FULL_NUMBA_START=1`` turns it off.
+#: Read at every cache load and argument typing.
+LIGHT_START: bool = os.environ.get("FASTADAGRAD_FULL_NUMBA_START", "") not in (
+    "1", "true", "yes")
+
 #: CUDA launch configuration: threads per block for the grid-stride kernels, and the
 #: most blocks per SM the grid is sized to (grid-stride loops cover the rest). Measured
 #: on an H100 (bench/gpu_sweep.py, 2^26 elements): 8 blocks/SM of 256 threads reached

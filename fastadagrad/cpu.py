@@ -37,11 +37,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import carray, prange, types
+from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
-from ._intrinsics import _as_pointer, fma  # noqa: F401  (fma: part of this module's API)
+from ._intrinsics import _view, fma  # noqa: F401  (fma: part of this module's API)
 from ._jit import jit
 from .config import parallel_from
 
@@ -163,7 +163,9 @@ def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped
             return 3
         if n >= parallel_from(p.itemsize, threshold):
             return 4
-        pf, gf, hf = p.reshape(n), g.reshape(n), h.reshape(n)
+        # flat views of the C-contiguous arrays (``reshape(n)``, whose implementation
+        # is compiled apart, made the cached kernel import numba.np.arrayobj on loading)
+        pf, gf, hf = _view(pa, n, p), _view(ga, n, g), _view(ha, n, h)
         lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale = (
             c[0], c[1], c[2], c[3], c[4], c[5], c[6])
         for i in range(n):
@@ -220,9 +222,9 @@ def _build(flags: int) -> Kernels:
             n = clen[c]
             # each view starts at its span: the inner loop is a plain range(n), which
             # vectorises (range(b, e) over the whole tensor stayed scalar: NUMBA_NOTES)
-            pv = carray(_as_pointer(paddr[t] + off, proto), n)
-            gv = carray(_as_pointer(gaddr[t] + off, proto), n)
-            hv = carray(_as_pointer(haddr[t] + off, proto), n)
+            pv = _view(paddr[t] + off, n, proto)
+            gv = _view(gaddr[t] + off, n, proto)
+            hv = _view(haddr[t] + off, n, proto)
             for i in range(n):
                 _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                            grad_scale, F)
@@ -235,9 +237,9 @@ def _build(flags: int) -> Kernels:
             t = ctensor[c]
             off = cstart[c] * isz
             n = clen[c]
-            pv = carray(_as_pointer(paddr[t] + off, proto), n)
-            gv = carray(_as_pointer(gaddr[t] + off, proto), n)
-            hv = carray(_as_pointer(haddr[t] + off, proto), n)
+            pv = _view(paddr[t] + off, n, proto)
+            gv = _view(gaddr[t] + off, n, proto)
+            hv = _view(haddr[t] + off, n, proto)
             for i in range(n):
                 _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                            grad_scale, F)
@@ -276,7 +278,7 @@ def _build(flags: int) -> Kernels:
         bad = np.zeros(nc, np.bool_)
         for c in prange(nc):
             n = clen[c]
-            gv = carray(_as_pointer(gaddr[ctensor[c]] + cstart[c] * isz, proto), n)
+            gv = _view(gaddr[ctensor[c]] + cstart[c] * isz, n, proto)
             b = np.int32(0)
             for i in range(n):
                 b |= _nonfinite_at(gv, i, grad_scale, S)
@@ -296,7 +298,7 @@ def _build(flags: int) -> Kernels:
             if first >= 0 and t >= first:
                 continue
             n = clen[c]
-            gv = carray(_as_pointer(gaddr[t] + cstart[c] * isz, proto), n)
+            gv = _view(gaddr[t] + cstart[c] * isz, n, proto)
             b = np.int32(0)
             for i in range(n):
                 b |= _nonfinite_at(gv, i, grad_scale, S)
