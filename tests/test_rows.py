@@ -252,8 +252,10 @@ def test_block_bounds_never_split_a_group():
         assert np.all(np.diff(b) >= 0)
 
 
+# 1 << 50: 50 row bits + 12 position bits (3,000 lookups) fill the packed key's 62 bits;
+# 1 << 62: too wide to pack, keys and positions are sorted side by side
 @pytest.mark.parametrize("nrows", [1, 2, 3, 2047, 2048, 2049, 1 << 22, (1 << 22) + 1,
-                                   1 << 40])
+                                   1 << 40, 1 << 50, 1 << 62])
 def test_group_by_row_groups_in_first_appearance_order(rng, nrows):
     idx = rng.integers(0, nrows, 3000)
     idx[:5] = nrows - 1
@@ -267,6 +269,31 @@ def test_group_by_row_groups_in_first_appearance_order(rng, nrows):
     assert starts.size == uniq.size + 1 and starts[0] == 0 and starts[-1] == idx.size
     assert_bits_equal(idx[order[starts[:-1]]], rows_first_seen)
 
+
+
+def _first_appearance_groups(idx):
+    uniq, first = np.unique(idx, return_index=True)
+    rows_first_seen = uniq[np.argsort(first)]
+    order = [np.flatnonzero(idx == r) for r in rows_first_seen]
+    return np.concatenate(order or [np.zeros(0, np.int64)]), rows_first_seen
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_group_by_row_small_and_all_distinct(rng, index_dtype):
+    """Every row distinct (as many groups as lookups: ``starts`` is full) and many small
+    random batches, through a scratch filled with garbage."""
+    cases = [rng.permutation(n) for n in (1, 2, 6, 64, 1000)]
+    cases += [rng.integers(0, int(rng.integers(1, 41)), int(rng.integers(0, 81)))
+              for _ in range(300)]
+    for idx in cases:
+        idx = idx.astype(index_dtype)
+        nrows = int(idx.max(initial=0)) + 1
+        work = np.full(cpu_rows.workspace_size(idx.size), -7, np.int64)
+        order, starts = cpu_rows.group_by_row(idx, nrows, work)
+        expect, rows_first_seen = _first_appearance_groups(idx)
+        assert_bits_equal(order, expect)
+        assert starts.size == rows_first_seen.size + 1 and starts[-1] == idx.size
+        assert_bits_equal(idx[order[starts[:-1]]], rows_first_seen.astype(index_dtype))
 
 # --- non-finite ------------------------------------------------------------------------
 
