@@ -133,7 +133,9 @@ def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper:
     order, starts = cpu_rows.group_by_row(idx, nrows, workspace(k))
     ngroups = starts.size - 1
     if big and threads > 1 and ngroups > 1:
-        bounds = cpu_rows.block_bounds(starts, k, min(ngroups, BLOCKS_PER_THREAD * threads))
+        weight = cpu_rows.GROUP_WEIGHT_ROWWISE if rowwise else cpu_rows.GROUP_WEIGHT_FULL
+        bounds = cpu_rows.block_bounds(starts, k, min(ngroups, BLOCKS_PER_THREAD * threads),
+                                       weight)
         kern = cpu_rows.rows_rowwise_parallel if rowwise else cpu_rows.rows_full_parallel
         with cpu.PARALLEL_LOCK:
             kern(p, g, h, idx, order, starts, bounds, *coefs)

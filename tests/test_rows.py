@@ -246,10 +246,16 @@ def test_block_bounds_never_split_a_group():
     idx = np.array([5] * 50 + [1, 2, 3] + [7] * 10 + list(range(8, 40)))
     work = np.empty(cpu_rows.workspace_size(idx.size), np.int64)
     order, starts = cpu_rows.group_by_row(idx, 40, work)
-    for nb in (1, 2, 3, 8, starts.size - 1):
-        b = cpu_rows.block_bounds(starts, idx.size, nb)
-        assert b[0] == 0 and b[-1] == starts.size - 1
-        assert np.all(np.diff(b) >= 0)
+    ngroups = starts.size - 1
+    for weight in (0, 1, cpu_rows.GROUP_WEIGHT_FULL, 100):
+        work = starts + weight * np.arange(starts.size)  # work before each group
+        for nb in (1, 2, 3, 8, ngroups):
+            b = cpu_rows.block_bounds(starts, idx.size, nb, weight)
+            assert b[0] == 0 and b[-1] == ngroups
+            assert np.all(np.diff(b) >= 0)
+            # no block holds more than its share plus one group's work
+            biggest = np.max(np.diff(starts)) + weight
+            assert np.all(np.diff(work[b]) <= work[-1] / nb + biggest)
 
 
 # 1 << 50: 50 row bits + 12 position bits (3,000 lookups) fill the packed key's 62 bits;
