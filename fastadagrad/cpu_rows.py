@@ -6,11 +6,12 @@ once. The work is split in three bare loops, all compiled with Numba:
 
 1. :func:`group_by_row`: a stable LSD radix sort of the ``K`` lookups, each packed
    with its position into one integer (digits of at most 11 bits; a 1,000,000-row
-   table takes two passes), then the groups put in the order their rows first appear:
-   ``order`` (lookup positions, grouped by row, ascending inside a group) and
-   ``starts`` (where each group begins). Memory: a few arrays of ``K`` integers and
-   one histogram of 2^11 counts, never anything proportional to the table. The
-   duplicates of a row are thus summed in the order they appear in ``indices``.
+   table takes two passes): ``order`` (lookup positions, grouped by row, ascending
+   inside a group), ``starts`` (where each group begins), and the order in which the
+   kernels visit the groups, that of their rows' first appearance (``perm``, with
+   ``first``, the lookups before each). Memory: a few arrays of ``K`` integers and one
+   histogram of 2^11 counts, never anything proportional to the table. The duplicates
+   of a row are thus summed in the order they appear in ``indices``.
 2. The duplicate gradient rows of a group are summed in that order, left to right
    (``((g_a + g_b) + g_c) + ...``, starting from ``g_a`` itself, so a lone ``-0.0``
    stays ``-0.0``), into a per-block scratch row.
@@ -124,102 +125,115 @@ def _radix_passes(bits):
 
 @jit()
 def group_by_row(indices, nrows, work):
-    """``(order, starts)``: the lookups grouped by row (see the module docstring).
+    """``(order, starts, perm, first, pos)``: the lookups grouped by row.
 
-    ``order[starts[u]:starts[u + 1]]`` are the positions in ``indices`` of the lookups of
-    the ``u``-th distinct row, ascending (the order they appear in ``indices``). Groups
-    come in the order of their rows' first appearance, so the kernels read the gradient
-    rows of rows seen once (most of them) front to back: in row order instead, the
-    serial full-accumulator kernel took 7.8 ms instead of 6.9 (Zipf) and 10.6 instead of
-    8.4 (uniform; 65,536 rows of 256 bytes, one thread, interleaved, load 1.7). Every
-    index must be in ``[0, nrows)`` (checked by the caller).
+    ``order[starts[v]:starts[v + 1]]`` are the positions in ``indices`` of the lookups of
+    the ``v``-th distinct row in ascending row order, ascending (the order they appear in
+    ``indices``). ``perm`` lists the groups in the order their rows first appear in
+    ``indices``, ``pos[w]`` is where group ``perm[w]`` first appears, and ``first[w]``
+    counts the lookups of groups ``perm[:w]`` (``first[-1] == K``). The kernels visit
+    the groups in ``perm`` order, reading a group's row and first gradient row at
+    ``pos[w]`` (``perm`` and ``starts`` only for a row with repeats), so they read
+    the gradient rows of rows seen once (most of them) front to back: in row order
+    instead, the serial full-accumulator kernel took 7.8 ms instead of 6.9 (Zipf) and
+    10.6 instead of 8.4 (uniform; 65,536 rows of 256 bytes, one thread, interleaved,
+    load 1.7). Every index must be in ``[0, nrows)`` (checked by the caller).
 
     Each lookup is sorted as one integer, ``row << P | position`` (``P`` bits hold a
-    position), so a radix pass moves one array instead of keys and positions apart: 0.60
-    ms instead of 0.76 for 65,536 Zipf lookups into 1,000,000 rows (one thread, load
-    1.7). Where ``row`` and ``position`` do not fit in 62 bits together the keys and the
-    positions are sorted side by side (:func:`_group_by_row_pairs`).
+    position), so a radix pass moves one array instead of keys and positions apart.
+    Where ``row`` and ``position`` do not fit in 62 bits together, the keys and the
+    positions are sorted side by side (:func:`_sort_pairs`). Copying the groups into
+    first-appearance order took more than the sort (0.36 ms against 0.27 for 65,536
+    Zipf lookups into 1,000,000 rows, one thread); handing the kernels ``perm`` instead
+    brought the whole grouping from 0.78 ms to 0.40 (uniform: 0.75 to 0.38; load 2.7).
 
-    ``work``: int64 scratch of at least :func:`workspace_size` elements; ``order`` and
-    ``starts`` are views into it. Fresh arrays cost more than the sort itself: six new
-    512 KiB arrays, first touched, took 1.07 ms, the same writes into reused ones 0.04 ms
+    ``work``: int64 scratch of at least :func:`workspace_size` elements; the five arrays
+    are views into it. Fresh arrays cost more than the sort itself: six new 512 KiB
+    arrays, first touched, took 1.07 ms, the same writes into reused ones 0.04 ms
     (65,536 lookups, page faults), so the dispatcher keeps one per thread.
     """
     k = indices.size
     bits = _bit_length(nrows - 1)
     pb = _bit_length(k - 1) if k > 1 else 0
+    order = work[2 * k:3 * k]
+    slot = work[k:2 * k]
+    rows = work[0:k]  # the sorted rows
     if bits + pb > 62:
-        return _group_by_row_pairs(indices, nrows, work)
-    passes, width = _radix_passes(bits)
-    mask = (1 << width) - 1
-    keys = work[0:k]
-    keys2 = work[k:2 * k]
-    for i in range(k):
-        keys[i] = (np.int64(indices[i]) << pb) | i
-    count = np.empty(mask + 2, np.int64)
-    shift = pb
-    for _ in range(passes if bits else 0):
-        count[:] = 0
+        _sort_pairs(indices, bits, rows, slot, order, work[3 * k:4 * k])
+    else:
+        passes, width = _radix_passes(bits)
+        mask = (1 << width) - 1
+        keys = work[0:k]
+        keys2 = slot
         for i in range(k):
-            count[((keys[i] >> shift) & mask) + 1] += 1
-        for d in range(1, mask + 2):
-            count[d] += count[d - 1]
-        for i in range(k):  # stable scatter: equal digits keep their order
+            keys[i] = (np.int64(indices[i]) << pb) | i
+        count = np.empty(mask + 2, np.int64)
+        shift = pb
+        for _ in range(passes if bits else 0):
+            count[:] = 0
+            for i in range(k):
+                count[((keys[i] >> shift) & mask) + 1] += 1
+            for d in range(1, mask + 2):
+                count[d] += count[d - 1]
+            for i in range(k):  # stable scatter: equal digits keep their order
+                x = keys[i]
+                d = (x >> shift) & mask
+                j = count[d]
+                count[d] = j + 1
+                keys2[j] = x
+            keys, keys2 = keys2, keys
+            shift += width
+        pmask = (1 << pb) - 1
+        for i in range(k):  # keys may be ``slot`` (an odd number of passes)
             x = keys[i]
-            d = (x >> shift) & mask
-            j = count[d]
-            count[d] = j + 1
-            keys2[j] = x
-        keys, keys2 = keys2, keys
-        shift += width
-    pmask = (1 << pb) - 1
+            order[i] = x & pmask
+            rows[i] = x >> pb
     # groups in row order; slot[position] = group of the lookup if it is its group's
-    # first, else -1 (every position is written once: no initialising pass)
-    starts = work[2 * k:3 * k + 1]
-    slot = keys2
+    # first, else -1 (every position is written once: no initialising pass, no branch)
+    starts = work[4 * k:5 * k + 1]
     u = 0
     prev = -1
     for i in range(k):
-        x = keys[i]
-        new = (x >> pb) != prev
-        prev = x >> pb
+        new = rows[i] != prev
+        prev = rows[i]
         starts[u] = i  # overwritten until the next group begins
-        slot[x & pmask] = u if new else -1
+        slot[order[i]] = u if new else -1
         u += new
     starts[u] = k
-    out = work[3 * k + 1:4 * k + 1]
-    first = work[4 * k + 1:5 * k + 2]
-    j = 0
+    # slot read front to back: the groups by first appearance (perm overwrites slot
+    # behind the reading position)
+    perm = slot
+    pos = work[3 * k:4 * k]
+    first = work[5 * k + 1:6 * k + 2]
     w = 0
-    for i in range(k):  # groups by first appearance
+    j = 0
+    for i in range(k):  # no branch: 0.12 ms less than one on v >= 0 (Zipf, 65,536)
         v = slot[i]
-        if v >= 0:
-            first[w] = j
-            w += 1
-            for t in range(starts[v], starts[v + 1]):
-                out[j] = keys[t] & pmask
-                j += 1
+        is_first = v >= 0
+        vv = max(v, 0)
+        perm[w] = v
+        pos[w] = i
+        first[w] = j
+        j += (starts[vv + 1] - starts[vv]) * is_first
+        w += is_first
     first[u] = k
-    return out, first[:u + 1]
+    return order, starts[:u + 1], perm[:u], first[:u + 1], pos[:u]
 
 
 @jit()
-def _group_by_row_pairs(indices, nrows, work):
-    """:func:`group_by_row` for rows and positions too wide to share one int64: keys and
-    positions sorted side by side (the same result)."""
+def _sort_pairs(indices, bits, keys, keys2, order, order2):
+    """Stable LSD radix sort of ``indices`` (``bits`` wide) with their positions side by
+    side, into ``keys`` and ``order`` (``keys2``, ``order2``: scratch). For rows and
+    positions too wide to share one int64."""
     k = indices.size
-    bits = _bit_length(nrows - 1)
     passes, width = _radix_passes(bits)
     mask = (1 << width) - 1
-    keys = work[0:k]
-    keys2 = work[k:2 * k]
-    order = work[2 * k:3 * k]
-    order2 = work[3 * k:4 * k]
     for i in range(k):
         keys[i] = indices[i]
         order[i] = i
     count = np.empty(mask + 2, np.int64)
     shift = 0
+    swapped = False
     for _ in range(passes if bits else 0):
         count[:] = 0
         for i in range(k):
@@ -234,33 +248,12 @@ def _group_by_row_pairs(indices, nrows, work):
             order2[j] = order[i]
         keys, keys2 = keys2, keys
         order, order2 = order2, order
+        swapped = not swapped
         shift += width
-    starts = work[4 * k:5 * k + 1]
-    u = 0
-    for i in range(k):
-        if i == 0 or keys[i] != keys[i - 1]:
-            starts[u] = i
-            u += 1
-    starts[u] = k
-    # groups (in row order so far) by first appearance: slot[first position] = group
-    slot = keys2
-    slot[:] = -1
-    for v in range(u):
-        slot[order[starts[v]]] = v
-    out = order2
-    first = work[5 * k + 1:6 * k + 2]
-    j = 0
-    w = 0
-    for i in range(k):
-        v = slot[i]
-        if v >= 0:
-            first[w] = j
-            w += 1
-            for t in range(starts[v], starts[v + 1]):
-                out[j] = order[t]
-                j += 1
-    first[u] = k
-    return out, first[:u + 1]
+    if swapped:  # the results must end in the caller's ``keys`` and ``order``
+        for i in range(k):
+            keys2[i] = keys[i]
+            order2[i] = order[i]
 
 
 @jit(error_model="numpy")
@@ -291,6 +284,8 @@ def _sum_group(g, order, s, e, acc):
     for d in range(acc.size):
         acc[d] = first[d]
     for k in range(s + 1, e):
+        if k + PREFETCH_LOOKUPS < e:
+            _prefetch_row(g, order[k + PREFETCH_LOOKUPS])
         row = g[order[k]]
         for d in range(acc.size):
             acc[d] = acc[d] + row[d]
@@ -326,14 +321,16 @@ ROWWISE_BATCH = 16
 
 
 @jit(error_model="numpy", inline="always")
-def _scaled_group(g, order, s, e, out, grad_scale, flags):
+def _scaled_group(g, i, order, s, e, out, grad_scale, flags):
     """``out = g'``: the group's gradient rows summed left to right (``((g_a + g_b) +
-    g_c) + ...`` from ``g_a`` itself), then divided by ``grad_scale`` if GRAD_SCALE and
-    negated if MAXIMIZE, element by element."""
-    first = g[order[s]]
+    g_c) + ...`` from ``g_a = g[i]`` itself, ``i == order[s]``), then divided by
+    ``grad_scale`` if GRAD_SCALE and negated if MAXIMIZE, element by element."""
+    first = g[i]
     for d in range(out.size):
         out[d] = first[d]
     for k in range(s + 1, e):
+        if k + PREFETCH_LOOKUPS < e:
+            _prefetch_row(g, order[k + PREFETCH_LOOKUPS])
         row = g[order[k]]
         for d in range(out.size):
             out[d] = out[d] + row[d]
@@ -409,46 +406,53 @@ def _update_row_rowwise(p, gs, h, r, s, dn, one, lr_wd, eps_in, eps_out, wd, fla
 
 
 @jit(error_model="numpy", inline="always")
-def _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend):
-    """Prefetch the table row ``PREFETCH_GROUPS`` groups ahead and the gradient rows
-    ``PREFETCH_LOOKUPS`` lookups ahead of group ``u`` (lookups ``s..e-1``); return that
-    table row (-1 if none), for the caller to prefetch its state row too. Touched rows
-    are scattered: the hardware prefetcher cannot guess them."""
+def _prefetch_ahead(p, g, indices, order, starts, perm, first, pos, w, whi):
+    """Prefetch the table row of the group ``PREFETCH_GROUPS`` ahead of the ``w``-th
+    (in ``perm`` order) and its first ``PREFETCH_LOOKUPS`` gradient rows (the others are
+    prefetched while the group is summed); return that table row (-1 if none), for the
+    caller to prefetch its state row too. Touched rows are scattered: the hardware
+    prefetcher cannot guess them."""
     ra = -1
-    if u + PREFETCH_GROUPS < uhi:
-        ra = indices[order[starts[u + PREFETCH_GROUPS]]]
+    wa = w + PREFETCH_GROUPS
+    if wa < whi:
+        i = pos[wa]
+        ra = indices[i]
         _prefetch_row(p, ra)
-    for j in range(s + PREFETCH_LOOKUPS, min(e + PREFETCH_LOOKUPS, kend)):
-        _prefetch_row(g, order[j])
+        _prefetch_row(g, i)
+        n = first[wa + 1] - first[wa]
+        if n > 1:
+            s = starts[perm[wa]]
+            for j in range(s + 1, s + min(n, PREFETCH_LOOKUPS)):
+                _prefetch_row(g, order[j])
     return ra
 
 
 @jit(error_model="numpy")
-def rows_span_full(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_after, eps_in,
-                   eps_out, wd, lr_wd, grad_scale, flags):
-    """Update the rows of groups ``ulo .. uhi-1``, full accumulator ``h`` (R, D)."""
+def rows_span_full(p, g, h, indices, order, starts, perm, first, pos, wlo, whi, lr_num,
+                   lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """Update the rows of groups ``perm[wlo:whi]``, full accumulator ``h`` (R, D)."""
     acc = np.empty(p.shape[1], p.dtype)  # one scratch row per block, not per row
-    kend = starts[uhi]
-    for u in range(ulo, uhi):
-        s = starts[u]
-        e = starts[u + 1]
-        ra = _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend)
+    for w in range(wlo, whi):
+        ra = _prefetch_ahead(p, g, indices, order, starts, perm, first, pos, w, whi)
         if ra >= 0:
             _prefetch_row(h, ra)
-        r = indices[order[s]]
-        if e - s == 1:
-            _update_row(p[r], g[order[s]], h[r], lr_num, lr_after, eps_in, eps_out, wd,
-                        lr_wd, grad_scale, flags)
+        i = pos[w]
+        r = indices[i]
+        n = first[w + 1] - first[w]
+        if n == 1:
+            _update_row(p[r], g[i], h[r], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                        grad_scale, flags)
         else:
-            _sum_group(g, order, s, e, acc)
+            s = starts[perm[w]]
+            _sum_group(g, order, s, s + n, acc)
             _update_row(p[r], acc, h[r], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                         grad_scale, flags)
 
 
 @jit(error_model="numpy")
-def rows_span_rowwise(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_after,
-                      eps_in, eps_out, wd, lr_wd, grad_scale, flags):
-    """Update the rows of groups ``ulo .. uhi-1``, rowwise accumulator ``h`` (R,), in
+def rows_span_rowwise(p, g, h, indices, order, starts, perm, first, pos, wlo, whi, lr_num,
+                      lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """Update the rows of groups ``perm[wlo:whi]``, rowwise accumulator ``h`` (R,), in
     batches of :data:`ROWWISE_BATCH` groups: their scaled gradients gathered into a
     scratch block, their sums of squares taken together, then each row updated."""
     nbatch = ROWWISE_BATCH
@@ -459,16 +463,18 @@ def rows_span_rowwise(p, g, h, indices, order, starts, ulo, uhi, lr_num, lr_afte
     dn = sums[0]
     sums[0] = 1
     one = sums[0]
-    kend = starts[uhi]
-    for u0 in range(ulo, uhi, nbatch):
-        nb = min(nbatch, uhi - u0)
+    for w0 in range(wlo, whi, nbatch):
+        nb = min(nbatch, whi - w0)
         for j in range(nb):
-            u = u0 + j
-            s = starts[u]
-            e = starts[u + 1]
-            _prefetch_group(p, g, indices, order, starts, u, uhi, s, e, kend)
-            rows[j] = indices[order[s]]
-            _scaled_group(g, order, s, e, gs[j], grad_scale, flags)
+            w = w0 + j
+            ra = _prefetch_ahead(p, g, indices, order, starts, perm, first, pos, w, whi)
+            if ra >= 0:
+                _prefetch(h, ra)
+            i = pos[w]
+            rows[j] = indices[i]
+            n = first[w + 1] - first[w]
+            s = starts[perm[w]] if n > 1 else 0
+            _scaled_group(g, i, order, s, s + n, gs[j], grad_scale, flags)
         _sums_of_squares(gs, p, rows, nb, sums, wd, flags)
         for j in range(nb):
             _update_row_rowwise(p[rows[j]], gs[j], h, rows[j], sums[j], dn, one, lr_wd,
@@ -488,15 +494,16 @@ GROUP_WEIGHT_ROWWISE = 3
 
 
 @jit()
-def block_bounds(starts, k, nblocks, weight):
-    """First group of each of ``nblocks`` blocks of about equal work.
+def block_bounds(first, k, nblocks, weight):
+    """Bounds, in ``perm`` order, of ``nblocks`` blocks of groups of about equal work.
 
-    The work of groups ``0 .. u-1`` is ``starts[u] + weight * u`` (lookups, plus
+    ``first``: :func:`group_by_row`'s lookups before each group in ``perm`` order. The
+    work of the first ``w`` groups is ``first[w] + weight * w`` (lookups, plus
     ``weight`` per group: :data:`GROUP_WEIGHT_FULL`); block ``b`` starts at the first
     group whose work before it reaches ``b/nblocks`` of the total, so a group is never
     split and every row belongs to one block (one thread).
     """
-    ngroups = starts.size - 1
+    ngroups = first.size - 1
     total = k + weight * ngroups
     bounds = np.empty(nblocks + 1, np.int64)
     bounds[0] = 0
@@ -504,9 +511,9 @@ def block_bounds(starts, k, nblocks, weight):
         target = b * total // nblocks
         lo = bounds[b - 1]
         hi = ngroups
-        while lo < hi:  # the first u with starts[u] + weight * u >= target
+        while lo < hi:  # the first w with first[w] + weight * w >= target
             mid = (lo + hi) // 2
-            if starts[mid] + weight * mid < target:
+            if first[mid] + weight * mid < target:
                 lo = mid + 1
             else:
                 hi = mid
@@ -516,18 +523,20 @@ def block_bounds(starts, k, nblocks, weight):
 
 
 @jit(parallel=True)
-def rows_full_parallel(p, g, h, indices, order, starts, bounds, lr_num, lr_after, eps_in,
-                       eps_out, wd, lr_wd, grad_scale, flags):
+def rows_full_parallel(p, g, h, indices, order, starts, perm, first, pos, bounds, lr_num,
+                       lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
     """:func:`rows_span_full` over the blocks of :func:`block_bounds`, one per task."""
     for b in prange(bounds.size - 1):
-        rows_span_full(p, g, h, indices, order, starts, bounds[b], bounds[b + 1], lr_num,
-                       lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)
+        rows_span_full(p, g, h, indices, order, starts, perm, first, pos, bounds[b],
+                       bounds[b + 1], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                       grad_scale, flags)
 
 
 @jit(parallel=True)
-def rows_rowwise_parallel(p, g, h, indices, order, starts, bounds, lr_num, lr_after,
-                          eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+def rows_rowwise_parallel(p, g, h, indices, order, starts, perm, first, pos, bounds, lr_num,
+                          lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
     """:func:`rows_span_rowwise` over the blocks of :func:`block_bounds`."""
     for b in prange(bounds.size - 1):
-        rows_span_rowwise(p, g, h, indices, order, starts, bounds[b], bounds[b + 1],
-                          lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags)
+        rows_span_rowwise(p, g, h, indices, order, starts, perm, first, pos, bounds[b],
+                          bounds[b + 1], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                          grad_scale, flags)
