@@ -486,9 +486,11 @@ def rows_span_rowwise(p, g, h, indices, order, starts, perm, first, pos, wlo, wh
 #: row), scattered; a repeated lookup only reads one more gradient row. Fitted to serial
 #: times of 1M x 64 f32, 65,536 lookups (Zipf: 41,080 groups; uniform: 63,425): about
 #: 150 ns per group and 21 ns per repeat with the full accumulator, 130 and 44 ns
-#: rowwise. Balanced by lookups alone, a Zipf batch gave one of 2 threads 10,490 rows and
-#: the other 30,590 (its first rows hold most repeats): 13.2 ms instead of 8.0 with
-#: these weights (2 threads, interleaved, load 2.2).
+#: rowwise. Balanced by lookups alone, a Zipf batch gave one of 2 threads 10,490 rows
+#: and the other 30,590 (its first rows hold most repeats; by the fit, 2.0 ms of work
+#: against 4.6); with weight 6 they get 18,920 and 22,160 rows (3.3 ms each). On 2
+#: threads (interleaved, load 2.2) the full kernel went from 13.2 to 8.0 ms with
+#: weight 4.
 GROUP_WEIGHT_FULL = 6
 GROUP_WEIGHT_ROWWISE = 3
 
