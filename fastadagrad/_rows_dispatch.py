@@ -130,14 +130,17 @@ def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper:
                 raise FloatingPointError("grad_rows contains NaN or inf; nothing was "
                                          "updated")
             return False
-    order, starts = cpu_rows.group_by_row(idx, nrows, workspace(k))
-    ngroups = starts.size - 1
+    groups = cpu_rows.group_by_row(idx, nrows, workspace(k))  # order .. pos
+    first = groups[3]
+    ngroups = first.size - 1
     if big and threads > 1 and ngroups > 1:
-        bounds = cpu_rows.block_bounds(starts, k, min(ngroups, BLOCKS_PER_THREAD * threads))
+        weight = cpu_rows.GROUP_WEIGHT_ROWWISE if rowwise else cpu_rows.GROUP_WEIGHT_FULL
+        bounds = cpu_rows.block_bounds(first, k, min(ngroups, BLOCKS_PER_THREAD * threads),
+                                       weight)
         kern = cpu_rows.rows_rowwise_parallel if rowwise else cpu_rows.rows_full_parallel
         with cpu.PARALLEL_LOCK:
-            kern(p, g, h, idx, order, starts, bounds, *coefs)
+            kern(p, g, h, idx, *groups, bounds, *coefs)
     else:
         span = cpu_rows.rows_span_rowwise if rowwise else cpu_rows.rows_span_full
-        span(p, g, h, idx, order, starts, 0, ngroups, *coefs)
+        span(p, g, h, idx, *groups, 0, ngroups, *coefs)
     return True

@@ -5,7 +5,8 @@ Same three steps as ``cpu_rows.py``; the grouping is the CPU's:
 1. the ``K`` indices are grouped on the host by :func:`fastadagrad.cpu_rows.group_by_row`
    (a stable radix sort of ``K`` integers, ~0.3 ms for 65,536; a device array of indices
    is copied to the host first, which waits for its stream), and the groups
-   (``rows``, ``order``, ``starts``) are copied to the device;
+   (``rows``, ``order``, ``starts``, in row order: the CPU kernels' first-appearance
+   order ``perm`` is not needed here) are copied to the device;
 2. :func:`kernels` ``[0]`` (full accumulator): one thread per element of a touched row
    (group ``u``, column ``d``); it sums the gradients of its group in the order of
    ``indices``, left to right from the first, then applies the dense kernel's formula
@@ -237,7 +238,7 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     # fresh scratch, not the host path's per-thread one: order and starts are views of
     # it and are copied to the device below
     work = np.empty(cpu_rows.workspace_size(k), np.int64)
-    order, starts = cpu_rows.group_by_row(idx, nrows, work)
+    order, starts = cpu_rows.group_by_row(idx, nrows, work)[:2]  # groups in row order
     rows = idx[order[starts[:-1]]].astype(np.int64)
     d_rows = cuda.to_device(rows, stream=stream)
     d_order = cuda.to_device(order, stream=stream)

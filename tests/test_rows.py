@@ -245,28 +245,63 @@ def test_parallel_matches_serial_and_threads(rng, monkeypatch, rowwise, dtype):
 def test_block_bounds_never_split_a_group():
     idx = np.array([5] * 50 + [1, 2, 3] + [7] * 10 + list(range(8, 40)))
     work = np.empty(cpu_rows.workspace_size(idx.size), np.int64)
-    order, starts = cpu_rows.group_by_row(idx, 40, work)
-    for nb in (1, 2, 3, 8, starts.size - 1):
-        b = cpu_rows.block_bounds(starts, idx.size, nb)
-        assert b[0] == 0 and b[-1] == starts.size - 1
-        assert np.all(np.diff(b) >= 0)
+    _, starts, perm, first, _ = cpu_rows.group_by_row(idx, 40, work)
+    ngroups = perm.size
+    for weight in (0, 1, cpu_rows.GROUP_WEIGHT_FULL, 100):
+        work = first + weight * np.arange(first.size)  # work before each group
+        for nb in (1, 2, 3, 8, ngroups):
+            b = cpu_rows.block_bounds(first, idx.size, nb, weight)
+            assert b[0] == 0 and b[-1] == ngroups
+            assert np.all(np.diff(b) >= 0)
+            # no block holds more than its share plus one group's work
+            biggest = np.max(np.diff(starts)) + weight
+            assert np.all(np.diff(work[b]) <= work[-1] / nb + biggest)
 
 
+def check_groups(idx, order, starts, perm, first, pos):
+    """``group_by_row``'s five arrays against NumPy: groups in row order, positions
+    ascending inside each, ``perm`` by first appearance, ``first`` its lookup counts,
+    ``pos`` where each group appears first."""
+    uniq, first_seen = np.unique(idx, return_index=True)
+    assert starts.size == uniq.size + 1 and starts[0] == 0 and starts[-1] == idx.size
+    expect = np.concatenate([np.flatnonzero(idx == r) for r in uniq] or
+                            [np.zeros(0, np.int64)])
+    assert_bits_equal(order, expect)
+    assert_bits_equal(idx[order[starts[:-1]]], uniq)
+    assert_bits_equal(perm, np.argsort(first_seen).astype(np.int64))
+    sizes = np.diff(starts)[perm]
+    assert_bits_equal(first, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+    assert_bits_equal(pos, np.sort(first_seen).astype(np.int64))
+    assert_bits_equal(pos, order[starts[perm]])
+
+
+# 1 << 50: 50 row bits + 12 position bits (3,000 lookups) fill the packed key's 62 bits;
+# 1 << 62: too wide to pack, keys and positions are sorted side by side
 @pytest.mark.parametrize("nrows", [1, 2, 3, 2047, 2048, 2049, 1 << 22, (1 << 22) + 1,
-                                   1 << 40])
+                                   1 << 40, 1 << 50, 1 << 62])
 def test_group_by_row_groups_in_first_appearance_order(rng, nrows):
     idx = rng.integers(0, nrows, 3000)
     idx[:5] = nrows - 1
     idx[100:140] = idx[7]
     work = np.full(cpu_rows.workspace_size(idx.size) + 5, -7, np.int64)
-    order, starts = cpu_rows.group_by_row(idx, nrows, work)
-    uniq, first = np.unique(idx, return_index=True)
-    rows_first_seen = uniq[np.argsort(first)]
-    expect = np.concatenate([np.flatnonzero(idx == r) for r in rows_first_seen])
-    assert_bits_equal(order, expect)
-    assert starts.size == uniq.size + 1 and starts[0] == 0 and starts[-1] == idx.size
-    assert_bits_equal(idx[order[starts[:-1]]], rows_first_seen)
+    check_groups(idx, *cpu_rows.group_by_row(idx, nrows, work))
 
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("wide", [0, 1 << 55, 1 << 62], ids=["fit", "2^55", "2^62"])
+def test_group_by_row_small_and_all_distinct(rng, index_dtype, wide):
+    """Every row distinct (as many groups as lookups: ``starts`` is full) and many small
+    random batches, through a scratch filled with garbage. In a table of 2^55 rows the
+    radix sort takes 5 passes (an odd number: the result lands in the other buffer),
+    packed up to 128 lookups, in pairs beyond; in one of 2^62 rows, 6 passes in pairs."""
+    cases = [rng.permutation(n) for n in (1, 2, 6, 64, 1000)]
+    cases += [rng.integers(0, int(rng.integers(1, 41)), int(rng.integers(0, 81)))
+              for _ in range(300)]
+    for idx in cases:
+        idx = idx.astype(index_dtype)
+        nrows = wide or int(idx.max(initial=0)) + 1
+        work = np.full(cpu_rows.workspace_size(idx.size), -7, np.int64)
+        check_groups(idx, *cpu_rows.group_by_row(idx, nrows, work))
 
 # --- non-finite ------------------------------------------------------------------------
 
