@@ -143,12 +143,16 @@ def check_block(d: Path) -> str:
     over = dict(re.findall(r"^(.*?) us ([\d.]+)$", over_file.read_text(), re.M)) \
         if over_file.exists() else {}
     if "model100 torch update" in over:
+        adapter = over.get("model100 fastadagrad.torch")
         lines.append(
             "Host time per step, 100-tensor model of torch CUDA tensors, steps back to back "
-            f"(`bench/gpu_overhead.py`): {float(over['model100 torch update']):.0f} µs for "
-            f"`AdaGrad.update`, {float(over['model100 torch foreach']):.0f} µs for torch's "
-            f"foreach Adagrad, {float(over['model100 torch single']):.0f} µs for its "
-            "single-tensor one.")
+            f"(`bench/gpu_overhead.py`): {float(over['model100 torch update']):,.0f} µs for "
+            "`AdaGrad.update`, "
+            + (f"{float(adapter):,.0f} µs for `fastadagrad.torch.Adagrad`, " if adapter
+               else "")
+            + f"{float(over['model100 torch foreach']):,.0f} µs for torch's foreach "
+            f"Adagrad, {float(over['model100 torch single']):,.0f} µs for its single-tensor "
+            "one.")
     bench_file = d / "bench.json"
     med: dict[str, float] = {}
     if bench_file.exists():
@@ -156,13 +160,15 @@ def check_block(d: Path) -> str:
             med[b["name"]] = b["stats"]["median"] * 1e6
     table: list[str] = []
     sizes = sorted({int(n) for n in re.findall(r"test_copy\[(\d+)\]", " ".join(med))})
-    if sizes:
+    if sizes:  # the columns this run has (torch fused: only where torch has it on CUDA)
+        cols = [(name, pat) for name, pat in CHECK_SIZES
+                if any(pat.format(n=n) in med for n in sizes)]
         table += ["", "Every step synchronized (`pytest bench/test_bench_gpu.py "
                   "--benchmark-only`), medians, one float32 array:", "",
-                  "| float32 elements | " + " | ".join(n for n, _ in CHECK_SIZES) + " |",
-                  "|---|" + "---:|" * len(CHECK_SIZES)]
+                  "| float32 elements | " + " | ".join(n for n, _ in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
         for n in sizes:
-            cells = [_us(med.get(pat.format(n=n))) for _, pat in CHECK_SIZES]
+            cells = [_us(med.get(pat.format(n=n))) for _, pat in cols]
             table.append(f"| 2^{n.bit_length() - 1} | " + " | ".join(cells) + " |")
     models = [m for m in MODEL_NAMES if any(f"[{m}" in k for k in med)]
     if models:
