@@ -94,50 +94,6 @@ except ImportError:  # pragma: no cover - another torch layout
                 return func(self, *args, **kwargs)
         return wrapper
 
-def _step_hooks(func: Callable[..., Any]) -> Callable[..., Any]:
-    """torch's ``Optimizer.profile_hook_step`` (which torch would wrap ``step`` in),
-    with the profiler's ``record_function`` entered only while a profiler runs.
-
-    The same step pre/post hooks (global and per optimizer) in the same order, the same
-    ``Optimizer.step#Adagrad.step`` range in a profile. Why: entering
-    ``record_function`` costs 6 us warm and ~64 us after a step's kernel has flushed
-    the caches (2-core AMD EPYC), a fifth of a 1.3M-parameter step. Where this torch
-    lacks the internals it needs, torch's own wrapper is left in place.
-    """
-    pre = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
-    post = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
-    enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
-    if pre is None or post is None or enabled is None:
-        return func
-
-    def hooked(self: Any, args: Any, kwargs: Any) -> Any:
-        for pre_hook in (*pre.values(), *self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if isinstance(result, tuple) and len(result) == 2:
-                    args, kwargs = result
-                else:
-                    raise RuntimeError(f"{func} must return None or a tuple of (new_args, "
-                                       f"new_kwargs), but got {result}.")
-        out = func(*args, **kwargs)
-        self._optimizer_step_code()
-        for post_hook in (*self._optimizer_step_post_hooks.values(), *post.values()):
-            post_hook(self, args, kwargs)
-        return out
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        self = args[0]
-        if enabled():
-            with torch.autograd.profiler.record_function(
-                    f"Optimizer.step#{self.__class__.__name__}.step"):
-                return hooked(self, args, kwargs)
-        return hooked(self, args, kwargs)
-
-    wrapper.hooked = True  # type: ignore[attr-defined]  # torch: do not wrap it again
-    return wrapper
-
-
 #: torch's implementation, for the tensors the kernels cannot take (a module global so
 #: that tests can check it is not called)
 _torch_step = _torch_adagrad.adagrad
@@ -405,7 +361,6 @@ class Adagrad(torch.optim.Adagrad):
     and Stochastic Optimization", JMLR 12 (2011).
     """
 
-    @_step_hooks
     @_use_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; returns ``closure()``'s loss if given.

@@ -328,7 +328,7 @@ def test_param_groups_add_param_group_none_grads_closure_hooks(no_torch_step: No
 
 
 def test_step_hooks_and_profiler_range_as_torchs() -> None:
-    # the step wrapper is torch's, with record_function entered only while profiling
+    # step hooks and the profiler range come from torch's own step wrapper, as for its Adagrad
     from torch.optim.optimizer import (
         register_optimizer_step_post_hook,
         register_optimizer_step_pre_hook,
