@@ -23,6 +23,8 @@ switched off with one logged warning and every step takes the slow, Python-level
 
 from __future__ import annotations
 
+import bisect
+
 import logging
 import operator
 import sys
@@ -240,33 +242,59 @@ def chunk_table(sizes: tuple[int, ...], threads: int = 1
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tensor, start, length) of every span of at most ``config.CHUNK`` elements.
 
-    With ``threads > 1`` the spans are ordered for the parallel kernel's static
-    schedule, which hands each thread one contiguous run of the table: longest first,
-    dealt round-robin into one run per thread, so every thread gets about the same
-    number of elements. In tensor order a 100-tensor model (2.95M f32) gave one thread
-    1.16M elements and the other 1.79M: the kernel took 960 us, balanced 761 us (a flat
-    buffer: 671 us). Cached per model layout: a training loop asks for the same table
+    With ``threads > 1`` the table is laid out for the parallel kernels' static
+    schedule, which hands thread k the k-th of ``threads`` equal runs of the table: the
+    elements of all tensors, in memory order, are cut into ``threads`` ranges of equal
+    size (each cut rounded down to a multiple of 16 elements of its tensor), each range
+    is split into spans, and shorter runs are padded with empty spans (length 0) so
+    that every run has the same number of entries. Each thread thus streams through
+    one contiguous stretch of the model. The previous layout (spans longest first,
+    dealt round-robin) balanced the work as well but sent each thread through every
+    other 64 KiB of a tensor: 1.5x slower on one 2^20 float32 tensor (238 vs 154 us;
+    the flat kernel 154 us) and 614 vs 453 us on the 100-tensor model (2-core AMD EPYC,
+    interleaved). Cached per model layout: a training loop asks for the same table
     every step.
     """
     key = (config.CHUNK, threads, sizes)
     table = _TABLES.get(key)
     if table is None:
-        chunk = config.CHUNK
-        sz = np.asarray(sizes, np.int64)
-        counts = (sz + chunk - 1) // chunk
-        tensor = np.repeat(np.arange(sz.size, dtype=np.int64), counts)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
-        start = (np.arange(tensor.size, dtype=np.int64) - first) * chunk
-        length = np.minimum(sz[tensor] - start, chunk)
-        if threads > 1 and tensor.size > 1:
-            order = np.argsort(-length, kind="stable")
-            order = np.concatenate([order[k::threads] for k in range(threads)])
-            tensor, start, length = tensor[order], start[order], length[order]
-        table = (tensor, start, length)
+        table = _build_table(sizes, max(1, threads), config.CHUNK)
         if len(_TABLES) > 64:
             _TABLES.clear()
         _TABLES[key] = table
     return table
+
+
+def _build_table(sizes: tuple[int, ...], threads: int, chunk: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ends = np.cumsum(np.asarray(sizes, np.int64)).tolist()
+    starts = [e - s for e, s in zip(ends, sizes)]
+    total = ends[-1] if ends else 0
+    cuts = [0]
+    for k in range(1, threads):
+        c = k * total // threads
+        i = bisect.bisect_right(ends, c)  # the tensor that holds element c
+        if i < len(sizes):
+            c = starts[i] + (c - starts[i]) // 16 * 16
+        cuts.append(max(c, cuts[-1]))
+    cuts.append(total)
+    runs = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        run = []
+        i = bisect.bisect_right(ends, lo)
+        while lo < hi:
+            b = min(hi, ends[i])
+            run += [(i, s - starts[i], min(chunk, b - s)) for s in range(lo, b, chunk)]
+            lo, i = b, i + 1
+        runs.append(run)
+    width = max(map(len, runs))
+    rows = []
+    for run in runs:
+        pad = (run[-1][0] if run else 0, 0, 0)
+        rows += run + [pad] * (width - len(run))
+    table = np.array(rows, np.int64).reshape(-1, 3)
+    return (np.ascontiguousarray(table[:, 0]), np.ascontiguousarray(table[:, 1]),
+            np.ascontiguousarray(table[:, 2]))
 
 
 # --- the plan ---------------------------------------------------------------------

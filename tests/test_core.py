@@ -351,7 +351,7 @@ def test_threshold_dispatch(monkeypatch, dtype, n):
     assert par[0] == 1
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
 def test_chunk_table_covers_every_element(threads):
     sizes = (0, 1, 5, 64, 65, 200, 3, 1000, 7)
     old = config.CHUNK
@@ -362,12 +362,20 @@ def test_chunk_table_covers_every_element(threads):
         config.CHUNK = old
     covered = {i: [] for i in range(len(sizes))}
     for ti, si, li in zip(t, s, ln):
-        assert 0 < li <= 64
+        assert 0 <= li <= 64 and 0 <= ti < len(sizes)
+        if threads == 1:
+            assert li > 0  # empty spans only pad the runs of several threads
         covered[int(ti)].extend(range(int(si), int(si + li)))
     for i, n in enumerate(sizes):
         assert sorted(covered[i]) == list(range(n))
-    if threads > 1:  # contiguous runs of the table carry about equal work per thread
-        runs = np.array_split(ln, threads)
-        work = [int(r.sum()) for r in runs]
-        assert max(work) - min(work) <= 64, work
-
+    if threads > 1:
+        # the static schedule's runs: equal entry counts, about equal work, and each
+        # run one stretch of the model in memory order
+        assert ln.size % threads == 0
+        runs = np.split(np.arange(ln.size), threads)
+        work = [int(ln[r].sum()) for r in runs]
+        assert max(work) - min(work) <= 16 * threads, work
+        flat = np.cumsum((0,) + sizes)[t] + s
+        for r in runs:
+            r = r[ln[r] > 0]
+            assert (flat[r][1:] == (flat[r] + ln[r])[:-1]).all()  # one stretch, in order
