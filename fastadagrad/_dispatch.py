@@ -164,14 +164,21 @@ def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
         return False  # nothing ran; the full path says what is wrong
     if code == 0:
         return True
-    if code == 4:  # checked; large enough for all threads (C-contiguous: flat views)
-        if p.ndim != 1:  # three reshapes cost ~0.45 us: only where they are needed
-            n = p.size
-            p, g, h = p.reshape(n), g.reshape(n), h.reshape(n)
-        with cpu.PARALLEL_LOCK:
-            parallel(p, g, h, config.CHUNK, *coefs)
+    if code == 4:  # checked; large enough for all threads
+        run_parallel_checked(p, g, h, parallel, coefs)
         return True
     return False
+
+
+def run_parallel_checked(p: np.ndarray, g: np.ndarray, h: np.ndarray,
+                         parallel: Any, coefs: tuple) -> None:
+    """The parallel kernel on arrays the checked kernel accepted (code 4): C-contiguous,
+    of one dtype and shape, not overlapping; flat views of them."""
+    if p.ndim != 1:  # three reshapes cost ~0.45 us: only where they are needed
+        n = p.size
+        p, g, h = p.reshape(n), g.reshape(n), h.reshape(n)
+    with cpu.PARALLEL_LOCK:
+        parallel(p, g, h, config.CHUNK, *coefs)
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

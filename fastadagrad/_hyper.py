@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -120,6 +120,15 @@ class Hyper:
     maximize: bool = False
     grad_scale: float | None = None
     rule: Rule = Rule()
+    #: bit 0: lr is -0.0, bit 1: weight_decay is -0.0. -0.0 == 0.0, so without this
+    #: field two Hypers differing only there would be equal (and share every cache
+    #: keyed on them), yet the sign reaches the bits of a zero parameter.
+    signed_zeros: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "signed_zeros",
+                           int(math.copysign(1.0, self.lr) < 0)
+                           | 2 * int(math.copysign(1.0, self.weight_decay) < 0))
 
     @classmethod
     def make(

@@ -24,7 +24,6 @@ switched off with one logged warning and every step takes the slow, Python-level
 from __future__ import annotations
 
 import bisect
-
 import logging
 import operator
 import sys

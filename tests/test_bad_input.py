@@ -631,3 +631,58 @@ def test_empty_and_large_tensors_take_the_parallel_path(rng: np.random.Generator
         opt.update(P, G)
     for k in P:
         assert_bits_equal(P[k], ref_p[k], k)
+
+
+def test_functional_signature_and_unknown_keyword(rng: np.random.Generator) -> None:
+    """help() and inspect show every option, and a misspelt one raises as Python would,
+    before anything is written (the options travel as **options)."""
+    import inspect
+
+    names = list(inspect.signature(adagrad_update).parameters)
+    assert names == ["param", "grad", "state_sum", "lr", "eps", "lr_decay", "weight_decay",
+                     "maximize", "step", "grad_scale", "nonfinite", "rule", "rounding",
+                     "seed", "master"]
+    assert "lr_decay" in (adagrad_update.__doc__ or "")
+    p, g, h = _triple(rng)
+    before = checksums(p, g, h)
+    with pytest.raises(TypeError, match=r"adagrad_update\(\) got an unexpected keyword "
+                                        r"argument 'lrdecay'"):
+        adagrad_update(p, g, h, lr=0.1, lrdecay=0.5)
+    with pytest.raises(TypeError, match=r"positional"):
+        adagrad_update(p, g, h, 0.1)  # type: ignore[misc]
+    assert checksums(p, g, h) == before
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_functional_last_call_cache_rechecks(rng: np.random.Generator, dtype: Any) -> None:
+    """The last (lr, eps, dtype) is remembered for a quicker call; every later call is
+    still checked in full: another dtype, a bad array, an overlap, a zero of either sign."""
+    from fastadagrad.reference import reference_step
+
+    def reference(p, g, h, lr):  # type: ignore[no-untyped-def]
+        reference_step(p, g, h, Hyper.make(lr=lr, eps=1e-7), 1)
+
+    lr = 0.125
+    for dt in (dtype, np.float64 if dtype is np.float32 else np.float32, dtype):
+        p, g, h = (rng.standard_normal(64).astype(dt) for _ in range(3))
+        h = np.abs(h)
+        want = [x.copy() for x in (p, g, h)]
+        reference(*want, lr)
+        assert adagrad_update(p, g, h, lr=lr)
+        np.testing.assert_array_equal(p, want[0])
+        np.testing.assert_array_equal(h, want[2])
+    p, g, h = (np.ones(64, dtype) for _ in range(3))
+    adagrad_update(p, g, h, lr=lr)  # remembered
+    before = checksums(p, g, h)
+    with pytest.raises(ValueError, match=r"\bparam\b"):
+        adagrad_update(p[::2], g[::2], h[::2], lr=lr)  # not contiguous
+    with pytest.raises(ValueError, match=r"\bstate_sum\b"):
+        adagrad_update(p, g, p, lr=lr)  # the state is the param
+    assert checksums(p, g, h) == before
+    # -0.0 == 0.0 but is not the same float: zero learning rates keep their sign
+    for z in (0.0, -0.0):
+        p, g, h = -np.zeros(4, dtype), np.zeros(4, dtype), np.zeros(4, dtype)
+        want = [x.copy() for x in (p, g, h)]
+        reference(*want, z)
+        adagrad_update(p, g, h, lr=z)
+        assert np.signbit(p).tolist() == np.signbit(want[0]).tolist()
