@@ -46,8 +46,14 @@ DEEPSPEED = "DeepSpeed CPU"
 #: the comparator that shows whether the library's kernels earn their complexity.
 PLAIN = "plain numba"
 PLAIN_SERIAL = "plain numba serial"
+#: the compiled kernels the public call runs (``cpu.kernels(flags).flat_parallel`` and
+#: ``.checked_span``), called directly: no checks, no dispatch. Against the plain loops they
+#: show what the kernels themselves cost, apart from the API's per-call work.
+FAST_KERNEL = "fastadagrad kernel"
+FAST_KERNEL_SERIAL = "fastadagrad kernel serial"
 IMPLS_ORDER = (FAST, FAST_SERIAL, FAST_FLAT, NUMPY, TORCH_FORLOOP, TORCH_FOREACH,
-               TORCH_FUSED, PLAIN, PLAIN_SERIAL, ROOFLINE, DEEPSPEED)
+               TORCH_FUSED, FAST_KERNEL, FAST_KERNEL_SERIAL, PLAIN, PLAIN_SERIAL, ROOFLINE,
+               DEEPSPEED)
 TORCH_MODES = {TORCH_FORLOOP: {"foreach": False}, TORCH_FOREACH: {"foreach": True},
                TORCH_FUSED: {"fused": True}}
 
@@ -114,6 +120,30 @@ def require_deepspeed(dtype: Any) -> None:
 _SOURCE: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
+def page_aligned(src_or_n: np.ndarray | int, dtype: Any = None) -> np.ndarray:
+    """A copy of ``src_or_n`` (or ``n`` zeros of ``dtype``) whose data starts on a
+    4096-byte boundary.
+
+    The flat cases put every implementation's p, g and h at the same offsets modulo the
+    page: where NumPy happens to place an array otherwise decides how often loads and
+    stores of the three streams alias in the low 12 address bits, which moved the plain
+    loop alone by 6-7% at 2^14-2^18 f32 (2-core AMD EPYC: all three at one offset vs
+    staggered by 1 KiB), more than the 5% the kernel-vs-plain-loop target allows.
+    All at one offset is also where NumPy puts large arrays (each mmap-ed, +16 bytes).
+    """
+    src = None if isinstance(src_or_n, int) else src_or_n
+    dt = np.dtype(dtype if src is None else src.dtype)
+    n = src_or_n if src is None else src.size
+    buf = np.empty(n * dt.itemsize + 4096, np.uint8)
+    off = (-buf.ctypes.data) % 4096
+    a = buf[off:off + n * dt.itemsize].view(dt)
+    if src is None:
+        a[:] = 0
+    else:
+        a[:] = src
+    return a
+
+
 def flat_source(n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Shared (param, grad) values for ``n`` elements of ``dtype``; never written
     (copy ``p`` before updating it).
@@ -126,7 +156,7 @@ def flat_source(n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
         _SOURCE.clear()
         rng = np.random.default_rng(n)
         p = rng.random(n, dtype=np.float32).astype(dtype) - 0.5
-        g = (rng.random(n, dtype=np.float32).astype(dtype) - 0.5) * 0.1
+        g = page_aligned((rng.random(n, dtype=np.float32).astype(dtype) - 0.5) * 0.1)
         _SOURCE[key] = (p, g)
     return _SOURCE[key]
 
@@ -208,6 +238,26 @@ def deepspeed_step(params: list[np.ndarray], grads: list[np.ndarray]) -> Step:
     return opt.step
 
 
+def fast_kernel(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = False) -> Step:
+    """The library's own compiled kernel on one flat buffer, called directly, with the
+    coefficients as ``adagrad_update`` passes them (one float64 array, rounded to the
+    array dtype in the kernel): the parallel one (``flat_parallel``, what
+    ``adagrad_update`` runs from ``config.PARALLEL_THRESHOLD`` elements up) or the
+    serial one below that (``checked_span``: the loop behind the compiled shape and
+    overlap checks, here with the parallel hand-off switched off)."""
+    from fastadagrad import _dispatch as D
+    from fastadagrad import cpu
+    from fastadagrad._hyper import Hyper
+
+    coefs = D.coefficients(Hyper.make(lr=LR, eps=EPS), p.dtype, 1)
+    k = cpu.kernels(coefs[7])
+    table = np.array([float(x) for x in coefs[:7]], np.float64)
+    if serial:
+        never = np.iinfo(np.int64).max
+        return lambda: k.checked_span(p, g, h, table, never)
+    return lambda: k.flat_parallel(p, g, h, table)
+
+
 def plain_flat(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = False) -> Step:
     """The plain fused loop (``bench/plain.py``) on one flat buffer."""
     from bench.plain import plain_parallel, plain_serial
@@ -246,7 +296,7 @@ def roofline_step(n: int, dtype: Any, p0: np.ndarray | None = None,
                   g0: np.ndarray | None = None) -> Step:
     from bench.roofline import roofline
 
-    p = np.zeros(n, dtype) if p0 is None else p0.copy()
+    p = page_aligned(n, dtype) if p0 is None else page_aligned(p0)
     g = np.full(n, 1e-3, dtype) if g0 is None else g0
-    h = np.zeros(n, dtype)
+    h = page_aligned(n, dtype)
     return lambda: roofline(p, g, h)

@@ -138,7 +138,7 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
     lr, eps = t(LR), t(EPS)
     a, b, ei, eo, wd, lw, gs = coefficients(p.dtype)
     a_, b_, ei_, eo_, wd_, lw_, gs_ = coefficients(p.dtype, floats=False)
-    chunk = config.CHUNK
+    table = np.array([a, b, ei, eo, wd, lw, gs], np.float64)
     shipped = config.PARALLEL_THRESHOLD
 
     def public(threshold: int) -> Callable[[], Any]:
@@ -151,8 +151,7 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
         return f
 
     return {
-        "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, chunk, a, b, ei, eo, wd, lw,
-                                                      gs),
+        "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, table),
         "plain numba": lambda: plain_parallel(p, g, h, lr, eps),
         "roofline": lambda: roofline(p, g, h),
         "fastadagrad serial kernel": lambda: k.span(p, g, h, a, b, ei, eo, wd, lw, gs),

@@ -16,12 +16,13 @@ from bench import benchlib as B
 from fastadagrad import config
 
 FLAT_IMPLS = (B.FAST, B.FAST_SERIAL, B.NUMPY, B.TORCH_FORLOOP, B.TORCH_FOREACH,
-              B.TORCH_FUSED, B.PLAIN, B.PLAIN_SERIAL, B.ROOFLINE, B.DEEPSPEED)
+              B.TORCH_FUSED, B.FAST_KERNEL, B.FAST_KERNEL_SERIAL, B.PLAIN, B.PLAIN_SERIAL,
+              B.ROOFLINE, B.DEEPSPEED)
 
 
 def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     p0, g = B.flat_source(n, dtype)
-    p, h = p0.copy(), np.zeros(n, dtype)
+    p, h = B.page_aligned(p0), B.page_aligned(n, dtype)  # see page_aligned
     if impl == B.FAST:
         return B.fast_functional(p, g, h)
     if impl == B.FAST_SERIAL:  # the same public call with the parallel path switched off
@@ -32,6 +33,8 @@ def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatc
     if impl in B.TORCH_MODES:
         B.require_torch()
         return B.torch_step([p], [g], impl)
+    if impl in (B.FAST_KERNEL, B.FAST_KERNEL_SERIAL):
+        return B.fast_kernel(p, g, h, serial=impl == B.FAST_KERNEL_SERIAL)
     if impl in (B.PLAIN, B.PLAIN_SERIAL):
         return B.plain_flat(p, g, h, serial=impl == B.PLAIN_SERIAL)
     if impl == B.ROOFLINE:

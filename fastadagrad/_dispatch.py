@@ -53,7 +53,8 @@ def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
         return False
     if n >= config.parallel_from(p.itemsize):
         with cpu.PARALLEL_LOCK:
-            cpu.adagrad_flat_parallel(pf, gf, hf, config.CHUNK, *coefs)
+            cpu.adagrad_flat_parallel(pf, gf, hf, np.array(coefs[:7], np.float64),
+                                      coefs[7])
     elif n:
         cpu.adagrad_span(pf, gf, hf, *coefs)
     return True
@@ -129,20 +130,18 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     """What :func:`update_one_fast` needs for ``hyper``'s formula on ``dtype`` at
-    ``step``: the checked serial kernel, its coefficients as a float64 array, the
-    parallel kernel and the same coefficients as floats (the kernels round them to the
-    array dtype: the same bits as dtype scalars, and ~5 instead of ~50 ns each to pass);
-    or None for a dtype the kernels do not take. Raises like
+    ``step``: the checked serial kernel, its coefficients as a float64 array (the
+    kernels round them to the array dtype: the same bits as dtype scalars), the parallel
+    kernel and the same array again; or None for a dtype the kernels do not take. Raises like
     :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
     per set of hyperparameters."""
     if dtype is not _F32 and dtype is not _F64:
         return None
     coefs = coefficients(hyper, dtype, step)
     k = cpu.kernels(coefs[7])
-    floats = tuple(float(c) for c in coefs[:7])
-    table = np.array(floats, np.float64)
+    table = np.array([float(c) for c in coefs[:7]], np.float64)
     table.flags.writeable = False  # shared by every call with these hyperparameters
-    return k.checked_span, table, k.flat_parallel, floats
+    return k.checked_span, table, k.flat_parallel, table
 
 
 def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
@@ -157,7 +156,7 @@ def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
-    kernel, table, parallel, coefs = fast
+    kernel, table, parallel, _ = fast
     try:
         code = kernel(p, g, h, table, config.PARALLEL_THRESHOLD)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):
@@ -165,20 +164,20 @@ def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
     if code == 0:
         return True
     if code == 4:  # checked; large enough for all threads
-        run_parallel_checked(p, g, h, parallel, coefs)
+        run_parallel_checked(p, g, h, parallel, table)
         return True
     return False
 
 
 def run_parallel_checked(p: np.ndarray, g: np.ndarray, h: np.ndarray,
-                         parallel: Any, coefs: tuple) -> None:
+                         parallel: Any, table: np.ndarray) -> None:
     """The parallel kernel on arrays the checked kernel accepted (code 4): C-contiguous,
     of one dtype and shape, not overlapping; flat views of them."""
     if p.ndim != 1:  # three reshapes cost ~0.45 us: only where they are needed
         n = p.size
         p, g, h = p.reshape(n), g.reshape(n), h.reshape(n)
     with cpu.PARALLEL_LOCK:
-        parallel(p, g, h, config.CHUNK, *coefs)
+        parallel(p, g, h, table)
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
