@@ -144,6 +144,31 @@ def page_aligned(src_or_n: np.ndarray | int, dtype: Any = None) -> np.ndarray:
     return a
 
 
+def flat_state(n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(p, h) for a flat case, reset to the shared start values (``p`` from
+    :func:`flat_source`, ``h`` zeros): one page-aligned pair per size, which every
+    implementation of that size updates in turn.
+
+    The same memory for all of them, because at the sizes that spill out of the cache
+    where an allocation lands decides the time as much as the code does: NumPy asks for
+    transparent huge pages on large arrays, and whether a 2 MiB stretch gets one depends
+    on its alignment and on what else the kernel has free at that moment (2^24 f64: the
+    plain loop 7.9 ms on its fresh arrays and the identical loop of the library 11.2 ms
+    on its own, in one run; 13.6 and 13.9 ms in another).
+    """
+    key = (n, np.dtype(dtype).str)
+    if key not in _STATE:
+        _STATE.clear()
+        _STATE[key] = (page_aligned(n, dtype), page_aligned(n, dtype))
+    p, h = _STATE[key]
+    p[:] = flat_source(n, dtype)[0]
+    h[:] = 0
+    return p, h
+
+
+_STATE: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
 def flat_source(n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Shared (param, grad) values for ``n`` elements of ``dtype``; never written
     (copy ``p`` before updating it).
@@ -293,10 +318,16 @@ def plain_dict(params: dict[Any, np.ndarray], grad_sets: list[Any]) -> Step:
 
 
 def roofline_step(n: int, dtype: Any, p0: np.ndarray | None = None,
-                  g0: np.ndarray | None = None) -> Step:
+                  g0: np.ndarray | None = None,
+                  state: tuple[np.ndarray, np.ndarray] | None = None) -> Step:
+    """The roofline kernel on ``p0``'s values (copied) and ``g0``, or on the given
+    ``(p, h)`` (the flat cases' shared arrays, :func:`flat_state`)."""
     from bench.roofline import roofline
 
-    p = page_aligned(n, dtype) if p0 is None else page_aligned(p0)
+    if state is not None:
+        p, h = state
+    else:
+        p = page_aligned(n, dtype) if p0 is None else page_aligned(p0)
+        h = page_aligned(n, dtype)
     g = np.full(n, 1e-3, dtype) if g0 is None else g0
-    h = page_aligned(n, dtype)
     return lambda: roofline(p, g, h)

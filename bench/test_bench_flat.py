@@ -22,7 +22,7 @@ FLAT_IMPLS = (B.FAST, B.FAST_SERIAL, B.NUMPY, B.TORCH_FORLOOP, B.TORCH_FOREACH,
 
 def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     p0, g = B.flat_source(n, dtype)
-    p, h = B.page_aligned(p0), B.page_aligned(n, dtype)  # see page_aligned
+    p, h = B.flat_state(n, dtype)  # the same memory for every implementation of a size
     if impl == B.FAST:
         return B.fast_functional(p, g, h)
     if impl == B.FAST_SERIAL:  # the same public call with the parallel path switched off
@@ -38,7 +38,7 @@ def make_flat_step(impl: str, n: int, dtype: Any, monkeypatch: pytest.MonkeyPatc
     if impl in (B.PLAIN, B.PLAIN_SERIAL):
         return B.plain_flat(p, g, h, serial=impl == B.PLAIN_SERIAL)
     if impl == B.ROOFLINE:
-        return B.roofline_step(n, dtype, p0, g)
+        return B.roofline_step(n, dtype, p0, g, state=(p, h))
     if impl == B.DEEPSPEED:
         B.require_deepspeed(dtype)
         return B.deepspeed_step([p], [g])
