@@ -11,7 +11,9 @@ block and the median of the block medians reported:
    NumPy-class formula), the plain fused loop (``bench/plain.py``, same math and bits)
    and the roofline kernel (``bench/roofline.py``, same memory traffic, trivial math),
    float32 and float64, every size 2^10..2^26, all Numba threads;
-2. ``serial``: fastadagrad's serial kernel against the plain serial loop, 2^10..2^18;
+2. ``serial``: fastadagrad's serial kernel (``checked_span``, what ``adagrad_update``
+   runs below the threshold) against the plain serial loop, 2^10..2^18; also the
+   unchecked ``span`` loop with NumPy-scalar coefficients;
 3. ``threshold``: around the serial/parallel threshold (2^12..2^20, float32 and
    float64): the public ``adagrad_update`` as shipped (default dispatch), the same call
    forced serial and forced parallel (``config.PARALLEL_THRESHOLD`` patched), and the
@@ -139,6 +141,7 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
     a, b, ei, eo, wd, lw, gs = coefficients(p.dtype)
     a_, b_, ei_, eo_, wd_, lw_, gs_ = coefficients(p.dtype, floats=False)
     table = np.array([a, b, ei, eo, wd, lw, gs], np.float64)
+    never = np.iinfo(np.int64).max
     shipped = config.PARALLEL_THRESHOLD
 
     def public(threshold: int) -> Callable[[], Any]:
@@ -154,7 +157,9 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
         "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, table),
         "plain numba": lambda: plain_parallel(p, g, h, lr, eps),
         "roofline": lambda: roofline(p, g, h),
-        "fastadagrad serial kernel": lambda: k.span(p, g, h, a, b, ei, eo, wd, lw, gs),
+        # the serial kernel adagrad_update runs (checked_span: the compiled checks, then
+        # the loop), here with the parallel hand-off switched off
+        "fastadagrad serial kernel": lambda: k.checked_span(p, g, h, table, never),
         "fastadagrad serial kernel, NumPy-scalar coefficients":
             lambda: k.span(p, g, h, a_, b_, ei_, eo_, wd_, lw_, gs_),
         "plain numba serial": lambda: plain_serial(p, g, h, lr, eps),
