@@ -1,5 +1,5 @@
 """LLVM intrinsics shared by the CPU kernel modules (``cpu.py``, ``cpu_rows.py``,
-``cpu_vsqrt.py``): one definition each, below every backend."""
+``cpu_vsqrt.py``, ``cpu_half.py``): one definition each, below every backend."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
+from ._intrinsics import fma
 from ._jit import jit
 
 #: The integer dtypes the kernels see the 16-bit formats as (``arr.view(carrier)``).
@@ -45,18 +46,6 @@ F16_CARRIER = np.dtype(np.uint16)
 STOCHASTIC = 1 << 16
 
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-
-
-@intrinsic
-def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
-    """``a*b + c`` rounded once (``llvm.fma``)."""
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.fma(*args)
-
-    return a(a, b, c), codegen
 
 
 @intrinsic
