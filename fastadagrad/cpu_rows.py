@@ -293,19 +293,8 @@ def _sum_group(g, order, s, e, acc):
 
 @jit(error_model="numpy", inline="always")
 def _update_row(p, g, h, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, flags):
-    """Full accumulator: the dense kernel's per-element update over one row.
-
-    Per element, in the dtype of the arrays (every coefficient already cast to it)::
-
-        g' = g / grad_scale             if GRAD_SCALE
-        g' = -g'                        if MAXIMIZE
-        g' = g' + p * wd                if WD_COUPLED     (fma(p, wd, g') if FMA_WEIGHT_DECAY)
-        p' = p - (p * wd) * lr_wd       if WD_DECOUPLED   (else p' = p)
-        h  = h + g' * g'                                  (fma(g', g', h) if FMA_ACCUMULATE)
-        q  = (lr_num * g') / (sqrt(h + eps_in) + eps_out)
-        q  = 0                          if ZERO_WHERE_H0 and h == 0
-        p  = p' - q * lr_after
-    """
+    """Full accumulator: the dense kernel's per-element update over one row (the
+    formula of :func:`fastadagrad.cpu.kernels`, in the dtype of the arrays)."""
     for i in range(p.size):  # the dense kernel's element function: one formula, one place
         _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
                    flags)
