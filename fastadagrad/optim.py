@@ -37,8 +37,9 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     # **options so that the common call (lr and eps only) is recognised by one test
     # (13 keyword-only parameters with defaults cost ~0.1 us per call to fill in, and
     # their identity tests ~0.1 us more); with the last (lr, eps, dtype) seen, the
-    # compiled checked kernel is called straight away: 2^10 f32, 1.47 -> ~0.96 us
-    # against 0.72 us for the bare kernel (2-core AMD EPYC).
+    # compiled checked kernel is called straight away: 2^10 f32, 1.47 -> 1.01 us
+    # against 0.70 us for the bare kernel (2-core AMD EPYC, interleaved; `make bench`:
+    # 1.43x, bench/results/cpu.md).
     last = _LAST
     if (not options and lr is last[0] and eps is last[1] and type(param) is _ND
             and param.dtype is last[2] and type(grad) is _ND and type(state_sum) is _ND):
@@ -190,8 +191,8 @@ def _cached_fast(lr: float, eps: float, lr_decay: float, weight_decay: float,
 
 _TODO = object()
 _ND = np.ndarray
-#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel, coefficients)
-#: of the last plain call that took the fast path; the float objects themselves are
+#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel, the same
+#: table) of the last plain call that took the fast path; the float objects themselves are
 #: kept, so ``lr is _LAST[0]`` means the same value (and -0.0 is not 0.0)
 _LAST: tuple = (_TODO,) * 7
 _OPTIONS = frozenset(("lr_decay", "weight_decay", "maximize", "step", "grad_scale",
