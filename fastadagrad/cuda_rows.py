@@ -37,7 +37,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import cpu_rows
 from . import cuda as fcuda
-from .cuda_kernels import _ops
+from .cuda_formula import element, ops
 
 try:  # a module global, as in cuda.py: the simulator swaps it for its fake inside kernels
     from numba import cuda as _cuda
@@ -52,7 +52,8 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
     cuda = _cuda  # compiling (to PTX, or lazily) needs numba-cuda, not a GPU
     if cuda is None:
         fcuda.require_gpu()  # raises CudaUnavailableError saying why
-    mul, add, div, sqrt, fma = _ops(np.dtype(dtype))
+    mul, add, div, sqrt, fma = ops(np.dtype(dtype))
+    gradient, update = element(np.dtype(dtype), flags)
     scale = (flags & H.GRAD_SCALE) != 0
     maximize = (flags & H.MAXIMIZE) != 0
     coupled = (flags & H.WD_COUPLED) != 0
@@ -77,28 +78,9 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
             gi = g[_u64(order[s]) * width + d]  # the group's sum: left to right from
             for k in range(s + 1, starts[u + 1]):  # the first, as cpu_rows._sum_group
                 gi = add(gi, g[_u64(order[k]) * width + d])
-            if scale:
-                gi = div(gi, grad_scale)
-            if maximize:
-                gi = -gi
+            gi = gradient(gi, grad_scale)
             j = _u64(rows[u]) * width + d
-            pi = p[j]
-            if coupled:
-                if fma_wd:
-                    gi = fma(pi, wd, gi)
-                else:
-                    gi = add(gi, mul(pi, wd))
-            elif decoupled:
-                pi = add(pi, -mul(mul(pi, wd), lr_wd))
-            if fma_h:
-                hi = fma(gi, gi, h[j])
-            else:
-                hi = add(h[j], mul(gi, gi))
-            q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-            if zero_h0 and hi == zero:
-                q = zero
-            h[j] = hi
-            p[j] = add(pi, -mul(q, lr_after))
+            p[j] = update(gi, p[j], h, j, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd)
             i += stride
 
     @cuda.jit
@@ -263,7 +245,7 @@ def _nonfinite_kernel(dtype: Any, scale: bool) -> Any:
     cuda = _cuda
     if cuda is None:
         fcuda.require_gpu()
-    div = _ops(np.dtype(dtype))[2]
+    div = ops(np.dtype(dtype))[2]
 
     @cuda.jit
     def nonfinite(g, grad_scale, found):
