@@ -54,8 +54,6 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
         fcuda.require_gpu()  # raises CudaUnavailableError saying why
     mul, add, div, sqrt, fma = ops(np.dtype(dtype))
     gradient, update = element(np.dtype(dtype), flags)
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
     coupled = (flags & H.WD_COUPLED) != 0
     decoupled = (flags & H.WD_DECOUPLED) != 0
     fma_h = (flags & H.FMA_ACCUMULATE) != 0
@@ -100,10 +98,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
                 gi = g[_u64(order[s]) * width + d]  # the group's sum (see full)
                 for k in range(s + 1, e):
                     gi = add(gi, g[_u64(order[k]) * width + d])
-                if scale:
-                    gi = div(gi, grad_scale)
-                if maximize:
-                    gi = -gi
+                gi = gradient(gi, grad_scale)
                 if coupled:
                     if fma_wd:
                         gi = fma(p[base + d], wd, gi)
@@ -127,10 +122,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
                 gi = g[_u64(order[s]) * width + d]  # the same sum again, same bits
                 for k in range(s + 1, e):
                     gi = add(gi, g[_u64(order[k]) * width + d])
-                if scale:
-                    gi = div(gi, grad_scale)
-                if maximize:
-                    gi = -gi
+                gi = gradient(gi, grad_scale)
                 p[base + d] = fma(c, p[base + d], -mul(gi, m))
             u += stride
 
