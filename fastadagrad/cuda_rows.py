@@ -60,6 +60,17 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
     fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
     zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
 
+    @cuda.jit(device=True, inline="always")
+    def group_sum(g, order, s, e, width, d):
+        """Column ``d`` of the group ``order[s:e]``'s gradient rows summed left to right
+        from the first, as :func:`cpu_rows._sum_group`. ``full`` writes the same sum
+        out: it reads ``starts[u + 1]`` after the first row, a call would read it
+        before, which reorders the kernel's PTX."""
+        gi = g[_u64(order[s]) * width + d]
+        for k in range(s + 1, e):
+            gi = add(gi, g[_u64(order[k]) * width + d])
+        return gi
+
     @cuda.jit
     def full(p, g, h, width, rows, order, starts, lr_num, lr_after, eps_in, eps_out, wd,
              lr_wd, grad_scale):
@@ -95,10 +106,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
             base = _u64(rows[u]) * width
             acc = zero
             for d in range(width):
-                gi = g[_u64(order[s]) * width + d]  # the group's sum (see full)
-                for k in range(s + 1, e):
-                    gi = add(gi, g[_u64(order[k]) * width + d])
-                gi = gradient(gi, grad_scale)
+                gi = gradient(group_sum(g, order, s, e, width, d), grad_scale)
                 if coupled:
                     if fma_wd:
                         gi = fma(p[base + d], wd, gi)
@@ -119,10 +127,8 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
                 c = add(one, -mul(lr_wd, wd))
             h[rows[u]] = hr
             for d in range(width):
-                gi = g[_u64(order[s]) * width + d]  # the same sum again, same bits
-                for k in range(s + 1, e):
-                    gi = add(gi, g[_u64(order[k]) * width + d])
-                gi = gradient(gi, grad_scale)
+                # the same sum again, same bits
+                gi = gradient(group_sum(g, order, s, e, width, d), grad_scale)
                 p[base + d] = fma(c, p[base + d], -mul(gi, m))
             u += stride
 
