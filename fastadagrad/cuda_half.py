@@ -7,9 +7,9 @@ same bits:
   intrinsics (``widen``, ``narrow``, ``_bf16_stochastic``, ``rand32``), which NVVM
   compiles to ``cvt.f32.f16``/``cvt.rn.f16.f32`` and 32-bit integer shifts and
   multiplies: one definition for both targets;
-* the float32 math rounds each operation once through libdevice's ``*_rn`` functions,
-  in the order of ``cuda.py`` (which is the CPU's order), so nothing is contracted
-  into an FMA unless the rule asks for one.
+* the float32 math is the dense kernel's element update (``cuda_formula.py``): each
+  operation rounded once through libdevice's ``*_rn`` functions, in the CPU's order,
+  so nothing is contracted into an FMA unless the rule asks for one.
 
 Stochastic rounding draws from ``rand32(k0, k1, element index)``: the same stream on
 the CPU and the GPU for the same (seed, step, tensor), whatever the launch geometry.

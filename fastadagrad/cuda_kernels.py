@@ -23,7 +23,8 @@ Rounding (the reason GPU and CPU agree bit for bit): every multiply and add goes
 through libdevice's ``fmul_rn``/``fadd_rn`` (``dmul_rn``/``dadd_rn``), which NVVM
 cannot contract into an FMA; an FMA appears only where the rule asks for one; ``/`` and
 ``sqrt`` are IEEE ``div.rn``/``sqrt.rn``; no fastmath, no flush-to-zero. The same per
-element operations in the same order as :func:`fastadagrad.cpu.adagrad_span`.
+element operations in the same order as :func:`fastadagrad.cpu.adagrad_span`, written
+once in ``cuda_formula.py`` for this kernel, the row kernels and the half-precision one.
 
 Under Numba's CUDA simulator the address casts become NumPy views over host memory
 (simulated device memory is host memory) and libdevice becomes plain operators, so the
@@ -135,11 +136,8 @@ def update_source(dtype: Any, flags: int) -> Any:
 
     def adagrad(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                 grad_scale, ctl):
-        """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table.
-
-        ``a - b`` is written ``add(a, -b)``: negation is exact and IEEE defines
-        subtraction that way, so the bits are those of the CPU's ``a - b``.
-        """
+        """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table: each
+        element through :func:`fastadagrad.cuda_formula.element`."""
         if checked or capturable:
             C = iview(ctl, CTL_HEAD)
             if checked and C[CTL_FOUND] != 0:

@@ -19,8 +19,10 @@ Same three steps as ``cpu_rows.py``; the grouping is the CPU's:
 
 Rounding control as in ``cuda.py``: every multiply, add, divide and square root through
 libdevice's correctly rounded ``*_rn`` functions (no contraction into FMA), an FMA only
-where the CPU kernel has one. Each row is written by one thread (full: each element by
-one thread): no atomics, the bits do not depend on the launch configuration.
+where the CPU kernel has one; the full kernel's element update and both kernels' scaled
+gradient are the dense kernel's, from ``cuda_formula.py``. Each row is written by one
+thread (full: each element by one thread): no atomics, the bits do not depend on the
+launch configuration.
 
 Lazy: nothing compiles before the first launch; no GPU or numba-cuda is needed to import.
 """
