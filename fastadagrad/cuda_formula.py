@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -52,6 +52,26 @@ def ops(dtype: np.dtype) -> tuple[Any, ...]:
     return L.dmul_rn, L.dadd_rn, L.ddiv_rn, L.dsqrt_rn, L.fma_rn
 
 
+class Rule(NamedTuple):
+    """The rule's flag bits (:meth:`Hyper.coefficients`) as the booleans a kernel closes
+    over: compile-time constants, so a kernel contains only the operations of its rule."""
+
+    scale: bool      # GRAD_SCALE
+    maximize: bool   # MAXIMIZE
+    coupled: bool    # WD_COUPLED
+    decoupled: bool  # WD_DECOUPLED
+    fma_h: bool      # FMA_ACCUMULATE
+    fma_wd: bool     # FMA_WEIGHT_DECAY
+    zero_h0: bool    # ZERO_WHERE_H0
+
+
+def rule(flags: int) -> Rule:
+    """The :class:`Rule` of ``flags``."""
+    return Rule(*((flags & bit) != 0 for bit in (
+        H.GRAD_SCALE, H.MAXIMIZE, H.WD_COUPLED, H.WD_DECOUPLED, H.FMA_ACCUMULATE,
+        H.FMA_WEIGHT_DECAY, H.ZERO_WHERE_H0)))
+
+
 @cache
 def element(dtype: Any, flags: int) -> tuple[Any, Any]:
     """``(gradient, update)``: the two device functions of one element's update for
@@ -79,13 +99,7 @@ def element(dtype: Any, flags: int) -> tuple[Any, Any]:
     that way, so the bits are those of the CPU's ``a - b``.
     """
     mul, add, div, sqrt, fma = ops(np.dtype(dtype))
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    scale, maximize, coupled, decoupled, fma_h, fma_wd, zero_h0 = rule(flags)
 
     @cuda.jit(device=True, inline="always")
     def gradient(gi, grad_scale):

@@ -39,7 +39,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import cpu_rows
 from . import cuda as fcuda
-from .cuda_formula import element, ops
+from .cuda_formula import element, ops, rule
 
 try:  # a module global, as in cuda.py: the simulator swaps it for its fake inside kernels
     from numba import cuda as _cuda
@@ -56,11 +56,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
         fcuda.require_gpu()  # raises CudaUnavailableError saying why
     mul, add, div, sqrt, fma = ops(np.dtype(dtype))
     gradient, update = element(np.dtype(dtype), flags)
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    _, _, coupled, decoupled, fma_h, fma_wd, zero_h0 = rule(flags)
 
     @cuda.jit(device=True, inline="always")
     def group_sum(g, order, s, e, width, d):
