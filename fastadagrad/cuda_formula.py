@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _hyper as H
 
-try:  # optional: numba-cuda is the [cuda] extra
+try:  # imported by the GPU kernel modules only, which are imported on first GPU use
     from numba import cuda
 except Exception:  # pragma: no cover - numba-cuda is the optional [cuda] extra
     cuda = None
