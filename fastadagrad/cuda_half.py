@@ -7,9 +7,9 @@ same bits:
   intrinsics (``widen``, ``narrow``, ``_bf16_stochastic``, ``rand32``), which NVVM
   compiles to ``cvt.f32.f16``/``cvt.rn.f16.f32`` and 32-bit integer shifts and
   multiplies: one definition for both targets;
-* the float32 math rounds each operation once through libdevice's ``*_rn`` functions,
-  in the order of ``cuda.py`` (which is the CPU's order), so nothing is contracted
-  into an FMA unless the rule asks for one.
+* the float32 math is the dense kernel's element update (``cuda_formula.py``): each
+  operation rounded once through libdevice's ``*_rn`` functions, in the CPU's order,
+  so nothing is contracted into an FMA unless the rule asks for one.
 
 Stochastic rounding draws from ``rand32(k0, k1, element index)``: the same stream on
 the CPU and the GPU for the same (seed, step, tensor), whatever the launch geometry.
@@ -35,7 +35,7 @@ from . import _hyper as H
 from . import _rounding as R
 from . import cuda as fcuda
 from ._arrays import Labels
-from .cuda_kernels import _ops
+from .cuda_formula import element, ops
 
 _FORMATS = ("bfloat16", "float16")
 
@@ -95,7 +95,8 @@ def kernels(fmt: str, flags: int, stochastic: bool, master: bool) -> tuple[Any, 
     cuda = _cuda  # building (and compiling to PTX) needs no GPU; launching does
     if cuda is None:
         fcuda.require_gpu()  # raises, saying why
-    mul, add, div, sqrt, fma = _ops(np.dtype(np.float32))
+    div = ops(np.dtype(np.float32))[2]
+    gradient, update = element(np.dtype(np.float32), flags)
     if fcuda.simulator():
         widen, narrow, narrow_sr, rand32 = _sim_helpers(fmt)
     else:
@@ -112,12 +113,6 @@ def kernels(fmt: str, flags: int, stochastic: bool, master: bool) -> tuple[Any, 
             narrow_sr = cuda.jit(device=True, inline=True)(K._f16_stochastic.py_func)
 
     scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
 
     @cuda.jit
     def adagrad(p, g, h, m, k0, k1, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
@@ -128,31 +123,12 @@ def kernels(fmt: str, flags: int, stochastic: bool, master: bool) -> tuple[Any, 
         i = _u64(_cuda.grid(1))
         stride = _u64(_cuda.gridsize(1))
         while i < n:
-            gi = widen(g[i])
-            if scale:
-                gi = div(gi, grad_scale)
-            if maximize:
-                gi = -gi
+            gi = gradient(widen(g[i]), grad_scale)
             if master:
                 pi = m[i]
             else:
                 pi = widen(p[i])
-            if coupled:
-                if fma_wd:
-                    gi = fma(pi, wd, gi)
-                else:
-                    gi = add(gi, mul(pi, wd))
-            elif decoupled:
-                pi = add(pi, -mul(mul(pi, wd), lr_wd))
-            if fma_h:
-                hi = fma(gi, gi, h[i])
-            else:
-                hi = add(h[i], mul(gi, gi))
-            q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-            if zero_h0 and hi == zero:
-                q = zero
-            h[i] = hi
-            x = add(pi, -mul(q, lr_after))
+            x = update(gi, pi, h, i, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd)
             if master:
                 m[i] = x
             if stochastic:

@@ -23,7 +23,8 @@ Rounding (the reason GPU and CPU agree bit for bit): every multiply and add goes
 through libdevice's ``fmul_rn``/``fadd_rn`` (``dmul_rn``/``dadd_rn``), which NVVM
 cannot contract into an FMA; an FMA appears only where the rule asks for one; ``/`` and
 ``sqrt`` are IEEE ``div.rn``/``sqrt.rn``; no fastmath, no flush-to-zero. The same per
-element operations in the same order as :func:`fastadagrad.cpu.adagrad_span`.
+element operations in the same order as :func:`fastadagrad.cpu.adagrad_span`, written
+once in ``cuda_formula.py`` for this kernel, the row kernels and the half-precision one.
 
 Under Numba's CUDA simulator the address casts become NumPy views over host memory
 (simulated device memory is host memory) and libdevice becomes plain operators, so the
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from . import _hyper as H
+from .cuda_formula import element, ops, simulator
 
 try:  # the kernels name ``cuda`` as a module global: the simulator swaps it at launch
     from numba import cuda
@@ -60,10 +62,6 @@ CHECKED = 1 << 16      # the update kernel skips when ctl[CTL_FOUND] is set
 CAPTURABLE = 1 << 17   # step and lr are read from ctl (CUDA graphs)
 LR_AFTER = 1 << 18     # capturable: the rule multiplies by lr after the division
 FMA_LR_DECAY = 1 << 19  # capturable: lr_decay's denominator rounded once (fma)
-
-
-def simulator() -> bool:
-    return cuda is not None and bool(cuda.config.ENABLE_CUDASIM)
 
 
 # --- address casts -------------------------------------------------------------------
@@ -116,19 +114,6 @@ def _views(dtype: np.dtype) -> tuple[Any, Any, Any]:
     return mk(np.dtype(dtype)), mk(np.dtype(np.int64)), mk(np.dtype(np.float64))
 
 
-def _ops(dtype: np.dtype) -> tuple[Any, ...]:
-    """``(mul, add, div, sqrt, fma)`` each rounding once, for ``dtype``; plain operators
-    under the simulator (whose libdevice functions are stubs returning None)."""
-    if simulator():
-        return (lambda a, b: a * b, lambda a, b: a + b, lambda a, b: a / b, math.sqrt,
-                lambda a, b, c: a * b + c)
-    from numba.cuda import libdevice as L
-
-    if np.dtype(dtype) == np.float32:
-        return L.fmul_rn, L.fadd_rn, L.fdiv_rn, L.fsqrt_rn, L.fmaf_rn
-    return L.dmul_rn, L.dadd_rn, L.ddiv_rn, L.dsqrt_rn, L.fma_rn
-
-
 # --- kernel sources ------------------------------------------------------------------
 
 def update_source(dtype: Any, flags: int) -> Any:
@@ -141,17 +126,9 @@ def update_source(dtype: Any, flags: int) -> Any:
     """
     dt = np.dtype(dtype)
     fview, iview, dview = _views(dt)
-    mul, add, div, sqrt, fma = _ops(dt)
-    _, dadd, ddiv, _, dfma = _ops(np.dtype(np.float64))
-    dmul = _ops(np.dtype(np.float64))[0]
+    gradient, update = element(dt, flags)
+    dmul, dadd, ddiv, _, dfma = ops(np.dtype(np.float64))
     to_t = np.float32 if dt == np.float32 else np.float64
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
     checked = (flags & CHECKED) != 0
     capturable = (flags & CAPTURABLE) != 0
     after = (flags & LR_AFTER) != 0
@@ -159,11 +136,8 @@ def update_source(dtype: Any, flags: int) -> Any:
 
     def adagrad(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                 grad_scale, ctl):
-        """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table.
-
-        ``a - b`` is written ``add(a, -b)``: negation is exact and IEEE defines
-        subtraction that way, so the bits are those of the CPU's ``a - b``.
-        """
+        """:func:`fastadagrad.cpu.adagrad_span` over every chunk of the table: each
+        element through :func:`fastadagrad.cuda_formula.element`."""
         if checked or capturable:
             C = iview(ctl, CTL_HEAD)
             if checked and C[CTL_FOUND] != 0:
@@ -199,28 +173,8 @@ def update_source(dtype: Any, flags: int) -> Any:
             h = fview(T[ROW * t + 2], n)
             i = s + np.int64(cuda.threadIdx.x)
             while i < e:
-                gi = g[i]
-                if scale:
-                    gi = div(gi, grad_scale)
-                if maximize:
-                    gi = -gi
-                pi = p[i]
-                if coupled:
-                    if fma_wd:
-                        gi = fma(pi, wd, gi)
-                    else:
-                        gi = add(gi, mul(pi, wd))
-                elif decoupled:
-                    pi = add(pi, -mul(mul(pi, wd), lr_wd))
-                if fma_h:
-                    hi = fma(gi, gi, h[i])
-                else:
-                    hi = add(h[i], mul(gi, gi))
-                q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-                if zero_h0 and hi == zero:
-                    q = zero
-                h[i] = hi
-                p[i] = add(pi, -mul(q, lr_after))
+                p[i] = update(gradient(g[i], grad_scale), p[i], h, i, zero, lr_num,
+                              lr_after, eps_in, eps_out, wd, lr_wd)
                 i += tpb
             c += step_c
 
@@ -237,7 +191,7 @@ def check_source(dtype: Any, flags: int) -> Any:
     """
     dt = np.dtype(dtype)
     fview, iview, _ = _views(dt)
-    div = _ops(dt)[2]
+    div = ops(dt)[2]
     scale = (flags & H.GRAD_SCALE) != 0
 
     def nonfinite(tab, ntens, nchunks, chunk, grad_scale, ctl):

@@ -19,8 +19,10 @@ Same three steps as ``cpu_rows.py``; the grouping is the CPU's:
 
 Rounding control as in ``cuda.py``: every multiply, add, divide and square root through
 libdevice's correctly rounded ``*_rn`` functions (no contraction into FMA), an FMA only
-where the CPU kernel has one. Each row is written by one thread (full: each element by
-one thread): no atomics, the bits do not depend on the launch configuration.
+where the CPU kernel has one; the full kernel's element update and both kernels' scaled
+gradient are the dense kernel's, from ``cuda_formula.py``. Each row is written by one
+thread (full: each element by one thread): no atomics, the bits do not depend on the
+launch configuration.
 
 Lazy: nothing compiles before the first launch; no GPU or numba-cuda is needed to import.
 """
@@ -37,7 +39,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import cpu_rows
 from . import cuda as fcuda
-from .cuda_kernels import _ops
+from .cuda_formula import element, ops, rule
 
 try:  # a module global, as in cuda.py: the simulator swaps it for its fake inside kernels
     from numba import cuda as _cuda
@@ -52,14 +54,20 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
     cuda = _cuda  # compiling (to PTX, or lazily) needs numba-cuda, not a GPU
     if cuda is None:
         fcuda.require_gpu()  # raises CudaUnavailableError saying why
-    mul, add, div, sqrt, fma = _ops(np.dtype(dtype))
-    scale = (flags & H.GRAD_SCALE) != 0
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    decoupled = (flags & H.WD_DECOUPLED) != 0
-    fma_h = (flags & H.FMA_ACCUMULATE) != 0
-    fma_wd = (flags & H.FMA_WEIGHT_DECAY) != 0
-    zero_h0 = (flags & H.ZERO_WHERE_H0) != 0
+    mul, add, div, sqrt, fma = ops(np.dtype(dtype))
+    gradient, update = element(np.dtype(dtype), flags)
+    _, _, coupled, decoupled, fma_h, fma_wd, zero_h0 = rule(flags)
+
+    @cuda.jit(device=True, inline="always")
+    def group_sum(g, order, s, e, width, d):
+        """Column ``d`` of the group ``order[s:e]``'s gradient rows summed left to right
+        from the first, as :func:`cpu_rows._sum_group`. ``full`` writes the same sum
+        out: it reads ``starts[u + 1]`` after the first row, a call would read it
+        before, which reorders the kernel's PTX."""
+        gi = g[_u64(order[s]) * width + d]
+        for k in range(s + 1, e):
+            gi = add(gi, g[_u64(order[k]) * width + d])
+        return gi
 
     @cuda.jit
     def full(p, g, h, width, rows, order, starts, lr_num, lr_after, eps_in, eps_out, wd,
@@ -77,28 +85,9 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
             gi = g[_u64(order[s]) * width + d]  # the group's sum: left to right from
             for k in range(s + 1, starts[u + 1]):  # the first, as cpu_rows._sum_group
                 gi = add(gi, g[_u64(order[k]) * width + d])
-            if scale:
-                gi = div(gi, grad_scale)
-            if maximize:
-                gi = -gi
+            gi = gradient(gi, grad_scale)
             j = _u64(rows[u]) * width + d
-            pi = p[j]
-            if coupled:
-                if fma_wd:
-                    gi = fma(pi, wd, gi)
-                else:
-                    gi = add(gi, mul(pi, wd))
-            elif decoupled:
-                pi = add(pi, -mul(mul(pi, wd), lr_wd))
-            if fma_h:
-                hi = fma(gi, gi, h[j])
-            else:
-                hi = add(h[j], mul(gi, gi))
-            q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
-            if zero_h0 and hi == zero:
-                q = zero
-            h[j] = hi
-            p[j] = add(pi, -mul(q, lr_after))
+            p[j] = update(gi, p[j], h, j, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd)
             i += stride
 
     @cuda.jit
@@ -115,13 +104,7 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
             base = _u64(rows[u]) * width
             acc = zero
             for d in range(width):
-                gi = g[_u64(order[s]) * width + d]  # the group's sum (see full)
-                for k in range(s + 1, e):
-                    gi = add(gi, g[_u64(order[k]) * width + d])
-                if scale:
-                    gi = div(gi, grad_scale)
-                if maximize:
-                    gi = -gi
+                gi = gradient(group_sum(g, order, s, e, width, d), grad_scale)
                 if coupled:
                     if fma_wd:
                         gi = fma(p[base + d], wd, gi)
@@ -142,13 +125,8 @@ def kernels(dtype: Any, flags: int) -> tuple[Any, Any]:
                 c = add(one, -mul(lr_wd, wd))
             h[rows[u]] = hr
             for d in range(width):
-                gi = g[_u64(order[s]) * width + d]  # the same sum again, same bits
-                for k in range(s + 1, e):
-                    gi = add(gi, g[_u64(order[k]) * width + d])
-                if scale:
-                    gi = div(gi, grad_scale)
-                if maximize:
-                    gi = -gi
+                # the same sum again, same bits
+                gi = gradient(group_sum(g, order, s, e, width, d), grad_scale)
                 p[base + d] = fma(c, p[base + d], -mul(gi, m))
             u += stride
 
@@ -263,7 +241,7 @@ def _nonfinite_kernel(dtype: Any, scale: bool) -> Any:
     cuda = _cuda
     if cuda is None:
         fcuda.require_gpu()
-    div = _ops(np.dtype(dtype))[2]
+    div = ops(np.dtype(dtype))[2]
 
     @cuda.jit
     def nonfinite(g, grad_scale, found):
