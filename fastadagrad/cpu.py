@@ -117,6 +117,23 @@ def _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_sc
 
 
 @jit(error_model="numpy", inline="always")
+def _chunk_at(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c, lr_num, lr_after,
+              eps_in, eps_out, wd, lr_wd, grad_scale, flags):
+    """The fused step over span ``c`` of a chunk table (the many-tensor kernels' body)."""
+    t = ctensor[c]
+    off = cstart[c] * proto.itemsize
+    n = clen[c]
+    # each view starts at its span: the inner loop is a plain range(n), which
+    # vectorises (range(b, e) over the whole tensor stayed scalar: NUMBA_NOTES)
+    pv = _view(paddr[t] + off, n, proto)
+    gv = _view(gaddr[t] + off, n, proto)
+    hv = _view(haddr[t] + off, n, proto)
+    for i in range(n):
+        _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
+                   flags)
+
+
+@jit(error_model="numpy", inline="always")
 def _nonfinite_at(g, i, grad_scale, flags):
     x = g[i] / _like(grad_scale, g) if flags & H.GRAD_SCALE else g[i]
     return np.int32(not math.isfinite(x))
@@ -217,34 +234,16 @@ def _build(flags: int) -> Kernels:
     @jit(parallel=True, error_model="numpy")
     def many_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
                       lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
-        isz = proto.itemsize
         for c in prange(ctensor.size):
-            t = ctensor[c]
-            off = cstart[c] * isz
-            n = clen[c]
-            # each view starts at its span: the inner loop is a plain range(n), which
-            # vectorises (range(b, e) over the whole tensor stayed scalar: NUMBA_NOTES)
-            pv = _view(paddr[t] + off, n, proto)
-            gv = _view(gaddr[t] + off, n, proto)
-            hv = _view(haddr[t] + off, n, proto)
-            for i in range(n):
-                _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                           grad_scale, F)
+            _chunk_at(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c, lr_num,
+                      lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, F)
 
     @jit(error_model="numpy")
     def many_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen, lr_num,
                     lr_after, eps_in, eps_out, wd, lr_wd, grad_scale):
-        isz = proto.itemsize
         for c in range(ctensor.size):
-            t = ctensor[c]
-            off = cstart[c] * isz
-            n = clen[c]
-            pv = _view(paddr[t] + off, n, proto)
-            gv = _view(gaddr[t] + off, n, proto)
-            hv = _view(haddr[t] + off, n, proto)
-            for i in range(n):
-                _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-                           grad_scale, F)
+            _chunk_at(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c, lr_num,
+                      lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, F)
 
     @jit(error_model="numpy")
     def checked_span(p, g, h, c, threshold):
