@@ -1,10 +1,13 @@
 """LLVM intrinsics shared by the CPU kernel modules (``cpu.py``, ``cpu_rows.py``,
-``cpu_vsqrt.py``, ``cpu_half.py``): one definition each, below every backend."""
+``cpu_vsqrt.py``, ``cpu_half.py``), and the chunk-table helper built on them: one
+definition each, below every backend."""
 
 from __future__ import annotations
 
 from numba import types
 from numba.extending import intrinsic
+
+from ._jit import jit
 
 
 @intrinsic
@@ -61,3 +64,17 @@ def _view(typingctx, address, n, proto):  # type: ignore[no-untyped-def]
         return ary._getvalue()
 
     return retty(address, n, proto), codegen
+
+
+@jit(inline="always")
+def chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c):  # type: ignore[no-untyped-def]
+    """The ``(p, g, h)`` views of span ``c`` of a chunk table (tensor ``ctensor[c]``,
+    first element ``cstart[c]``, ``clen[c]`` elements; ``proto`` carries the dtype):
+    the body of every many-tensor kernel's loop over spans. Each view starts at its
+    span, so the kernels' inner loops are a plain ``range(n)``, which vectorises
+    (``range(b, e)`` over the whole tensor stayed scalar: NUMBA_NOTES)."""
+    t = ctensor[c]
+    off = cstart[c] * proto.itemsize
+    n = clen[c]
+    return (_view(paddr[t] + off, n, proto), _view(gaddr[t] + off, n, proto),
+            _view(haddr[t] + off, n, proto))

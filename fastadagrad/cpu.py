@@ -41,7 +41,7 @@ from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
-from ._intrinsics import _view, fma  # noqa: F401  (fma: part of this module's API)
+from ._intrinsics import _view, chunk_views, fma  # noqa: F401  (fma: part of this module's API)
 from ._jit import jit
 from .config import parallel_from
 
@@ -120,15 +120,8 @@ def _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_sc
 def _chunk_at(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c, lr_num, lr_after,
               eps_in, eps_out, wd, lr_wd, grad_scale, flags):
     """The fused step over span ``c`` of a chunk table (the many-tensor kernels' body)."""
-    t = ctensor[c]
-    off = cstart[c] * proto.itemsize
-    n = clen[c]
-    # each view starts at its span: the inner loop is a plain range(n), which
-    # vectorises (range(b, e) over the whole tensor stayed scalar: NUMBA_NOTES)
-    pv = _view(paddr[t] + off, n, proto)
-    gv = _view(gaddr[t] + off, n, proto)
-    hv = _view(haddr[t] + off, n, proto)
-    for i in range(n):
+    pv, gv, hv = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+    for i in range(pv.size):
         _update_at(pv, gv, hv, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale,
                    flags)
 

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, prange, types
+from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
-from ._intrinsics import _as_pointer, fma
+from ._intrinsics import chunk_views, fma
 from ._jit import jit
 
 _V4F32 = ir.VectorType(ir.FloatType(), 4)
@@ -112,32 +112,20 @@ def adagrad_many_vsqrt_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, cle
     Same chunk table as ``cpu.adagrad_many_parallel`` (tensor index, first element,
     length per chunk); ``proto`` is an empty array that carries the dtype.
     """
-    isz = proto.itemsize
     for c in prange(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        tmp = np.empty(min(BLOCK, n), proto.dtype)
-        adagrad_span_vsqrt(carray(_as_pointer(paddr[t] + off, proto), n),
-                           carray(_as_pointer(gaddr[t] + off, proto), n),
-                           carray(_as_pointer(haddr[t] + off, proto), n),
-                           tmp, sqrt_fn, neg_clr, eps, wd, flags)
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+        tmp = np.empty(min(BLOCK, p.size), proto.dtype)
+        adagrad_span_vsqrt(p, g, h, tmp, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 @jit()
 def adagrad_many_vsqrt_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
                               sqrt_fn, neg_clr, eps, wd, flags):
     """Serial twin of :func:`adagrad_many_vsqrt_parallel` for small models."""
-    isz = proto.itemsize
     tmp = np.empty(BLOCK, proto.dtype)
     for c in range(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        adagrad_span_vsqrt(carray(_as_pointer(paddr[t] + off, proto), n),
-                           carray(_as_pointer(gaddr[t] + off, proto), n),
-                           carray(_as_pointer(haddr[t] + off, proto), n),
-                           tmp, sqrt_fn, neg_clr, eps, wd, flags)
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+        adagrad_span_vsqrt(p, g, h, tmp, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 # --- float32: MKL's generic sqrt kernel, reproduced -------------------------------------
@@ -303,32 +291,20 @@ def adagrad_span_emu(p, g, h, tmp, sqrt_fn, neg_clr, eps, wd, flags):
 def adagrad_many_emu_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
                               sqrt_fn, neg_clr, eps, wd, flags):
     """:func:`adagrad_many_vsqrt_parallel` with :func:`adagrad_span_emu` (float32)."""
-    isz = proto.itemsize
     for c in prange(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        tmp = np.empty(min(BLOCK, n), proto.dtype)
-        adagrad_span_emu(carray(_as_pointer(paddr[t] + off, proto), n),
-                         carray(_as_pointer(gaddr[t] + off, proto), n),
-                         carray(_as_pointer(haddr[t] + off, proto), n),
-                         tmp, sqrt_fn, neg_clr, eps, wd, flags)
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+        tmp = np.empty(min(BLOCK, p.size), proto.dtype)
+        adagrad_span_emu(p, g, h, tmp, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 @jit()
 def adagrad_many_emu_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
                             sqrt_fn, neg_clr, eps, wd, flags):
     """Serial twin of :func:`adagrad_many_emu_parallel` for small models."""
-    isz = proto.itemsize
     tmp = np.empty(BLOCK, proto.dtype)
     for c in range(ctensor.size):
-        t = ctensor[c]
-        off = cstart[c] * isz
-        n = clen[c]
-        adagrad_span_emu(carray(_as_pointer(paddr[t] + off, proto), n),
-                         carray(_as_pointer(gaddr[t] + off, proto), n),
-                         carray(_as_pointer(haddr[t] + off, proto), n),
-                         tmp, sqrt_fn, neg_clr, eps, wd, flags)
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+        adagrad_span_emu(p, g, h, tmp, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 # --- sparse gradients: torch's sparse branch on coalesced rows -----------------------------
