@@ -130,9 +130,9 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     """What :func:`update_one_fast` needs for ``hyper``'s formula on ``dtype`` at
-    ``step``: the checked serial kernel, its coefficients as a float64 array (the
-    kernels round them to the array dtype: the same bits as dtype scalars), the parallel
-    kernel and the same array again; or None for a dtype the kernels do not take. Raises like
+    ``step``: ``(checked serial kernel, coefficients as a float64 array, parallel
+    kernel)`` (both kernels take the array and round its values to the array dtype: the
+    same bits as dtype scalars); or None for a dtype the kernels do not take. Raises like
     :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
     per set of hyperparameters."""
     if dtype is not _F32 and dtype is not _F64:
@@ -141,7 +141,7 @@ def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     k = cpu.kernels(coefs[7])
     table = np.array([float(c) for c in coefs[:7]], np.float64)
     table.flags.writeable = False  # shared by every call with these hyperparameters
-    return k.checked_span, table, k.flat_parallel, table
+    return k.checked_span, table, k.flat_parallel
 
 
 def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
@@ -156,7 +156,7 @@ def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
-    kernel, table, parallel, _ = fast
+    kernel, table, parallel = fast
     try:
         code = kernel(p, g, h, table, config.PARALLEL_THRESHOLD)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):

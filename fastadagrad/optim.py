@@ -50,7 +50,7 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
         if code == 0:
             return True
         if code == 4:  # checked; large enough for all threads
-            D.run_parallel_checked(param, grad, state_sum, last[5], last[6])
+            D.run_parallel_checked(param, grad, state_sum, last[5], last[4])
             return True
     elif options and not options.keys() <= _OPTIONS:
         bad = min(options.keys() - _OPTIONS)
@@ -191,10 +191,10 @@ def _cached_fast(lr: float, eps: float, lr_decay: float, weight_decay: float,
 
 _TODO = object()
 _ND = np.ndarray
-#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel, the same
-#: table) of the last plain call that took the fast path; the float objects themselves are
+#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel) of the last
+#: plain call that took the fast path; the float objects themselves are
 #: kept, so ``lr is _LAST[0]`` means the same value (and -0.0 is not 0.0)
-_LAST: tuple = (_TODO,) * 7
+_LAST: tuple = (_TODO,) * 6
 _OPTIONS = frozenset(("lr_decay", "weight_decay", "maximize", "step", "grad_scale",
                       "nonfinite", "rule", "rounding", "seed", "master"))
 adagrad_update.__doc__ = _adagrad_update.__doc__
