@@ -123,6 +123,18 @@ def _radix_passes(bits):
     return passes, max(1, (bits + passes - 1) // passes)
 
 
+@jit(inline="always")
+def _digit_starts(keys, k, shift, mask, count):
+    """``count[d]`` = where digit ``d`` (``(key >> shift) & mask``) of ``keys[:k]``
+    starts in a stable counting-sort pass: one LSD radix pass's histogram, prefix
+    summed."""
+    count[:] = 0
+    for i in range(k):
+        count[((keys[i] >> shift) & mask) + 1] += 1
+    for d in range(1, mask + 2):
+        count[d] += count[d - 1]
+
+
 @jit()
 def group_by_row(indices, nrows, work):
     """``(order, starts, perm, first, pos)``: the lookups grouped by row.
@@ -170,11 +182,7 @@ def group_by_row(indices, nrows, work):
         count = np.empty(mask + 2, np.int64)
         shift = pb
         for _ in range(passes if bits else 0):
-            count[:] = 0
-            for i in range(k):
-                count[((keys[i] >> shift) & mask) + 1] += 1
-            for d in range(1, mask + 2):
-                count[d] += count[d - 1]
+            _digit_starts(keys, k, shift, mask, count)
             for i in range(k):  # stable scatter: equal digits keep their order
                 x = keys[i]
                 d = (x >> shift) & mask
@@ -235,11 +243,7 @@ def _sort_pairs(indices, bits, keys, keys2, order, order2):
     shift = 0
     swapped = False
     for _ in range(passes if bits else 0):
-        count[:] = 0
-        for i in range(k):
-            count[((keys[i] >> shift) & mask) + 1] += 1
-        for d in range(1, mask + 2):
-            count[d] += count[d - 1]
+        _digit_starts(keys, k, shift, mask, count)
         for i in range(k):  # stable scatter: equal digits keep their order
             d = (keys[i] >> shift) & mask
             j = count[d]
