@@ -282,9 +282,10 @@ def has_nonfinite_parallel(g, nblocks):
 
 
 @jit(error_model="numpy", inline="always")
-def _sum_group(g, order, s, e, acc):
-    """``acc = g[order[s]] + g[order[s+1]] + ...``, left to right (``e - s >= 2``)."""
-    first = g[order[s]]
+def _sum_group(g, i, order, s, e, acc):
+    """``acc = ((g[i] + g[order[s+1]]) + g[order[s+2]]) + ...``, left to right: the
+    group's gradient rows from its first lookup ``i`` (``order[s]`` when ``e - s >= 2``)."""
+    first = g[i]
     for d in range(acc.size):
         acc[d] = first[d]
     for k in range(s + 1, e):
@@ -318,15 +319,7 @@ def _scaled_group(g, i, order, s, e, out, grad_scale, flags):
     """``out = g'``: the group's gradient rows summed left to right (``((g_a + g_b) +
     g_c) + ...`` from ``g_a = g[i]`` itself, ``i == order[s]``), then divided by
     ``grad_scale`` if GRAD_SCALE and negated if MAXIMIZE, element by element."""
-    first = g[i]
-    for d in range(out.size):
-        out[d] = first[d]
-    for k in range(s + 1, e):
-        if k + PREFETCH_LOOKUPS < e:
-            _prefetch_row(g, order[k + PREFETCH_LOOKUPS])
-        row = g[order[k]]
-        for d in range(out.size):
-            out[d] = out[d] + row[d]
+    _sum_group(g, i, order, s, e, out)
     if flags & H.GRAD_SCALE:
         for d in range(out.size):
             out[d] = out[d] / grad_scale
@@ -437,7 +430,7 @@ def rows_span_full(p, g, h, indices, order, starts, perm, first, pos, wlo, whi, 
                         grad_scale, flags)
         else:
             s = starts[perm[w]]
-            _sum_group(g, order, s, s + n, acc)
+            _sum_group(g, order[s], order, s, s + n, acc)
             _update_row(p[r], acc, h[r], lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
                         grad_scale, flags)
 
