@@ -41,7 +41,8 @@ def elements(disabled: bool) -> Callable[[int], int]:
 
 @pytest.fixture
 def run(benchmark: Any, disabled: bool) -> Callable[..., None]:
-    """``run(step, scenario=..., impl=..., dtype=..., n=...)``: warm up, then time ``step``.
+    """``run(step, scenario=..., impl=..., dtype=..., n=...)``: warm up, then time ``step``
+    (with ``setup=``: ``rounds`` timed calls, each after an untimed ``setup()``).
 
     The warm-up calls compile the kernels (or load them from Numba's cache), fault in
     every page of the state arrays and let torch create its lazy state, so none of it
@@ -49,7 +50,8 @@ def run(benchmark: Any, disabled: bool) -> Callable[..., None]:
     dtype, element count and the effective bytes per step (p, g, h read; p, h written).
     """
     def go(step: Callable[[], Any], *, scenario: str, impl: str, dtype: Any, n: int,
-           group: str, warmup: int = 3, **extra: Any) -> None:
+           group: str, warmup: int = 3, setup: Callable[[], Any] | None = None,
+           rounds: int = 30, **extra: Any) -> None:
         dt = np.dtype(dtype)
         benchmark.group = group
         for _ in range(1 if disabled else warmup):
@@ -57,7 +59,10 @@ def run(benchmark: Any, disabled: bool) -> Callable[..., None]:
         benchmark.extra_info.update(
             scenario=scenario, impl=impl, dtype=dt.name, n=int(n),
             bytes=int(5 * dt.itemsize * n), **extra)
-        benchmark(step)
+        if setup is None:
+            benchmark(step)
+        else:  # untimed ``setup()`` before every timed call, ``rounds`` calls
+            benchmark.pedantic(step, setup=setup, rounds=rounds)
 
     return go
 

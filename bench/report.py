@@ -59,6 +59,8 @@ SCENARIO_LABEL = {"flat": "flat buffer", "model100": "100-tensor model",
                   "rows-train-zipf": "table 1M × 64, 65,536 Zipf lookups: training step",
                   "rows-train-uniform": "table 1M × 64, 65,536 uniform lookups: training step",
                   "torch-model100": "torch 100-tensor model (2.95M)",
+                  "torch-model100-flushed": "torch 100-tensor model (2.95M), caches flushed "
+                                            "before each step",
                   "torch-mlp784-1024-512-10": "torch MLP 784-1024-512-10 (1.33M)",
                   "torch-embedding-sparse": "torch sparse nn.Embedding 100k × 64"}
 DT = {"float32": "f32", "float64": "f64"}
@@ -298,7 +300,8 @@ def peer_targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
             add(f"embedding rows, {dist}: rowwise training step ≥ 10× faster than FBGEMM's "
                 "fused step", r, None, r is not None and r >= 10, "×")
     for scenario in sorted({k[0] for k in run.times
-                            if k[0].startswith("torch-") and "sparse" not in k[0]}):
+                            if k[0].startswith("torch-") and "sparse" not in k[0]
+                            and not k[0].endswith("-flushed")}):  # flushed: no target
         k = key_of(scenario)
         for impl in sorted(i for i in run.times[k] if i.startswith("fastadagrad.torch")):
             r = ratio(run.t(k, TORCH_FUSED), run.t(k, impl))
