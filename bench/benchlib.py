@@ -51,6 +51,12 @@ PLAIN_SERIAL = "plain numba serial"
 #: show what the kernels themselves cost, apart from the API's per-call work.
 FAST_KERNEL = "fastadagrad kernel"
 FAST_KERNEL_SERIAL = "fastadagrad kernel serial"
+#: The options group's kernel-vs-plain pair (bench/test_bench_flat.py ``test_options``):
+#: the kernel of bench/plain.py's "torch, all options" flag set, called as
+#: :data:`FAST_KERNEL` is, and that set's plain loop (same bits).
+OPTIONS_SET = "torch, all options"
+OPTIONS_KERNEL = f"{FAST_KERNEL} ({OPTIONS_SET})"
+OPTIONS_PLAIN = f"{PLAIN} ({OPTIONS_SET})"
 IMPLS_ORDER = (FAST, FAST_SERIAL, FAST_FLAT, NUMPY, TORCH_FORLOOP, TORCH_FOREACH,
                TORCH_FUSED, FAST_KERNEL, FAST_KERNEL_SERIAL, PLAIN, PLAIN_SERIAL, ROOFLINE,
                DEEPSPEED)
