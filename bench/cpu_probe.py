@@ -29,8 +29,9 @@ block and the median of the block medians reported:
 It records the CPU model, vector width, CPUs, Numba's threads and threading layer, the
 last-level cache (sysfs) and the load average at the start and the end. Kernels are
 compiled (or loaded from Numba's cache) before anything is timed. Takes about 1-2
-minutes on 16 cores, 2-3 on 2. Other processes on the cores disturb parallel kernels
-badly (one busy core stalls every barrier): check the load averages in the output.
+minutes on 16 cores, 2-3 on 2 (the "options" section alone ~20 s on 2). Other
+processes on the cores disturb parallel kernels badly (one busy core stalls every
+barrier): check the load averages in the output.
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ def threshold_section(sizes: list[int], dtypes: tuple[str, ...], rng: random.Ran
 OPTIONS_PARALLEL = (10, 16, 20, 24)
 OPTIONS_SERIAL = (10, 14)
 OPTION_PAIR = ("fastadagrad kernel", "plain numba")
+#: Blocks per case in the "options" section (unless QUICK): its ratios sit within a few
+#: percent of 1, and with the other sections' 5 (3 at 2^24) its 48 cases took 7.5 s on
+#: the 2-core EPYC with 2^24 f32 ratios between 0.95 and 1.03 from set to set.
+OPTIONS_BLOCKS = 15
 
 
 def option_calls(name: str, p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool
@@ -281,6 +286,7 @@ def options_section(top: int, dtypes: tuple[str, ...], rng: random.Random,
                 p, g, h = arrays(n, dt)
                 calls = option_calls(name, p, g, h, mode == "serial")
                 reps, blocks = reps_for(n)
+                blocks = blocks if QUICK else OPTIONS_BLOCKS
                 best: dict[str, float] = {}
                 m = us(interleaved(calls, reps, blocks, rng, best))
                 row = {"option_set": name, "mode": mode, "dtype": dt, "n": n, "reps": reps,
