@@ -51,6 +51,12 @@ PLAIN_SERIAL = "plain numba serial"
 #: show what the kernels themselves cost, apart from the API's per-call work.
 FAST_KERNEL = "fastadagrad kernel"
 FAST_KERNEL_SERIAL = "fastadagrad kernel serial"
+#: The options group's kernel-vs-plain pair (bench/test_bench_flat.py ``test_options``):
+#: the kernel of bench/plain.py's "torch, all options" flag set, called as
+#: :data:`FAST_KERNEL` is, and that set's plain loop (same bits).
+OPTIONS_SET = "torch, all options"
+OPTIONS_KERNEL = f"{FAST_KERNEL} ({OPTIONS_SET})"
+OPTIONS_PLAIN = f"{PLAIN} ({OPTIONS_SET})"
 IMPLS_ORDER = (FAST, FAST_SERIAL, FAST_FLAT, NUMPY, TORCH_FORLOOP, TORCH_FOREACH,
                TORCH_FUSED, FAST_KERNEL, FAST_KERNEL_SERIAL, PLAIN, PLAIN_SERIAL, ROOFLINE,
                DEEPSPEED)
@@ -263,18 +269,23 @@ def deepspeed_step(params: list[np.ndarray], grads: list[np.ndarray]) -> Step:
     return opt.step
 
 
-def fast_kernel(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = False) -> Step:
+def fast_kernel(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = False,
+                hyper: Any = None, step: int = 1) -> Step:
     """The library's own compiled kernel on one flat buffer, called directly, with the
     coefficients as ``adagrad_update`` passes them (one float64 array, rounded to the
     array dtype in the kernel): the parallel one (``flat_parallel``, what
     ``adagrad_update`` runs from ``config.PARALLEL_THRESHOLD`` elements up) or the
     serial one below that (``checked_span``: the loop behind the compiled shape and
-    overlap checks, here with the parallel hand-off switched off)."""
+    overlap checks, here with the parallel hand-off switched off). ``hyper`` (a
+    ``fastadagrad._hyper.Hyper``, default ``lr=LR, eps=EPS``) and ``step`` pick the
+    formula variant, e.g. ``bench.plain.OPTION_SETS[name].hyper()``."""
     from fastadagrad import _dispatch as D
     from fastadagrad import cpu
     from fastadagrad._hyper import Hyper
 
-    coefs = D.coefficients(Hyper.make(lr=LR, eps=EPS), p.dtype, 1)
+    if hyper is None:
+        hyper = Hyper.make(lr=LR, eps=EPS)
+    coefs = D.coefficients(hyper, p.dtype, step)
     k = cpu.kernels(coefs[7])
     table = np.array([float(x) for x in coefs[:7]], np.float64)
     if serial:
@@ -291,6 +302,18 @@ def plain_flat(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = False
     lr, eps = t(LR), t(EPS)
     kernel = plain_serial if serial else plain_parallel
     return lambda: kernel(p, g, h, lr, eps)
+
+
+def plain_option_set(p: np.ndarray, g: np.ndarray, h: np.ndarray, name: str,
+                     serial: bool = False) -> Step:
+    """The plain loop of ``bench.plain.OPTION_SETS[name]`` on one flat buffer (its
+    scalars rounded to the array dtype once, outside the timed call)."""
+    from bench.plain import OPTION_SETS
+
+    opt = OPTION_SETS[name]
+    s = opt.scalars(p.dtype)
+    kernel = opt.serial if serial else opt.parallel
+    return lambda: kernel(p, g, h, *s)
 
 
 def plain_dict(params: dict[Any, np.ndarray], grad_sets: list[Any]) -> Step:

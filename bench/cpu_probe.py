@@ -18,13 +18,20 @@ block and the median of the block medians reported:
    float64): the public ``adagrad_update`` as shipped (default dispatch), the same call
    forced serial and forced parallel (``config.PARALLEL_THRESHOLD`` patched), and the
    bare serial and parallel kernels, so that a threshold can be chosen per machine;
-4. ``roofline_2_24``: 2^24 float32, kernel vs plain vs roofline, more rounds.
+4. ``roofline_2_24``: 2^24 float32, kernel vs plain vs roofline, more rounds;
+5. ``options``: every other formula variant of ``bench/plain.py``'s ``OPTION_SETS``
+   (torch with every option, Keras with weight decay, optax, loss scaling): that flag
+   set's kernels against its plain loop (same bits), float32 and float64, the parallel
+   ones at 2^10, 2^16, 2^20 and 2^24, the serial ones at 2^10 and 2^14.
+
+``--only options`` (repeatable: ``--only flat --only serial``...) runs some sections.
 
 It records the CPU model, vector width, CPUs, Numba's threads and threading layer, the
 last-level cache (sysfs) and the load average at the start and the end. Kernels are
 compiled (or loaded from Numba's cache) before anything is timed. Takes about 1-2
-minutes on 16 cores, 2-3 on 2. Other processes on the cores disturb parallel kernels
-badly (one busy core stalls every barrier): check the load averages in the output.
+minutes on 16 cores, 2-3 on 2 (the "options" section alone ~20 s on 2). Other
+processes on the cores disturb parallel kernels badly (one busy core stalls every
+barrier): check the load averages in the output.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ import numpy as np  # noqa: E402
 
 import fastadagrad  # noqa: E402
 from bench import machine  # noqa: E402
-from bench.plain import plain_parallel, plain_serial  # noqa: E402
+from bench.plain import OPTION_SETS, plain_parallel, plain_serial  # noqa: E402
 from bench.roofline import roofline  # noqa: E402
 from fastadagrad import _hyper, config, cpu  # noqa: E402
 
@@ -237,6 +244,61 @@ def threshold_section(sizes: list[int], dtypes: tuple[str, ...], rng: random.Ran
     return out
 
 
+#: The "options" section's sizes (exponents of 2): parallel kernel vs plain parallel loop,
+#: serial kernel vs plain serial loop.
+OPTIONS_PARALLEL = (10, 16, 20, 24)
+OPTIONS_SERIAL = (10, 14)
+OPTION_PAIR = ("fastadagrad kernel", "plain numba")
+#: Blocks per case in the "options" section (unless QUICK): its ratios sit within a few
+#: percent of 1, and with the other sections' 5 (3 at 2^24) its 48 cases took 7.5 s on
+#: the 2-core EPYC with 2^24 f32 ratios between 0.95 and 1.03 from set to set.
+OPTIONS_BLOCKS = 15
+
+
+def option_calls(name: str, p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool
+                 ) -> dict[str, Callable[[], Any]]:
+    """The kernel of option set ``name``'s flag set (``flat_parallel``, or
+    ``checked_span`` with the parallel hand-off off) and the set's plain loop."""
+    opt = OPTION_SETS[name]
+    c = opt.hyper().coefficients(p.dtype, opt.options.get("step", 1))
+    k = cpu.kernels(c[7])
+    table = np.array([float(x) for x in c[:7]], np.float64)
+    s = opt.scalars(p.dtype)
+    if serial:
+        never = np.iinfo(np.int64).max
+        plain = opt.serial
+        return {OPTION_PAIR[0]: lambda: k.checked_span(p, g, h, table, never),
+                OPTION_PAIR[1]: lambda: plain(p, g, h, *s)}
+    par = opt.parallel
+    return {OPTION_PAIR[0]: lambda: k.flat_parallel(p, g, h, table),
+            OPTION_PAIR[1]: lambda: par(p, g, h, *s)}
+
+
+def options_section(top: int, dtypes: tuple[str, ...], rng: random.Random,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
+    out = []
+    cases = [(m, e) for m, exps in (("parallel", OPTIONS_PARALLEL),
+                                    ("serial", OPTIONS_SERIAL)) for e in exps if e <= top]
+    for dt in dtypes:
+        for mode, e in cases:
+            for name in OPTION_SETS:
+                n = 1 << e
+                p, g, h = arrays(n, dt)
+                calls = option_calls(name, p, g, h, mode == "serial")
+                reps, blocks = reps_for(n)
+                blocks = blocks if QUICK else OPTIONS_BLOCKS
+                best: dict[str, float] = {}
+                m = us(interleaved(calls, reps, blocks, rng, best))
+                row = {"option_set": name, "mode": mode, "dtype": dt, "n": n, "reps": reps,
+                       "blocks": blocks, "median_us": m, "fastest_block_us": us(best),
+                       "kernel/plain": m[OPTION_PAIR[0]] / m[OPTION_PAIR[1]]}
+                out.append(row)
+                log(f"options {name!r} {mode} {dt} 2^{e}: kernel {m[OPTION_PAIR[0]]:,.2f} us, "
+                    f"plain {m[OPTION_PAIR[1]]:,.2f} us | kernel/plain "
+                    f"{row['kernel/plain']:.3f}")
+    return out
+
+
 def suggest_threshold(rows: list[dict[str, Any]], dtype: str) -> int | None:
     """Smallest measured size from which the public call forced parallel beats forced
     serial at that size and every larger one (None if parallel never wins)."""
@@ -268,42 +330,67 @@ def markdown(r: dict[str, Any]) -> str:
            f"the start, {lb[0]:.2f} at the end: above ~0.5 on few cores, other processes "
            "disturbed the parallel kernels (a disturbed call takes milliseconds), so compare "
            "the fastest blocks too. Medians of interleaved blocks "
-           "(`python bench/cpu_probe.py`).", "",
-           "## Parallel kernel vs the plain fused loop vs the roofline kernel", "",
-           "| dtype | n | kernel | plain numba | roofline | kernel ÷ plain | kernel ÷ "
-           "roofline | fastest blocks: kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for x in r["flat"]:
+           "(`python bench/cpu_probe.py`)."]
+    if "flat" in r:
+        out += ["", "## Parallel kernel vs the plain fused loop vs the roofline kernel", "",
+                "| dtype | n | kernel | plain numba | roofline | kernel ÷ plain | kernel ÷ "
+                "roofline | fastest blocks: kernel ÷ plain |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for x in r.get("flat", []):
         t, b = x["median_us"], x["fastest_block_us"]
         out.append(f"| {x['dtype']} | {_size(x['n'])} | {t['fastadagrad kernel']:,.1f} µs | "
                    f"{t['plain numba']:,.1f} µs | {t['roofline']:,.1f} µs | "
                    f"{x['kernel/plain']:.3f} | {x['kernel/roofline']:.3f} | "
                    f"{b['fastadagrad kernel'] / b['plain numba']:.3f} |")
-    out += ["", "## Serial kernel vs the plain serial loop", "",
-            "| dtype | n | kernel | kernel, NumPy-scalar coefficients | plain numba serial | "
-            "kernel ÷ plain | NumPy-scalar kernel ÷ plain |", "|---|---|---:|---:|---:|---:|---:|"]
-    for x in r["serial"]:
+    if "serial" in r:
+        out += ["", "## Serial kernel vs the plain serial loop", "",
+                "| dtype | n | kernel | kernel, NumPy-scalar coefficients | plain numba serial | "
+                "kernel ÷ plain | NumPy-scalar kernel ÷ plain |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+    for x in r.get("serial", []):
         t = x["median_us"]
         out.append(f"| {x['dtype']} | {_size(x['n'])} | {t[SERIAL[0]]:,.2f} µs | "
                    f"{t[SERIAL[1]]:,.2f} µs | {t[SERIAL[2]]:,.2f} µs | {x['kernel/plain']:.3f} | "
                    f"{x['kernel with NumPy-scalar coefficients/plain']:.3f} |")
-    out += ["", f"## Serial/parallel threshold (shipped: {r['parallel_threshold_shipped']:,})",
-            "", "| dtype | n | serial kernel | parallel kernel | adagrad_update default | "
-            "forced serial | forced parallel |", "|---|---|---:|---:|---:|---:|---:|"]
-    for x in r["threshold"]:
-        t = x["median_us"]
-        out.append(f"| {x['dtype']} | {x['n']:,} | {t[THRESHOLD[3]]:,.2f} µs | "
-                   f"{t[THRESHOLD[4]]:,.2f} µs | {t[THRESHOLD[0]]:,.2f} µs | "
-                   f"{t[THRESHOLD[1]]:,.2f} µs | {t[THRESHOLD[2]]:,.2f} µs |")
-    sug = ", ".join(f"{k}: {'never' if v is None else f'{v:,}'}"
-                    for k, v in r["threshold_suggested"].items())
-    out += ["", f"Smallest size from which the forced-parallel call beats the forced-serial "
-            f"one at every larger measured size: {sug}."]
+    if "threshold" in r:
+        out += ["", "## Serial/parallel threshold (shipped: "
+                f"{r['parallel_threshold_shipped']:,})", "",
+                "| dtype | n | serial kernel | parallel kernel | adagrad_update default | "
+                "forced serial | forced parallel |", "|---|---|---:|---:|---:|---:|---:|"]
+        for x in r["threshold"]:
+            t = x["median_us"]
+            out.append(f"| {x['dtype']} | {x['n']:,} | {t[THRESHOLD[3]]:,.2f} µs | "
+                       f"{t[THRESHOLD[4]]:,.2f} µs | {t[THRESHOLD[0]]:,.2f} µs | "
+                       f"{t[THRESHOLD[1]]:,.2f} µs | {t[THRESHOLD[2]]:,.2f} µs |")
+        sug = ", ".join(f"{k}: {'never' if v is None else f'{v:,}'}"
+                        for k, v in r["threshold_suggested"].items())
+        out += ["", f"Smallest size from which the forced-parallel call beats the "
+                f"forced-serial one at every larger measured size: {sug}."]
     if "roofline_2_24" in r:
         x = r["roofline_2_24"]
         out += ["", f"2^24 float32, {r['numba_threads']} threads, 15 calls x 5 blocks: kernel "
                 f"÷ roofline {x['kernel/roofline']:.3f}, plain ÷ roofline "
                 f"{x['plain/roofline']:.3f}."]
+    if r.get("options"):
+        k, p = OPTION_PAIR
+        out += ["", "## Every option set: kernel vs the plain loop with the same bits", "",
+                "Each set's flag-set kernel (`flat_parallel`; serial: `checked_span`) against "
+                "its plain loop in `bench/plain.py` (`OPTION_SETS`), same arrays.", "",
+                "| option set | mode | dtype | n | kernel | plain numba | kernel ÷ plain | "
+                "fastest blocks: kernel ÷ plain |", "|---|---|---|---|---:|---:|---:|---:|"]
+        for x in r["options"]:
+            t, b = x["median_us"], x["fastest_block_us"]
+            out.append(f"| {x['option_set']} | {x['mode']} | {x['dtype']} | {_size(x['n'])} | "
+                       f"{t[k]:,.2f} µs | {t[p]:,.2f} µs | {x['kernel/plain']:.3f} | "
+                       f"{b[k] / b[p]:.3f} |")
+        worst = max(r["options"], key=lambda x: x["kernel/plain"])
+        out += ["", f"Worst kernel ÷ plain: {worst['kernel/plain']:.3f} "
+                f"({worst['option_set']}, {worst['mode']}, {worst['dtype']} "
+                f"{_size(worst['n'])})."]
     return "\n".join(out) + "\n"
+
+
+SECTIONS = ("flat", "serial", "threshold", "options", "roofline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 2^10..2^11, two threshold sizes, few calls (tests)")
+    ap.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
+                    help=f"run only this section (repeatable; one of {', '.join(SECTIONS)}); "
+                    "default: all")
     args = ap.parse_args(argv)
+    only = set(args.only or SECTIONS)
     global QUICK
     QUICK = args.quick
     if QUICK:
@@ -343,16 +434,20 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": load_start,
         "quick": QUICK,
     }
-    result["flat"] = flat_section(range(10, top + 1), ("float32", "float64"), rng, log)
-    result["numba_threading_layer"] = str(numba.threading_layer())
-    result["serial"] = serial_section(range(10, min(top, 18) + 1), ("float32", "float64"),
-                                      rng, log)
-    sizes = [1 << 12, 1 << 13] if QUICK else sorted(
-        {int(1 << e) for e in range(12, 21)} | {int(1.5 * (1 << e)) for e in range(12, 20)})
-    result["threshold"] = threshold_section(sizes, ("float32", "float64"), rng, log)
-    result["threshold_suggested"] = {dt: suggest_threshold(result["threshold"], dt)
-                                     for dt in ("float32", "float64")}
-    if top >= 24:
+    both = ("float32", "float64")
+    if "flat" in only:
+        result["flat"] = flat_section(range(10, top + 1), both, rng, log)
+    if "serial" in only:
+        result["serial"] = serial_section(range(10, min(top, 18) + 1), both, rng, log)
+    if "threshold" in only:
+        sizes = [1 << 12, 1 << 13] if QUICK else sorted(
+            {int(1 << e) for e in range(12, 21)} | {int(1.5 * (1 << e)) for e in range(12, 20)})
+        result["threshold"] = threshold_section(sizes, both, rng, log)
+        result["threshold_suggested"] = {dt: suggest_threshold(result["threshold"], dt)
+                                         for dt in both}
+    if "options" in only:
+        result["options"] = options_section(top, both, rng, log)
+    if "roofline" in only and top >= 24:
         row = measure(1 << 24, "float32", FLAT, rng, (15, 5))
         m = row["median_us"]
         row["kernel/roofline"] = m["fastadagrad kernel"] / m["roofline"]
@@ -360,14 +455,22 @@ def main(argv: list[str] | None = None) -> int:
         result["roofline_2_24"] = row
         log(f"2^24 f32, {numba.get_num_threads()} threads: kernel/roofline "
             f"{row['kernel/roofline']:.3f}, plain/roofline {row['plain/roofline']:.3f}")
+    try:  # known once a parallel kernel has run
+        result["numba_threading_layer"] = str(numba.threading_layer())
+    except ValueError:  # only serial sections ran
+        result["numba_threading_layer"] = "not started"
     result["loadavg_end"] = list(os.getloadavg())
     result["duration_s"] = round(time.time() - t_start, 1)
-    worst = max(result["flat"], key=lambda r: r["kernel/plain"])
-    worst_s = max(result["serial"], key=lambda r: r["kernel/plain"])
+    summary = []
+    for sec, what in (("flat", "parallel"), ("serial", "serial"), ("options", "options")):
+        if result.get(sec):
+            w = max(result[sec], key=lambda r: r["kernel/plain"])
+            summary.append(f"{what} {w['kernel/plain']:.3f} ({w.get('option_set', '')}"
+                           f"{' ' if 'option_set' in w else ''}{w['dtype']} n={w['n']:,})")
+    if "threshold_suggested" in result:
+        summary.append(f"threshold where parallel wins: {result['threshold_suggested']}")
     log(f"done in {result['duration_s']} s; load average {result['loadavg_end'][0]:.2f}; "
-        f"worst kernel/plain: parallel {worst['kernel/plain']:.3f} ({worst['dtype']} "
-        f"n={worst['n']:,}), serial {worst_s['kernel/plain']:.3f} ({worst_s['dtype']} "
-        f"n={worst_s['n']:,}); threshold where parallel wins: {result['threshold_suggested']}")
+        f"worst kernel/plain: {'; '.join(summary) or 'nothing measured'}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

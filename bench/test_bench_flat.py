@@ -1,7 +1,8 @@
 """Scenario (a): one flat buffer of 2^k elements, float32 and float64.
 
 Also the option benchmarks of issues 5 and 6 at 2^24 float32: every option on vs the
-defaults, and ``nonfinite='skip'`` (a read-only check pass first) vs ``'ignore'``.
+defaults, the kernel of torch's formula with every option vs its plain loop (same bits),
+and ``nonfinite='skip'`` (a read-only check pass first) vs ``'ignore'``.
 """
 
 from __future__ import annotations
@@ -63,14 +64,23 @@ ALL_OPTIONS = {"lr_decay": 0.01, "weight_decay": 1e-4, "maximize": True, "step":
 
 
 @pytest.mark.parametrize("variant", ["defaults", "all options", "all options + grad_scale",
-                                     "roofline"])
+                                     "roofline", B.OPTIONS_KERNEL, B.OPTIONS_PLAIN])
 def test_options(run: Any, elements: Any, variant: str) -> None:
+    from bench.plain import OPTION_SETS
     from fastadagrad import Rule
 
     n = elements(24)
     p0, g = B.flat_source(n, np.float32)
     p, h = p0.copy(), np.zeros(n, np.float32)
-    if variant == "defaults":
+    if variant in (B.OPTIONS_KERNEL, B.OPTIONS_PLAIN):
+        # torch's formula with every option (bench/plain.py): the flag-set kernel against
+        # the plain loop with the same bits, on the same page-aligned memory (as the flat
+        # cases: where an array lands moved one loop alone by 6-7%, see benchlib)
+        p, h = B.flat_state(n, np.float32)
+        opt = OPTION_SETS[B.OPTIONS_SET]
+        step = (B.fast_kernel(p, g, h, hyper=opt.hyper(), step=opt.options["step"])
+                if variant == B.OPTIONS_KERNEL else B.plain_option_set(p, g, h, opt.name))
+    elif variant == "defaults":
         step = B.fast_functional(p, g, h)
     elif variant.startswith("all options"):
         extra = {"grad_scale": 1024.0} if variant.endswith("grad_scale") else {}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bench import cpu_probe
+from bench.plain import OPTION_SETS
 
 
 def test_probe_smoke_run_writes_every_section(tmp_path: Path) -> None:
@@ -25,8 +26,29 @@ def test_probe_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert {x["n"] for x in r["threshold"]} == {4096, 8192}
     assert set(r["threshold"][0]["median_us"]) == set(cpu_probe.THRESHOLD)
     assert set(r["threshold_suggested"]) == {"float32", "float64"}
+    # every option set, both dtypes, the parallel and the serial kernel (2^10 when quick)
+    assert sorted((x["option_set"], x["mode"], x["dtype"], x["n"]) for x in r["options"]) == \
+        sorted((name, mode, dt, 1024) for name in OPTION_SETS
+               for mode in ("parallel", "serial") for dt in ("float32", "float64"))
+    for row in r["options"]:
+        assert set(row["median_us"]) == set(cpu_probe.OPTION_PAIR)
+        assert all(v > 0 for v in row["median_us"].values()) and row["kernel/plain"] > 0
     md = out.with_suffix(".md").read_text()
-    assert md.count("| float32 | 2^10 |") == 2 and "| float64 | 4,096 |" in md
+    lines = md.splitlines()
+    assert sum(x.startswith("| float32 | 2^10 |") for x in lines) == 2  # flat and serial
+    assert "| float64 | 4,096 |" in md
+    assert "| torch, all options | serial | float64 | 2^10 |" in md
+    assert "Worst kernel ÷ plain:" in md
+
+
+def test_probe_only_one_section(tmp_path: Path) -> None:
+    out = tmp_path / "probe.json"
+    assert cpu_probe.main(["--quick", "--only", "options", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["options"]) == 4 * 2 * 2
+    assert not {"flat", "serial", "threshold", "threshold_suggested"} & set(r)
+    md = out.with_suffix(".md").read_text()
+    assert "## Every option set" in md and "## Serial kernel" not in md
 
 
 def test_suggest_threshold() -> None:

@@ -18,12 +18,15 @@ def fake_run(path: Path, llc: int | None = 32 << 20) -> None:
     cases = [("flat", dt, 1 << k) for dt in ("float32", "float64") for k in (16, 20, 24)]
     cases += [("model100", "float32", 2953450), ("options", "float32", 1 << 24),
               ("nonfinite", "float32", 1 << 24)]
+    # the options group's kernel and plain loop of one flag set: 1.03x, within 1.05
+    options_speed = {B.OPTIONS_KERNEL: 1.03 * 1.2, B.OPTIONS_PLAIN: 1.2}
     for scenario, dtype, n in cases:
-        impls = {"options": ["defaults", "all options", B.ROOFLINE],
+        impls = {"options": ["defaults", "all options", B.ROOFLINE, B.OPTIONS_KERNEL,
+                             B.OPTIONS_PLAIN],
                  "nonfinite": ["nonfinite='ignore'", "nonfinite='skip'", B.ROOFLINE]
                  }.get(scenario, list(speed))
         for i, impl in enumerate(impls):
-            t = n * 1e-9 * speed.get(impl, 1.0 + i)
+            t = n * 1e-9 * speed.get(impl, options_speed.get(impl, 1.0 + i))
             benchmarks.append({
                 "group": f"{scenario} {dtype} {n}", "name": impl,
                 "extra_info": {"scenario": scenario, "impl": impl, "dtype": dtype, "n": n,
@@ -75,7 +78,11 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
     # 2^24 f32 at 1.05x the roofline, 3x torch fused at 2^16 and on the model, 25x NumPy
     # (>= 90% of the roofline's 26.3x), the kernel at 0.95x plain numba: met; the serial
     # kernel at 1.3 / 1.2 = 1.08x the plain serial loop: not met.
-    assert md.count("| yes |") == 5 and md.count("| **no** |") == 1
+    # and the torch-formula kernel at 1.03x its plain loop (options group): met
+    assert md.count("| yes |") == 6 and md.count("| **no** |") == 1
+    assert ("| kernel ÷ plain numba, all options (torch's formula, f32 2^24) ≤ 1.05 | 1.03 "
+            "| 1.00 | yes |") in md
+    assert f"| {B.OPTIONS_KERNEL} | 20.7 ms | 1.24 | 1.30 |" in md
     assert "fastadagrad kernel serial ≤ 1.05× the time of plain numba serial" in md
     assert "| 1.08 | 1.00 | **no** |" in md
     # the ceilings: torch fused / roofline = 3 / 0.95, NumPy / roofline = 25 / 0.95
