@@ -93,13 +93,16 @@ def _update_at(p, g, h, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_sc
         hi = fma(gi, gi, h[i])
     else:
         hi = h[i] + gi * gi
-    # The placements the flags do not select have their coefficient at 0 (eps_in) or 1
-    # (lr_num, lr_after), and the operation on it is exact: ``h + 0`` is ``h`` (``h`` is
-    # never -0: it is a sum with g*g, and -0 + +0 is +0), ``1 * g`` is ``g``, ``q * 1``
-    # is ``q``, NaN payloads included. Leaving them out keeps the bits and the default
-    # loop is the NumPy class's formula, operation for operation.
+    # The placements the flags do not select have their coefficient at 0 (eps_in,
+    # eps_out) or 1 (lr_num, lr_after), and the operation on it is exact: ``h + 0`` is
+    # ``h`` (``h`` is never -0: it is a sum with g*g, and -0 + +0 is +0), so is
+    # ``sqrt(x) + 0`` (a square root is never -0 here), ``1 * g`` is ``g``, ``q * 1`` is
+    # ``q``, NaN payloads included. Leaving them out keeps the bits and the default loop
+    # is the NumPy class's formula, operation for operation (LLVM keeps ``x + 0.0``: it
+    # cannot know x is not -0, so the ``+ eps_out`` of the inside placement would be one
+    # more add per element than the plain loops of optax's and Keras's formulas have).
     if flags & H.EPS_INSIDE:
-        d = math.sqrt(hi + eps_in) + eps_out
+        d = math.sqrt(hi + eps_in)
     else:
         d = math.sqrt(hi) + eps_out
     if flags & H.LR_AFTER:
@@ -325,9 +328,10 @@ def kernels(flags: int) -> Kernels:
         q  = 0                          if ZERO_WHERE_H0 and h == 0
         p  = p' - q * lr_after
 
-    Without EPS_INSIDE the ``+ eps_in`` (0) is left out, and without LR_AFTER the
-    ``* lr_after`` (1), with LR_AFTER the ``lr_num *`` (1): exact no-ops, so the bits
-    are those of the formula above and the default loop is exactly the NumPy class,
+    Without EPS_INSIDE the ``+ eps_in`` (0) is left out, with it the ``+ eps_out`` (0),
+    and without LR_AFTER the ``* lr_after`` (1), with LR_AFTER the ``lr_num *`` (1):
+    exact no-ops, so the bits are those of the formula above and the default loop is
+    exactly the NumPy class,
     ``h += g*g; p -= lr*g / (sqrt(h) + eps)``, operation for operation.
 
     Each kernel takes the scalars without ``flags``: ``span(p, g, h, lr_num, ...,

@@ -184,3 +184,26 @@ def test_functional_fast_path_defers_to_the_full_path(monkeypatch, case):
             fastadagrad.adagrad_update(p, g, h)
         assert np.array_equal(p, before) and not h.any()
         assert calls == [case]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", [H.Rule(), H.Rule(eps_placement="inside"),
+                                  H.Rule(eps_placement="inside", lr_placement="after",
+                                         zero_where_h0=True, fma_accumulate=True)])
+@pytest.mark.parametrize("eps", [1e-3, 0.0, -0.0])
+def test_special_values_keep_the_reference_bits(dtype, rule, eps):
+    """The exact no-ops the kernels leave out (``h + 0``, ``sqrt(.) + 0``, ``* 1``) are
+    no-ops for NaN, infinities, negative accumulators (a NaN square root) and signed
+    zeros too: the kernel's bits equal the reference's on every such element."""
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.0, -1.0, 1e-30, 3.0],
+                        dtype)
+    # every combination of a special parameter, gradient and accumulator
+    p0, g, h0 = (a.ravel().copy() for a in np.meshgrid(specials, specials, specials))
+    hyper = H.Hyper.make(lr=0.05, eps=eps, rule=rule)
+    coefs = hyper.coefficients(np.dtype(dtype))
+    p1, h1, p2, h2 = p0.copy(), h0.copy(), p0.copy(), h0.copy()
+    with np.errstate(all="ignore"):
+        reference_step(p1, g, h1, hyper)
+    cpu.kernels(coefs[-1]).span(p2, g, h2, *(float(x) for x in coefs[:-1]))
+    assert_bits_equal(h2, h1)
+    assert_bits_equal(p2, p1)
