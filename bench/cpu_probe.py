@@ -22,7 +22,13 @@ block and the median of the block medians reported:
 5. ``options``: every other formula variant of ``bench/plain.py``'s ``OPTION_SETS``
    (torch with every option, Keras with weight decay, optax, loss scaling): that flag
    set's kernels against its plain loop (same bits), float32 and float64, the parallel
-   ones at 2^10, 2^16, 2^20 and 2^24, the serial ones at 2^10 and 2^14.
+   ones at 2^10, 2^16, 2^20 and 2^24, the serial ones at 2^10 and 2^14;
+6. ``bound``: at 2^16 and 2^20 (in cache on most CPUs), the parallel kernel and the
+   plain loop against the plain loop without its square root, without its division
+   (``bench/roofline.py``) and the roofline kernel: what the time is made of where
+   memory does not bound it.
+
+All arrays start on a page boundary (``bench/memory.py``).
 
 ``--only options`` (repeatable: ``--only flat --only serial``...) runs some sections.
 
@@ -58,7 +64,7 @@ import fastadagrad  # noqa: E402
 from bench import machine  # noqa: E402
 from bench.memory import page_aligned  # noqa: E402
 from bench.plain import OPTION_SETS, plain_parallel, plain_serial  # noqa: E402
-from bench.roofline import roofline  # noqa: E402
+from bench.roofline import roofline, without_division, without_sqrt  # noqa: E402
 from fastadagrad import _hyper, config, cpu  # noqa: E402
 
 LR, EPS = 0.01, 1e-7
@@ -170,6 +176,8 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
         "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, table),
         "plain numba": lambda: plain_parallel(p, g, h, lr, eps),
         "roofline": lambda: roofline(p, g, h),
+        "plain numba without sqrt": lambda: without_sqrt(p, g, h, lr, eps),
+        "plain numba without division": lambda: without_division(p, g, h, lr, eps),
         # the serial kernel adagrad_update runs (checked_span: the compiled checks, then
         # the loop), here with the parallel hand-off switched off
         "fastadagrad serial kernel": lambda: k.checked_span(p, g, h, table, never),
@@ -183,6 +191,8 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
 
 
 FLAT = ("fastadagrad kernel", "plain numba", "roofline")
+BOUND = ("fastadagrad kernel", "plain numba", "plain numba without sqrt",
+         "plain numba without division", "roofline")
 SERIAL = ("fastadagrad serial kernel", "fastadagrad serial kernel, NumPy-scalar coefficients",
           "plain numba serial")
 THRESHOLD = ("adagrad_update (default dispatch)", "adagrad_update forced serial",
@@ -231,6 +241,22 @@ def serial_section(exps: range, dtypes: tuple[str, ...], rng: random.Random,
             log(f"serial {dt} 2^{e}: kernel {m[SERIAL[0]]:,.2f} us (NumPy-scalar "
                 f"coefficients {m[SERIAL[1]]:,.2f} us), plain {m[SERIAL[2]]:,.2f} us | "
                 f"kernel/plain {row['kernel/plain']:.3f}")
+    return out
+
+
+def bound_section(exps: tuple[int, ...], dtypes: tuple[str, ...], rng: random.Random,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Where the arrays fit in a cache, what the time is made of: the plain loop with
+    its square root or its division taken out, against the roofline kernel."""
+    out = []
+    for dt in dtypes:
+        for e in exps:
+            row = measure(1 << e, dt, BOUND, rng)
+            m = row["median_us"]
+            row["per_roofline"] = {k: m[k] / m["roofline"] for k in BOUND}
+            out.append(row)
+            log(f"bound {dt} 2^{e}: " + ", ".join(
+                f"{k} {m[k]:,.1f} us" for k in BOUND))
     return out
 
 
@@ -377,6 +403,19 @@ def markdown(r: dict[str, Any]) -> str:
         out += ["", f"2^24 float32, {r['numba_threads']} threads, 15 calls x 5 blocks: kernel "
                 f"÷ roofline {x['kernel/roofline']:.3f}, plain ÷ roofline "
                 f"{x['plain/roofline']:.3f}."]
+    if r.get("bound"):
+        out += ["", "## What bounds the update in cache: the plain loop without its square "
+                "root or its division", "",
+                "Time ÷ the roofline kernel's (same arrays, same reads and writes). Where "
+                "the loop with both operations is well above the loop with either one "
+                "alone, the square root and the division share the CPU's divider and its "
+                "throughput sets the time, not memory.", "",
+                "| dtype | n | " + " | ".join(BOUND) + " |",
+                "|---|---|" + "---:|" * len(BOUND)]
+        for x in r["bound"]:
+            t = x["median_us"]
+            out.append(f"| {x['dtype']} | {_size(x['n'])} | " + " | ".join(
+                f"{t[k]:,.1f} µs ({x['per_roofline'][k]:.2f})" for k in BOUND) + " |")
     if r.get("options"):
         k, p = OPTION_PAIR
         out += ["", "## Every option set: kernel vs the plain loop with the same bits", "",
@@ -396,7 +435,7 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = ("flat", "serial", "threshold", "options", "roofline")
+SECTIONS = ("flat", "serial", "threshold", "options", "bound", "roofline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                                          for dt in both}
     if "options" in only:
         result["options"] = options_section(top, both, rng, log)
+    if "bound" in only:
+        result["bound"] = bound_section((10, 11) if QUICK else (16, 20), both, rng, log)
     if "roofline" in only and top >= 24:
         row = measure(1 << 24, "float32", FLAT, rng, (15, 5))
         m = row["median_us"]

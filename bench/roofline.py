@@ -15,6 +15,8 @@ threads.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -26,3 +28,31 @@ def roofline(p: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
         gi = g[i]
         h[i] = h[i] + gi
         p[i] = p[i] - gi
+
+
+# What bounds the update where the arrays fit in a cache: the plain fused loop
+# (``bench/plain.py``) with its square root or its division taken out (the probe's
+# "bound" section times them against it and against ``roofline``). Not AdaGrad: the
+# results are wrong on purpose, only the instruction mix matters.
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def without_sqrt(p: np.ndarray, g: np.ndarray, h: np.ndarray, lr: float,
+                 eps: float) -> None:
+    """The plain fused loop with ``h`` in place of ``sqrt(h)``."""
+    for i in prange(p.size):
+        gi = g[i]
+        hi = h[i] + gi * gi
+        h[i] = hi
+        p[i] = p[i] - (lr * gi) / (hi + eps)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def without_division(p: np.ndarray, g: np.ndarray, h: np.ndarray, lr: float,
+                     eps: float) -> None:
+    """The plain fused loop with a multiplication in place of the division."""
+    for i in prange(p.size):
+        gi = g[i]
+        hi = h[i] + gi * gi
+        h[i] = hi
+        p[i] = p[i] - (lr * gi) * (math.sqrt(hi) + eps)

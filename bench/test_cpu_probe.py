@@ -33,9 +33,17 @@ def test_probe_smoke_run_writes_every_section(tmp_path: Path) -> None:
     for row in r["options"]:
         assert set(row["median_us"]) == set(cpu_probe.OPTION_PAIR)
         assert all(v > 0 for v in row["median_us"].values()) and row["kernel/plain"] > 0
+    # the square-root/division ablation, 2^10 and 2^11 when quick
+    assert [(x["dtype"], x["n"]) for x in r["bound"]] == [
+        (dt, n) for dt in ("float32", "float64") for n in (1024, 2048)]
+    for row in r["bound"]:
+        assert set(row["median_us"]) == set(cpu_probe.BOUND)
+        assert row["per_roofline"]["roofline"] == 1.0
     md = out.with_suffix(".md").read_text()
     lines = md.splitlines()
-    assert sum(x.startswith("| float32 | 2^10 |") for x in lines) == 2  # flat and serial
+    # flat, serial and bound
+    assert sum(x.startswith("| float32 | 2^10 |") for x in lines) == 3
+    assert "## What bounds the update in cache" in md
     assert "| float64 | 4,096 |" in md
     assert "| torch, all options | serial | float64 | 2^10 |" in md
     assert "Worst kernel ÷ plain:" in md
@@ -46,7 +54,7 @@ def test_probe_only_one_section(tmp_path: Path) -> None:
     assert cpu_probe.main(["--quick", "--only", "options", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert len(r["options"]) == 4 * 2 * 2
-    assert not {"flat", "serial", "threshold", "threshold_suggested"} & set(r)
+    assert not {"flat", "serial", "threshold", "threshold_suggested", "bound"} & set(r)
     md = out.with_suffix(".md").read_text()
     assert "## Every option set" in md and "## Serial kernel" not in md
 
