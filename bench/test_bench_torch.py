@@ -105,7 +105,9 @@ def test_torch_model_flushed(run: Any, disabled: bool, impl: str) -> None:
     if disabled:
         shapes = [tuple(min(d, 8) for d in s) for s in shapes]
     step = make_step(impl, shapes)
-    buf = np.zeros((4096 if disabled else FLUSH_BYTES) // 8)
+    # ones, not zeros: untouched zeros are the kernel's one shared zero page, and
+    # reading them would flush nothing
+    buf = np.ones((4096 if disabled else FLUSH_BYTES) // 8)
 
     def flush() -> None:
         # reads every line: clean lines replace the model's in the caches (a written
