@@ -350,12 +350,44 @@ def peer_targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
     return out
 
 
-def targets_table(run: Run) -> str:
+def probe_targets(probe: dict[str, Any] | None) -> list[tuple[str, str, str, bool | None]]:
+    """The kernel-vs-plain-loop targets again from ``bench/cpu_probe.py``'s JSON: the
+    same ratios, with the two candidates interleaved block by block (a disturbance on
+    the shared cores then hits both), every size and every option set."""
+    if not probe:
+        return []
+    out: list[tuple[str, str, str, bool | None]] = []
+    for section, what in (("flat", "parallel kernel ÷ plain loop, 2^10-2^26 f32/f64"),
+                          ("serial", "serial kernel ÷ plain serial loop, 2^10-2^18 f32/f64"),
+                          ("options", "every option set (torch with every option, Keras, "
+                                      "optax, loss scaling): kernel ÷ its plain loop")):
+        rows = probe.get(section) or []
+        if not rows:
+            continue
+        w = max(rows, key=lambda x: x["kernel/plain"])
+        n = int(w["n"])
+        size = f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+        where = " ".join(str(x) for x in (w.get("option_set"), w.get("mode"), w["dtype"],
+                                          size) if x)
+        out.append((f"{what}, interleaved probe, worst ({where}) ≤ {PLAIN_BOUND}",
+                    fmt_ratio(w["kernel/plain"], ""), "1.00", w["kernel/plain"] <= PLAIN_BOUND))
+    return out
+
+
+def targets_table(run: Run, probe: dict[str, Any] | None = None) -> str:
     lines = ["| speed target | measured | same ratio for the roofline "
              "kernel (for plain numba: 1) | met |", "|---|---:|---:|:---:|"]
-    for name, value, bound, ok in [*targets(run), *peer_targets(run)]:
+    for name, value, bound, ok in [*targets(run), *probe_targets(probe), *peer_targets(run)]:
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
         lines.append(f"| {name} | {value} | {bound} | {mark} |")
+    if probe:
+        m = probe.get("machine", {})
+        lines += ["", f"The \"interleaved probe\" rows are from `bench/cpu_probe.py` "
+                  f"(started {probe.get('started_utc', '?')} on {m.get('cpu_model', '?')}, "
+                  f"{probe.get('numba_threads', '?')} threads, load average "
+                  f"{probe.get('loadavg_start', [0])[0]:.2f} → "
+                  f"{probe.get('loadavg_end', [0])[0]:.2f}; its full tables: "
+                  f"`{probe.get('_md', 'bench/results/cpu-probe.md')}`)."]
     lines += ["", "The roofline column is the ceiling for a kernel that makes the update's "
               "reads and writes and costs nothing else: a speed-up target above it cannot be "
               "met on this machine by any such kernel. Where the measured ratio is below the "
@@ -458,15 +490,23 @@ def footnote(run: Run, command: str) -> str:
     )
 
 
-def report_command(run: Run, json_path: Path) -> str:
+def _rel(path: Path) -> Path:
+    try:
+        return path.resolve().relative_to(REPO)
+    except ValueError:
+        return path.resolve()
+
+
+def report_command(run: Run, json_path: Path, probe_path: Path | None = None) -> str:
     """The commands that produced the report, and whether they are ``make bench``'s."""
     pytest_cmd = run.raw["machine_info"].get("fastadagrad", {}).get("command", "pytest ...")
-    rel = json_path.resolve()
-    try:
-        rel = rel.relative_to(REPO)
-    except ValueError:
-        pass
-    cmd = f"`{pytest_cmd}`, then `python bench/report.py {rel}`"
+    rel = _rel(json_path)
+    if probe_path is None:
+        cmd = f"`{pytest_cmd}`, then `python bench/report.py {rel}`"
+    else:
+        probe = _rel(probe_path)
+        cmd = (f"`{pytest_cmd}`, `python bench/cpu_probe.py --json {probe}`, then "
+               f"`python bench/report.py {rel} --probe {probe}`")
     makefile = REPO / "Makefile"
     args = pytest_cmd.removeprefix("python -m pytest ")
     if makefile.exists() and f"pytest {args}" in makefile.read_text():
@@ -543,9 +583,12 @@ elements), so a broken benchmark fails CI.
 """
 
 
-def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[str, str]:
-    """(full markdown report, README block body); links are relative to ``base``."""
-    command = report_command(run, json_path)
+def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
+           probe: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(full markdown report, README block body); links are relative to ``base``;
+    ``probe``: ``bench/cpu_probe.py``'s JSON, for its interleaved target rows."""
+    command = report_command(run, json_path,
+                             Path(probe["_path"]) if probe and "_path" in probe else None)
     startup = startup_table(json_path.parent / "startup.json")
     opts = options_table(run)
 
@@ -569,7 +612,7 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path) -> tuple[
         "",
         ratio_table(run),
         "",
-        targets_table(run),
+        targets_table(run, probe),
     ]
     peers = peer_table(run)
     if peers:
@@ -624,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("json", type=Path, help="pytest-benchmark --benchmark-json output")
     ap.add_argument("--readme", type=Path, default=REPO / "README.md")
     ap.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    ap.add_argument("--probe", type=Path,
+                    help="bench/cpu_probe.py's JSON: its interleaved kernel-vs-plain-loop "
+                    "ratios join the targets table")
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the per-round timings in the JSON (default: strip them)")
     args = ap.parse_args(argv)
@@ -636,13 +682,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     png, md = args.json.with_suffix(".png"), args.json.with_suffix(".md")
     plot(run, png)
-    full, block = render(run, args.json, png, md, args.readme.resolve().parent)
+    probe = None
+    if args.probe:
+        probe = json.loads(args.probe.read_text())
+        probe["_md"] = str(_rel(args.probe.with_suffix(".md")))
+        probe["_path"] = str(args.probe)
+    full, block = render(run, args.json, png, md, args.readme.resolve().parent, probe)
     md.write_text(full)
     if not args.no_readme:
         write_readme_block(args.readme, block)
     print(ratio_table(run))
     print()
-    print(targets_table(run))
+    print(targets_table(run, probe))
     print(f"\nwrote {md}, {png}" + ("" if args.no_readme else f" and the block in {args.readme}"))
     return 0
 

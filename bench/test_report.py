@@ -120,3 +120,29 @@ def test_machine_facts_from_sysfs_and_cpuinfo(tmp_path: Path) -> None:
     assert machine.vector_isa({"flags": "fpu sse2 avx avx2 fma"}) == "AVX2 (256-bit)"
     assert machine.vector_isa({"flags": "sse2 avx2 avx512f"}) == "AVX-512 (512-bit)"
     assert machine.vector_isa({}) == "unknown"
+
+
+def test_report_adds_the_probe_rows(tmp_path: Path) -> None:
+    """With ``--probe``, the interleaved probe's worst kernel ÷ plain ratio of each
+    section joins the targets table, with where it was worst and the probe's machine."""
+    data = tmp_path / "run.json"
+    fake_run(data)
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({
+        "started_utc": "2026-01-01T00:00:00Z", "machine": {"cpu_model": "Probe CPU"},
+        "numba_threads": 2, "loadavg_start": [0.5, 0, 0], "loadavg_end": [0.75, 0, 0],
+        "flat": [{"dtype": "float32", "n": 1024, "kernel/plain": 0.98},
+                 {"dtype": "float64", "n": 1 << 16, "kernel/plain": 1.02}],
+        "serial": [{"dtype": "float32", "n": 1 << 14, "kernel/plain": 1.07}],
+        "options": [{"option_set": "optax", "mode": "serial", "dtype": "float32",
+                     "n": 1 << 14, "kernel/plain": 1.01}]}))
+    assert report.main([str(data), "--no-readme", "--probe", str(probe)]) == 0
+    md = data.with_suffix(".md").read_text()
+    assert ("parallel kernel ÷ plain loop, 2^10-2^26 f32/f64, interleaved probe, worst "
+            "(float64 2^16) ≤ 1.05 | 1.02 | 1.00 | yes |") in md
+    assert "interleaved probe, worst (float32 2^14) ≤ 1.05 | 1.07 | 1.00 | **no** |" in md
+    assert "kernel ÷ its plain loop, interleaved probe, worst (optax serial float32 2^14)" in md
+    assert "on Probe CPU, 2 threads, load average 0.50 → 0.75" in md
+    assert "`" + str(probe.with_suffix(".md")) + "`" in md
+    assert f"`python bench/cpu_probe.py --json {probe}`, then `python bench/report.py " \
+        f"{data} --probe {probe}`" in md
