@@ -32,11 +32,16 @@ NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.flo
 
 _ptr = torch.Tensor.data_ptr
 _contig = torch.Tensor.is_contiguous
-_shape = attrgetter("shape")
-_numel = torch.Tensor.numel
+#: ``meta(t)``: (shape, dtype, is_cpu, layout), the description a plan is keyed on, read
+#: in one call per tensor: for one tensor ~0.35 us where four passes cost ~1.3 us (the
+#: fixed cost of a pass dominates small models), for 100 tensors about the same
+meta = attrgetter("shape", "dtype", "is_cpu", "layout")
+#: what a state tensor's key needs besides its address and size (its shape and layout
+#: are checked against the parameter's when the plan is built; a dense tensor cannot
+#: change layout in place)
+_dtype_cpu = attrgetter("dtype", "is_cpu")
 _dtype = attrgetter("dtype")
-_is_cpu = attrgetter("is_cpu")
-_layout = attrgetter("layout")
+_numel = torch.Tensor.numel
 _strided = torch.strided
 
 #: kernel pairs (parallel, serial) by formula; both take
@@ -71,17 +76,20 @@ def eligible(p: Any, g: Any, h: Any) -> bool:
 class TensorPlan:
     """Per-model work for one list of (param, state) tensors, reused while it matches."""
 
-    __slots__ = ("key", "pdtypes", "paddr", "haddr", "nbytes", "groups", "threads",
-                 "wstart", "wend", "wlists", "skey", "scalls")
+    __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
+                 "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
+                 "ckey", "ccoefs")
 
     def __init__(self) -> None:
         self.key: Any = None
         self.skey: Any = None
         self.scalls: Any = None
+        self.ckey: Any = None
 
     def build_steps(self, steps: Sequence[Any], key: Any) -> None:
         """The step counters' increment: (proto, addresses) per dtype, or None when a
-        counter is not a one-element CPU float32/float64 tensor (torch then adds)."""
+        counter is not a one-element CPU float32/float64 tensor (torch then adds).
+        ``key``: (addresses, dtypes, sizes) of ``steps``, read in this call."""
         self.skey = None
         calls: Any = []
         for t in steps:
@@ -125,12 +133,14 @@ class TensorPlan:
         order = np.argsort(start[keep], kind="stable")
         self.wstart, self.wend = start[keep][order], end[keep][order]
         self.wlists = (self.wstart.tolist(), self.wend.tolist(), nbytes.tolist())
-        self.pdtypes = key[3]
-        self.plan_groups([p.numel() for p in params], [NP_DTYPES[d] for d in key[3]],
-                         numba.get_num_threads())
+        self.pdtypes = [NP_DTYPES[m[1]] for m in key[2]]
+        self.sizes = [p.numel() for p in params]
+        self.plan_groups(numba.get_num_threads())
+        self.ckey = None
         self.key = key
 
-    def plan_groups(self, sizes: list[int], dtypes: list[np.dtype], threads: int) -> None:
+    def plan_groups(self, threads: int) -> None:
+        sizes, dtypes = self.sizes, self.pdtypes
         groups = []
         kinds = sorted(set(dtypes), key=lambda d: d.itemsize)
         for dt in kinds:
@@ -140,13 +150,14 @@ class TensorPlan:
             groups.append((np.empty(0, dt), idx, D.chunk_table(gsizes, threads),
                            sum(gsizes)))
         self.groups, self.threads = groups, threads
+        self.largest = max((g[3] for g in groups), default=0)
 
 
 def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             states: Sequence[Any], labels: Sequence[Any], formula: str | dict[Any, str],
-            coefficients: Callable[[np.dtype], tuple], pdtypes: list[Any] | None = None,
-            steps: Sequence[Any] | None = None, params_on_cpu: bool = False,
-            grads_strided: bool = False) -> Callable[[], None] | None:
+            coefficients: Callable[[np.dtype], tuple], pmeta: list[Any] | None = None,
+            steps: Sequence[Any] | None = None, rebuild: bool = True
+            ) -> Callable[[], None] | None:
     """Validate a step now; return the function that runs it, or None if it cannot.
 
     Every tensor is checked in this call, before anything is written: CPU, strided,
@@ -155,34 +166,34 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     some tensor cannot be updated in place by the kernels (the caller then takes a
     slower path that can); nothing has been written. ``formula`` picks the kernel
     (a key of :data:`KERNELS`, or a dict from NumPy dtype to one); ``coefficients(dtype)`` returns
-    its scalar arguments and may raise (before anything is written, too). ``pdtypes``:
-    the parameters' dtypes if the caller already read them in this call;
-    ``params_on_cpu``/``grads_strided``: True if the caller checked that in this call.
-    ``steps``: torch's step counters, incremented by 1 before the update (as torch
-    does), in one compiled call where they are one-element CPU float tensors.
+    its scalar arguments and may raise (before anything is written, too); the plan keeps
+    them while the same ``coefficients`` object comes back. ``pmeta``: the parameters'
+    :data:`meta` if the caller read them in this call. ``steps``: torch's step counters,
+    incremented by 1 before the update (as torch does), in one compiled call where they
+    are one-element CPU float tensors. ``rebuild=False``: None where the parameters or
+    states are not those the plan describes (instead of describing them again).
     """
     n = len(params)
-    pshapes = list(map(_shape, params))
-    key = (list(map(_ptr, params)), list(map(_ptr, states)), pshapes,
-           list(map(_dtype, params)) if pdtypes is None else pdtypes,
-           list(map(_numel, states)), list(map(_dtype, states)))
+    if pmeta is None:
+        pmeta = list(map(meta, params))
+    # the addresses and metas are read again at every step (a parameter whose storage
+    # was swapped keeps neither), contiguity too (a transposed square tensor keeps its
+    # address and shape): a change rebuilds the plan, which checks every tensor
+    key = (list(map(_ptr, params)), list(map(_ptr, states)), pmeta,
+           list(map(_dtype_cpu, states)), list(map(_numel, states)))
     try:
-        # the addresses, shapes and dtypes are read again at every step; layout,
-        # contiguity and device too (a transposed square tensor keeps address and shape)
-        if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))
-                                   and (params_on_cpu or all(map(_is_cpu, params)))
-                                   and all(map(_is_cpu, states))):
+        if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))):
+            if not rebuild:
+                return None
             plan.build(params, states, labels, key)
-        # gradients: new tensors every step
-        if not (list(map(_shape, grads)) == pshapes and list(map(_dtype, grads)) == key[3]
-                and (grads_strided
-                     or all(layout is _strided for layout in map(_layout, grads)))
-                and all(map(_contig, grads)) and all(map(_is_cpu, grads))):
+        # gradients, new tensors every step: each of its parameter's shape, dtype,
+        # device (the CPU: the plan checked the parameters) and layout (strided)
+        if list(map(meta, grads)) != pmeta or not all(map(_contig, grads)):
             return None
         gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
         if steps is not None:
             # a counter whose storage, dtype or size changed gets re-checked; one that
-            # kept all three stays a one-element CPU tensor at that address
+            # kept all of them stays a one-element CPU tensor at that address
             skey = (list(map(_ptr, steps)), list(map(_dtype, steps)),
                     list(map(_numel, steps)))
             if skey != plan.skey:
@@ -191,21 +202,26 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         return None
     if _grads_overlap(plan, gaddr):  # a gradient sharing memory with what is written
         return None
-    threads = numba.get_num_threads()  # thread-local: the caller may change it any time
-    if threads != plan.threads:
-        plan.plan_groups([p.numel() for p in params], [NP_DTYPES[d] for d in key[3]],
-                         threads)
+    threshold = config.PARALLEL_THRESHOLD
+    if plan.largest >= threshold:  # below, only serial kernels run: any table serves
+        threads = numba.get_num_threads()  # thread-local: the caller may change it
+        if threads != plan.threads:
+            plan.plan_groups(threads)
+    ck = plan.ckey  # each group's kernels and scalars, kept while all three are the same
+    if ck is None or ck[0] is not coefficients or ck[1] is not plan.groups or ck[2] != formula:
+        plan.ccoefs = [(KERNELS[formula if isinstance(formula, str) else
+                                formula[proto.dtype]], coefficients(proto.dtype))
+                       for proto, *_ in plan.groups]
+        plan.ckey = (coefficients, plan.groups, formula)
     calls = []
-    for proto, idx, (ct, cs, cl), total in plan.groups:
-        parallel, serial = KERNELS[formula if isinstance(formula, str)
-                                   else formula[proto.dtype]]
-        coefs = coefficients(proto.dtype)
+    for (proto, idx, (ct, cs, cl), total), ((parallel, serial), coefs) in zip(
+            plan.groups, plan.ccoefs):
         if idx is None:
             pa, ga, ha = plan.paddr, gaddr, plan.haddr
         else:
             pa, ga, ha = plan.paddr[idx], gaddr[idx], plan.haddr[idx]
         if total:
-            calls.append((parallel if total >= config.PARALLEL_THRESHOLD else None,
+            calls.append((parallel if total >= threshold else None,
                           serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
 
     scalls = None if steps is None else plan.scalls

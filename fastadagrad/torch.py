@@ -63,6 +63,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import math
 import operator
 import os
 import warnings
@@ -273,8 +274,11 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
                   ) -> Callable[[np.dtype], tuple]:
     """The kernel's scalar arguments, per dtype; raises (before any write) if invalid."""
     if formula == "fused":
-        hyper = _fused_hyper(float(lr), float(eps), float(lr_decay), float(weight_decay),
-                             bool(maximize))
+        args = (float(lr), float(eps), float(lr_decay), float(weight_decay), bool(maximize))
+        # -0.0 == 0.0 and hashes alike: the cache would hand a zero lr or weight decay
+        # the other sign, which reaches the bits of a zero parameter
+        hyper = (_fused_hyper.__wrapped__ if _negative_zero(args[0], args[3])
+                 else _fused_hyper)(*args)
         return functools.partial(D.coefficients, hyper, step=int(step))
     neg_clr = _neg_clr(lr, lr_decay, step)
     flags = (H.MAXIMIZE if maximize else 0) | (H.WD_COUPLED if weight_decay != 0 else 0)
@@ -285,6 +289,10 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         return fn, t(neg_clr), t(eps), t(weight_decay), flags
 
     return coefs
+
+
+def _negative_zero(*xs: float) -> bool:
+    return any(x == 0 and math.copysign(1.0, x) < 0 for x in xs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -383,9 +391,55 @@ class Adagrad(torch.optim.Adagrad):
 
     # -- one param group ------------------------------------------------------------
 
+    def _facts(self, gi: int, group: dict[str, Any]) -> tuple | None:
+        """Everything besides the tensors themselves that :meth:`_prepare_group`'s
+        choices depend on (None when the learning rate is not a plain number)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if type(lr) is not float and type(lr) is not int:
+            return None
+        return (gi, len(group["params"]), lr, group["eps"], wd, group["lr_decay"],
+                group["maximize"], group["fused"], group["foreach"],
+                group["differentiable"], getattr(self, "grad_scale", None) is None,
+                getattr(self, "found_inf", None) is None,
+                getattr(self, "_need_device_dtype_check_for_fused", True),
+                # -0.0 == 0.0, but the sign of a zero lr or weight decay reaches the bits
+                _negative_zero(lr, wd))
+
+    def _repeat_step(self, gi: int, group: dict[str, Any], plan: tuple
+                     ) -> Callable[[], None] | None:
+        """The last step again, if it took the all-CPU compiled path and nothing it
+        decided on changed: the same hyperparameters and flags, every parameter with a
+        gradient, the parameters and states as the plan describes them (addresses,
+        shapes, dtypes, devices, layouts). The tensors are then checked in
+        :func:`_tensorplan.prepare` as on every step; None sends the step through
+        :meth:`_prepare_group`'s full analysis. (The analysis costs ~5 us a step: most of
+        a one-tensor model's overhead, where torch fused's whole step is ~25 us.)"""
+        memo = plan[4]
+        if memo[0] is None or memo[0] != self._facts(gi, group):
+            return None
+        params = group["params"]
+        grads = list(map(_get_grad, params))
+        if not all(map(_not_none, grads)):
+            return None
+        states = list(map(self.state.__getitem__, params))
+        try:
+            sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
+        except KeyError:  # a state was cleared: the full analysis creates it
+            return None
+        # rebuild=False: a parameter or state that changed (its dtype, say, for which the
+        # kernel's formula was not checked) takes the full analysis
+        return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
+                         steps=steps, rebuild=False)
+
     def _prepare_group(self, gi: int, group: dict[str, Any],
                        plans: dict[int, Any]) -> Callable[[], None] | None:
         """Validate group ``gi`` and return the function that updates it (or None)."""
+        plan = plans.get(id(group))
+        if plan is not None and plan[0] is group:
+            run = self._repeat_step(gi, group, plan)
+            if run is not None:
+                return run
+            plan[4][:] = [None]  # set again below if this step takes the same path
         params = group["params"]
         grads = list(map(_get_grad, params))
         index: Any = range(len(params))
@@ -445,16 +499,21 @@ class Adagrad(torch.optim.Adagrad):
             for k in [k for k in plans if k not in live]:
                 del plans[k]
             # (group, plan of the whole group, plan of its CPU tensors in a mixed group,
-            # plan of its CUDA tensors)
-            plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan(), Plan())
+            # plan of its CUDA tensors, memo of the last all-CPU step for _repeat_step)
+            plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan(), Plan(),
+                                       [None])
         tplan = plan[1]
 
         fast = None
         if not has_sparse and all_cpu:
+            memo = plan[4]
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
-                                     group, dtypes, grads_strided)
-        if fast is not None:
-            return fast
+                                     group, dtypes,
+                                     memo if isinstance(index, range) else None)
+            if fast is not None:
+                if len(memo) > 1:  # the next step may skip the decisions above
+                    memo[0] = self._facts(gi, group)
+                return fast
         # a mix: sort every tensor to the path that can take it
         cpu, cuda, slow = [], [], []
         sparse_runs: list[Callable[[], None]] = []
@@ -478,7 +537,7 @@ class Adagrad(torch.optim.Adagrad):
             run = self._prepare_cpu(plan[2], [params[i] for i in cpu], [grads[i] for i in cpu],
                                     [sums[i] for i in cpu], [steps[i] for i in cpu],
                                     _GroupLabels(gi, [index[i] for i in cpu]), formula,
-                                    group, [dtypes[i] for i in cpu], True)
+                                    group, [dtypes[i] for i in cpu])
             runs.append(run if run is not None else torch_update(cpu))
         if cuda and not (fused or foreach):
             # torch's single-tensor step ends in addcdiv_, which its CUDA kernel contracts
@@ -548,12 +607,13 @@ class Adagrad(torch.optim.Adagrad):
 
     def _prepare_cpu(self, plan: T.TensorPlan, params: list[Any], grads: list[Any],
                      sums: list[Any], steps: list[Any], labels: Any, formula: str,
-                     group: dict[str, Any], dtypes: list[Any], grads_strided: bool
+                     group: dict[str, Any], dtypes: list[Any], memo: list[Any] | None = None
                      ) -> Callable[[], None] | None:
         """The compiled CPU step for these tensors, validated; None if it cannot run.
 
         The caller checked in this call that the parameters are CPU tensors and read
-        their dtypes (``dtypes``), and whether every gradient is strided.
+        their dtypes (``dtypes``). ``memo``: filled with what the next step's
+        :meth:`_repeat_step` reuses, when the step's scalars do not depend on the step.
         """
         if not all(d in T.NP_DTYPES and _formula_ok(formula, d) for d in set(dtypes)):
             return None
@@ -565,9 +625,11 @@ class Adagrad(torch.optim.Adagrad):
         try:
             if lr_decay == 0:  # clr does not depend on the step
                 coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0)
-                return T.prepare(plan, params, grads, sums, labels, kernels, coefs, dtypes,
-                                 steps=steps, params_on_cpu=True,
-                                 grads_strided=grads_strided)
+                run = T.prepare(plan, params, grads, sums, labels, kernels, coefs,
+                                steps=steps)
+                if run is not None and memo is not None:
+                    memo[1:] = [labels, kernels, coefs]
+                return run
             # clr depends on each parameter's step: the steps after this increment
             by_step: dict[float, list[int]] = {}
             for i, s in enumerate(steps):
@@ -578,9 +640,7 @@ class Adagrad(torch.optim.Adagrad):
                 sub_plan = plan if len(by_step) == 1 else T.TensorPlan()
                 run = T.prepare(sub_plan, [params[i] for i in idx], [grads[i] for i in idx],
                                 [sums[i] for i in idx], labels if len(by_step) == 1 else
-                                _SubLabels(labels, idx), kernels, coefs,
-                                [dtypes[i] for i in idx], params_on_cpu=True,
-                                grads_strided=grads_strided)
+                                _SubLabels(labels, idx), kernels, coefs)
                 if run is None:
                     return None
                 runs.append(run)

@@ -876,3 +876,72 @@ def test_gpu_cache_takes_parameters_beside_tensors():
     mixed = GpuCache()
     mixed.remember(ps, hs, [np.ones(3, np.float32)] * 2)  # not one family: every step
     assert not mixed.getters and not mixed.holds(ps, hs, gs)
+
+
+@pytest.mark.parametrize("mode", ["single", "fused"])
+def test_repeated_steps_follow_every_change(mode: str) -> None:
+    """From the second step on, a step that changes nothing the adapter decided on skips
+    the analysis (``Adagrad._repeat_step``); each change below must be seen, and the bits
+    stay torch's: lr to -0.0 and back, weight decay on, a gradient left None, a state
+    cleared, a parameter turned float64 in place, maximize, a parameter added."""
+    def change(opt: torch.optim.Optimizer, ps: list[torch.Tensor], s: int) -> None:
+        group = opt.param_groups[0]
+        if s == 2:
+            group["lr"] = 0.0
+        if s == 3:
+            group["lr"] = -0.0  # equal to 0.0; the sign reaches zero parameters' bits
+            ps[0].data[:8] = torch.tensor([0.0, -0.0] * 4)
+        if s == 4:
+            group["lr"] = 0.05
+            group["weight_decay"] = 0.1
+        if s == 5:
+            ps[1].grad = None  # skipped by both
+        if s == 6:
+            opt.state[ps[2]].clear()  # started again from the initial accumulator
+        if s == 7 and mode == "single":  # torch's fused kernel refuses it: a float32 step
+            ps[3].data = ps[3].data.double()
+            opt.state[ps[3]]["sum"] = opt.state[ps[3]]["sum"].double()
+        if s == 8:
+            group["maximize"] = True
+        if s == 9:
+            extra = torch.zeros(6, requires_grad=True)
+            extra.data[::2] = -0.0
+            opt.add_param_group({"params": [extra]})
+            ps.append(extra)
+
+    def run(cls: type) -> list[list[torch.Tensor]]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4), (5,),
+                                                                   (7,)])]
+        opt = cls(ps, lr=0.2, **MODES[mode])
+        after = []  # every step's result: a later step can wash a sign of zero out
+        for s in range(12):
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g.to(p.dtype)
+            change(opt, ps, s)
+            opt.step()
+            after.append([p.detach().clone() for p in ps])
+        return after
+
+    for s, (mine, ref) in enumerate(zip(run(FT.Adagrad), run(TORCH_OPT))):
+        assert_same(mine, ref, f"step {s}")
+
+
+def test_repeated_steps_skip_the_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second step of an unchanged model does not run the full analysis; a change
+    of a hyperparameter does."""
+    ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4)])]
+    opt = FT.Adagrad(ps, lr=0.1, fused=True)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    opt.step()
+    calls = []
+    full = FT.Adagrad._prepare_cpu
+    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu",
+                        lambda self, *a, **k: calls.append(1) or full(self, *a, **k))
+    opt.step()
+    assert calls == []
+    opt.param_groups[0]["lr"] = 0.2
+    opt.step()
+    assert calls == [1]
+    opt.step()
+    assert calls == [1]
