@@ -6,7 +6,9 @@ tensors with their gradients set, as after ``loss.backward()``:
 
 - ``torch-model100``: the 100-tensor, 2.95M-parameter CNN-like model of
   ``bench/benchlib.model_shapes`` (float32);
-- ``torch-mlp784-1024-512-10``: an MLP, weights and biases (float32).
+- ``torch-mlp784-1024-512-10``: an MLP, weights and biases (float32);
+- ``torch-net784-50-10`` (4 tensors, 39,760 parameters) and ``torch-1x1024`` (one
+  tensor of 1,024): small models, where the fixed cost of a step decides.
 
 Implementations: torch's three (default single-tensor, ``foreach=True``,
 ``fused=True``) and the adapter with the same three flag sets (each reproduces the bits
@@ -56,7 +58,10 @@ def mlp_shapes() -> list[tuple[int, ...]]:
     return out
 
 
-MODELS = {"torch-model100": B.model_shapes, "torch-mlp784-1024-512-10": mlp_shapes}
+MODELS = {"torch-model100": B.model_shapes, "torch-mlp784-1024-512-10": mlp_shapes,
+          # small models, where each step's fixed costs decide
+          "torch-net784-50-10": lambda: [(50, 784), (50,), (10, 50), (10,)],
+          "torch-1x1024": lambda: [(1024,)]}
 
 
 def make_step(impl: str, shapes: list[tuple[int, ...]]) -> Any:
