@@ -221,22 +221,21 @@ def targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
         ceiling, r is not None and ceiling is not None and r >= 0.9 * ceiling, "×")
     # the kernels themselves against the plain loops (the public call's own overhead is
     # the per-row "time ÷ plain numba" column and the call-overhead targets)
+    def worst_of(scenario: str, fast: str, plain: str
+                 ) -> tuple[float | None, tuple[str, str, int] | None]:
+        """The largest time ratio fast ÷ plain over the scenario's cases, and its case."""
+        found = [(q, key) for key in run.cases((scenario,))
+                 if (q := ratio(run.t(key, fast), run.t(key, plain))) is not None]
+        return max(found, key=lambda x: x[0]) if found else (None, None)
+
     for fast, plain in ((FAST_KERNEL, PLAIN), (FAST_KERNEL_SERIAL, PLAIN_SERIAL)):
-        worst, wkey = None, None
-        for key in run.cases(("flat",)):
-            q = ratio(run.t(key, fast), run.t(key, plain))
-            if q is not None and (worst is None or q > worst):
-                worst, wkey = q, key
+        worst, wkey = worst_of("flat", fast, plain)
         where = f" (worst: {case_label(wkey, run.info[wkey])})" if wkey else ""
         add(f"every flat size: {fast} ≤ {PLAIN_BOUND:.2f}× the time of {plain}{where}",
             worst, 1.0 if worst is not None else None,
             worst is not None and worst <= PLAIN_BOUND, "")
     # the same for another flag set's kernel: torch's formula with every option
-    worst, wkey = None, None
-    for key in run.cases(("options",)):
-        q = ratio(run.t(key, OPTIONS_KERNEL), run.t(key, OPTIONS_PLAIN))
-        if q is not None and (worst is None or q > worst):
-            worst, wkey = q, key
+    worst, wkey = worst_of("options", OPTIONS_KERNEL, OPTIONS_PLAIN)
     where = f", {DT[wkey[1]]} 2^{wkey[2].bit_length() - 1}" if wkey else ""
     add(f"kernel ÷ plain numba, all options (torch's formula{where}) ≤ {PLAIN_BOUND:.2f}",
         worst, 1.0 if worst is not None else None,
