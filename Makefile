@@ -49,14 +49,17 @@ test-sim: $(VENV)/.installed-test
 	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest tests/cuda -p no:cacheprovider
 
 # Timed benchmarks (medians of >= 15 rounds, ~10 min on the 2-core machine), import/first-call
-# times with a cold and a warm Numba cache, the interleaved CPU probe (kernels against the
-# plain loops, ~3 min), then the report: bench/results/cpu.{json,md,png}, cpu-probe.{json,md}
-# and the README block between the bench:start/bench:end markers.
+# times with a cold and a warm Numba cache, the interleaved probes (the CPU kernels against
+# the plain loops, ~3 min; the torch adapter against torch, ~10 s), then the report:
+# bench/results/cpu.{json,md,png}, cpu-probe.{json,md}, torch-probe.{json,md} and the README
+# block between the bench:start/bench:end markers.
 bench: $(VENV)/.installed-test $(VENV)/.installed-bench
 	$(PY) -m pytest bench --benchmark-only --benchmark-min-rounds=15 --benchmark-json=bench/results/cpu.json
 	$(PY) bench/startup.py --json bench/results/startup.json
 	$(PY) bench/cpu_probe.py --json bench/results/cpu-probe.json
-	$(PY) bench/report.py bench/results/cpu.json --probe bench/results/cpu-probe.json
+	$(PY) bench/torch_probe.py --json bench/results/torch-probe.json
+	$(PY) bench/report.py bench/results/cpu.json --probe bench/results/cpu-probe.json \
+		--torch-probe bench/results/torch-probe.json
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check fastadagrad tests bench

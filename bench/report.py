@@ -375,12 +375,43 @@ def probe_targets(probe: dict[str, Any] | None) -> list[tuple[str, str, str, boo
     return out
 
 
-def targets_table(run: Run, probe: dict[str, Any] | None = None) -> str:
+def torch_probe_targets(tprobe: dict[str, Any] | None
+                        ) -> list[tuple[str, str, str, bool | None]]:
+    """The torch-adapter targets again from ``bench/torch_probe.py``'s JSON (every
+    implementation interleaved): per model, the three flag sets' speed-ups over torch
+    fused, met when all three reach the model's goal."""
+    if not tprobe:
+        return []
+    out: list[tuple[str, str, str, bool | None]] = []
+    for row in tprobe.get("models", []):
+        goal = 1.5 if "model100" in row["model"] else 1.0
+        fast = sorted((k, v) for k, v in row["torch_fused_over"].items()
+                      if k.startswith("fastadagrad.torch"))
+        names = " / ".join(k.removeprefix("fastadagrad.torch").strip() or "default flags"
+                           for k, _ in fast)
+        out.append((f"{row['model']}: {names} ≥ {goal:g}× faster than torch fused, "
+                    "interleaved probe", " / ".join(fmt_ratio(v, "×") for _, v in fast),
+                    "—", all(v >= goal for _, v in fast)))
+    return out
+
+
+def targets_table(run: Run, probe: dict[str, Any] | None = None,
+                  tprobe: dict[str, Any] | None = None) -> str:
     lines = ["| speed target | measured | same ratio for the roofline "
              "kernel (for plain numba: 1) | met |", "|---|---:|---:|:---:|"]
-    for name, value, bound, ok in [*targets(run), *probe_targets(probe), *peer_targets(run)]:
+    for name, value, bound, ok in [*targets(run), *probe_targets(probe), *peer_targets(run),
+                                   *torch_probe_targets(tprobe)]:
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
         lines.append(f"| {name} | {value} | {bound} | {mark} |")
+    if tprobe:
+        m = tprobe.get("machine", {})
+        lines += ["", f"The torch \"interleaved probe\" rows are from `bench/torch_probe.py` "
+                  f"(started {tprobe.get('started_utc', '?')} on {m.get('cpu_model', '?')}, "
+                  f"load average {tprobe.get('loadavg_start', [0])[0]:.2f} → "
+                  f"{tprobe.get('loadavg_end', [0])[0]:.2f}; its table: "
+                  f"`{tprobe.get('_md', 'bench/results/torch-probe.md')}`): every "
+                  "implementation's steps interleaved with the others' in each block, where "
+                  "the sequential rows above time each one on its own, back to back."]
     if probe:
         m = probe.get("machine", {})
         lines += ["", f"The \"interleaved probe\" rows are from `bench/cpu_probe.py` "
@@ -498,16 +529,17 @@ def _rel(path: Path) -> Path:
         return path.resolve()
 
 
-def report_command(run: Run, json_path: Path, probe_path: Path | None = None) -> str:
+def report_command(run: Run, json_path: Path, probe_path: Path | None = None,
+                   tprobe_path: Path | None = None) -> str:
     """The commands that produced the report, and whether they are ``make bench``'s."""
     pytest_cmd = run.raw["machine_info"].get("fastadagrad", {}).get("command", "pytest ...")
-    rel = _rel(json_path)
-    if probe_path is None:
-        cmd = f"`{pytest_cmd}`, then `python bench/report.py {rel}`"
-    else:
-        probe = _rel(probe_path)
-        cmd = (f"`{pytest_cmd}`, `python bench/cpu_probe.py --json {probe}`, then "
-               f"`python bench/report.py {rel} --probe {probe}`")
+    steps, opts = [f"`{pytest_cmd}`"], ""
+    for script, flag, path in (("cpu_probe", "--probe", probe_path),
+                               ("torch_probe", "--torch-probe", tprobe_path)):
+        if path is not None:
+            steps.append(f"`python bench/{script}.py --json {_rel(path)}`")
+            opts += f" {flag} {_rel(path)}"
+    cmd = f"{', '.join(steps)}, then `python bench/report.py {_rel(json_path)}{opts}`"
     makefile = REPO / "Makefile"
     args = pytest_cmd.removeprefix("python -m pytest ")
     if makefile.exists() and f"pytest {args}" in makefile.read_text():
@@ -585,11 +617,13 @@ elements), so a broken benchmark fails CI.
 
 
 def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
-           probe: dict[str, Any] | None = None) -> tuple[str, str]:
+           probe: dict[str, Any] | None = None, tprobe: dict[str, Any] | None = None
+           ) -> tuple[str, str]:
     """(full markdown report, README block body); links are relative to ``base``;
     ``probe``: ``bench/cpu_probe.py``'s JSON, for its interleaved target rows."""
     command = report_command(run, json_path,
-                             Path(probe["_path"]) if probe and "_path" in probe else None)
+                             *(Path(x["_path"]) if x and "_path" in x else None
+                               for x in (probe, tprobe)))
     startup = startup_table(json_path.parent / "startup.json")
     opts = options_table(run)
 
@@ -613,7 +647,7 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
         "",
         ratio_table(run),
         "",
-        targets_table(run, probe),
+        targets_table(run, probe, tprobe),
     ]
     peers = peer_table(run)
     if peers:
@@ -671,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", type=Path,
                     help="bench/cpu_probe.py's JSON: its interleaved kernel-vs-plain-loop "
                     "ratios join the targets table")
+    ap.add_argument("--torch-probe", type=Path,
+                    help="bench/torch_probe.py's JSON: its interleaved torch-adapter ratios "
+                    "join the targets table")
     ap.add_argument("--keep-data", action="store_true",
                     help="keep the per-round timings in the JSON (default: strip them)")
     args = ap.parse_args(argv)
@@ -688,13 +725,19 @@ def main(argv: list[str] | None = None) -> int:
         probe = json.loads(args.probe.read_text())
         probe["_md"] = str(_rel(args.probe.with_suffix(".md")))
         probe["_path"] = str(args.probe)
-    full, block = render(run, args.json, png, md, args.readme.resolve().parent, probe)
+    tprobe = None
+    if args.torch_probe:
+        tprobe = json.loads(args.torch_probe.read_text())
+        tprobe["_md"] = str(_rel(args.torch_probe.with_suffix(".md")))
+        tprobe["_path"] = str(args.torch_probe)
+    full, block = render(run, args.json, png, md, args.readme.resolve().parent, probe,
+                         tprobe)
     md.write_text(full)
     if not args.no_readme:
         write_readme_block(args.readme, block)
     print(ratio_table(run))
     print()
-    print(targets_table(run, probe))
+    print(targets_table(run, probe, tprobe))
     print(f"\nwrote {md}, {png}" + ("" if args.no_readme else f" and the block in {args.readme}"))
     return 0
 
