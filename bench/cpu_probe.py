@@ -43,7 +43,6 @@ barrier): check the load averages in the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -519,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"done in {result['duration_s']} s; load average {result['loadavg_end'][0]:.2f}; "
         f"worst kernel/plain: {'; '.join(summary) or 'nothing measured'}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(markdown(result))
+        machine.write_results(args.json, result, markdown)
         log(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
 

@@ -6,6 +6,7 @@ Used by ``bench/conftest.py`` (recorded into the pytest-benchmark JSON),
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -100,3 +101,10 @@ def fmt_llc(llc: object) -> str:
     if not isinstance(llc, int) or llc <= 0:
         return "unknown"
     return f"{llc / 2**20:,.0f} MiB" if llc >= 2**20 else f"{llc / 2**10:,.0f} KiB"
+
+
+def write_results(path: Path, result: dict[str, Any], markdown: Any) -> None:
+    """A probe's ``result`` as JSON at ``path`` and ``markdown(result)`` beside it (.md)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))

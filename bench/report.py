@@ -395,6 +395,15 @@ def torch_probe_targets(tprobe: dict[str, Any] | None
     return out
 
 
+def _probe_note(r: dict[str, Any], rows: str, script: str, tables: str, tail: str,
+                threads: str = "") -> str:
+    """Where a probe's rows come from: its start, machine, load and markdown file."""
+    return (f"{rows} are from `bench/{script}.py` (started {r.get('started_utc', '?')} on "
+            f"{r.get('machine', {}).get('cpu_model', '?')}, {threads}load average "
+            f"{r.get('loadavg_start', [0])[0]:.2f} → {r.get('loadavg_end', [0])[0]:.2f}; "
+            f"{tables}: `{r.get('_md', f'bench/results/{script}.md')}`{tail}")
+
+
 def targets_table(run: Run, probe: dict[str, Any] | None = None,
                   tprobe: dict[str, Any] | None = None) -> str:
     lines = ["| speed target | measured | same ratio for the roofline "
@@ -404,22 +413,14 @@ def targets_table(run: Run, probe: dict[str, Any] | None = None,
         mark = "not measured" if ok is None else "yes" if ok else "**no**"
         lines.append(f"| {name} | {value} | {bound} | {mark} |")
     if tprobe:
-        m = tprobe.get("machine", {})
-        lines += ["", f"The torch \"interleaved probe\" rows are from `bench/torch_probe.py` "
-                  f"(started {tprobe.get('started_utc', '?')} on {m.get('cpu_model', '?')}, "
-                  f"load average {tprobe.get('loadavg_start', [0])[0]:.2f} → "
-                  f"{tprobe.get('loadavg_end', [0])[0]:.2f}; its table: "
-                  f"`{tprobe.get('_md', 'bench/results/torch-probe.md')}`): every "
-                  "implementation's steps interleaved with the others' in each block, where "
-                  "the sequential rows above time each one on its own, back to back."]
+        lines += ["", _probe_note(tprobe, "The torch \"interleaved probe\" rows", "torch_probe",
+                                  "its table", "): every implementation's steps interleaved "
+                                  "with the others' in each block, where the sequential rows "
+                                  "above time each one on its own, back to back.")]
     if probe:
-        m = probe.get("machine", {})
-        lines += ["", f"The \"interleaved probe\" rows are from `bench/cpu_probe.py` "
-                  f"(started {probe.get('started_utc', '?')} on {m.get('cpu_model', '?')}, "
-                  f"{probe.get('numba_threads', '?')} threads, load average "
-                  f"{probe.get('loadavg_start', [0])[0]:.2f} → "
-                  f"{probe.get('loadavg_end', [0])[0]:.2f}; its full tables: "
-                  f"`{probe.get('_md', 'bench/results/cpu-probe.md')}`)."]
+        lines += ["", _probe_note(probe, "The \"interleaved probe\" rows", "cpu_probe",
+                                  "its full tables", ").",
+                                  f"{probe.get('numba_threads', '?')} threads, ")]
     lines += ["", "The roofline column is the ceiling for a kernel that makes the update's "
               "reads and writes and costs nothing else: a speed-up target above it cannot be "
               "met on this machine by any such kernel. Where the measured ratio is below the "

@@ -20,7 +20,6 @@ It records the CPU, the thread counts and the load average at the start and the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -133,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": rows,
     }
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        args.json.with_suffix(".md").write_text(markdown(result))
+        machine.write_results(args.json, result, markdown)
         print(f"wrote {args.json} and {args.json.with_suffix('.md')}")
     return 0
 
