@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -255,3 +255,17 @@ def check_step(step: object) -> int:
 def check_nonfinite(mode: object) -> NonFinite:
     _choice("nonfinite", mode, ("ignore", "skip", "raise"))
     return mode  # type: ignore[return-value]
+
+
+def negative_zero(*values: Any) -> bool:
+    """Whether a value is -0.0. It equals 0.0 and hashes alike, so a cache keyed on it
+    would hand back 0.0's coefficients, and the sign of a zero learning rate or weight
+    decay reaches the bits of a zero parameter (``-0.0 - (+0.0)`` is -0.0,
+    ``-0.0 - (-0.0)`` is +0.0)."""
+    for x in values:
+        try:
+            if x == 0 and math.copysign(1.0, x) < 0:
+                return True
+        except (TypeError, ValueError):  # not a real number: the validator says so
+            pass
+    return False

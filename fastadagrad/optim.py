@@ -22,6 +22,7 @@ from ._hyper import (
     check_in_dtype,
     check_nonfinite,
     check_step,
+    negative_zero,
 )
 from ._rounding import is_half
 from .flat import FlatBuffer, layout_of
@@ -127,7 +128,7 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
             fast = _PLAIN.get((lr, eps))  # floats here: a bool or an int never looks up
             if fast is None:
                 fast = _plain_fast(lr, eps)
-        elif _signed_zero(lr, weight_decay):  # the caches would take it for +0.0
+        elif negative_zero(lr, weight_decay):  # the caches would take it for +0.0
             fast = None
         else:
             try:
@@ -146,7 +147,7 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
                     _LAST = (lr, eps, dt, *f)
                 return True
     try:  # validated once per distinct set of hyperparameters
-        if _signed_zero(lr, weight_decay):
+        if negative_zero(lr, weight_decay):
             raise TypeError  # not from the cache: -0.0 == 0.0 (the same key), other bits
         hyper = _cached_hyper(lr, eps, lr_decay, weight_decay, maximize, grad_scale, rule)
     except TypeError:  # unhashable argument: let Hyper.make name what is wrong with it
@@ -159,20 +160,6 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     # half precision (or its options): its own path
     return _half.update_functional(param, grad, state_sum, master, hyper, check_step(step),
                                    check_nonfinite(nonfinite), rounding, seed)
-
-
-def _signed_zero(*values: Any) -> bool:
-    """Whether a value is -0.0. It equals 0.0 and hashes alike, so a cache keyed on it
-    would hand back 0.0's coefficients, and the sign of a zero learning rate or weight
-    decay reaches the bits of a zero parameter (``-0.0 - (+0.0)`` is -0.0,
-    ``-0.0 - (-0.0)`` is +0.0)."""
-    for x in values:
-        try:
-            if x == 0 and math.copysign(1.0, x) < 0:
-                return True
-        except (TypeError, ValueError):  # not a real number: the validator says so
-            pass
-    return False
 
 
 @functools.lru_cache(maxsize=256, typed=True)

@@ -63,7 +63,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
-import math
 import operator
 import os
 import warnings
@@ -277,7 +276,7 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         args = (float(lr), float(eps), float(lr_decay), float(weight_decay), bool(maximize))
         # -0.0 == 0.0 and hashes alike: the cache would hand a zero lr or weight decay
         # the other sign, which reaches the bits of a zero parameter
-        hyper = (_fused_hyper.__wrapped__ if _negative_zero(args[0], args[3])
+        hyper = (_fused_hyper.__wrapped__ if H.negative_zero(args[0], args[3])
                  else _fused_hyper)(*args)
         return functools.partial(D.coefficients, hyper, step=int(step))
     neg_clr = _neg_clr(lr, lr_decay, step)
@@ -289,10 +288,6 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         return fn, t(neg_clr), t(eps), t(weight_decay), flags
 
     return coefs
-
-
-def _negative_zero(*xs: float) -> bool:
-    return any(x == 0 and math.copysign(1.0, x) < 0 for x in xs)
 
 
 @functools.lru_cache(maxsize=256)
@@ -403,7 +398,7 @@ class Adagrad(torch.optim.Adagrad):
                 getattr(self, "found_inf", None) is None,
                 getattr(self, "_need_device_dtype_check_for_fused", True),
                 # -0.0 == 0.0, but the sign of a zero lr or weight decay reaches the bits
-                _negative_zero(lr, wd))
+                H.negative_zero(lr, wd))
 
     def _repeat_step(self, gi: int, group: dict[str, Any], plan: tuple
                      ) -> Callable[[], None] | None:
