@@ -8,7 +8,7 @@ write: an error leaves every input bit-unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numba
@@ -230,6 +230,22 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         gaddr = _check_grads(params, grads, states, labels, plan)
     return cpu_update_many(params, grads, states, labels, hyper, step, nonfinite, plan,
                            gaddr)
+
+
+def prepared_update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                    labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str,
+                    plan: Plan) -> Callable[[], bool | None] | None:
+    """:func:`update` with ``plan`` as a function to call right away, when the plan's
+    device cache holds every array as validated by an earlier step (checked now), so
+    that calling it validates nothing again; None (nothing checked beyond that, nothing
+    raised) when it does not, or for host arrays: the caller then chooses its path
+    (e.g. :func:`update`, which validates)."""
+    gc = plan.gpu
+    if gc is None or len(params) == 0:
+        return None
+    from . import cuda  # imported already: a device cache exists
+
+    return cuda.prepared(gc, params, grads, states, labels, hyper, step, nonfinite)
 
 
 def _check_grads(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -602,16 +602,35 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         raise ValueError("nonfinite='raise' reads the device's flag back at every step, "
                          "which a CUDA graph cannot capture; use 'skip' or 'ignore' with "
                          "capturable=True")
-    if gc is not None and gc.tables is not None and gc.holds(params, states, grads):
-        tables = gc.tables
-        stream = gc.stream = _stream_ref(params[0], None)
-    else:
-        if check_mix is not None:
-            check_mix()
-        require_gpu()
-        tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step,
-                                            gc)
+    if gc is not None:
+        run = prepared(gc, params, grads, states, labels, hyper, step, nonfinite)
+        if run is not None:
+            return run()
+    if check_mix is not None:
+        check_mix()
+    require_gpu()
+    tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step, gc)
     return _run(tables, stream, hyper, step, nonfinite, labels)
+
+
+def prepared(gc: GpuCache, params: Sequence[Any], grads: Sequence[Any],
+             states: Sequence[Any], labels: Sequence[Any], hyper: H.Hyper, step: int,
+             nonfinite: str) -> Callable[[], bool | None] | None:
+    """The step :func:`update` would launch, as a function to call right away, if
+    every array is as ``gc`` validated it (:meth:`GpuCache.holds`, checked now);
+    None otherwise, with nothing validated, launched or raised: the caller then takes
+    :func:`update` or another path. The function reads the producer's stream when
+    called and returns what :func:`update` returns."""
+    if gc.tables is None or (gc.capturable and nonfinite == "raise") or \
+            not gc.holds(params, states, grads):
+        return None
+    tables = gc.tables
+
+    def run() -> bool | None:
+        stream = gc.stream = _stream_ref(params[0], None)
+        return _run(tables, stream, hyper, step, nonfinite, labels)
+
+    return run
 
 
 def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

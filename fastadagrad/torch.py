@@ -47,7 +47,11 @@ What ``step`` does with each parameter that has a gradient:
   (the FMA is MKL's ``axpy`` inside ``param.add_(sparse, alpha=-clr)``; self-checked
   per dtype like the dense formulas). Weight decay with sparse gradients raises, as
   in torch.
-- CUDA tensors: fastadagrad's GPU kernels (one launch per tensor).
+- CUDA tensors with ``foreach=True`` (torch's default on CUDA) or ``fused=True``:
+  fastadagrad's GPU kernels, one launch per dtype for the whole param group, with the
+  validated tensors and the device tables cached across steps. With
+  ``foreach=False``, torch's own single-tensor step (its CUDA ``addcdiv_`` rounds in an
+  order the kernels do not reproduce).
 - Anything the kernels cannot update in place (non-contiguous tensors,
   float16/bfloat16/complex, tensors sharing memory, other sparse layouts, a tensor
   ``lr`` with sparse gradients, ``differentiable=True``, AMP's
@@ -108,6 +112,8 @@ _not_none = functools.partial(operator.is_not, None)
 _get_layout = attrgetter("layout")
 _is_cpu = attrgetter("is_cpu")
 _ONE = torch.tensor(1.0)
+#: marks a memo (see ``Adagrad._repeat_step``) of a step that took the GPU kernels
+_ON_GPU = object()
 
 
 def _vml_sqrt_addresses() -> dict[Any, int]:
@@ -402,13 +408,16 @@ class Adagrad(torch.optim.Adagrad):
 
     def _repeat_step(self, gi: int, group: dict[str, Any], plan: tuple
                      ) -> Callable[[], None] | None:
-        """The last step again, if it took the all-CPU compiled path and nothing it
-        decided on changed: the same hyperparameters and flags, every parameter with a
-        gradient, the parameters and states as the plan describes them (addresses,
-        shapes, dtypes, devices, layouts). The tensors are then checked in
-        :func:`_tensorplan.prepare` as on every step; None sends the step through
-        :meth:`_prepare_group`'s full analysis. (The analysis costs ~5 us a step: most of
-        a one-tensor model's overhead, where torch fused's whole step is ~25 us.)"""
+        """The last step again, if it took the all-CPU or the all-CUDA compiled path
+        and nothing it decided on changed: the same hyperparameters and flags, every
+        parameter with a gradient, the parameters and states as the plan describes them
+        (addresses, shapes, dtypes, devices, layouts). The tensors are then checked in
+        :func:`_tensorplan.prepare` (CPU) or against the device cache
+        (:func:`fastadagrad._dispatch.prepared_update`, CUDA) as on every step; None
+        sends the step through :meth:`_prepare_group`'s full analysis. (On the CPU the
+        analysis costs ~5 us a step: most of a one-tensor model's overhead, where torch
+        fused's whole step is ~25 us; on CUDA tensors it reads a dozen attributes per
+        parameter to sort it to a path.)"""
         memo = plan[4]
         if memo[0] is None or memo[0] != self._facts(gi, group):
             return None
@@ -421,6 +430,13 @@ class Adagrad(torch.optim.Adagrad):
             sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
         except KeyError:  # a state was cleared: the full analysis creates it
             return None
+        if memo[2] is _ON_GPU:
+            # a sparse gradient has no data pointer to compare: the analysis sorts it
+            if list(map(_get_layout, grads)).count(torch.strided) != len(grads):
+                return None
+            run = D.prepared_update(params, grads, sums, memo[1], memo[3], 1, "ignore",
+                                    plan[3])
+            return None if run is None else functools.partial(_run_then_count, run, steps)
         # rebuild=False: a parameter or state that changed (its dtype, say, for which the
         # kernel's formula was not checked) takes the full analysis
         return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
@@ -541,15 +557,19 @@ class Adagrad(torch.optim.Adagrad):
             # p + (-clr * g) / std: the kernels' formula)
             runs.append(torch_update(cuda))
         elif cuda:
+            whole = len(cuda) == len(params) and isinstance(index, range)
             try:
                 runs.append(self._prepare_cuda([params[i] for i in cuda],
                                                [grads[i] for i in cuda],
                                                [sums[i] for i in cuda],
                                                [steps[i] for i in cuda],
                                                _GroupLabels(gi, [index[i] for i in cuda]),
-                                               fused, group, plan[3]))
+                                               fused, group, plan[3],
+                                               plan[4] if whole else None))
             except (TypeError, ValueError):  # a hyperparameter the kernels do not take
                 runs.append(torch_update(cuda))
+            if len(plan[4]) > 1:  # the next step may skip the decisions above
+                plan[4][0] = self._facts(gi, group)
 
         def run_all() -> None:
             for r in runs:
@@ -645,16 +665,22 @@ class Adagrad(torch.optim.Adagrad):
 
     def _prepare_cuda(self, params: list[Any], grads: list[Any], sums: list[Any],
                       steps: list[Any], labels: Any, fused: bool,
-                      group: dict[str, Any], plan: Plan) -> Callable[[], None]:
+                      group: dict[str, Any], plan: Plan, memo: list[Any] | None = None
+                      ) -> Callable[[], None]:
         """fastadagrad's GPU kernels on CUDA tensors, validated when they run.
 
         ``plan`` is kept across steps for this group: its GPU cache holds the validated
         description and the device tables, so a step whose tensors (parameters, sums and
         gradients) are unchanged validates nothing again (one launch per dtype).
+        ``memo`` (these are all of the group's tensors): filled with what the next
+        step's :meth:`_repeat_step` reuses, when the step's scalars do not depend on the
+        step.
         """
         lr_decay = group["lr_decay"]
         hyper = _cuda_hyper(float(group["lr"]), group["eps"], lr_decay,
                             group["weight_decay"], group["maximize"], fused)
+        if memo is not None and not lr_decay:
+            memo[1:] = [labels, _ON_GPU, hyper]
 
         def run() -> None:
             if not lr_decay:  # one learning rate for every parameter
@@ -702,6 +728,11 @@ class _SubLabels:
 def _count_then(step: Any, run: Callable[[], None]) -> None:
     step.add_(1)  # torch's step_t += 1, before the update
     run()
+
+
+def _run_then_count(run: Callable[[], Any], steps: list[Any]) -> None:
+    run()  # the GPU path's order (its learning rate does not depend on the step)
+    torch._foreach_add_(steps, _ONE, alpha=1.0)
 
 
 def _increment_then(steps: list[Any], runs: list[Callable[[], None]]) -> None:

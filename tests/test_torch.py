@@ -945,3 +945,94 @@ def test_repeated_steps_skip_the_analysis(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == [1]
     opt.step()
     assert calls == [1]
+
+
+class _SeenAsCuda(torch.Tensor):
+    """A CPU tensor that the adapter's sorting takes for a CUDA tensor (only its Python
+    attributes say so): lets the tests below follow the CUDA path's decisions on a
+    machine without a GPU, with the device layer replaced by recorders."""
+
+    is_cuda = property(lambda self: True)
+    is_cpu = property(lambda self: False)
+
+
+# the device cache reads torch tensors with torch's getters (cuda._getters): a torch type
+_SeenAsCuda.__module__ = "torch"
+
+
+def test_repeated_cuda_steps_skip_the_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA tensors, a step whose tensors the device cache still holds as validated
+    skips the group analysis and goes straight to the launch; a changed learning rate,
+    a changed gradient or a cleared state takes the analysis again."""
+    from fastadagrad import cuda as fcuda
+
+    calls: list[str] = []
+
+    def validate(params, grads, states, labels, hyper, step, nonfinite, plan):
+        # what cuda.update leaves after validating: the cache of what it checked
+        calls.append("validate")
+        plan.gpu = plan.gpu or fcuda.GpuCache()
+        plan.gpu.remember(params, states, grads)
+        plan.gpu.tables = "tables"
+        return True
+
+    monkeypatch.setattr(FT.D, "update", validate)
+    monkeypatch.setattr(fcuda, "_stream_ref", lambda x, d: "stream")
+    monkeypatch.setattr(fcuda, "_run", lambda *a: calls.append("launch") or True)
+    analysed = FT.Adagrad._prepare_cuda
+    monkeypatch.setattr(FT.Adagrad, "_prepare_cuda",
+                        lambda self, *a, **k: calls.append("analyse") or
+                        analysed(self, *a, **k))
+    torch_step = FT._torch_step
+    monkeypatch.setattr(FT, "_torch_step",
+                        lambda *a, **k: calls.append("torch") or torch_step(*a, **k))
+
+    ps = [p.as_subclass(_SeenAsCuda).requires_grad_()
+          for p in _params(torch.float32, [(10,), (3, 4)])]
+    opt = FT.Adagrad(ps, lr=0.1, foreach=True)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g.as_subclass(_SeenAsCuda)
+
+    def step() -> list[str]:
+        calls.clear()
+        opt.step()
+        return list(calls)
+
+    assert step() == ["analyse", "validate"]
+    assert step() == ["launch"]  # the same tensors: no analysis, no validation
+    assert step() == ["launch"]
+    opt.param_groups[0]["lr"] = 0.2
+    assert step() == ["analyse", "validate"]
+    assert step() == ["launch"]
+    ps[1].grad = ps[1].grad.clone()  # a new address: validated again
+    assert step() == ["analyse", "validate"]
+    assert step() == ["launch"]
+    # a gradient the kernels cannot take: its parameter sorted to torch's implementation
+    ps[1].grad = torch.randn(4, 3).t().as_subclass(_SeenAsCuda)
+    assert step() == ["analyse", "torch", "validate"]
+    assert step() == ["analyse", "torch", "validate"]  # not the whole group: no memo
+    ps[1].grad = ps[1].grad.contiguous()
+    assert step() == ["analyse", "validate"]
+    opt.state[ps[0]].clear()  # the analysis creates the state again
+    assert step() == ["analyse", "validate"]
+    assert step() == ["launch"]
+    # a sparse gradient has no data pointer to compare: the repeat declines (without
+    # raising), leaving it to the analysis (not run here: torch's own step cannot take
+    # a sparse gradient beside this subclass)
+    dense = ps[0].grad
+    ps[0].grad = dense.as_subclass(torch.Tensor).to_sparse()
+    group = opt.param_groups[0]
+    assert opt._repeat_step(0, group, opt._fastadagrad_plans[id(group)]) is None
+    ps[0].grad = dense
+    assert step() == ["launch"]
+    ps[0].grad = None  # a parameter without a gradient: the analysis skips it
+    assert step() == ["analyse", "validate"]
+    assert step() == ["analyse", "validate"]
+    # every step counted once, on each path
+    # (the state of ps[0] was cleared before step 11, and it has no gradient from 14)
+    assert [int(opt.state[p]["step"]) for p in ps] == [3, 15]
+    # lr_decay: the learning rate depends on the step, which the memo does not carry
+    opt = FT.Adagrad(ps, lr=0.1, lr_decay=0.01, foreach=True)
+    ps[0].grad = ps[1].grad.new_ones(10)
+    assert step() == ["analyse", "validate"]
+    assert step() == ["analyse", "validate"]
