@@ -6,6 +6,8 @@ the host spends per step, not the GPU's:
 
 * ``model100 torch update us``: ``AdaGrad.update`` over the 100-tensor, 2.95M-parameter
   model (bench/benchlib.model_shapes) as separate torch CUDA tensors;
+* ``model100 numba update us``: the same over Numba device arrays (whose address, shape
+  and dtype cannot change in place, so the per-step check is one identity per array);
 * ``model100 torch foreach us`` / ``single us``: ``torch.optim.Adagrad.step()`` on it;
 * ``full update us`` / ``torch full update us``: the functional ``adagrad_update`` on
   one 1000-element Numba array / torch tensor (what bench/gpu_report.py reads);
@@ -65,18 +67,25 @@ def main() -> None:
     h = cuda.to_device(np.zeros(n, np.float32))
     print("full update us", median_us(lambda: fa.adagrad_update(p, g, h), cuda.synchronize))
     profile("adagrad_update, Numba arrays", lambda: fa.adagrad_update(p, g, h))
+    from bench.benchlib import model_shapes
+
+    rng = np.random.default_rng(0)
+    shapes = model_shapes()
+    nps = [cuda.to_device(rng.standard_normal(s, np.float32)) for s in shapes]
+    ngs = [cuda.to_device(rng.standard_normal(s, np.float32) * 1e-2) for s in shapes]
+    nopt = fa.AdaGrad.from_preset("torch", lr=0.01)
+    print("model100 numba update us", median_us(lambda: nopt.update(nps, ngs),
+                                                cuda.synchronize))
+    profile("AdaGrad.update, 100 Numba arrays", lambda: nopt.update(nps, ngs))
     try:
         import torch
     except ImportError:
         return
-    from bench.benchlib import model_shapes
-
     tp, tg = torch.ones(n, device="cuda"), torch.ones(n, device="cuda")
     th = torch.zeros(n, device="cuda")
     print("torch full update us", median_us(lambda: fa.adagrad_update(tp, tg, th),
                                            torch.cuda.synchronize))
 
-    shapes = model_shapes()
     ps = [torch.randn(s, device="cuda") for s in shapes]
     gs = [torch.randn(s, device="cuda") * 1e-2 for s in shapes]
     sync = torch.cuda.synchronize

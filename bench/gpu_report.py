@@ -154,6 +154,7 @@ def check_block(d: Path) -> str:
         if over_file.exists() else {}
     if "model100 torch update" in over:
         adapter = over.get("model100 fastadagrad.torch")
+        numba_arrays = over.get("model100 numba update")
         lines.append(
             "Host time per step, 100-tensor model of torch CUDA tensors, steps back to back "
             f"(`bench/gpu_overhead.py`): {float(over['model100 torch update']):,.0f} µs for "
@@ -162,7 +163,9 @@ def check_block(d: Path) -> str:
                else "")
             + f"{float(over['model100 torch foreach']):,.0f} µs for torch's foreach "
             f"Adagrad, {float(over['model100 torch single']):,.0f} µs for its single-tensor "
-            "one.")
+            "one."
+            + (f" The same model as Numba device arrays: {float(numba_arrays):,.0f} µs for "
+               "`AdaGrad.update`." if numba_arrays else ""))
     bench_file = d / "bench.json"
     med: dict[str, float] = {}
     if bench_file.exists():
