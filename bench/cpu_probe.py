@@ -117,12 +117,16 @@ QUICK = False
 
 
 def reps_for(n: int) -> tuple[int, int]:
-    """(calls per block, blocks): ~2^24 elements per block, at least 5 calls; 15 blocks
-    up to 2^16 elements, where a call takes microseconds and one disturbed block moved
-    a median by 5% (five blocks cost ~20 ms a candidate there), 5 above, 3 from 2^24."""
+    """(calls per block, blocks): ~2^24 elements per block, at least 5 calls; 31 blocks
+    up to 2^16 elements, where a call takes microseconds and one disturbed block moves
+    a median by 5% (a block costs ~3 ms a candidate there; with 15 blocks the worst of
+    the 14 parallel cases still came out at 1.05-1.06 in three runs of two identical
+    loops), 9 above, 5 from 2^24 (with 5 and 3, one stretch of another tenant's memory
+    traffic moved the medians of 2^23 and 2^26 by 4-7% while their fastest blocks
+    agreed within 1-5%)."""
     if QUICK:
         return 5, 2
-    blocks = 15 if n <= 1 << 16 else 3 if n >= 1 << 24 else 5
+    blocks = 31 if n <= 1 << 16 else 5 if n >= 1 << 24 else 9
     return max(5, min(1000, (1 << 24) // n)), blocks
 
 
