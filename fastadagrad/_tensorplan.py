@@ -17,6 +17,7 @@ and are checked every step.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
@@ -191,13 +192,6 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         if list(map(meta, grads)) != pmeta or not all(map(_contig, grads)):
             return None
         gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
-        if steps is not None:
-            # a counter whose storage, dtype or size changed gets re-checked; one that
-            # kept all of them stays a one-element CPU tensor at that address
-            skey = (list(map(_ptr, steps)), list(map(_dtype, steps)),
-                    list(map(_numel, steps)))
-            if skey != plan.skey:
-                plan.build_steps(steps, skey)
     except (ValueError, RuntimeError):  # RuntimeError: data_ptr() of a sparse tensor
         return None
     if _grads_overlap(plan, gaddr):  # a gradient sharing memory with what is written
@@ -224,17 +218,11 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             calls.append((parallel if total >= threshold else None,
                           serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
 
-    scalls = None if steps is None else plan.scalls
-    if steps is not None and scalls is None:
-        scalls = [(None, steps)]
+    scalls = None if steps is None else _step_calls(plan, steps)
 
     def run() -> None:
         if scalls is not None:  # torch counts the step before it updates
-            for proto, addresses in scalls:
-                if proto is None:  # e.g. an integer counter: as torch's foreach path adds
-                    torch._foreach_add_(addresses, 1)
-                else:
-                    cpu.add_one_at(proto, addresses)
+            _count(scalls)
         for par, ser, args in calls:
             if par is not None:
                 with cpu.PARALLEL_LOCK:
@@ -243,6 +231,33 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                 ser(*args)
 
     return run
+
+
+def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
+    """torch's ``step_t += 1`` on each of ``steps``, checked now, as a function to call
+    later: one compiled call per dtype where they are one-element CPU float tensors
+    (:meth:`TensorPlan.build_steps`), torch's ``_foreach_add_`` otherwise."""
+    return functools.partial(_count, _step_calls(plan, steps))
+
+
+def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]:
+    # a counter whose storage, dtype or size changed gets re-checked; one that kept all
+    # of them stays a one-element CPU tensor at that address
+    try:
+        skey = (list(map(_ptr, steps)), list(map(_dtype, steps)), list(map(_numel, steps)))
+    except RuntimeError:  # no data pointer (a sparse tensor): torch adds
+        return [(None, steps)]
+    if skey != plan.skey:
+        plan.build_steps(steps, skey)
+    return plan.scalls if plan.scalls is not None else [(None, steps)]
+
+
+def _count(scalls: list[tuple[Any, Any]]) -> None:
+    for proto, addresses in scalls:
+        if proto is None:  # e.g. an integer counter: as torch's foreach path adds
+            torch._foreach_add_(addresses, 1)
+        else:
+            cpu.add_one_at(proto, addresses)
 
 
 def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:

@@ -436,7 +436,9 @@ class Adagrad(torch.optim.Adagrad):
                 return None
             run = D.prepared_update(params, grads, sums, memo[1], memo[3], 1, "ignore",
                                     plan[3])
-            return None if run is None else functools.partial(_run_then_count, run, steps)
+            if run is None:
+                return None
+            return functools.partial(_run_then_count, run, T.counter(plan[1], steps))
         # rebuild=False: a parameter or state that changed (its dtype, say, for which the
         # kernel's formula was not checked) takes the full analysis
         return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
@@ -730,9 +732,9 @@ def _count_then(step: Any, run: Callable[[], None]) -> None:
     run()
 
 
-def _run_then_count(run: Callable[[], Any], steps: list[Any]) -> None:
+def _run_then_count(run: Callable[[], Any], count: Callable[[], None]) -> None:
     run()  # the GPU path's order (its learning rate does not depend on the step)
-    torch._foreach_add_(steps, _ONE, alpha=1.0)
+    count()  # torch's step_t += 1: one compiled call for CPU counters (foreach=True)
 
 
 def _increment_then(steps: list[Any], runs: list[Callable[[], None]]) -> None:
