@@ -4,8 +4,11 @@
 ``fastadagrad.adagrad_update``) for several threads-per-block / chunk-size settings at
 2^26 float32 and float64, next to a device-to-device copy moving the same bytes.
 It also times an experimental 4-way unrolled variant (same math) to see whether more
-loads in flight per thread help. This is how ``config.THREADS_PER_BLOCK`` and
-``config.GPU_CHUNK`` are chosen; numbers are printed, never stored by hand.
+loads in flight per thread help, and the library's own one-tensor grid-stride variant
+(``config.GPU_GRID_STRIDE``, off by default) at several grid sizes next to the default.
+This is how ``config.THREADS_PER_BLOCK`` and ``config.GPU_CHUNK`` are chosen (and
+whether ``config.GPU_GRID_STRIDE`` should be on); numbers are printed, never stored by
+hand.
 """
 
 # ruff: noqa: B023, F821  (timed lambdas are called inside the loop iteration that made them)
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import fastadagrad as fa  # noqa: E402
 from fastadagrad import config  # noqa: E402
 from fastadagrad import cuda as fc  # noqa: E402
+from fastadagrad import cuda_kernels as K  # noqa: E402
 from fastadagrad._hyper import Hyper  # noqa: E402
 
 
@@ -98,6 +102,19 @@ def main() -> int:
                 print(f"  tpb={tpb:5} chunk={chunk:6}: {t * 1e6:8.1f} us "
                       f"{nbytes / t / 1e9:7.0f} GB/s {100 * tc / t:5.1f}% of copy")
         config.THREADS_PER_BLOCK, config.GPU_CHUNK = tpb0, chunk0
+        # the library's grid-stride variant for one tensor (config.GPU_GRID_STRIDE),
+        # interleaved with the shipped default so that both see the same GPU state
+        gs0, bps0 = config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM
+        for bps in (2, 4, 8, 16):
+            config.GRID_STRIDE_BLOCKS_PER_SM = bps
+            for on in (False, True):
+                config.GPU_GRID_STRIDE = on
+                t = gpu_time(lambda: fa.adagrad_update(p, g, h))
+                what = f"grid-stride x{K.UNROLL} blocks/SM={bps}" if on else \
+                    "chunked (default config)"
+                print(f"  library {what:32}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} "
+                      f"GB/s {100 * tc / t:5.1f}% of copy")
+        config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM = gs0, bps0
         if dt == np.float32:
             for bps in (4, 8):
                 t = gpu_time(lambda: unrolled4[sms * bps, 256](p, g, h, coefs[0], coefs[3]))

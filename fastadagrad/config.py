@@ -65,3 +65,12 @@ GPU_CHUNK: int = 1 << 13
 #: Cap on the multi-tensor kernel's grid (None: ``BLOCKS_PER_SM`` per SM). Tests set it
 #: to 2 so that each block walks several chunks, on the simulator and on hardware alike.
 GPU_MAX_BLOCKS: int | None = None
+
+#: A dtype group of ONE tensor (e.g. one flat buffer) takes the update kernel's
+#: grid-stride variant (``cuda_kernels.GRID_STRIDE``: 4 elements per thread per pass,
+#: loads before stores; the same bits) with ``GRID_STRIDE_BLOCKS_PER_SM`` blocks per SM.
+#: Off until it is measured through the library on a GPU (``bench/gpu_sweep.py`` times
+#: both); its stand-alone twin reached 92.5% of copy bandwidth at 2^26 float32 on an
+#: H200 where the chunked kernel reached 67.8%.
+GPU_GRID_STRIDE: bool = False
+GRID_STRIDE_BLOCKS_PER_SM: int = 4

@@ -734,8 +734,13 @@ def _plan_launches(tables: Tables, hyper: H.Hyper, step: int, nonfinite: str
             k = L.kernel("check", g.dtype, coefs[7], dev)
             checks.append((k, g.blocks, tpb, k.prepare(
                 (g.addr, g.ntens, g.nchunks, chunk, coefs[6], ctl))))
-        k = L.kernel("update", g.dtype, coefs[7] | mode, dev)
-        updates.append((k, g.blocks, tpb, k.prepare(
+        blocks, gmode = g.blocks, mode
+        if g.ntens == 1 and config.GPU_GRID_STRIDE:  # one tensor: grid-stride variant
+            gmode |= K.GRID_STRIDE
+            blocks = config.GPU_MAX_BLOCKS or max(1, min(
+                g.blocks, _sm_count(dev) * config.GRID_STRIDE_BLOCKS_PER_SM))
+        k = L.kernel("update", g.dtype, coefs[7] | gmode, dev)
+        updates.append((k, blocks, tpb, k.prepare(
             (g.addr, g.ntens, g.nchunks, chunk, *coefs[:7], ctl))))
     fin = L.kernel("finish", np.float64, 0, dev)
     finish = (fin, 1, 1, fin.prepare((ctl,)))

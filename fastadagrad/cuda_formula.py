@@ -98,8 +98,9 @@ def element(dtype: Any, flags: int) -> tuple[Any, Any]:
     ``a - b`` is written ``add(a, -b)``: negation is exact and IEEE defines subtraction
     that way, so the bits are those of the CPU's ``a - b``.
     """
-    mul, add, div, sqrt, fma = ops(np.dtype(dtype))
-    scale, maximize, coupled, decoupled, fma_h, fma_wd, zero_h0 = rule(flags)
+    scale, maximize = rule(flags)[:2]
+    div = ops(np.dtype(dtype))[2]
+    accumulate, quotient, step = parts(dtype, flags)
 
     @cuda.jit(device=True, inline="always")
     def gradient(gi, grad_scale):
@@ -111,6 +112,32 @@ def element(dtype: Any, flags: int) -> tuple[Any, Any]:
 
     @cuda.jit(device=True, inline="always")
     def update(gi, pi, h, j, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd):
+        gi, pi, hi = accumulate(gi, pi, h, j, wd, lr_wd)
+        q = quotient(gi, hi, zero, lr_num, eps_in, eps_out)
+        h[j] = hi
+        return step(pi, q, lr_after)
+
+    return gradient, update
+
+
+@cache
+def parts(dtype: Any, flags: int) -> tuple[Any, Any, Any]:
+    """``(accumulate, quotient, step)``: :func:`element`'s ``update`` in three device
+    functions, for kernels that store every accumulator of a pass before they compute
+    the parameters (``cuda_kernels.GRID_STRIDE``)::
+
+        accumulate(g', p, h, j, wd, lr_wd) -> (g', p, h')   weight decay; h' from h[j]
+        quotient(g', h', zero, lr_num, eps_in, eps_out) -> q
+        step(p, q, lr_after) -> p'
+
+    ``update`` is exactly these three in this order, with ``h[j] = h'`` between the
+    last two.
+    """
+    mul, add, div, sqrt, fma = ops(np.dtype(dtype))
+    _, _, coupled, decoupled, fma_h, fma_wd, zero_h0 = rule(flags)
+
+    @cuda.jit(device=True, inline="always")
+    def accumulate(gi, pi, h, j, wd, lr_wd):
         if coupled:
             if fma_wd:
                 gi = fma(pi, wd, gi)
@@ -122,10 +149,17 @@ def element(dtype: Any, flags: int) -> tuple[Any, Any]:
             hi = fma(gi, gi, h[j])
         else:
             hi = add(h[j], mul(gi, gi))
+        return gi, pi, hi
+
+    @cuda.jit(device=True, inline="always")
+    def quotient(gi, hi, zero, lr_num, eps_in, eps_out):
         q = div(mul(lr_num, gi), add(sqrt(add(hi, eps_in)), eps_out))
         if zero_h0 and hi == zero:
             q = zero
-        h[j] = hi
+        return q
+
+    @cuda.jit(device=True, inline="always")
+    def step(pi, q, lr_after):
         return add(pi, -mul(q, lr_after))
 
-    return gradient, update
+    return accumulate, quotient, step

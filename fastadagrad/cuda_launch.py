@@ -100,6 +100,7 @@ class CoreKernel:
         self._launch = launch
         # coefficients boxed as the C type of the size checked above
         self.kind, self.real = kind, _BOX[np.dtype(dtype).itemsize]
+        self.flags = flags  # what it was compiled for (cuda_kernels' bits)
 
     def prepare(self, args: tuple) -> list[Any]:
         """Box each argument as the C type of its slot (uint64 addresses, int64 counts,
@@ -154,7 +155,7 @@ class DispatcherKernel:
         # compiled at the first launch for the NumPy scalar types prepare() passes,
         # which are those of K.signature (uint64, int64, the dtype)
         self.kernel = cuda.jit(K.source(kind, dtype, flags))
-        self.kind = kind
+        self.kind, self.flags = kind, flags
         self.real = np.float32 if np.dtype(dtype) == np.float32 else np.float64
 
     def prepare(self, args: tuple) -> tuple:

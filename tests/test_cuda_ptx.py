@@ -43,6 +43,9 @@ FLAG_SETS = {
                    | H.ZERO_WHERE_H0 | H.GRAD_SCALE),
     "numpy-checked-capturable": K.CHECKED | K.CAPTURABLE,
     "optax-capturable-after": H.ZERO_WHERE_H0 | K.CAPTURABLE | K.LR_AFTER,
+    "numpy-grid-stride": K.GRID_STRIDE,
+    "torch-checked-capturable-grid-stride": (H.FMA_ACCUMULATE | H.WD_COUPLED | K.CHECKED
+                                             | K.CAPTURABLE | K.GRID_STRIDE),
 }
 DTYPES = {"f32": np.float32, "f64": np.float64}
 PTX_TYPES = {4: "f32", 8: "f64"}
@@ -107,6 +110,22 @@ def test_update_kernel_ptx(rule, dtype, cc):
                or i.startswith("ld.global") for i in ins)
     # 64-bit loops: chunk and element indices compared as 64-bit integers
     assert any(re.fullmatch(r"setp\.\w+\.[su]64", i) for i in ins)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_grid_stride_pass_loads_before_it_stores(dtype):
+    """The grid-stride variant's unrolled pass: the gradient, parameter and accumulator
+    of all UNROLL elements are loaded before the first store and the first square
+    root (the loads in flight per thread that the variant exists for), and its
+    thread-local arrays stay in registers (no local memory)."""
+    ptx = _ptx("update", dtype, K.GRID_STRIDE, (9, 0))
+    assert ".local" not in ptx
+    ops = [i.split(".")[0] if i.startswith(("ld.global", "st.global")) else i
+           for i in instructions(ptx) if i.startswith(("ld.global", "st.global", "sqrt"))]
+    runs = [len(r) for r in "".join("l" if o == "ld" else "x" for o in ops).split("x")]
+    # 4 table reads, then 3 loads per element of the pass, with nothing in between
+    assert max(runs) >= 4 + 3 * K.UNROLL
+    assert sum(o.startswith("sqrt") for o in ops) >= K.UNROLL + 1  # the pass + remainder
 
 
 def test_numpy_rule_accumulates_with_mul_then_add():

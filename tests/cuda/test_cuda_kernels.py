@@ -461,3 +461,76 @@ def test_launch_config_is_capped_and_covers_small_inputs():
     cap = fcuda._sm_count() * 2 if fcuda.simulator() else \
         max(fcuda._sm_count() * 2, fcuda._MIN_BLOCKS)
     assert blocks == cap
+
+
+def _update_launches(monkeypatch):
+    """Record (grid-stride?, blocks) of every update launch planned from now on."""
+    from fastadagrad import cuda_kernels as K
+
+    seen: list[tuple[bool, int]] = []
+    real = fcuda._plan_launches
+
+    def spy(tables, *a):
+        out = real(tables, *a)
+        seen.extend((bool(k.flags & K.GRID_STRIDE), blocks) for k, blocks, *_ in out[1])
+        return out
+
+    monkeypatch.setattr(fcuda, "_plan_launches", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_grid_stride_variant_matches_the_chunked_kernel(monkeypatch, rule, n, dtype):
+    """config.GPU_GRID_STRIDE: one tensor takes the 4-per-pass grid-stride kernel, with
+    the chunked kernel's bits (the same per-element operations), and, for the rules
+    without an FMA (which the simulator rounds twice), the reference's. On the forced
+    2 x 32-thread grid a pass covers 256 elements, so these sizes run the unrolled loop
+    zero, one and several times, with and without a remainder."""
+    from fastadagrad import config
+
+    seen = _update_launches(monkeypatch)
+    r, kw, h0 = RULES[rule]
+    hyper = Hyper.make(rule=r, **kw)
+    out = []
+    for grid_stride in (False, True):
+        monkeypatch.setattr(config, "GPU_GRID_STRIDE", grid_stride)
+        p, g, h = inputs(n, dtype, seed=n, h0=h0)
+        dp, dg, dh = cuda.to_device(p), cuda.to_device(g), cuda.to_device(h)
+        for step in (1, 2, 3):
+            assert fa.adagrad_update(dp, dg, dh, step=step, rule=r, **kw) is True
+            reference_step(p, g, h, hyper, step)
+        out.append((dp.copy_to_host(), dh.copy_to_host()))
+        np.testing.assert_array_equal(dg.copy_to_host(), g)  # the gradient is read only
+    assert seen[-1] == (True, 2) and not seen[0][0]  # grid-stride on a grid that wraps
+    np.testing.assert_array_equal(out[1][0], out[0][0])
+    np.testing.assert_array_equal(out[1][1], out[0][1])
+    if not (r.fma_accumulate or r.fma_weight_decay):
+        assert ulps(out[1][0], p) <= ULP_BOUND
+        assert ulps(out[1][1], h) <= ULP_BOUND
+
+
+def test_grid_stride_variant_only_for_one_tensor(monkeypatch):
+    """A dtype group of several tensors keeps the chunked kernel; one tensor with
+    nonfinite='skip', capturable=True and lr_decay takes the grid-stride one, with the
+    chunked kernel's bits."""
+    from fastadagrad import config
+
+    seen = _update_launches(monkeypatch)
+    rng = np.random.default_rng(3)
+    host = [rng.standard_normal(700).astype(np.float32)]
+    grads = [cuda.to_device(rng.standard_normal(700).astype(np.float32))]
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(config, "GPU_GRID_STRIDE", on)
+        opt = fa.AdaGrad.from_preset("torch", lr=0.1, lr_decay=0.5, capturable=True,
+                                     nonfinite="skip")
+        dev = [cuda.to_device(p) for p in host]
+        for _ in range(3):
+            opt.update(dev, grads)
+        results.append(dev[0].copy_to_host())
+        two = [cuda.to_device(p) for p in host * 2]
+        fa.AdaGrad.from_preset("torch", lr=0.1).update(two, grads * 2)
+    assert [gs for gs, _ in seen] == [False, False, True, False]
+    np.testing.assert_array_equal(results[0], results[1])
