@@ -5,7 +5,9 @@
 2^26 float32 and float64, next to a device-to-device copy moving the same bytes.
 It also times an experimental 4-way unrolled variant (same math) to see whether more
 loads in flight per thread help, and the library's own one-tensor grid-stride variant
-(``config.GPU_GRID_STRIDE``, off by default) at several grid sizes next to the default.
+(``config.GPU_GRID_STRIDE``, off by default) at several grid sizes next to the default,
+and its chunked kernel with 4 elements per thread per pass (``config.GPU_UNROLL_CHUNKS``)
+on the 2^26 array and on the 100-tensor model.
 This is how ``config.THREADS_PER_BLOCK`` and ``config.GPU_CHUNK`` are chosen (and
 whether ``config.GPU_GRID_STRIDE`` should be on); numbers are printed, never stored by
 hand.
@@ -77,6 +79,26 @@ def unrolled4(p, g, h, lr, eps):
         i += s
 
 
+def model(dt, copy_s_per_byte: float) -> None:
+    """The 100-tensor model (bench/benchlib.model_shapes) as Numba arrays through
+    ``AdaGrad.update``: the chunked kernel with 1 and with 4 elements per pass."""
+    from bench.benchlib import model_shapes
+
+    rng = np.random.default_rng(2)
+    shapes = model_shapes()
+    ps = [cuda.to_device(rng.standard_normal(s).astype(dt)) for s in shapes]
+    gs = [cuda.to_device((rng.standard_normal(s) * 1e-2).astype(dt)) for s in shapes]
+    nbytes = 5 * sum(int(np.prod(s)) for s in shapes) * np.dtype(dt).itemsize
+    for on in (False, True, False, True):
+        config.GPU_UNROLL_CHUNKS = on
+        opt = fa.AdaGrad(lr=0.01)  # a new one: the launches are planned per optimizer
+        t = gpu_time(lambda: opt.update(ps, gs))
+        print(f"  100-tensor model, {K.UNROLL if on else 1} per pass{'':12}: "
+              f"{t * 1e6:8.1f} us {100 * copy_s_per_byte * nbytes / t:5.1f}% of copy "
+              "(per byte, from the 2^26 copy; launch included)")
+    config.GPU_UNROLL_CHUNKS = False
+
+
 def main() -> int:
     n = 1 << 26
     sms = fc._sm_count()
@@ -115,6 +137,13 @@ def main() -> int:
                 print(f"  library {what:32}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} "
                       f"GB/s {100 * tc / t:5.1f}% of copy")
         config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM = gs0, bps0
+        for on in (False, True, False, True):  # the chunked kernel, 1 or 4 per pass
+            config.GPU_UNROLL_CHUNKS = on
+            t = gpu_time(lambda: fa.adagrad_update(p, g, h))
+            print(f"  library chunked, {K.UNROLL if on else 1} per pass{'':14}: "
+                  f"{t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s {100 * tc / t:5.1f}% of copy")
+        config.GPU_UNROLL_CHUNKS = False
+        model(dt, tc / nbytes)
         if dt == np.float32:
             for bps in (4, 8):
                 t = gpu_time(lambda: unrolled4[sms * bps, 256](p, g, h, coefs[0], coefs[3]))

@@ -74,3 +74,7 @@ GPU_MAX_BLOCKS: int | None = None
 #: H200 where the chunked kernel reached 67.8%.
 GPU_GRID_STRIDE: bool = False
 GRID_STRIDE_BLOCKS_PER_SM: int = 4
+
+#: The multi-tensor (chunked) kernel takes ``cuda_kernels.UNROLL`` elements per thread
+#: per pass too (``cuda_kernels.UNROLL_CHUNKS``; the same bits). Off until measured.
+GPU_UNROLL_CHUNKS: bool = False

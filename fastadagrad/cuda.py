@@ -739,6 +739,8 @@ def _plan_launches(tables: Tables, hyper: H.Hyper, step: int, nonfinite: str
             gmode |= K.GRID_STRIDE
             blocks = config.GPU_MAX_BLOCKS or max(1, min(
                 g.blocks, _sm_count(dev) * config.GRID_STRIDE_BLOCKS_PER_SM))
+        elif config.GPU_UNROLL_CHUNKS:
+            gmode |= K.UNROLL_CHUNKS
         k = L.kernel("update", g.dtype, coefs[7] | gmode, dev)
         updates.append((k, blocks, tpb, k.prepare(
             (g.addr, g.ntens, g.nchunks, chunk, *coefs[:7], ctl))))

@@ -63,6 +63,7 @@ CAPTURABLE = 1 << 17   # step and lr are read from ctl (CUDA graphs)
 LR_AFTER = 1 << 18     # capturable: the rule multiplies by lr after the division
 FMA_LR_DECAY = 1 << 19  # capturable: lr_decay's denominator rounded once (fma)
 GRID_STRIDE = 1 << 20  # one tensor: grid-stride, UNROLL elements per thread per pass
+UNROLL_CHUNKS = 1 << 21  # the chunked kernel, UNROLL elements per thread per pass
 
 #: Elements a thread loads before it stores anything, per pass of a GRID_STRIDE kernel
 #: (more loads in flight per thread; the same per-element operations).
@@ -133,7 +134,8 @@ def update_source(dtype: Any, flags: int) -> Any:
     threads of the whole grid walk the tensor with a stride of the grid's size, each
     loading the gradient, parameter and accumulator of :data:`UNROLL` elements (one
     grid stride apart) before computing and storing them, then the remainder one by
-    one: the formula's three parts (:func:`fastadagrad.cuda_formula.parts`), every
+    one (:data:`UNROLL_CHUNKS`: the same passes within each chunk of the chunked
+    kernel): the formula's three parts (:func:`fastadagrad.cuda_formula.parts`), every
     accumulator stored before the parameters are computed, as in that kernel; the
     thread-local arrays stay in registers. (A 4-per-pass grid-stride kernel reached 92.5% of a
     copy's bandwidth at 2^26 float32 on an H200, where the chunked kernel reached
@@ -150,6 +152,7 @@ def update_source(dtype: Any, flags: int) -> Any:
     after = (flags & LR_AFTER) != 0
     fma_decay = (flags & FMA_LR_DECAY) != 0
     grid_stride = (flags & GRID_STRIDE) != 0
+    unroll_chunks = (flags & UNROLL_CHUNKS) != 0
     nb_t = _numba_type(dt)
 
     def adagrad(tab, ntens, nchunks, chunk, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
@@ -185,24 +188,8 @@ def update_source(dtype: Any, flags: int) -> Any:
             h = fview(T[2], n)
             i = np.int64(cuda.blockIdx.x) * tpb + np.int64(cuda.threadIdx.x)
             s = np.int64(cuda.gridDim.x) * tpb
-            hv = cuda.local.array(UNROLL, nb_t)
-            gv = cuda.local.array(UNROLL, nb_t)
-            pv = cuda.local.array(UNROLL, nb_t)
-            while i + (UNROLL - 1) * s < n:
-                for u in range(UNROLL):
-                    gv[u] = gradient(g[i + u * s], grad_scale)
-                    pv[u] = p[i + u * s]
-                    hv[u] = h[i + u * s]
-                for u in range(UNROLL):
-                    gv[u], pv[u], hv[u] = accumulate(gv[u], pv[u], hv, u, wd, lr_wd)
-                # the accumulators' stores first: every load of the pass is then issued
-                # before them (the arrays may alias, as far as NVVM knows)
-                for u in range(UNROLL):
-                    h[i + u * s] = hv[u]
-                for u in range(UNROLL):
-                    p[i + u * s] = step(pv[u], quotient(gv[u], hv[u], zero, lr_num, eps_in,
-                                                        eps_out), lr_after)
-                i += UNROLL * s
+            i = passes(p, g, h, i, s, n, zero, lr_num, lr_after, eps_in, eps_out, wd,
+                       lr_wd, grad_scale)
             while i < n:
                 p[i] = update(gradient(g[i], grad_scale), p[i], h, i, zero, lr_num,
                               lr_after, eps_in, eps_out, wd, lr_wd)
@@ -221,11 +208,39 @@ def update_source(dtype: Any, flags: int) -> Any:
             g = fview(T[ROW * t + 1], n)
             h = fview(T[ROW * t + 2], n)
             i = s + np.int64(cuda.threadIdx.x)
+            if unroll_chunks:
+                i = passes(p, g, h, i, tpb, e, zero, lr_num, lr_after, eps_in, eps_out, wd,
+                           lr_wd, grad_scale)
             while i < e:
                 p[i] = update(gradient(g[i], grad_scale), p[i], h, i, zero, lr_num,
                               lr_after, eps_in, eps_out, wd, lr_wd)
                 i += tpb
             c += step_c
+
+    @cuda.jit(device=True, inline="always")
+    def passes(p, g, h, i, s, e, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+               grad_scale):
+        """Elements ``i, i + s, ...`` below ``e``, :data:`UNROLL` per pass while a whole
+        pass fits; returns the first element left for the one-by-one loop."""
+        hv = cuda.local.array(UNROLL, nb_t)
+        gv = cuda.local.array(UNROLL, nb_t)
+        pv = cuda.local.array(UNROLL, nb_t)
+        while i + (UNROLL - 1) * s < e:
+            for u in range(UNROLL):
+                gv[u] = gradient(g[i + u * s], grad_scale)
+                pv[u] = p[i + u * s]
+                hv[u] = h[i + u * s]
+            for u in range(UNROLL):
+                gv[u], pv[u], hv[u] = accumulate(gv[u], pv[u], hv, u, wd, lr_wd)
+            # the accumulators' stores first: every load of the pass is then issued
+            # before them (the arrays may alias, as far as NVVM knows)
+            for u in range(UNROLL):
+                h[i + u * s] = hv[u]
+            for u in range(UNROLL):
+                p[i + u * s] = step(pv[u], quotient(gv[u], hv[u], zero, lr_num, eps_in,
+                                                    eps_out), lr_after)
+            i += UNROLL * s
+        return i
 
     return adagrad
 

@@ -46,6 +46,7 @@ FLAG_SETS = {
     "numpy-grid-stride": K.GRID_STRIDE,
     "torch-checked-capturable-grid-stride": (H.FMA_ACCUMULATE | H.WD_COUPLED | K.CHECKED
                                              | K.CAPTURABLE | K.GRID_STRIDE),
+    "keras-unrolled-chunks": H.WD_DECOUPLED | K.UNROLL_CHUNKS,
 }
 DTYPES = {"f32": np.float32, "f64": np.float64}
 PTX_TYPES = {4: "f32", 8: "f64"}
@@ -113,12 +114,14 @@ def test_update_kernel_ptx(rule, dtype, cc):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_grid_stride_pass_loads_before_it_stores(dtype):
-    """The grid-stride variant's unrolled pass: the gradient, parameter and accumulator
-    of all UNROLL elements are loaded before the first store and the first square
-    root (the loads in flight per thread that the variant exists for), and its
-    thread-local arrays stay in registers (no local memory)."""
-    ptx = _ptx("update", dtype, K.GRID_STRIDE, (9, 0))
+@pytest.mark.parametrize("variant", ["GRID_STRIDE", "UNROLL_CHUNKS"])
+def test_unrolled_pass_loads_before_it_stores(variant, dtype):
+    """The unrolled pass (one-tensor grid-stride variant, chunked variant): the
+    gradient, parameter and accumulator of all UNROLL elements are loaded before the
+    first store and the first square root (the loads in flight per thread that the
+    variants exist for), and the thread-local arrays stay in registers (no local
+    memory)."""
+    ptx = _ptx("update", dtype, getattr(K, variant), (9, 0))
     assert ".local" not in ptx
     ops = [i.split(".")[0] if i.startswith(("ld.global", "st.global")) else i
            for i in instructions(ptx) if i.startswith(("ld.global", "st.global", "sqrt"))]

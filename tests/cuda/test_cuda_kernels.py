@@ -19,6 +19,7 @@ import pytest
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 
 from fastadagrad import cuda as fcuda  # noqa: E402
+from fastadagrad import cuda_kernels as K  # noqa: E402
 
 if fcuda.unavailable_reason() is not None:
     pytest.skip(f"no GPU and the CUDA simulator is off ({fcuda.unavailable_reason()})",
@@ -463,16 +464,15 @@ def test_launch_config_is_capped_and_covers_small_inputs():
     assert blocks == cap
 
 
-def _update_launches(monkeypatch):
-    """Record (grid-stride?, blocks) of every update launch planned from now on."""
-    from fastadagrad import cuda_kernels as K
-
+def _update_launches(monkeypatch, bit):
+    """Record (kernel compiled with ``bit``?, blocks) of every update launch planned
+    from now on."""
     seen: list[tuple[bool, int]] = []
     real = fcuda._plan_launches
 
     def spy(tables, *a):
         out = real(tables, *a)
-        seen.extend((bool(k.flags & K.GRID_STRIDE), blocks) for k, blocks, *_ in out[1])
+        seen.extend((bool(k.flags & bit), blocks) for k, blocks, *_ in out[1])
         return out
 
     monkeypatch.setattr(fcuda, "_plan_launches", spy)
@@ -490,7 +490,7 @@ def test_grid_stride_variant_matches_the_chunked_kernel(monkeypatch, rule, n, dt
     zero, one and several times, with and without a remainder."""
     from fastadagrad import config
 
-    seen = _update_launches(monkeypatch)
+    seen = _update_launches(monkeypatch, K.GRID_STRIDE)
     r, kw, h0 = RULES[rule]
     hyper = Hyper.make(rule=r, **kw)
     out = []
@@ -517,7 +517,7 @@ def test_grid_stride_variant_only_for_one_tensor(monkeypatch):
     chunked kernel's bits."""
     from fastadagrad import config
 
-    seen = _update_launches(monkeypatch)
+    seen = _update_launches(monkeypatch, K.GRID_STRIDE)
     rng = np.random.default_rng(3)
     host = [rng.standard_normal(700).astype(np.float32)]
     grads = [cuda.to_device(rng.standard_normal(700).astype(np.float32))]
@@ -534,3 +534,35 @@ def test_grid_stride_variant_only_for_one_tensor(monkeypatch):
         fa.AdaGrad.from_preset("torch", lr=0.1).update(two, grads * 2)
     assert [gs for gs, _ in seen] == [False, False, True, False]
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_unrolled_chunks_match_the_chunked_kernel(monkeypatch, rule, dtype):
+    """config.GPU_UNROLL_CHUNKS: the multi-tensor kernel takes 4 elements per thread per
+    pass within each chunk, with the same bits. 300-element chunks on 32 threads: two
+    128-element passes and a 44-element remainder per whole chunk; the tensors' sizes
+    leave partial chunks with and without a pass."""
+    from fastadagrad import config
+
+    monkeypatch.setattr(config, "GPU_CHUNK", 300)
+    seen = _update_launches(monkeypatch, K.UNROLL_CHUNKS)
+    r, kw, h0 = RULES[rule]
+    sizes = (1, 300, 700, 129, 1000)
+    out = []
+    for unrolled in (False, True):
+        monkeypatch.setattr(config, "GPU_UNROLL_CHUNKS", unrolled)
+        host = [inputs(n, dtype, seed=n, h0=h0) for n in sizes]
+        ps = [cuda.to_device(p) for p, _, _ in host]
+        gs = [cuda.to_device(g) for _, g, _ in host]
+        # (AdaGrad takes no grad_scale: the functional call's option, tested above)
+        opt = fa.AdaGrad(rule=r, **{k: v for k, v in kw.items() if k != "grad_scale"})
+        for _ in range(3):
+            assert opt.update(ps, gs) is True
+        out.append([a.copy_to_host() for a in ps] + [opt.h[k].copy_to_host()
+                                                   for k in range(len(sizes))])
+    flags = [k for k, _ in seen]  # planned once per run, or per step with lr_decay
+    half = len(flags) // 2
+    assert half and flags == [False] * half + [True] * half
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(b, a)
