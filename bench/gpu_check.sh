@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 7 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 8 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
@@ -8,7 +8,10 @@
 #   overhead.txt    bench/gpu_overhead.py: host time per step, 100-tensor torch model
 #   profile.txt     cProfile of those host-time cases (where the host time goes)
 #   bench.json      pytest-benchmark JSON of bench/test_bench_gpu.py (10 rounds each)
-#   sweep.txt       bench/gpu_sweep.py: launch configurations at 2^26 against a copy
+#   sweep.txt       bench/gpu_sweep.py: launch configurations at 2^26 against a copy,
+#                   and the 4-per-pass kernel variants (config.GPU_GRID_STRIDE,
+#                   config.GPU_UNROLL_CHUNKS) against the default
+#   validate-variants.json   validate --quick with both variants on (bits, GB/s)
 # Steps, most important first; each has its own timeout and the whole run a budget
 # (BUDGET seconds, default 285): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
@@ -69,11 +72,13 @@ FASTADAGRAD_GPU_BENCH_ROUNDS=10 step bench 90 "$PY" -m pytest bench/test_bench_g
   -q -p no:cacheprovider -o addopts="" "${PYW[@]}" --benchmark-only \
   --benchmark-json="$OUT/bench.json" --benchmark-columns=min,median,mean,rounds \
   --benchmark-sort=name
+step sweep 60 bash -c "'$PY' bench/gpu_sweep.py > '$OUT/sweep.txt'"
+FASTADAGRAD_GPU_GRID_STRIDE=1 FASTADAGRAD_GPU_UNROLL_CHUNKS=1 step validate-variants 130 \
+  "$PY" -m fastadagrad validate --quick --json "$OUT/validate-variants.json"
 FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
   tests/cuda/test_cuda_kernels.py -q -p no:cacheprovider -x -o addopts="" "${PYW[@]}" \
   -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
   -o addopts="" "${PYW[@]}" -k sm_90
-step sweep 60 bash -c "'$PY' bench/gpu_sweep.py > '$OUT/sweep.txt'"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
 exit "$FAILED"

@@ -71,10 +71,14 @@ GPU_MAX_BLOCKS: int | None = None
 #: loads before stores; the same bits) with ``GRID_STRIDE_BLOCKS_PER_SM`` blocks per SM.
 #: Off until it is measured through the library on a GPU (``bench/gpu_sweep.py`` times
 #: both); its stand-alone twin reached 92.5% of copy bandwidth at 2^26 float32 on an
-#: H200 where the chunked kernel reached 67.8%.
-GPU_GRID_STRIDE: bool = False
+#: H200 where the chunked kernel reached 67.8%. ``FASTADAGRAD_GPU_GRID_STRIDE=1`` turns
+#: it on (e.g. for ``python -m fastadagrad validate``).
+GPU_GRID_STRIDE: bool = os.environ.get("FASTADAGRAD_GPU_GRID_STRIDE", "") in (
+    "1", "true", "yes")
 GRID_STRIDE_BLOCKS_PER_SM: int = 4
 
 #: The multi-tensor (chunked) kernel takes ``cuda_kernels.UNROLL`` elements per thread
-#: per pass too (``cuda_kernels.UNROLL_CHUNKS``; the same bits). Off until measured.
-GPU_UNROLL_CHUNKS: bool = False
+#: per pass too (``cuda_kernels.UNROLL_CHUNKS``; the same bits). Off until measured;
+#: ``FASTADAGRAD_GPU_UNROLL_CHUNKS=1`` turns it on.
+GPU_UNROLL_CHUNKS: bool = os.environ.get("FASTADAGRAD_GPU_UNROLL_CHUNKS", "") in (
+    "1", "true", "yes")

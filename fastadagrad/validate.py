@@ -363,6 +363,8 @@ def environment(cuda: Any) -> dict[str, Any]:
     env["threads_per_block"] = config.THREADS_PER_BLOCK
     env["blocks_per_sm"] = config.BLOCKS_PER_SM
     env["gpu_chunk"] = config.GPU_CHUNK
+    env["gpu_grid_stride"] = config.GPU_GRID_STRIDE  # the kernel variants in use
+    env["gpu_unroll_chunks"] = config.GPU_UNROLL_CHUNKS
     try:
         import cuda.core
 
