@@ -188,12 +188,8 @@ def update_source(dtype: Any, flags: int) -> Any:
             h = fview(T[2], n)
             i = np.int64(cuda.blockIdx.x) * tpb + np.int64(cuda.threadIdx.x)
             s = np.int64(cuda.gridDim.x) * tpb
-            i = passes(p, g, h, i, s, n, zero, lr_num, lr_after, eps_in, eps_out, wd,
-                       lr_wd, grad_scale)
-            while i < n:
-                p[i] = update(gradient(g[i], grad_scale), p[i], h, i, zero, lr_num,
-                              lr_after, eps_in, eps_out, wd, lr_wd)
-                i += s
+            unrolled_span(p, g, h, i, s, n, zero, lr_num, lr_after, eps_in, eps_out, wd,
+                          lr_wd, grad_scale)
             return
         base = ROW * ntens
         c = np.int64(cuda.blockIdx.x)
@@ -208,40 +204,43 @@ def update_source(dtype: Any, flags: int) -> Any:
             g = fview(T[ROW * t + 1], n)
             h = fview(T[ROW * t + 2], n)
             i = s + np.int64(cuda.threadIdx.x)
-            if unroll_chunks:
-                i = passes(p, g, h, i, tpb, e, zero, lr_num, lr_after, eps_in, eps_out, wd,
-                           lr_wd, grad_scale)
+            chunk_span(p, g, h, i, tpb, e, zero, lr_num, lr_after, eps_in, eps_out, wd,
+                       lr_wd, grad_scale)
+            c += step_c
+
+    def make_span(unrolled: bool) -> Any:
+        @cuda.jit(device=True, inline="always")
+        def span(p, g, h, i, s, e, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+                 grad_scale):
+            """Elements ``i, i + s, ...`` below ``e``: if ``unrolled``, :data:`UNROLL` per
+            pass while a whole pass fits, then one by one."""
+            if unrolled:
+                hv = cuda.local.array(UNROLL, nb_t)
+                gv = cuda.local.array(UNROLL, nb_t)
+                pv = cuda.local.array(UNROLL, nb_t)
+                while i + (UNROLL - 1) * s < e:
+                    for u in range(UNROLL):
+                        gv[u] = gradient(g[i + u * s], grad_scale)
+                        pv[u] = p[i + u * s]
+                        hv[u] = h[i + u * s]
+                    for u in range(UNROLL):
+                        gv[u], pv[u], hv[u] = accumulate(gv[u], pv[u], hv, u, wd, lr_wd)
+                    # the accumulators' stores first: every load of the pass is then
+                    # issued before them (the arrays may alias, as far as NVVM knows)
+                    for u in range(UNROLL):
+                        h[i + u * s] = hv[u]
+                    for u in range(UNROLL):
+                        p[i + u * s] = step(pv[u], quotient(gv[u], hv[u], zero, lr_num,
+                                                            eps_in, eps_out), lr_after)
+                    i += UNROLL * s
             while i < e:
                 p[i] = update(gradient(g[i], grad_scale), p[i], h, i, zero, lr_num,
                               lr_after, eps_in, eps_out, wd, lr_wd)
-                i += tpb
-            c += step_c
+                i += s
 
-    @cuda.jit(device=True, inline="always")
-    def passes(p, g, h, i, s, e, zero, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
-               grad_scale):
-        """Elements ``i, i + s, ...`` below ``e``, :data:`UNROLL` per pass while a whole
-        pass fits; returns the first element left for the one-by-one loop."""
-        hv = cuda.local.array(UNROLL, nb_t)
-        gv = cuda.local.array(UNROLL, nb_t)
-        pv = cuda.local.array(UNROLL, nb_t)
-        while i + (UNROLL - 1) * s < e:
-            for u in range(UNROLL):
-                gv[u] = gradient(g[i + u * s], grad_scale)
-                pv[u] = p[i + u * s]
-                hv[u] = h[i + u * s]
-            for u in range(UNROLL):
-                gv[u], pv[u], hv[u] = accumulate(gv[u], pv[u], hv, u, wd, lr_wd)
-            # the accumulators' stores first: every load of the pass is then issued
-            # before them (the arrays may alias, as far as NVVM knows)
-            for u in range(UNROLL):
-                h[i + u * s] = hv[u]
-            for u in range(UNROLL):
-                p[i + u * s] = step(pv[u], quotient(gv[u], hv[u], zero, lr_num, eps_in,
-                                                    eps_out), lr_after)
-            i += UNROLL * s
-        return i
+        return span
 
+    unrolled_span, chunk_span = make_span(True), make_span(unroll_chunks)
     return adagrad
 
 
