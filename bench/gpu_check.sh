@@ -13,14 +13,14 @@
 #                   config.GPU_UNROLL_CHUNKS) against the default
 #   validate-variants.json   validate --quick with both variants on (bits, GB/s)
 # Steps, most important first; each has its own timeout and the whole run a budget
-# (BUDGET seconds, default 285): a step that would start with under 10 s left is
+# (BUDGET seconds, default 400): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
 # --dry-run prints the steps without running them; SKIP="name ..." leaves steps out (a
 # rerun of what changed, on a short device budget). Exit status: failed steps.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 PY="${PYTHON:-python3}"
-BUDGET="${BUDGET:-285}"
+BUDGET="${BUDGET:-400}"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 mkdir -p "$OUT"
