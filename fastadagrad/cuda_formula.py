@@ -124,7 +124,7 @@ def element(dtype: Any, flags: int) -> tuple[Any, Any]:
 def parts(dtype: Any, flags: int) -> tuple[Any, Any, Any]:
     """``(accumulate, quotient, step)``: :func:`element`'s ``update`` in three device
     functions, for kernels that store every accumulator of a pass before they compute
-    the parameters (``cuda_kernels.GRID_STRIDE``)::
+    the parameters (``cuda_kernels.GRID_STRIDE`` and ``UNROLL_CHUNKS``)::
 
         accumulate(g', p, h, j, wd, lr_wd) -> (g', p, h')   weight decay; h' from h[j]
         quotient(g', h', zero, lr_num, eps_in, eps_out) -> q

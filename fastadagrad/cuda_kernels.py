@@ -65,8 +65,9 @@ FMA_LR_DECAY = 1 << 19  # capturable: lr_decay's denominator rounded once (fma)
 GRID_STRIDE = 1 << 20  # one tensor: grid-stride, UNROLL elements per thread per pass
 UNROLL_CHUNKS = 1 << 21  # the chunked kernel, UNROLL elements per thread per pass
 
-#: Elements a thread loads before it stores anything, per pass of a GRID_STRIDE kernel
-#: (more loads in flight per thread; the same per-element operations).
+#: Elements a thread loads before it stores anything, per pass of a GRID_STRIDE or
+#: UNROLL_CHUNKS kernel (more loads in flight per thread; the same per-element
+#: operations).
 UNROLL = 4
 
 
@@ -131,15 +132,17 @@ def update_source(dtype: Any, flags: int) -> Any:
     only the operations of its rule.
 
     With :data:`GRID_STRIDE` (a table of one tensor; the chunk table is not read), the
-    threads of the whole grid walk the tensor with a stride of the grid's size, each
-    loading the gradient, parameter and accumulator of :data:`UNROLL` elements (one
-    grid stride apart) before computing and storing them, then the remainder one by
-    one (:data:`UNROLL_CHUNKS`: the same passes within each chunk of the chunked
-    kernel): the formula's three parts (:func:`fastadagrad.cuda_formula.parts`), every
-    accumulator stored before the parameters are computed, as in that kernel; the
-    thread-local arrays stay in registers. (A 4-per-pass grid-stride kernel reached 92.5% of a
-    copy's bandwidth at 2^26 float32 on an H200, where the chunked kernel reached
-    67.8% in the same run: ``bench/results/gpu-h200/check-2/sweep.txt``.)
+    threads of the whole grid walk the tensor with a stride of the grid's size; with
+    :data:`UNROLL_CHUNKS`, each block's threads walk each chunk as without it. Either
+    way a thread loads the gradient, parameter and accumulator of :data:`UNROLL`
+    elements one stride apart, stores their accumulators, then computes and stores
+    their parameters (the formula's three parts, :func:`fastadagrad.cuda_formula.parts`),
+    and takes what is left one by one; the thread-local arrays stay in registers.
+    Storing the accumulators first keeps every load of a pass ahead of the divisions
+    (NVVM moves loads down to their uses when all stores come last). A stand-alone
+    4-per-pass grid-stride kernel written this way reached 92.5% of a copy's bandwidth
+    at 2^26 float32 on an H200, where the chunked kernel reached 67.8% in the same
+    run (``bench/results/gpu-h200/check-2/sweep.txt``).
     """
     dt = np.dtype(dtype)
     fview, iview, dview = _views(dt)
