@@ -556,7 +556,8 @@ def test_unrolled_chunks_match_the_chunked_kernel(monkeypatch, rule, dtype):
         ps = [cuda.to_device(p) for p, _, _ in host]
         gs = [cuda.to_device(g) for _, g, _ in host]
         # (AdaGrad takes no grad_scale: the functional call's option, tested above)
-        opt = fa.AdaGrad(rule=r, **{k: v for k, v in kw.items() if k != "grad_scale"})
+        opt = fa.AdaGrad(rule=r, initial_accumulator_value=h0,
+                         **{k: v for k, v in kw.items() if k != "grad_scale"})
         for _ in range(3):
             assert opt.update(ps, gs) is True
         out.append([a.copy_to_host() for a in ps] + [opt.h[k].copy_to_host()
@@ -566,3 +567,10 @@ def test_unrolled_chunks_match_the_chunked_kernel(monkeypatch, rule, dtype):
     assert half and flags == [False] * half + [True] * half
     for a, b in zip(*out):
         np.testing.assert_array_equal(b, a)
+    if not (r.fma_accumulate or r.fma_weight_decay):  # the simulator's rounding is exact
+        hyper = Hyper.make(rule=r, **{k: v for k, v in kw.items() if k != "grad_scale"})
+        for k, (p, g, h) in enumerate(inputs(n, dtype, seed=n, h0=h0) for n in sizes):
+            for step in (1, 2, 3):
+                reference_step(p, g, h, hyper, step)
+            assert ulps(out[1][k], p) <= ULP_BOUND
+            assert ulps(out[1][len(sizes) + k], h) <= ULP_BOUND
