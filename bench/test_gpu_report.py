@@ -38,3 +38,39 @@ def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
     assert "| 2^26 | 600 µs | 1,430 µs | 460 µs |" in text  # columns with figures only
     assert "| 100 tensors, 2.95M parameters | 250 µs | — | 1,600 µs | — |" in text
     assert "135 µs for `AdaGrad.update`" in text  # h200-overhead.txt: 134.785
+
+
+def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path):
+    """The kernel variants' figures come from sweep.txt (in the format gpu_sweep prints)
+    and validate-variants.json."""
+    import json
+
+    def lib(what, t, pct):  # gpu_sweep's library line
+        return f"  library {what:32}: {t * 1e6:8.1f} us {1000:7.0f} GB/s {pct:5.1f}% of copy"
+
+    def chunked(k, t, pct):
+        return (f"  library chunked, {k} per pass{'':14}: {t * 1e6:8.1f} us {1000:7.0f} GB/s "
+                f"{pct:5.1f}% of copy")
+
+    def model(k, t):
+        return (f"  100-tensor model, {k} per pass{'':12}: {t * 1e6:8.1f} us {80.0:5.1f}% of "
+                "copy (per byte, from the 2^26 copy; launch included)")
+
+    f32 = ["float32: copy 4176 GB/s",
+           lib("chunked (default config)", 4.7e-4, 67.8),
+           lib("grid-stride x4 blocks/SM=4", 3.5e-4, 92.0),
+           lib("chunked (default config)", 4.8e-4, 67.0),
+           lib("grid-stride x4 blocks/SM=8", 3.7e-4, 87.0),
+           chunked(1, 4.7e-4, 68.0), chunked(4, 3.6e-4, 90.0),
+           chunked(1, 4.7e-4, 68.0), chunked(4, 3.6e-4, 91.0),
+           model(1, 150e-6), model(4, 120e-6), model(1, 152e-6), model(4, 118e-6)]
+    f64 = ["float64: copy 4200 GB/s", lib("grid-stride x4 blocks/SM=16", 7e-4, 99.0)]
+    (tmp_path / "sweep.txt").write_text("\n".join(["NVIDIA H200 SMs=132", *f32, *f64]))
+    (tmp_path / "validate-variants.json").write_text(json.dumps(
+        {"summary": {"cases": 42, "mismatches": 0, "min_frac_copy_f32_ge_2_26": 0.912}}))
+    text = " ".join(gpu_report.variant_lines(tmp_path))
+    assert "42 cases, **0 mismatches**; float32 at 2^26 and above at least 91.2%" in text
+    assert "chunked kernel 67.4%" in text
+    assert "four per pass in chunks 90.5%" in text
+    assert "one-tensor grid-stride 92.0% (4 blocks per SM)" in text  # float32 only
+    assert "100-tensor model 151 µs with one per pass, 119 µs with four" in text
