@@ -79,6 +79,19 @@ def unrolled4(p, g, h, lr, eps):
         i += s
 
 
+def library_line(what: str, t: float, nbytes: int, tc: float) -> str:
+    """One timed library case: ``t`` seconds for ``nbytes`` moved, a copy of the same
+    bytes taking ``tc`` (bench/gpu_report.py reads these lines)."""
+    return (f"  library {what:32}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s "
+            f"{100 * tc / t:5.1f}% of copy")
+
+
+def model_line(per_pass: int, t: float, frac_copy: float) -> str:
+    """The 100-tensor model's step (bench/gpu_report.py reads these lines)."""
+    return (f"  100-tensor model, {per_pass} per pass{'':12}: {t * 1e6:8.1f} us "
+            f"{100 * frac_copy:5.1f}% of copy (per byte, from the 2^26 copy; launch included)")
+
+
 def model(dt, copy_s_per_byte: float) -> None:
     """The 100-tensor model (bench/benchlib.model_shapes) as Numba arrays through
     ``AdaGrad.update``: the chunked kernel with 1 and with 4 elements per pass."""
@@ -93,9 +106,7 @@ def model(dt, copy_s_per_byte: float) -> None:
         config.GPU_UNROLL_CHUNKS = on
         opt = fa.AdaGrad(lr=0.01)  # a new one: the launches are planned per optimizer
         t = gpu_time(lambda: opt.update(ps, gs))
-        print(f"  100-tensor model, {K.UNROLL if on else 1} per pass{'':12}: "
-              f"{t * 1e6:8.1f} us {100 * copy_s_per_byte * nbytes / t:5.1f}% of copy "
-              "(per byte, from the 2^26 copy; launch included)")
+        print(model_line(K.UNROLL if on else 1, t, copy_s_per_byte * nbytes / t))
     config.GPU_UNROLL_CHUNKS = False
 
 
@@ -134,14 +145,12 @@ def main() -> int:
                 t = gpu_time(lambda: fa.adagrad_update(p, g, h))
                 what = f"grid-stride x{K.UNROLL} blocks/SM={bps}" if on else \
                     "chunked (default config)"
-                print(f"  library {what:32}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} "
-                      f"GB/s {100 * tc / t:5.1f}% of copy")
+                print(library_line(what, t, nbytes, tc))
         config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM = gs0, bps0
         for on in (False, True, False, True):  # the chunked kernel, 1 or 4 per pass
             config.GPU_UNROLL_CHUNKS = on
             t = gpu_time(lambda: fa.adagrad_update(p, g, h))
-            print(f"  library chunked, {K.UNROLL if on else 1} per pass{'':14}: "
-                  f"{t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s {100 * tc / t:5.1f}% of copy")
+            print(library_line(f"chunked, {K.UNROLL if on else 1} per pass", t, nbytes, tc))
         config.GPU_UNROLL_CHUNKS = False
         model(dt, tc / nbytes)
         if dt == np.float32:

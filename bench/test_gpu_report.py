@@ -45,26 +45,29 @@ def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path):
     and validate-variants.json."""
     import json
 
-    def lib(what, t, pct):  # gpu_sweep's library line
-        return f"  library {what:32}: {t * 1e6:8.1f} us {1000:7.0f} GB/s {pct:5.1f}% of copy"
+    import pytest
 
-    def chunked(k, t, pct):
-        return (f"  library chunked, {k} per pass{'':14}: {t * 1e6:8.1f} us {1000:7.0f} GB/s "
-                f"{pct:5.1f}% of copy")
+    sweep = pytest.importorskip("bench.gpu_sweep", reason="numba-cuda is not installed")
+    nbytes, tc = 10**9, 1e-3  # a copy of these bytes takes 1 ms
+
+    def lib(what, pct):  # gpu_sweep's own line for a case at ``pct`` of copy bandwidth
+        return sweep.library_line(what, tc * 100 / pct, nbytes, tc)
+
+    def chunked(k, pct):
+        return lib(f"chunked, {k} per pass", pct)
 
     def model(k, t):
-        return (f"  100-tensor model, {k} per pass{'':12}: {t * 1e6:8.1f} us {80.0:5.1f}% of "
-                "copy (per byte, from the 2^26 copy; launch included)")
+        return sweep.model_line(k, t, 0.8)
 
     f32 = ["float32: copy 4176 GB/s",
-           lib("chunked (default config)", 4.7e-4, 67.8),
-           lib("grid-stride x4 blocks/SM=4", 3.5e-4, 92.0),
-           lib("chunked (default config)", 4.8e-4, 67.0),
-           lib("grid-stride x4 blocks/SM=8", 3.7e-4, 87.0),
-           chunked(1, 4.7e-4, 68.0), chunked(4, 3.6e-4, 90.0),
-           chunked(1, 4.7e-4, 68.0), chunked(4, 3.6e-4, 91.0),
+           lib("chunked (default config)", 67.8),
+           lib("grid-stride x4 blocks/SM=4", 92.0),
+           lib("chunked (default config)", 67.0),
+           lib("grid-stride x4 blocks/SM=8", 87.0),
+           chunked(1, 68.0), chunked(4, 90.0),
+           chunked(1, 68.0), chunked(4, 91.0),
            model(1, 150e-6), model(4, 120e-6), model(1, 152e-6), model(4, 118e-6)]
-    f64 = ["float64: copy 4200 GB/s", lib("grid-stride x4 blocks/SM=16", 7e-4, 99.0)]
+    f64 = ["float64: copy 4200 GB/s", lib("grid-stride x4 blocks/SM=16", 99.0)]
     (tmp_path / "sweep.txt").write_text("\n".join(["NVIDIA H200 SMs=132", *f32, *f64]))
     (tmp_path / "validate-variants.json").write_text(json.dumps(
         {"summary": {"cases": 42, "mismatches": 0, "min_frac_copy_f32_ge_2_26": 0.912}}))
