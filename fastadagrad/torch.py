@@ -168,26 +168,39 @@ def _eager_kernels() -> str | dict[np.dtype, str]:
 
 
 def _emulation_ok(exhaustive: bool = False) -> bool:
-    """Whether :func:`cpu_vsqrt.mkl_ex_sqrt_normal` gives the routine's bits on float32
-    inputs in its normal range: every 61st of the 2^24 mantissa/exponent-parity patterns
-    of [0.5, 2) (all of them if ``exhaustive``: the tests do that), then 1024 random
-    mantissas of every exponent (the square root of ``x * 4^k`` is ``2^k`` times that
-    of ``x`` in both). 5-10 ms, once per process (the exhaustive check: ~0.3 s).
+    """Whether the emulated square root (:func:`cpu_vsqrt.mkl_sqrt_emulated`: the
+    arithmetic of :func:`cpu_vsqrt.mkl_ex_sqrt_normal` in MKL's normal range, the IEEE
+    square root outside it) gives the routine's bits on float32 inputs whose sign bit is
+    clear, both in steps of ``cpu_vsqrt.LANES`` (the kernels' body) and element by
+    element (their tails): every 61st of the 2^24 mantissa/exponent-parity patterns of
+    [0.5, 2) and of the patterns outside the normal range (zero, subnormals, the largest
+    floats, inf, NaN), all of them if ``exhaustive`` (the tests do that), then 1024
+    random mantissas of every exponent (the square root of ``x * 4^k`` is ``2^k`` times
+    that of ``x`` in both). ~10 ms, once per process (the exhaustive check: ~1 s).
     """
     fn = _VSQRT[torch.float32]
     rng = np.random.default_rng(0)
     exps = np.arange(1, 255, dtype=np.int32)
-    xs = [np.arange(0x7E << 23, 0x80 << 23, 1 if exhaustive else 61, dtype=np.int32),
+    every = 1 if exhaustive else 61
+    lo, hi = cpu_vsqrt.NORMAL_LO, cpu_vsqrt.NORMAL_HI
+    xs = [np.arange(0x7E << 23, 0x80 << 23, every, dtype=np.int32),
           ((exps[:, None] << 23) | rng.integers(0, 1 << 23, (exps.size, 1024),
-                                                dtype=np.int32)).ravel()]
+                                                dtype=np.int32)).ravel(),
+          # outside the normal range, every sign-clear pattern: an odd count, so that
+          # the element-by-element tail runs too
+          np.concatenate((np.arange(0, lo, every, dtype=np.int32),
+                          np.arange(0x7FFFFFFF, hi, -every, dtype=np.int32),
+                          np.array([0, lo - 1, hi + 1, 0x7F800000, 0x7FC00000],
+                                   np.int32)))]
     for bits in xs:
-        bits = bits[(bits >= cpu_vsqrt.NORMAL_LO) & (bits <= cpu_vsqrt.NORMAL_HI)]
         x = bits.view(np.float32)
-        mine, theirs = np.empty_like(x), np.empty_like(x)
-        cpu_vsqrt.mkl_sqrt_emulated(x, mine)
+        theirs = np.empty_like(x)
         cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
-        if not np.array_equal(mine.view(np.int32), theirs.view(np.int32)):
-            return False
+        for lanes in (True, False):
+            mine = np.empty_like(x)
+            if cpu_vsqrt.mkl_sqrt_emulated(x, mine, lanes) != 0 or not np.array_equal(
+                    mine.view(np.int32), theirs.view(np.int32)):
+                return False
     return True
 
 

@@ -246,6 +246,38 @@ def test_accumulators_outside_mkls_normal_range(mode: str, no_torch_step: None) 
             assert_same([opt.state[p]["sum"] for p in ps], ref[1], "sum")
 
 
+@pytest.mark.parametrize("flags", [0, 1, 2, 3])
+def test_emulated_kernel_is_the_routine_kernel(flags: int) -> None:
+    # the one-pass kernel (LANES at a time, element by element after the last whole
+    # step and where an accumulator is negative) against the kernel that calls vmsSqrt
+    # on every block, bit for bit: every length around a step, maximize and coupled
+    # weight decay, accumulators at zero, subnormal, huge, inf, NaN and negative
+    if not _emulation_used():
+        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    from fastadagrad import _hyper as H
+    from fastadagrad import cpu_vsqrt as V
+
+    fl = (H.MAXIMIZE if flags & 1 else 0) | (H.WD_COUPLED if flags & 2 else 0)
+    fn = FT._VSQRT[torch.float32]
+    coefs = (fn, np.float32(-0.03), np.float32(1e-7), np.float32(0.25), fl)
+    rng = np.random.default_rng(flags)
+    special = np.array([0.0, 1e-42, 3.4e38, np.inf, np.nan, -1.0, -0.0, 2.0],
+                       np.float32)
+    for n in (1, V.LANES - 1, V.LANES, V.LANES + 1, 3 * V.LANES + 5, 1031):
+        p0 = rng.standard_normal(n).astype(np.float32)
+        h0 = rng.random(n).astype(np.float32)
+        gs = [(rng.standard_normal(n) * 0.1).astype(np.float32) for _ in range(3)]
+        where = rng.integers(0, n, 4)
+        h0[where] = special[rng.integers(0, special.size, 4)]
+        gs[0][where[:2]] = 0.0
+        emu, ref = [p0.copy(), h0.copy()], [p0.copy(), h0.copy()]
+        for g in gs:
+            V.adagrad_span_emu(emu[0], g, emu[1], np.empty(1, np.float32), *coefs)
+            V.adagrad_span_vsqrt(ref[0], g, ref[1], np.empty(V.BLOCK, np.float32), *coefs)
+        for a, b in zip(emu, ref):
+            np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=str(n))
+
+
 def test_failed_emulation_check_keeps_the_routine(no_torch_step: None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(FT._CHECKED, ("vsqrt-emu", torch.float32), False)
