@@ -143,9 +143,12 @@ def adagrad_many_vsqrt_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
 #: the kernels take from the routine itself.
 NORMAL_LO, NORMAL_HI = 0x00800000, 0x7F7FF000
 
-#: float32 elements per step of the vector code: one AVX-512 register, two AVX ones
-#: (single thread, 2^14-2^16 float32, AMD EPYC: 16 lanes 22.4 us where 8 took 24.5)
-LANES = 16
+#: float32 elements per step of the vector code: four AVX-512 registers (eight AVX
+#: ones), whose independent operations LLVM interleaves. One thread, AMD EPYC, median of
+#: interleaved runs, 64 lanes against 16: 2^14 float32 5.65 vs 6.12 us, 2^16 21.9 vs
+#: 28.0 us, 2^20 319-340 vs 348 us (the IEEE loop of torch's fused formula: 5.59, 22.9,
+#: 305-409 us); 128 lanes were no faster (6.05, 24.3, 390 us), 8 lanes slower than 16.
+LANES = 64
 
 _VF = ir.VectorType(ir.FloatType(), LANES)
 _VI = ir.VectorType(_I32, LANES)
@@ -399,10 +402,11 @@ def adagrad_span_emu(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
     (:func:`_emu_elements`: the routine then gives that element's NaN). ``one``:
     scratch of one element.
 
-    Single thread, float32, AMD EPYC, median of interleaved runs: 2^14 6.1 us, 2^16
-    22.7 us, 2^20 348 us, where torch's fused formula (IEEE ``vsqrtps``) takes 5.6, 22.1
-    and 327 us, and the blocked version this replaced (``rsqrtps`` on a block of 512
-    written back to memory, then a second loop) 7.3, 28.4 and 462 us.
+    Single thread, float32, AMD EPYC, median of interleaved runs: about the time of the
+    IEEE loop of torch's fused formula (see :data:`LANES`), where the blocked version
+    this replaced (``rsqrtps`` on a block of 512 written back to memory, then a second
+    loop) took 7.3, 28.4 and 462 us at 2^14, 2^16 and 2^20 (the IEEE loop: 5.6, 22.1,
+    327 us).
     """
     maximize = (flags & H.MAXIMIZE) != 0
     coupled = (flags & H.WD_COUPLED) != 0
