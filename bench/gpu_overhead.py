@@ -11,7 +11,10 @@ the host spends per step, not the GPU's:
 * ``model100 torch foreach us`` / ``single us``: ``torch.optim.Adagrad.step()`` on it;
 * ``full update us`` / ``torch full update us``: the functional ``adagrad_update`` on
   one 1000-element Numba array / torch tensor (what bench/gpu_report.py reads);
-* ``model100 fastadagrad.torch us``: ``fastadagrad.torch.Adagrad.step()`` on it.
+* ``model100 fastadagrad.torch us``: ``fastadagrad.torch.Adagrad.step()`` on it;
+* ``model100 graph replay us``: ``CUDAGraph.replay()`` of ``AdaGrad(capturable=True)
+  .update`` over it, captured once with ``torch.cuda.graph`` (the host's work per step
+  when the optimizer step is part of a captured graph). Last, after the launch path.
 
 ``--profile FILE``: also write a cProfile of each fastadagrad case (top functions by
 own time) to FILE, to see where the host time goes.
@@ -104,6 +107,17 @@ def main() -> None:
         topt = torch.optim.Adagrad(params, lr=0.01, foreach=impl == "foreach")
         print(f"model100 torch {impl} us", median_us(topt.step, sync))
     print("launch path", *launch_path())
+    gopt = fa.AdaGrad.from_preset("torch", lr=0.01, capturable=True)
+    gps = [x.clone() for x in ps]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graph requires: compiles, tables
+        gopt.update(gps, gs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gopt.update(gps, gs)
+    print("model100 graph replay us", median_us(graph.replay, sync))
 
 
 if __name__ == "__main__":

@@ -216,7 +216,10 @@ def check_block(d: Path) -> str:
             f"Adagrad, {float(over['model100 torch single']):,.0f} µs for its single-tensor "
             "one."
             + (f" The same model as Numba device arrays: {float(numba_arrays):,.0f} µs for "
-               "`AdaGrad.update`." if numba_arrays else ""))
+               "`AdaGrad.update`." if numba_arrays else "")
+            + (f" Replaying a CUDA graph of `AdaGrad(capturable=True).update` over the torch "
+               f"tensors: {float(over['model100 graph replay']):,.0f} µs."
+               if "model100 graph replay" in over else ""))
     bench_file = d / "bench.json"
     med: dict[str, float] = {}
     if bench_file.exists():

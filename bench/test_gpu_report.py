@@ -14,13 +14,14 @@ def test_gpu_block_from_committed_results():
 def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
     """The block for a bench/gpu_check.sh directory: every figure comes from its files."""
     import json
-    import shutil
 
     results = gpu_report.ROOT / "bench" / "results"
     val = json.loads((results / "gpu-h100" / "h100-validate.json").read_text())
     val["environment"]["launch_path"] = ["cuda.core", "why"]
     (tmp_path / "validate.json").write_text(json.dumps(val))
-    shutil.copy(results / "gpu-h200" / "h200-overhead.txt", tmp_path / "overhead.txt")
+    (tmp_path / "overhead.txt").write_text(
+        (results / "gpu-h200" / "h200-overhead.txt").read_text().rstrip("\n")
+        + "\nmodel100 graph replay us 12.345\n")  # the line gpu_overhead prints last
     (tmp_path / "checks.log").write_text(
         "=== pytest-gpu (timeout 120s): python3 -m pytest tests/cuda\n"
         "....\n107 passed, 1 skipped in 51.2s\n=== pytest-gpu rc=0 seconds=60\n")
@@ -38,6 +39,7 @@ def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
     assert "| 2^26 | 600 µs | 1,430 µs | 460 µs |" in text  # columns with figures only
     assert "| 100 tensors, 2.95M parameters | 250 µs | — | 1,600 µs | — |" in text
     assert "135 µs for `AdaGrad.update`" in text  # h200-overhead.txt: 134.785
+    assert "`AdaGrad(capturable=True).update` over the torch tensors: 12 µs." in text
 
 
 def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path):
