@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 8 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 10 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
@@ -12,15 +12,18 @@
 #                   and the 4-per-pass kernel variants (config.GPU_GRID_STRIDE,
 #                   config.GPU_UNROLL_CHUNKS) against the default
 #   validate-variants.json   validate --quick with both variants on (bits, GB/s)
+#   cpu-probe.json, cpu-probe.md   bench/cpu_probe.py on the machine's host CPU (its
+#                   kernels against plain loops and the roofline kernel on all its
+#                   threads, and where the serial/parallel threshold falls there)
 # Steps, most important first; each has its own timeout and the whole run a budget
-# (BUDGET seconds, default 400): a step that would start with under 10 s left is
+# (BUDGET seconds, default 480): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
 # --dry-run prints the steps without running them; SKIP="name ..." leaves steps out (a
 # rerun of what changed, on a short device budget). Exit status: failed steps.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 PY="${PYTHON:-python3}"
-BUDGET="${BUDGET:-400}"
+BUDGET="${BUDGET:-480}"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 mkdir -p "$OUT"
@@ -80,5 +83,6 @@ FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
   -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
   -o addopts="" "${PYW[@]}" -k sm_90
+step cpu-probe 120 "$PY" bench/cpu_probe.py --json "$OUT/cpu-probe.json"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
 exit "$FAILED"
