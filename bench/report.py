@@ -372,6 +372,20 @@ def probe_targets(probe: dict[str, Any] | None) -> list[tuple[str, str, str, boo
                                           size) if x)
         out.append((f"{what}, interleaved probe, worst ({where}) ≤ {PLAIN_BOUND}",
                     fmt_ratio(w["kernel/plain"], ""), "1.00", w["kernel/plain"] <= PLAIN_BOUND))
+    # the two roofline targets with the kernel and the roofline kernel interleaved (the
+    # sequential rows at 2^24 move with the machine's memory bandwidth from case to case)
+    x = probe.get("roofline_2_24")
+    if x:
+        q = x["kernel/roofline"]
+        out.append(("2^24 f32: kernel time within 10% of the roofline kernel's, interleaved "
+                    "probe (≤ 1.10)", fmt_ratio(q, ""), "1.00", q <= 1.10))
+    x = next((r for r in probe.get("flat") or [] if r["dtype"] == "float32"
+              and int(r["n"]) == 1 << 20 and "kernel/roofline" in r), None)
+    if x:  # the speed-up over any baseline, as a fraction of the roofline kernel's
+        q = 1 / x["kernel/roofline"]
+        out.append(("2^20 f32: speed-up ≥ 90% of the roofline kernel's (roofline time ÷ "
+                    "kernel time ≥ 0.90), interleaved probe", fmt_ratio(q, ""), "1.00",
+                    q >= 0.90))
     return out
 
 

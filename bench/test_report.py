@@ -132,7 +132,10 @@ def test_report_adds_the_probe_rows(tmp_path: Path) -> None:
         "started_utc": "2026-01-01T00:00:00Z", "machine": {"cpu_model": "Probe CPU"},
         "numba_threads": 2, "loadavg_start": [0.5, 0, 0], "loadavg_end": [0.75, 0, 0],
         "flat": [{"dtype": "float32", "n": 1024, "kernel/plain": 0.98},
-                 {"dtype": "float64", "n": 1 << 16, "kernel/plain": 1.02}],
+                 {"dtype": "float64", "n": 1 << 16, "kernel/plain": 1.02},
+                 {"dtype": "float32", "n": 1 << 20, "kernel/plain": 0.95,
+                  "kernel/roofline": 1.6}],
+        "roofline_2_24": {"kernel/roofline": 0.99},
         "serial": [{"dtype": "float32", "n": 1 << 14, "kernel/plain": 1.07}],
         "options": [{"option_set": "optax", "mode": "serial", "dtype": "float32",
                      "n": 1 << 14, "kernel/plain": 1.01}]}))
@@ -143,6 +146,10 @@ def test_report_adds_the_probe_rows(tmp_path: Path) -> None:
     assert "interleaved probe, worst (float32 2^14) ≤ 1.05 | 1.07 | 1.00 | **no** |" in md
     assert "kernel ÷ its plain loop, interleaved probe, worst (optax serial float32 2^14)" in md
     assert "on Probe CPU, 2 threads, load average 0.50 → 0.75" in md
+    assert "kernel time within 10% of the roofline kernel's, interleaved probe (≤ 1.10) " \
+        "| 0.99 | 1.00 | yes |" in md
+    assert "(roofline time ÷ kernel time ≥ 0.90), interleaved probe | 0.62 | 1.00 | **no** |" \
+        in md
     assert "`" + str(probe.with_suffix(".md")) + "`" in md
     assert f"`python bench/cpu_probe.py --json {probe}`, then `python bench/report.py " \
         f"{data} --probe {probe}`" in md
