@@ -131,8 +131,11 @@ def _vml_sqrt_addresses() -> dict[Any, int]:
 
 _VSQRT = _vml_sqrt_addresses()
 _CHECKED: dict[tuple[str, Any], bool] = {}
-#: the eager formula's kernels per dtype where the emulated square root passed its check
-_EAGER_EMU = {np.dtype(np.float32): "vsqrt-emu", np.dtype(np.float64): "vsqrt"}
+#: the eager formula's kernels per dtype, by whether the emulated square root passed its
+#: check for (float32, float64): built once, so that a plan's cached choice compares equal
+_EAGER = {(e32, e64): {np.dtype(np.float32): "vsqrt-emu" if e32 else "vsqrt",
+                       np.dtype(np.float64): "vsqrt-emu" if e64 else "vsqrt"}
+          for e32 in (False, True) for e64 in (False, True)}
 
 
 def compiled_paths() -> dict[str, bool]:
@@ -161,23 +164,27 @@ def _formula_ok(formula: str, dtype: Any) -> bool:
     return ok
 
 
-def _eager_kernels() -> str | dict[np.dtype, str]:
-    """The kernels of torch's eager formula (after their self-checks): float32 through
+def _eager_kernels() -> dict[np.dtype, str]:
+    """The kernels of torch's eager formula per dtype (after their self-checks): through
     the emulated MKL square root where it reproduces the routine, else the routine."""
-    return _EAGER_EMU if _formula_ok("vsqrt-emu", torch.float32) else "vsqrt"
+    return _EAGER[_formula_ok("vsqrt-emu", torch.float32),
+                  _formula_ok("vsqrt-emu", torch.float64)]
 
 
-def _emulation_ok(exhaustive: bool = False) -> bool:
-    """Whether the emulated square root (:func:`cpu_vsqrt.mkl_sqrt_emulated`: the
-    arithmetic of :func:`cpu_vsqrt.mkl_ex_sqrt_normal` in MKL's normal range, the IEEE
-    square root outside it) gives the routine's bits on float32 inputs whose sign bit is
-    clear, both in steps of ``cpu_vsqrt.LANES`` (the kernels' body) and element by
-    element (their tails): every 61st of the 2^24 mantissa/exponent-parity patterns of
-    [0.5, 2) and of the patterns outside the normal range (zero, subnormals, the largest
-    floats, inf, NaN), all of them if ``exhaustive`` (the tests do that), then 1024
-    random mantissas of every exponent (the square root of ``x * 4^k`` is ``2^k`` times
-    that of ``x`` in both). ~10 ms, once per process (the exhaustive check: ~1 s).
+def _emulation_ok(exhaustive: bool = False, dtype: Any = torch.float32) -> bool:
+    """Whether the emulated square root (:func:`cpu_vsqrt.mkl_sqrt_emulated`) gives the
+    routine's bits, both in steps (the kernels' body) and element by element (their
+    tails). float32 (the arithmetic of :func:`cpu_vsqrt.mkl_ex_sqrt_normal` in MKL's
+    normal range, the IEEE square root outside it, inputs whose sign bit is clear):
+    every 61st of the 2^24 mantissa/exponent-parity patterns of [0.5, 2) and of the
+    patterns outside the normal range (zero, subnormals, the largest floats, inf, NaN),
+    all of them if ``exhaustive`` (the tests do that), then 1024 random mantissas of
+    every exponent (the square root of ``x * 4^k`` is ``2^k`` times that of ``x`` in
+    both). ~10 ms, once per process (the exhaustive check: ~1 s). float64: see
+    :func:`_emulation_ok_f64`.
     """
+    if dtype == torch.float64:
+        return _emulation_ok_f64(exhaustive)
     fn = _VSQRT[torch.float32]
     rng = np.random.default_rng(0)
     exps = np.arange(1, 255, dtype=np.int32)
@@ -204,12 +211,41 @@ def _emulation_ok(exhaustive: bool = False) -> bool:
     return True
 
 
+def _emulation_ok_f64(exhaustive: bool = False) -> bool:
+    """:func:`_emulation_ok` for float64 (:func:`cpu_vsqrt.mkl_ex_dsqrt_normal` in MKL's
+    vector path, and +0): for every exponent of that path, 64 random mantissas and the
+    mantissas at the edges of the bits it splits off (the top 23 that make its float32
+    seed, the top 26 of its Dekker split), and +0; 2^24 more random inputs if
+    ``exhaustive`` (the tests). ~5 ms once per process."""
+    fn = _VSQRT[torch.float64]
+    rng = np.random.default_rng(0)
+    exps = np.arange(1, (cpu_vsqrt.D_NORMAL_HI >> 20) + 1, dtype=np.uint64)
+    edges = np.array([0, 1, (1 << 29) - 1, 1 << 29, (1 << 26) - 1, 1 << 26,
+                      (1 << 52) - (1 << 29), (1 << 52) - 1], np.uint64)
+    mant = np.concatenate((rng.integers(0, 1 << 52, (exps.size, 64), dtype=np.uint64),
+                           np.broadcast_to(edges, (exps.size, edges.size))), axis=1)
+    xs = [((exps[:, None] << np.uint64(52)) | mant).ravel(), np.zeros(3, np.uint64)]
+    if exhaustive:
+        e = rng.integers(1, exps[-1] + 1, 1 << 24, dtype=np.uint64)
+        xs.append((e << np.uint64(52)) | rng.integers(0, 1 << 52, 1 << 24, dtype=np.uint64))
+    for bits in xs:
+        x = bits.view(np.float64)
+        theirs = np.empty_like(x)
+        cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
+        for lanes in (True, False):
+            mine = np.empty_like(x)
+            if cpu_vsqrt.mkl_sqrt_emulated(x, mine, lanes) != 0 or not np.array_equal(
+                    mine.view(np.int64), theirs.view(np.int64)):
+                return False
+    return True
+
+
 def _sparse_self_check(dtype: Any) -> bool:
     """Two steps of torch's sparse branch on probe tables (rows of 1, 19 and 600
     elements, repeated indices, every option sparse gradients allow) vs the kernel."""
     gen = torch.Generator().manual_seed(1)
     kw = dict(lr=0.3, lr_decay=0.1, eps=1e-3, maximize=True)
-    emulate = dtype == torch.float32 and _formula_ok("vsqrt-emu", torch.float32)
+    emulate = _formula_ok("vsqrt-emu", dtype)
     for shape in ((41,), (37, 19), (9, 600)):
         p0 = torch.randn(shape, dtype=dtype, generator=gen)
         h0 = torch.rand(shape, dtype=dtype, generator=gen)
@@ -244,10 +280,8 @@ def _self_check(formula: str, dtype: Any) -> bool:
     if formula.startswith("vsqrt") and dtype not in _VSQRT:
         return False
     if formula == "vsqrt-emu":
-        if dtype != torch.float32:
-            return False
         try:
-            if not _emulation_ok():
+            if not _emulation_ok(dtype=dtype):
                 return False
         except Exception:  # noqa: BLE001 - not x86 (no rsqrtps to compile): not this path
             return False
@@ -606,7 +640,7 @@ class Adagrad(torch.optim.Adagrad):
             return False
         # torch: step_t += 1; clr = lr / (1 + (step - 1) * lr_decay), in Python floats
         neg_clr = _neg_clr(lr, group["lr_decay"], float(step) + 1)
-        emulate = p.dtype == torch.float32 and _formula_ok("vsqrt-emu", torch.float32)
+        emulate = _formula_ok("vsqrt-emu", p.dtype)
         run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],
                                _VSQRT[p.dtype], emulate)
         if run is None:

@@ -195,6 +195,15 @@ def test_emulated_sqrt_is_the_routine_exhaustively() -> None:
     assert FT._emulation_ok(exhaustive=True)
 
 
+def test_emulated_float64_sqrt_is_the_routine() -> None:
+    # every exponent of MKL's vector path with random and edge mantissas, +0, and 2^24
+    # random inputs, against vmdSqrt itself (float64 cannot be exhaustive)
+    if not _emulation_used():
+        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    assert FT._formula_ok("vsqrt-emu", torch.float64)
+    assert FT._emulation_ok(exhaustive=True, dtype=torch.float64)
+
+
 def test_emulated_sqrt_is_used_and_differs_from_ieee(no_torch_step: None,
                                                      monkeypatch: pytest.MonkeyPatch
                                                      ) -> None:
@@ -246,8 +255,9 @@ def test_accumulators_outside_mkls_normal_range(mode: str, no_torch_step: None) 
             assert_same([opt.state[p]["sum"] for p in ps], ref[1], "sum")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("flags", [0, 1, 2, 3])
-def test_emulated_kernel_is_the_routine_kernel(flags: int) -> None:
+def test_emulated_kernel_is_the_routine_kernel(flags: int, dtype: type) -> None:
     # the one-pass kernel (LANES at a time, element by element after the last whole
     # step and where an accumulator is negative) against the kernel that calls vmsSqrt
     # on every block, bit for bit: every length around a step, maximize and coupled
@@ -258,31 +268,37 @@ def test_emulated_kernel_is_the_routine_kernel(flags: int) -> None:
     from fastadagrad import cpu_vsqrt as V
 
     fl = (H.MAXIMIZE if flags & 1 else 0) | (H.WD_COUPLED if flags & 2 else 0)
-    fn = FT._VSQRT[torch.float32]
-    coefs = (fn, np.float32(-0.03), np.float32(1e-7), np.float32(0.25), fl)
+    t = dtype
+    fn = FT._VSQRT[torch.float32 if t == np.float32 else torch.float64]
+    coefs = (fn, t(-0.03), t(1e-7), t(0.25), fl)
     rng = np.random.default_rng(flags)
-    special = np.array([0.0, 1e-42, 3.4e38, np.inf, np.nan, -1.0, -0.0, 2.0],
-                       np.float32)
-    for n in (1, V.LANES - 1, V.LANES, V.LANES + 1, 3 * V.LANES + 5, 1031):
-        p0 = rng.standard_normal(n).astype(np.float32)
-        h0 = rng.random(n).astype(np.float32)
-        gs = [(rng.standard_normal(n) * 0.1).astype(np.float32) for _ in range(3)]
+    special = np.array([0.0, 1e-42, 3.4e38, np.inf, np.nan, -1.0, -0.0, 2.0] if t ==
+                       np.float32 else [0.0, 1e-310, 1e308, np.inf, np.nan, -1.0, -0.0, 2.0],
+                       t)
+    lanes = V.LANES if t == np.float32 else V.LANES64
+    ints = np.int32 if t == np.float32 else np.int64
+    for n in (1, lanes - 1, lanes, lanes + 1, 3 * lanes + 5, 1031):
+        p0 = rng.standard_normal(n).astype(t)
+        h0 = rng.random(n).astype(t)
+        gs = [(rng.standard_normal(n) * 0.1).astype(t) for _ in range(3)]
         where = rng.integers(0, n, 4)
         h0[where] = special[rng.integers(0, special.size, 4)]
         gs[0][where[:2]] = 0.0
         emu, ref = [p0.copy(), h0.copy()], [p0.copy(), h0.copy()]
         for g in gs:
-            V.adagrad_span_emu(emu[0], g, emu[1], np.empty(1, np.float32), *coefs)
-            V.adagrad_span_vsqrt(ref[0], g, ref[1], np.empty(V.BLOCK, np.float32), *coefs)
+            V.adagrad_span_emu(emu[0], g, emu[1], np.empty(1, t), *coefs)
+            V.adagrad_span_vsqrt(ref[0], g, ref[1], np.empty(V.BLOCK, t), *coefs)
         for a, b in zip(emu, ref):
-            np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=str(n))
+            np.testing.assert_array_equal(a.view(ints), b.view(ints), err_msg=str(n))
 
 
 def test_failed_emulation_check_keeps_the_routine(no_torch_step: None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(FT._CHECKED, ("vsqrt-emu", torch.float32), False)
+    for dt in (torch.float32, torch.float64):
+        monkeypatch.setitem(FT._CHECKED, ("vsqrt-emu", dt), False)
     monkeypatch.delitem(_tensorplan.KERNELS, "vsqrt-emu")  # would raise KeyError if used
-    _compare(_params(torch.float32, [(2**12 + 3,), (5,)]), 3, {"lr_decay": 0.1})
+    for dt in (torch.float32, torch.float64):
+        _compare(_params(dt, [(2**12 + 3,), (5,)]), 3, {"lr_decay": 0.1})
 
 
 # ------------------------------------------------------------- the Optimizer API
