@@ -27,8 +27,9 @@ instruction. float32: exhaustively equal on all 2^24 mantissa/exponent-parity pa
 of the kernel's vector path, and its scalar path is the IEEE square root for every
 sign-clear input outside it (all compared). float64: equal on 1,090,519,040 inputs of
 the vector path, random and with long runs of ones or zeros in the mantissa (no
-exhaustive check is possible); other inputs but +0 go to the routine. ``fastadagrad.torch`` re-checks both dtypes against the routine once per
-process and uses the calling kernels where they differ (another CPU, another MKL).
+exhaustive check is possible); other inputs but +0 go to the routine.
+``fastadagrad.torch`` re-checks both dtypes against the routine once per process and
+uses the calling kernels where they differ (another CPU, another MKL).
 Why: the routine costs 0.3 ns (float32) and ~1.4 ns (float64) per element plus ~95 ns
 per call (measured through this module, 2^16 float32, one thread: 20 us in one call,
 32 us in blocks of 512, where the IEEE ``vsqrtps`` loop takes 12 us), which made
@@ -387,27 +388,17 @@ def _rsqrt1(typingctx, x):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def _f32_bits(typingctx, x):  # type: ignore[no-untyped-def]
-    """The bits of a float32 as an int32 (a bit cast)."""
-    if x != types.float32:
+def _bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """The bits of a float (a bit cast): float32 as an int32 (its sign is the float's),
+    float64 as a uint64."""
+    ret = {types.float32: types.int32, types.float64: types.uint64}.get(x)
+    if ret is None:
         return None
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], _I32)
+        return builder.bitcast(args[0], context.get_value_type(sig.return_type))
 
-    return types.int32(x), codegen
-
-
-@intrinsic
-def _f64_bits(typingctx, x):  # type: ignore[no-untyped-def]
-    """The bits of a float64 as a uint64 (a bit cast)."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(args[0], _I64)
-
-    return types.uint64(x), codegen
+    return ret(x), codegen
 
 
 @intrinsic
@@ -461,7 +452,7 @@ def mkl_ex_dsqrt_normal(x):
     zeros in the mantissa): no difference (the IEEE square root differs on 1.3% of
     random ones).
     """
-    bits = _f64_bits(x)
+    bits = _bits(x)
     odd = ~bits & np.uint64(1 << 52)
     m = ((bits & np.uint64(0x001FFFFFE0000000)) | (odd + np.uint64(0x07F0000000000000))
          ) >> np.uint64(29)
@@ -481,7 +472,7 @@ def mkl_ex_dsqrt_normal(x):
 def _sqrt_one(x):
     """MKL's square root of one float32 whose sign bit is clear: the scalar twin of
     :func:`_emit_sqrt`, for the elements after the last whole step of ``LANES``."""
-    if np.uint32(np.uint32(_f32_bits(x)) - np.uint32(NORMAL_LO)) <= np.uint32(
+    if np.uint32(np.uint32(_bits(x)) - np.uint32(NORMAL_LO)) <= np.uint32(
             NORMAL_HI - NORMAL_LO):
         return mkl_ex_sqrt_normal(x, _rsqrt1(x))
     return np.sqrt(x)
@@ -496,13 +487,13 @@ def _sqrt_emulated(x):  # type: ignore[no-untyped-def]
 def _sqrt_emulated_impl(x):  # type: ignore[no-untyped-def]
     if x == types.float32:
         def impl(x):  # type: ignore[no-untyped-def]
-            if _f32_bits(x) < 0:
+            if _bits(x) < 0:
                 return False, x
             return True, _sqrt_one(x)
         return impl
     if x == types.float64:
         def impl(x):  # type: ignore[no-untyped-def]
-            bits = _f64_bits(x)
+            bits = _bits(x)
             if np.uint32(np.uint32(bits >> np.uint64(32)) - np.uint32(D_NORMAL_LO)) <= (
                     np.uint32(D_NORMAL_HI - D_NORMAL_LO)):
                 return True, mkl_ex_dsqrt_normal(x)

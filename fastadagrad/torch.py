@@ -199,16 +199,7 @@ def _emulation_ok(exhaustive: bool = False, dtype: Any = torch.float32) -> bool:
                           np.arange(0x7FFFFFFF, hi, -every, dtype=np.int32),
                           np.array([0, lo - 1, hi + 1, 0x7F800000, 0x7FC00000],
                                    np.int32)))]
-    for bits in xs:
-        x = bits.view(np.float32)
-        theirs = np.empty_like(x)
-        cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
-        for lanes in (True, False):
-            mine = np.empty_like(x)
-            if cpu_vsqrt.mkl_sqrt_emulated(x, mine, lanes) != 0 or not np.array_equal(
-                    mine.view(np.int32), theirs.view(np.int32)):
-                return False
-    return True
+    return _same_as_routine(fn, [bits.view(np.float32) for bits in xs])
 
 
 def _emulation_ok_f64(exhaustive: bool = False) -> bool:
@@ -228,14 +219,20 @@ def _emulation_ok_f64(exhaustive: bool = False) -> bool:
     if exhaustive:
         e = rng.integers(1, exps[-1] + 1, 1 << 24, dtype=np.uint64)
         xs.append((e << np.uint64(52)) | rng.integers(0, 1 << 52, 1 << 24, dtype=np.uint64))
-    for bits in xs:
-        x = bits.view(np.float64)
+    return _same_as_routine(fn, [bits.view(np.float64) for bits in xs])
+
+
+def _same_as_routine(fn: int, xs: list[np.ndarray]) -> bool:
+    """Whether the emulation gives routine ``fn``'s bits on every array of ``xs``, both
+    in steps and element by element, every element emulated."""
+    for x in xs:
         theirs = np.empty_like(x)
         cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
+        ints = np.int32 if x.dtype == np.float32 else np.int64
         for lanes in (True, False):
             mine = np.empty_like(x)
             if cpu_vsqrt.mkl_sqrt_emulated(x, mine, lanes) != 0 or not np.array_equal(
-                    mine.view(np.int64), theirs.view(np.int64)):
+                    mine.view(ints), theirs.view(ints)):
                 return False
     return True
 
