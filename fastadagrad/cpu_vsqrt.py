@@ -183,11 +183,11 @@ def _declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]
     return fn
 
 
-def _lanes_of(dtype: types.Type) -> tuple[ir.Type, ir.Type, int, str]:
-    """(element type, integer type of its width, lanes per step, LLVM suffix)."""
+def _lanes_of(dtype: types.Type) -> tuple[ir.Type, int, str]:
+    """(element type, lanes per step, LLVM type suffix) of a float32/float64 dtype."""
     if dtype == types.float32:
-        return _F32, _I32, LANES, "f32"
-    return _F64, _I64, LANES64, "f64"
+        return _F32, LANES, "f32"
+    return _F64, LANES64, "f64"
 
 
 def _splat(value: int | float, ty: ir.VectorType) -> ir.Constant:
@@ -321,7 +321,7 @@ def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
         return None
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        elem, _, n, _ = _lanes_of(sig.args[0].dtype)
+        elem, n, _ = _lanes_of(sig.args[0].dtype)
         vt = ir.VectorType(elem, n)
         align = 4 if elem == _F32 else 8
         xv = builder.load(_lane_pointer(context, builder, sig.args[0], args[0], args[2], vt),
@@ -348,7 +348,7 @@ def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
         return None
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        elem, _, n, suffix = _lanes_of(sig.args[0].dtype)
+        elem, n, suffix = _lanes_of(sig.args[0].dtype)
         vt = ir.VectorType(elem, n)
         pp, gp, hp = (_lane_pointer(context, builder, sig.args[k], args[k], args[3], vt)
                       for k in range(3))
