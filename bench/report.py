@@ -65,6 +65,7 @@ SCENARIO_LABEL = {"flat": "flat buffer", "model100": "100-tensor model",
                   "torch-model100-flushed": "torch 100-tensor model (2.95M), caches flushed "
                                             "before each step",
                   "torch-mlp784-1024-512-10": "torch MLP 784-1024-512-10 (1.33M)",
+                  "torch-mlp784-1024-512-10-f64": "torch MLP 784-1024-512-10 (1.33M)",
                   "torch-net784-50-10": "torch net 784-50-10 (39,760, 4 tensors)",
                   "torch-1x1024": "torch, one tensor of 1,024",
                   "torch-embedding-sparse": "torch sparse nn.Embedding 100k × 64"}

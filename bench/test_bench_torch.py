@@ -23,6 +23,10 @@ state comes from DRAM, as in a training loop whose forward and backward pass evi
 No target; it shows how much of the margin over torch fused is left when the step is
 bound by memory.
 
+``torch-mlp784-1024-512-10-f64``: the MLP in float64, torch's default and fused steps
+and the adapter with the same flags: torch's eager formula there goes through MKL's
+float64 square root.
+
 ``torch-embedding-sparse``: one ``nn.Embedding(100_000, 64, sparse=True)`` table (float32)
 with the sparse gradient of 16,384 skewed lookups (about a third of them distinct rows),
 one step of ``torch.optim.Adagrad`` (default flags; its sparse branch) against the
@@ -64,14 +68,15 @@ MODELS = {"torch-model100": B.model_shapes, "torch-mlp784-1024-512-10": mlp_shap
           "torch-1x1024": lambda: [(1024,)]}
 
 
-def make_step(impl: str, shapes: list[tuple[int, ...]]) -> Any:
+def make_step(impl: str, shapes: list[tuple[int, ...]], dtype: str = "float32") -> Any:
     torch = B.require_torch()
     lib, kw = IMPLS[impl]
     gen = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
     params = []
     for s in shapes:
-        p = (torch.randn(s, generator=gen) * 0.1).requires_grad_()
-        p.grad = torch.randn(s, generator=gen) * 0.01
+        p = (torch.randn(s, generator=gen, dtype=dt) * 0.1).requires_grad_()
+        p.grad = torch.randn(s, generator=gen, dtype=dt) * 0.01
         params.append(p)
     if lib == "torch":
         opt = torch.optim.Adagrad(params, lr=B.LR, eps=B.EPS, **kw)
@@ -91,6 +96,18 @@ def test_torch_model(run: Any, disabled: bool, impl: str, model: str) -> None:
     step = make_step(impl, shapes)
     run(step, scenario=model, impl=impl, dtype="float32", n=B.numel(shapes),
         tensors=len(shapes), group=f"{model} float32")
+
+
+@pytest.mark.parametrize("impl", [FAST_TORCH, FAST_TORCH_FUSED, B.TORCH_FORLOOP,
+                                  B.TORCH_FUSED])
+def test_torch_mlp_float64(run: Any, disabled: bool, impl: str) -> None:
+    shapes = mlp_shapes()
+    if disabled:
+        shapes = [tuple(min(d, 8) for d in s) for s in shapes]
+    step = make_step(impl, shapes, "float64")
+    run(step, scenario="torch-mlp784-1024-512-10-f64", impl=impl, dtype="float64",
+        n=B.numel(shapes), tensors=len(shapes),
+        group="torch-mlp784-1024-512-10-f64 float64")
 
 
 #: Bytes written between two timed steps of ``torch-model100-flushed``: twice the
