@@ -25,6 +25,7 @@ from typing import Any
 import numba
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from . import _dispatch as D
 from . import config, cpu, cpu_vsqrt
@@ -219,6 +220,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                           serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
 
     scalls = None if steps is None else _step_calls(plan, steps)
+    written = [*params, *states] if steps is None else [*params, *states, *steps]
 
     def run() -> None:
         if scalls is not None:  # torch counts the step before it updates
@@ -229,6 +231,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                     par(*args)
             else:
                 ser(*args)
+        increment_version(written)
 
     return run
 
@@ -236,8 +239,9 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
 def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
     """torch's ``step_t += 1`` on each of ``steps``, checked now, as a function to call
     later: one compiled call per dtype where they are one-element CPU float tensors
-    (:meth:`TensorPlan.build_steps`), torch's ``_foreach_add_`` otherwise."""
-    return functools.partial(_count, _step_calls(plan, steps))
+    (:meth:`TensorPlan.build_steps`), torch's ``_foreach_add_`` otherwise. The counters'
+    autograd versions are incremented either way."""
+    return functools.partial(_count, _step_calls(plan, steps), list(steps))
 
 
 def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]:
@@ -252,12 +256,14 @@ def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]
     return plan.scalls if plan.scalls is not None else [(None, steps)]
 
 
-def _count(scalls: list[tuple[Any, Any]]) -> None:
+def _count(scalls: list[tuple[Any, Any]], steps: list[Any] | None = None) -> None:
     for proto, addresses in scalls:
         if proto is None:  # e.g. an integer counter: as torch's foreach path adds
             torch._foreach_add_(addresses, 1)
         else:
             cpu.add_one_at(proto, addresses)
+    if steps is not None:  # (prepare's run increments its own tensors' versions)
+        increment_version(steps)
 
 
 def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
@@ -327,12 +333,15 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     args = (p, h, rows, vals, per_block, sqrt_fn, dt(neg_clr), dt(eps), bool(maximize),
             bool(emulate))
     # (the NumPy views keep their tensors alive: ``Tensor.numpy()`` sets ``base``)
+    written = [param, state]
     if vals.size >= config.parallel_from(p.itemsize) and numba.get_num_threads() > 1:
         def run() -> None:
             with cpu.PARALLEL_LOCK:
                 cpu_vsqrt.adagrad_sparse_rows_parallel(*args)
+            increment_version(written)
     else:
         def run() -> None:
             cpu_vsqrt.adagrad_sparse_rows_serial(*args)
+            increment_version(written)
 
     return run

@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 from torch.optim import adagrad as _torch_adagrad
 from torch.optim import optimizer as _torch_optimizer
 
@@ -382,6 +383,13 @@ class Adagrad(torch.optim.Adagrad):
     ``torch.optim.Adagrad`` on the CPU in float32 and float64, after any number of
     steps, for all three implementations.
 
+    The parameters, ``sum`` and ``step`` tensors are written in place through their
+    memory; their autograd version counters are then incremented, as torch's default
+    and foreach steps do, so a backward through a graph that saved a parameter before
+    the step raises torch's "modified by an inplace operation" error instead of using
+    the new values (torch's fused CPU kernel leaves the parameters' and sums' counters
+    as they were; this class increments them with every flag set).
+
     Args:
         params: an iterable of tensors or of dicts defining parameter groups.
         lr (float or Tensor): learning rate (default 1e-2); read from the group at
@@ -482,7 +490,8 @@ class Adagrad(torch.optim.Adagrad):
                                     plan[3])
             if run is None:
                 return None
-            return functools.partial(_run_then_count, run, T.counter(plan[1], steps))
+            return functools.partial(_run_then_count, run, T.counter(plan[1], steps),
+                                     [*params, *sums])
         # rebuild=False: a parameter or state that changed (its dtype, say, for which the
         # kernel's formula was not checked) takes the full analysis
         return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
@@ -742,6 +751,7 @@ class Adagrad(torch.optim.Adagrad):
                              sums if sub else [sums[i] for i in idx],
                              labels if sub else [labels[i] for i in idx], hyper, step,
                              "ignore", plan if sub else None)
+            increment_version([*params, *sums])  # written through their addresses
             # a tensor scalar: ~40 us per 100 steps where a Python 1 took ~200 us (H200
             # host, cProfile); the same integers
             torch._foreach_add_(steps, _ONE, alpha=1.0)
@@ -776,8 +786,10 @@ def _count_then(step: Any, run: Callable[[], None]) -> None:
     run()
 
 
-def _run_then_count(run: Callable[[], Any], count: Callable[[], None]) -> None:
+def _run_then_count(run: Callable[[], Any], count: Callable[[], None],
+                    written: list[Any]) -> None:
     run()  # the GPU path's order (its learning rate does not depend on the step)
+    increment_version(written)
     count()  # torch's step_t += 1: one compiled call for CPU counters (foreach=True)
 
 

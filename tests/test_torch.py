@@ -606,6 +606,54 @@ def test_differentiable_is_torchs() -> None:
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
+def _versions(opt: object, params: list[torch.Tensor]) -> list[int]:
+    return [t._version for p in params
+            for t in (p, opt.state[p]["sum"], opt.state[p]["step"])]  # type: ignore
+
+
+@pytest.mark.parametrize("lr_decay", [0.0, 0.1])  # one learning rate; one per step
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_in_place_writes_increment_autograd_versions(mode: str, lr_decay: float,
+                                                     no_torch_step: None) -> None:
+    # the kernels write through data_ptr(), which autograd does not see: without the
+    # increments a backward through a graph that saved a parameter before the step
+    # would silently use the updated values
+    ps = [p.requires_grad_() for p in _params(torch.float32, [(5, 7), (40,)])]
+    opt = FT.Adagrad(ps, lr_decay=lr_decay, **MODES[mode])
+    before = [0] * (3 * len(ps))
+    for s in range(3):  # the first step builds the plan, the next ones reuse it
+        for p, g in zip(ps, _grads(ps, s)):
+            p.grad = g
+        opt.step()
+        after = _versions(opt, ps)
+        assert all(a > b for a, b in zip(after, before)), (s, before, after)
+        before = after
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_backward_through_a_parameter_the_step_changed_raises(mode: str,
+                                                              no_torch_step: None) -> None:
+    w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+    x = torch.ones(4, requires_grad=True)
+    loss = (w @ x).square().sum()  # matmul saves w for x's gradient
+    loss.backward(retain_graph=True)
+    FT.Adagrad([w], **MODES[mode]).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_torchs_default_step_raises_there_too() -> None:
+    # the behaviour the test above reproduces (torch's fused CPU kernel leaves the
+    # versions as they were; the adapter increments them with every flag set)
+    w = torch.nn.Parameter(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+    x = torch.ones(4, requires_grad=True)
+    loss = (w @ x).square().sum()
+    loss.backward(retain_graph=True)
+    TORCH_OPT([w]).step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 # ------------------------------------------------------------------ sparse grads
 
 # torch's own sparse step warns about its sparse invariant checks
@@ -708,6 +756,22 @@ def test_sparse_large_parallel(dtype: torch.dtype, no_torch_step: None) -> None:
     # nnz * D above the parallel threshold: the rows split across threads
     _compare_sparse([(3000, 64)], dtype, {"lr_decay": 0.05, "maximize": True}, steps=3,
                     k=2500, hot=300)
+
+
+@pytest.mark.parametrize("mode", ["single", "foreach"])
+def test_sparse_and_dense_steps_increment_autograd_versions(mode: str,
+                                                            no_torch_step: None) -> None:
+    emb = torch.nn.Parameter(_params(torch.float32, [(30, 4)])[0])
+    dense = torch.nn.Parameter(_params(torch.float32, [(6,)], seed=2)[0])
+    opt = FT.Adagrad([emb, dense], **MODES[mode])
+    before = [0] * 6
+    for s in range(2):
+        emb.grad = _sparse_grad((30, 4), 10, s, torch.float32, hot=3)
+        dense.grad = _grads([dense], s)[0]
+        opt.step()
+        after = _versions(opt, [emb, dense])
+        assert all(a > b for a, b in zip(after, before)), (s, before, after)
+        before = after
 
 
 @SPARSE_WARNING
