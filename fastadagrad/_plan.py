@@ -307,8 +307,8 @@ class Plan:
     empty plan (the copy's arrays live elsewhere), rebuilt at the next step.
     """
 
-    __slots__ = ("params", "states", "paddr", "haddr", "nbytes", "obj", "meta", "nw",
-                 "gaddr", "groups", "threads", "fast", "largest", "coef_cache", "gpu")
+    __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
+                 "nw", "gaddr", "groups", "threads", "fast", "largest", "coef_cache", "gpu")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -351,8 +351,11 @@ class Plan:
         shape_off = np.zeros(n + 1, np.int64)
         np.cumsum(np.fromiter(map(len, shapes), np.int64, n), out=shape_off[1:])
         shape = np.fromiter((d for s in shapes for d in s), np.int64, int(shape_off[-1]))
-        descr = np.fromiter((id(a.dtype) for seq in (params, states) for a in seq),
-                            np.int64, 2 * n)
+        # the scan compares dtype objects by address: keep them alive, so that no other
+        # dtype object (a byte-swapped float32, say, after ``a.dtype = ...`` freed one)
+        # can take an address the plan trusts
+        self.descrs = tuple(a.dtype for seq in (params, states) for a in seq)
+        descr = np.fromiter(map(id, self.descrs), np.int64, 2 * n)
         start = np.concatenate((paddr, haddr))
         size = np.concatenate((nbytes, nbytes))
         keep = size > 0

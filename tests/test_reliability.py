@@ -164,6 +164,29 @@ def test_in_place_dtype_change_is_refused(new: object) -> None:
     assert opt.step == 1
 
 
+def test_freed_dtype_object_address_is_not_trusted() -> None:
+    # a param restored from a pickle has its own float32 dtype object; the per-step
+    # scan compares dtype objects by address, so the plan keeps the one it checked
+    # alive: after ``b.dtype = ...`` drops the array's reference, no new dtype object
+    # (here a byte-swapped float32) may land at that address and pass as checked
+    b = pickle.loads(pickle.dumps(np.ones(4, np.float32)))
+    assert b.dtype is not np.dtype(np.float32)
+    p = {"a": np.ones(4, np.float32), "b": b}
+    del b
+    opt = fastadagrad.AdaGrad(lr=0.5)
+    opt.update(p, {k: np.full_like(v, 0.5) for k, v in p.items()})
+    addr = id(p["b"].dtype)
+    p["b"].dtype = np.int32
+    swapped = [np.dtype(np.float32).newbyteorder(">") for _ in range(64)]
+    assert addr not in set(map(id, swapped))
+    p["b"].dtype = swapped[0]
+    bits = {k: v.view(np.uint8).copy() for k, v in p.items()}
+    with pytest.raises(TypeError, match=r"params\['b'\] has dtype >f4"):
+        opt.update(p, {"a": np.full(4, 0.5, np.float32), "b": np.full(4, 0.5, ">f4")})
+    for k in p:
+        assert np.array_equal(p[k].view(np.uint8), bits[k]), k
+
+
 def test_in_place_dtype_change_of_the_state_is_refused() -> None:
     p, g, opt = _trained()
     opt.h["t1"].dtype = np.int32
