@@ -29,6 +29,11 @@ def check_indices(indices: Any, label: str = "indices") -> np.ndarray:
     if not isinstance(indices, np.ndarray):
         raise TypeError(f"{label} must be a NumPy int32 or int64 array, got "
                         f"{_describe(indices)}")
+    if isinstance(indices, np.ma.MaskedArray):  # its mask would be ignored
+        raise TypeError(f"{label} is a masked array; pass the rows to update as a plain "
+                        f"array (e.g. {label}.compressed())")
+    if type(indices) is not np.ndarray:  # e.g. np.memmap: the same memory, plain type
+        indices = indices.view(np.ndarray)
     if indices.dtype not in _INTS:
         raise TypeError(f"{label} has dtype {indices.dtype}; row indices must be int32 or "
                         "int64 (float indices are not rounded or truncated)")
@@ -40,8 +45,9 @@ def check_indices(indices: Any, label: str = "indices") -> np.ndarray:
 def check_range(indices: np.ndarray, nrows: int, label: str = "indices") -> None:
     bad = int(cpu_rows.first_bad_index(indices, nrows))
     if bad >= 0:
+        valid = f"valid: 0 .. {nrows - 1}" if nrows else "it has no rows"
         raise IndexError(f"{label}[{bad}] = {int(indices[bad])} is out of range for a table "
-                         f"of {nrows} rows (valid: 0 .. {nrows - 1}); nothing was updated")
+                         f"of {nrows} rows ({valid}); nothing was updated")
 
 
 def check_shapes(table_shape: tuple[int, ...], state_shape: tuple[int, ...],

@@ -105,9 +105,14 @@ def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper:
                             "they must match")
     k = idx.shape[0]
     check_shapes(p.shape, h.shape, k, g.shape, rowwise)
+    # the indices too: the kernels read them while they write the rows, so indices
+    # inside the table or the state could change under them after the range check
+    # (an out-of-bounds write); bounds overlap (exact for the contiguous arrays,
+    # conservative for strided indices)
     for a, b, la, lb in ((p, h, "table", "state"), (p, g, "table", "grad_rows"),
-                         (h, g, "state", "grad_rows")):
-        if np.may_share_memory(a, b):  # contiguous arrays: bounds overlap is exact
+                         (h, g, "state", "grad_rows"), (p, idx, "table", "indices"),
+                         (h, idx, "state", "indices")):
+        if np.may_share_memory(a, b):
             raise ValueError(f"{la} and {lb} share memory; the table and its state are "
                              "updated in place and must not alias any other input")
     nrows, d = p.shape

@@ -352,7 +352,21 @@ def _args(rowwise=False, dtype=np.float32):
     return dict(table=table, state=state, indices=idx, grad_rows=g)
 
 
+def _indices_inside(a: dict, name: str) -> None:
+    # valid row numbers stored in the first bytes of the table or the state, and the
+    # indices a view of them: the kernels would read them while writing those rows
+    inside = a[name].reshape(-1)[:12].view(np.int64)
+    inside[:] = np.arange(6)[::-1]
+    a["indices"] = inside
+
+
 BAD = {
+    "indices inside state": (lambda a: _indices_inside(a, "state"), ValueError,
+                             r"state and indices share memory"),
+    "indices inside table": (lambda a: _indices_inside(a, "table"), ValueError,
+                             r"table and indices share memory"),
+    "masked indices": (lambda a: a.__setitem__("indices", np.ma.masked_array(a["indices"])),
+                       TypeError, r"indices is a masked array"),
     "index too large": (lambda a: a["indices"].__setitem__(4, 10), IndexError,
                         r"indices\[4\] = 10 is out of range for a table of 10 rows"),
     "negative index": (lambda a: a["indices"].__setitem__(2, -1), IndexError,
@@ -413,6 +427,24 @@ def test_bad_input_names_argument_and_changes_nothing(case):
     with pytest.raises(exc, match=msg):
         adagrad_update_rows(a["table"], a["state"], a["indices"], a["grad_rows"], lr=0.1)
     assert_unchanged(a, before)
+
+
+def test_index_into_an_empty_table_says_it_has_no_rows() -> None:
+    table, state = np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
+    with pytest.raises(IndexError, match=r"table of 0 rows \(it has no rows\)"):
+        adagrad_update_rows(table, state, np.zeros(1, np.int64),
+                            np.ones((1, 3), np.float32), lr=0.1)
+
+
+def test_memmap_indices_are_taken_as_plain_arrays(tmp_path) -> None:
+    a, ref = _args(), _args()
+    mm = np.memmap(tmp_path / "idx", dtype=a["indices"].dtype, mode="w+",
+                   shape=a["indices"].shape)
+    mm[:] = a["indices"]
+    adagrad_update_rows(a["table"], a["state"], mm, a["grad_rows"], lr=0.1)
+    adagrad_update_rows(ref["table"], ref["state"], ref["indices"], ref["grad_rows"], lr=0.1)
+    assert_bits_equal(a["table"], ref["table"])
+    assert_bits_equal(a["state"], ref["state"])
 
 
 @pytest.mark.parametrize("case", ["state full shape", "state 2-d"])
