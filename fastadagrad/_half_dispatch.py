@@ -250,12 +250,35 @@ def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
     if calls is None:
         return False
     rest = [i for i in range(len(params)) if i not in hs]
+    if rest:  # each group checks its own arrays; this checks one against the other
+        _check_model(params, grads, states, masters, labels, half)
     if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
                              [states[i] for i in rest], [labels[i] for i in rest],
                              hyper, step, nonfinite, plan):
         return False
     run(calls)
     return True
+
+
+def _check_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                 masters: Sequence[Any] | None, labels: Sequence[Labels],
+                 half: Sequence[int]) -> None:
+    """:func:`_check_across` on a whole model of 16-bit and other arrays, before
+    anything is written: a 16-bit parameter, its state or master copy must not share
+    memory with the other arrays, nor theirs with its gradient. The other arrays are
+    taken where they are C-contiguous NumPy arrays (their byte range is then exact);
+    anything else is refused by their own validation, which runs before any write."""
+    def plain(x: Any) -> Any:
+        return x if isinstance(x, np.ndarray) and x.flags.c_contiguous else None
+
+    ms: list[Any] = [None] * len(params)
+    if masters is not None:
+        for i, m in zip(half, masters):
+            ms[i] = m
+    hs = set(half)
+    _check_across([x if i in hs else plain(x) for i, x in enumerate(params)],
+                  [x if i in hs else plain(x) for i, x in enumerate(grads)],
+                  [x if i in hs else plain(x) for i, x in enumerate(states)], ms, labels)
 
 
 def _check_across(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],

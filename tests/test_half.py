@@ -459,6 +459,54 @@ def test_class_bad_input_changes_nothing(rng):
             fastadagrad.AdaGrad(**kw)
 
 
+def _cross_alias(case, opt, params, grads):
+    """Make one array of the float32 group share memory with one of the 16-bit group."""
+    if case == "float16 param over float32 param":
+        params["b"] = params["w"].reshape(-1)[:2].view(F16)[:3]
+        params["b"][:] = 1.0  # (the test's snapshot is taken after this)
+    elif case == "bf16 grad over float32 param":
+        grads["b"] = params["w"].reshape(-1)[:3].view(F16)[:3]
+    elif case == "float32 grad over bf16 param":
+        grads["w"] = params["emb"].reshape(-1)[:48].view(np.float32).reshape(8, 3)
+    elif case == "float32 grad is a bf16 state":
+        grads["w"] = opt.h["emb"].reshape(-1)[:24].reshape(8, 3)
+    elif case == "float32 grad is a master copy":
+        grads["w"] = opt.master["emb"].reshape(-1)[:24].reshape(8, 3)
+    return {"float16 param over float32 param": ("params['w']", "params['b']"),
+            "bf16 grad over float32 param": ("params['w']", "grads['b']"),
+            "float32 grad over bf16 param": ("params['emb']", "grads['w']"),
+            "float32 grad is a bf16 state": ("state_sum['emb']", "grads['w']"),
+            "float32 grad is a master copy": ("the master copy of params['emb']",
+                                              "grads['w']")}[case]
+
+
+@pytest.mark.parametrize("case", ["float16 param over float32 param",
+                                  "bf16 grad over float32 param",
+                                  "float32 grad over bf16 param",
+                                  "float32 grad is a bf16 state",
+                                  "float32 grad is a master copy"])
+def test_class_mixed_model_refuses_aliasing_across_groups(rng, case):
+    # each dtype group checks its own arrays; these share memory across the groups
+    params = _model(rng)
+    grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    opt = fastadagrad.AdaGrad(master_weights=True)
+    opt.update(params, grads)
+    names = _cross_alias(case, opt, params, grads)
+    before = {k: v.copy() for k, v in params.items()}
+    h0 = {k: v.copy() for k, v in opt.h.items()}
+    m0 = {k: v.copy() for k, v in opt.master.items()}
+    with pytest.raises(ValueError, match="share memory") as err:
+        opt.update(params, grads)
+    assert all(name in str(err.value) for name in names), str(err.value)
+    for key in params:
+        assert_bits_equal(params[key], before[key], key)
+    for key in opt.h:
+        assert_bits_equal(opt.h[key], h0[key], key)
+    for key in opt.master:
+        assert_bits_equal(opt.master[key], m0[key], key)
+    assert opt.step == 1
+
+
 @pytest.mark.parametrize("how", ["state_dict", "file", "pickle"])
 def test_checkpoint_carries_master_and_rounding(rng, tmp_path, how):
     """Train 3 steps, save, train 3 more; a fresh optimizer loaded from the save and
