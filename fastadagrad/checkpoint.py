@@ -425,8 +425,10 @@ def save(opt: AdaGrad, path: str | bytes | os.PathLike[Any]) -> str:
     path = checkpoint_path(path)
     sd = state_dict(opt, copy=False)
     group = sd["param_groups"][0]
-    arrays = {f"sum_{i}": np.ascontiguousarray(e["sum"]) for i, e in sd["state"].items()}
-    arrays.update({f"master_{i}": np.ascontiguousarray(e["master"])
+    # order="C", not np.ascontiguousarray: that makes a 0-d accumulator (a scalar
+    # parameter's) 1-d, which its parameter would then refuse at load
+    arrays = {f"sum_{i}": np.asarray(e["sum"], order="C") for i, e in sd["state"].items()}
+    arrays.update({f"master_{i}": np.asarray(e["master"], order="C")
                    for i, e in sd["state"].items() if "master" in e})
     meta = {"format": FORMAT, "version": VERSION,
             "step": int(opt.step) if sd["state"] else None,

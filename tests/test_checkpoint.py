@@ -176,6 +176,43 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path, preset: str) ->
         assert_bits_equal(resumed.h[k], ref.h[k], k)
 
 
+@pytest.mark.parametrize("master", [False, True])
+def test_zero_d_parameter_round_trips(tmp_path: Path, master: bool) -> None:
+    # a scalar parameter (a temperature, a bias) keeps its 0-d accumulator and master
+    # copy through save and load, and training resumes bit-identically
+    if master:
+        import ml_dtypes
+
+        dt = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dt = np.dtype(np.float64)
+    def params() -> dict:
+        return {"w": np.ones(3, dt), "t": np.ones((), dt)}
+
+    grads = [{"w": np.full(3, 0.5 + s, dt), "t": np.full((), 0.25 * s + 0.5, dt)}
+             for s in range(4)]
+    kw = dict(lr=0.1, master_weights=True) if master else dict(lr=0.1)
+    straight, ref = params(), fastadagrad.AdaGrad(**kw)
+    for g in grads:
+        ref.update(straight, g)
+    p, first = params(), fastadagrad.AdaGrad(**kw)
+    for g in grads[:2]:
+        first.update(p, g)
+    path = first.save(tmp_path / "ck")
+    with np.load(path) as z:
+        assert z["sum_1"].shape == ()
+        assert not master or z["master_1"].shape == ()
+    for resumed in (fastadagrad.AdaGrad(**kw), first):
+        resumed.load(path)
+        assert resumed.h["t"].shape == ()
+        q = {k: v.copy() for k, v in p.items()}
+        for g in grads[2:]:
+            resumed.update(q, g)
+        for k in q:
+            assert_bits_equal(q[k], straight[k], k)
+            assert_bits_equal(resumed.h[k], ref.h[k], k)
+
+
 def test_load_into_a_running_optimizer_copies_in_place(tmp_path: Path) -> None:
     params = _mixed_params()
     opt = fastadagrad.AdaGrad(lr=0.1)
