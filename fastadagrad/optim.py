@@ -391,8 +391,8 @@ class AdaGrad:
         except (TypeError, ValueError) as e:
             raise type(e)(f"the learning-rate schedule at step {step}: {e} (nothing was "
                           "updated)") from e
-        if lr != self.hyper.lr:
-            self.hyper = dataclasses.replace(self.hyper, lr=lr)
+        if lr != self.hyper.lr or negative_zero(lr) != negative_zero(self.hyper.lr):
+            self.hyper = dataclasses.replace(self.hyper, lr=lr)  # (-0.0 == 0.0)
         return self.hyper
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:

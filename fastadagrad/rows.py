@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from . import _rows_dispatch as RD
-from ._hyper import Hyper, NonFinite, Rule, check_hyper, check_nonfinite, check_step
+from ._hyper import Hyper, NonFinite, Rule, check_hyper, check_nonfinite, check_step, negative_zero
 from .presets import get_preset
 
 #: The rule under which ``rowwise=True`` reproduces FBGEMM's CPU
@@ -56,6 +56,9 @@ def _cached_hyper(lr: float, eps: float, lr_decay: float, weight_decay: float,
 
 def _hyper(lr: Any, eps: Any, lr_decay: Any, weight_decay: Any, maximize: Any,
            rule: Any) -> Hyper:
+    if negative_zero(lr, weight_decay):  # -0.0 == 0.0: the cache would give +0.0's
+        return Hyper.make(lr=lr, eps=eps, lr_decay=lr_decay, weight_decay=weight_decay,
+                          maximize=maximize, rule=rule)
     try:  # validated once per distinct set of hyperparameters
         return _cached_hyper(lr, eps, lr_decay, weight_decay, maximize, rule)
     except TypeError:  # unhashable argument: let Hyper.make name what is wrong with it

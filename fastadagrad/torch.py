@@ -732,8 +732,11 @@ class Adagrad(torch.optim.Adagrad):
         step.
         """
         lr_decay = group["lr_decay"]
-        hyper = _cuda_hyper(float(group["lr"]), group["eps"], lr_decay,
-                            group["weight_decay"], group["maximize"], fused)
+        args = (float(group["lr"]), group["eps"], lr_decay, group["weight_decay"],
+                group["maximize"], fused)
+        # -0.0 == 0.0 and hashes alike: the cache would give a zero lr the other sign
+        hyper = (_cuda_hyper.__wrapped__ if H.negative_zero(args[0], args[3])
+                 else _cuda_hyper)(*args)
         if memo is not None and not lr_decay:
             memo[1:] = [labels, _ON_GPU, hyper]
 

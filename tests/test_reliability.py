@@ -473,6 +473,21 @@ def test_lr_is_settable_and_accepts_a_schedule(tmp_path: Path) -> None:
     assert sd["param_groups"][0]["lr"] == 0.1 / 4
 
 
+def test_schedule_to_a_zero_of_the_other_sign_is_followed() -> None:
+    # -0.0 == 0.0, yet the sign reaches a zero parameter's bits
+    for first, second in ((0.0, -0.0), (-0.0, 0.0)):
+        p = {"w": np.array([-0.0, 0.0, -0.0], F32)}
+        g = {"w": np.full(3, 0.5, F32)}
+        ref = {"w": p["w"].copy()}
+        ref_h = {"w": np.zeros(3, F32)}
+        opt = fastadagrad.AdaGrad(lr=lambda step, a=first, b=second: a if step == 1 else b)
+        for step, lr in ((1, first), (2, second)):
+            opt.update(p, g)
+            reference_step(ref["w"], g["w"], ref_h["w"], fastadagrad._hyper.Hyper.make(lr=lr),
+                           step)
+            assert_bits_equal(p["w"], ref["w"], f"step {step}: {first!r} then {second!r}")
+
+
 @pytest.mark.parametrize("bad,exc", [(-1.0, ValueError), (float("inf"), ValueError),
                                      ("x", TypeError)])
 def test_bad_schedule_value_names_the_step(bad: object, exc: type) -> None:

@@ -190,6 +190,23 @@ def test_duplicate_sum_starts_from_the_first_row_not_from_zero():
         assert np.signbit(table[0]).all()
 
 
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_zero_learning_rates_keep_their_sign_in_any_order(rowwise):
+    # -0.0 == 0.0 and hashes alike: a cache keyed on lr must not hand one the other's
+    # coefficients; the sign reaches a zero row: -0.0 - (+0.0 * g) / d = -0.0, while
+    # -0.0 - (-0.0 * g) / d = +0.0
+    for order in ((0.0, -0.0), (-0.0, 0.0)):
+        for lr in order:
+            table = np.full((2, 3), -0.0)
+            state = np.zeros(2) if rowwise else np.zeros((2, 3))
+            ref_t, ref_s = table.copy(), state.copy()
+            idx, g = np.array([1]), np.full((1, 3), 0.5)
+            adagrad_update_rows(table, state, idx, g, lr=lr, rowwise=rowwise)
+            reference_rows_step(ref_t, ref_s, idx, g, Hyper.make(lr=lr), 1, rowwise=rowwise)
+            assert_bits_equal(table, ref_t, f"lr={lr!r} after {order[0]!r}")
+            assert np.signbit(table[1]).all() == (lr == 0 and np.signbit(lr) == 0)
+
+
 def test_hard_coded_values():
     """Guards against the kernel and the reference drifting together."""
     table = np.array([[1.0, -2.0], [0.5, 0.25], [3.0, 3.0]], np.float32)
