@@ -182,7 +182,9 @@ class Hyper:
         if t is np.float32 and (  # plain float compares: cheap on the per-step path
                 max(clr, self.eps, self.weight_decay, gs or 0.0) >= _F32_INF_FROM
                 or (gs is not None and gs <= _F32_ZERO_TO)):
-            _raise_float32(clr, self.eps, self.weight_decay, gs, step)
+            # (the step is named only where it matters: callers pass 1 without lr_decay)
+            _raise_float32(clr, self.eps, self.weight_decay, gs,
+                           step if self.lr_decay else None)
         flags = 0
         if self.maximize:
             flags |= MAXIMIZE
@@ -221,7 +223,7 @@ _F32_ZERO_TO = 2.0**-150
 
 
 def _raise_float32(clr: float, eps: float, weight_decay: float,
-                   grad_scale: float | None, step: int) -> None:
+                   grad_scale: float | None, step: int | None) -> None:
     """Name the hyperparameter that is finite in double but inf (or 0) in float32.
 
     Kernels take every coefficient rounded to the array dtype: lr=1e39 would silently
@@ -230,7 +232,8 @@ def _raise_float32(clr: float, eps: float, weight_decay: float,
     for name, v in (("lr", clr), ("eps", eps), ("weight_decay", weight_decay),
                     ("grad_scale", grad_scale)):
         if v is not None and v >= _F32_INF_FROM:
-            what = f"lr at step {step} is {v}" if name == "lr" else f"{name}={v}"
+            what = (f"lr at step {step} is {v}" if name == "lr" and step is not None
+                    else f"{name}={v}")
             raise ValueError(f"{what}, which overflows to inf in float32; nothing was "
                              "updated")
     raise ValueError(f"grad_scale={grad_scale} rounds to 0 in float32; nothing was "

@@ -686,3 +686,13 @@ def test_functional_last_call_cache_rechecks(rng: np.random.Generator, dtype: An
         reference(*want, z)
         adagrad_update(p, g, h, lr=z)
         assert np.signbit(p).tolist() == np.signbit(want[0]).tolist()
+
+
+@pytest.mark.parametrize("lr_decay, named", [(0.0, r"lr=1e\+39"),
+                                             (1e-9, r"lr at step 9 is 9\.99\d*e\+38")])
+def test_float32_lr_overflow_names_the_step_only_where_it_matters(lr_decay: float,
+                                                                  named: str) -> None:
+    p, g, h = np.ones(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=named + ", which overflows to inf in float32"):
+        adagrad_update(p, g, h, lr=1e39, lr_decay=lr_decay, step=9)
+    assert not h.any()
