@@ -422,6 +422,9 @@ class Adagrad(torch.optim.Adagrad):
     and Stochastic Optimization", JMLR 12 (2011).
     """
 
+    # torch.compile: a graph break, the step runs as it does eagerly (dynamo would trace
+    # into Numba's dispatcher and fail on its first call in a process); ~0.4 us a call
+    @torch.compiler.disable
     @_use_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; returns ``closure()``'s loss if given.

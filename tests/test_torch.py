@@ -480,6 +480,36 @@ def test_step_counters_replaced_between_steps(mode: str) -> None:
     assert steps == ref_steps
 
 
+COMPILED_STEP = """
+import sys, torch, fastadagrad.torch as FT
+flags = {"single": {}, "fused": {"fused": True}}[sys.argv[1]]
+out = []
+for cls, compiled in ((torch.optim.Adagrad, False), (FT.Adagrad, True)):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(100)) for _ in range(2)]
+    opt = cls(ps, lr=0.1, **flags)
+    step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+    for k in range(3):
+        g = torch.Generator().manual_seed(k)
+        for p in ps:
+            p.grad = torch.randn(100, generator=g)
+        step()
+    out.append(torch.cat([p.detach().view(torch.int32) for p in ps]))
+print("same" if torch.equal(*out) else "differ")
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "fused"])
+def test_torch_compiled_step_runs_eagerly(mode: str) -> None:
+    # a fresh process: the first step compiles (or loads) the kernels, where dynamo used
+    # to trace into Numba's dispatcher and fail; the step is a graph break and gives
+    # eager torch's bits
+    r = subprocess.run([sys.executable, "-c", COMPILED_STEP, mode], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "same", r.stdout
+
+
 def test_import_fastadagrad_does_not_import_torch() -> None:
     code = "import sys, fastadagrad; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
