@@ -34,6 +34,7 @@ NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.flo
 
 _ptr = torch.Tensor.data_ptr
 _contig = torch.Tensor.is_contiguous
+_is_neg = torch.Tensor.is_neg
 #: ``meta(t)``: (shape, dtype, is_cpu, layout), the description a plan is keyed on, read
 #: in one call per tensor: for one tensor ~0.35 us where four passes cost ~1.3 us (the
 #: fixed cost of a pass dominates small models), for 100 tensors about the same
@@ -66,7 +67,32 @@ def unsupported(x: Any) -> str | None:
         return f"has dtype {x.dtype} (the CPU kernels take float32 and float64)"
     if not x.is_contiguous():
         return "is not contiguous"
+    if x.numel():
+        if x.data_ptr() == 0:  # a wrapper subclass, a ZeroTensor, a freed storage
+            return "has no data in memory (data_ptr() is 0)"
+        short = storage_short(x)
+        if short:
+            return short
+    if x.is_neg():  # its memory holds the values' negations
+        return "has its negative bit set (a lazy negation, e.g. .conj().imag)"
+    if x.is_inference():  # torch refuses in-place updates of these outside inference mode
+        return "is an inference tensor"
     return None
+
+
+def storage_short(x: Any) -> str | None:
+    """Why strided tensor ``x``'s elements reach beyond its storage (freed or shrunk in
+    place, as FSDP does with ``untyped_storage().resize_(0)``), or None if they do not.
+    torch's own steps then read and write past it; read once per plan for the tensors
+    the kernels write (a storage resize moves the data, which rebuilds the plan)."""
+    if not x.numel():
+        return None
+    extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+    have = x.untyped_storage().nbytes()
+    if have >= extent * x.element_size():
+        return None
+    return (f"has {x.numel()} elements but its storage holds {have} bytes (freed or "
+            "shrunk)")
 
 
 def eligible(p: Any, g: Any, h: Any) -> bool:
@@ -190,7 +216,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             plan.build(params, states, labels, key)
         # gradients, new tensors every step: each of its parameter's shape, dtype,
         # device (the CPU: the plan checked the parameters) and layout (strided)
-        if list(map(meta, grads)) != pmeta or not all(map(_contig, grads)):
+        if (list(map(meta, grads)) != pmeta or not all(map(_contig, grads))
+                or any(map(_is_neg, grads))):  # (a lazy negation: -values in memory)
             return None
         gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
     except (ValueError, RuntimeError):  # RuntimeError: data_ptr() of a sparse tensor
@@ -267,7 +294,8 @@ def _count(scalls: list[tuple[Any, Any]], steps: list[Any] | None = None) -> Non
 
 
 def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
-    """Whether any gradient's bytes overlap a parameter's or a state's (read: fine).
+    """Whether any gradient's bytes overlap a parameter's or a state's (read: fine), or
+    a gradient with elements has no data (address 0: a ZeroTensor, a freed storage).
 
     Binary search in the plan's sorted, disjoint written ranges: a few NumPy calls
     instead of the general sweep of ``_dispatch.check_no_overlap`` (which sorts all
@@ -277,12 +305,12 @@ def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
         ws, we, nb = plan.wlists
         for a, n in zip(gaddr.tolist(), nb):
             i = bisect.bisect_left(ws, a + n) - 1
-            if n and i >= 0 and we[i] > a:
+            if n and (a == 0 or i >= 0 and we[i] > a):  # (0: no data to read)
                 return True
         return False
     gend = gaddr + plan.nbytes
     i = np.searchsorted(plan.wstart, gend, side="left") - 1
-    hit = (i >= 0) & (plan.wend[np.maximum(i, 0)] > gaddr) & (gend > gaddr)
+    hit = ((i >= 0) & (plan.wend[np.maximum(i, 0)] > gaddr) | (gaddr == 0)) & (gend > gaddr)
     return bool(hit.any())
 
 

@@ -598,6 +598,12 @@ class Adagrad(torch.optim.Adagrad):
                                                                  sparse_runs):
                 pass  # validated; runs with the others
             else:
+                lab = labels[i]
+                for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
+                    # torch's own step would read and write past the storage: a crash
+                    short = x.layout is torch.strided and T.storage_short(x)
+                    if short:
+                        raise RuntimeError(f"{what} {short}; nothing was updated")
                 slow.append(i)
         runs = sparse_runs
         if slow:

@@ -13,6 +13,8 @@ import inspect
 import itertools
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -593,6 +595,110 @@ def test_odd_tensors_take_torchs_path(mode: str) -> None:
     ref, ropt = _train(TORCH_OPT, params, 4, {**MODES[mode], "weight_decay": 0.1})
     out, opt = _train(FT.Adagrad, params, 4, {**MODES[mode], "weight_decay": 0.1})
     assert_same(out, ref)
+
+
+def _outcome(cls: type, kw: dict, make: Callable[[], tuple]) -> tuple:
+    """Three steps of ``make()``'s (params, grad function, optimizer setup): the final
+    bits, or the exception type and the tensors' bits when it was raised."""
+    params, grad_of, setup = make()
+    opt = cls(params, lr=0.1, **kw)
+    if setup is not None:
+        setup(opt)
+    try:
+        for s in range(3):
+            for p in params:
+                p.grad = grad_of(p, s)
+            opt.step()
+        raised = None
+    except RuntimeError as e:
+        raised = type(e)
+    tensors = [t for p in params for t in (p, opt.state[p].get("sum"))
+               if t is not None]
+    return raised, [_bits(t.detach().resolve_neg()).clone() for t in tensors]
+
+
+def _randn(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _neg_grad(p: torch.Tensor, s: int) -> torch.Tensor:
+    return torch._neg_view(_randn(p.shape, s))
+
+
+def _conj_imag_grad(p: torch.Tensor, s: int) -> torch.Tensor:
+    z = torch.complex(_randn(p.shape, s), _randn(p.shape, s + 50))
+    return z.conj().imag  # the negative bit on, contiguous for one element
+
+
+def _inference_sum(opt: Any) -> None:
+    p = opt.param_groups[0]["params"][0]
+    opt.state[p]["step"] = torch.tensor(0.0)
+    with torch.inference_mode():
+        opt.state[p]["sum"] = torch.zeros_like(p)
+
+
+def _inference_param() -> torch.Tensor:
+    with torch.inference_mode():
+        return _randn((40,), 1)
+
+
+ODD = {  # name: () -> (params, grad of (param, step), setup of the optimizer)
+    "zero tensor grad": lambda: ([torch.nn.Parameter(_randn((40,), 1))],
+                                 lambda p, s: torch._efficientzerotensor(p.shape), None),
+    "negative-bit grad": lambda: ([torch.nn.Parameter(_randn((40,), 1))], _neg_grad,
+                                  None),
+    "conj().imag grad": lambda: ([torch.nn.Parameter(_randn((1,), 1))], _conj_imag_grad,
+                                 None),
+    "negative-bit param": lambda: ([torch._neg_view(_randn((40,), 1))],
+                                   lambda p, s: _randn(p.shape, s), None),
+    "inference param": lambda: ([_inference_param()], lambda p, s: _randn(p.shape, s),
+                                None),
+    "inference sum": lambda: ([_randn((40,), 1)], lambda p, s: _randn(p.shape, s),
+                              _inference_sum),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_tensors_give_torchs_outcome(case: str, mode: str) -> None:
+    # memory that does not hold the values (a lazy negation, a ZeroTensor's null
+    # pointer) or that torch will not let anyone write (inference tensors): torch's
+    # own implementation, so the same bits or the same error
+    ref = _outcome(TORCH_OPT, MODES[mode], ODD[case])
+    out = _outcome(FT.Adagrad, MODES[mode], ODD[case])
+    assert out[0] is ref[0]
+    assert_same(out[1], ref[1], case)
+
+
+def _free(t: torch.Tensor, how: str) -> None:
+    t.untyped_storage().resize_(0 if how == "freed" else 16)
+
+
+@pytest.mark.parametrize("mode", ["single", "fused"])
+# (a gradient is only read, and its storage's size is not read at every step: a shrunk
+# one is read past its end, as torch's own steps do)
+@pytest.mark.parametrize("which, how", [("param", "freed"), ("param", "shrunk"),
+                                        ("grad", "freed"), ("sum", "freed"),
+                                        ("sum", "shrunk")])
+def test_storage_freed_or_shrunk_raises_before_writing(which: str, how: str,
+                                                      mode: str) -> None:
+    # FSDP frees a parameter's storage with untyped_storage().resize_(0): torch's default
+    # step then reads and writes address 0 (a crash), its fused one raises
+    ps = [torch.nn.Parameter(_randn((64,), k)) for k in (1, 2)]
+    opt = FT.Adagrad(ps, **MODES[mode])
+    for p in ps:
+        p.grad = _randn(p.shape, 3)
+    opt.step()
+    for p in ps:
+        p.grad = _randn(p.shape, 4)
+    victim = {"param": ps[1], "grad": ps[1].grad, "sum": opt.state[ps[1]]["sum"]}[which]
+    _free(victim, how)
+    kept = [t.clone() for t in (ps[0], opt.state[ps[0]]["sum"], opt.state[ps[0]]["step"])]
+    name = {"param": r"\['params'\]\[1\] has", "grad": r"\[1\]\.grad has",
+            "sum": r"\[1\]\]\['sum'\] has"}[which]
+    with pytest.raises(RuntimeError, match=name + r" 64 elements but its storage holds"):
+        opt.step()
+    assert_same([ps[0], opt.state[ps[0]]["sum"], opt.state[ps[0]]["step"]], kept)
 
 
 def test_noncontiguous_grad_and_overlapping_params() -> None:
