@@ -39,10 +39,11 @@ _is_neg = torch.Tensor.is_neg
 #: in one call per tensor: for one tensor ~0.35 us where four passes cost ~1.3 us (the
 #: fixed cost of a pass dominates small models), for 100 tensors about the same
 meta = attrgetter("shape", "dtype", "is_cpu", "layout")
-#: what a state tensor's key needs besides its address and size (its shape and layout
-#: are checked against the parameter's when the plan is built; a dense tensor cannot
-#: change layout in place)
-_dtype_cpu = attrgetter("dtype", "is_cpu")
+#: what a state tensor's key needs besides its address: its shape (checked against the
+#: parameter's when the plan is built: a sum replaced by a view of another shape is
+#: torch's error, not a flat update), dtype and device (a dense tensor cannot change
+#: layout in place)
+_state_meta = attrgetter("shape", "dtype", "is_cpu")
 _dtype = attrgetter("dtype")
 _numel = torch.Tensor.numel
 _strided = torch.strided
@@ -208,7 +209,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     # was swapped keeps neither), contiguity too (a transposed square tensor keeps its
     # address and shape): a change rebuilds the plan, which checks every tensor
     key = (list(map(_ptr, params)), list(map(_ptr, states)), pmeta,
-           list(map(_dtype_cpu, states)), list(map(_numel, states)))
+           list(map(_state_meta, states)))
     try:
         if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))):
             if not rebuild:

@@ -670,6 +670,31 @@ def test_odd_tensors_give_torchs_outcome(case: str, mode: str) -> None:
     assert_same(out[1], ref[1], case)
 
 
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("shape", [(6, 4), (24,), (2, 12)])
+def test_sum_replaced_by_a_view_of_another_shape_is_torchs_outcome(shape: tuple,
+                                                                   mode: str) -> None:
+    # the same address and size as the sum the plan was built on: torch's default and
+    # foreach steps raise (the shapes do not broadcast), its fused one updates
+    def run(cls: type) -> tuple:
+        p = torch.nn.Parameter(_randn((4, 6), 1))
+        opt = cls([p], lr=0.1, **MODES[mode])
+        p.grad = _randn(p.shape, 2)
+        opt.step()
+        opt.state[p]["sum"] = opt.state[p]["sum"].view(shape)
+        p.grad = _randn(p.shape, 3)
+        try:
+            opt.step()
+            raised = None
+        except RuntimeError as e:
+            raised = type(e)
+        return raised, [_bits(p.detach()).clone(), _bits(opt.state[p]["sum"]).clone()]
+
+    ref, out = run(TORCH_OPT), run(FT.Adagrad)
+    assert out[0] is ref[0]
+    assert_same(out[1], ref[1])
+
+
 def _free(t: torch.Tensor, how: str) -> None:
     t.untyped_storage().resize_(0 if how == "freed" else 16)
 
