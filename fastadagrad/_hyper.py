@@ -180,7 +180,7 @@ class Hyper:
         clr = self.clr(step)
         gs = self.grad_scale
         if t is np.float32 and (  # plain float compares: cheap on the per-step path
-                max(clr, self.eps, self.weight_decay, gs or 0.0) >= _F32_INF_FROM
+                max(clr, self.eps, self.weight_decay, gs or 0.0) >= F32_INF_FROM
                 or (gs is not None and gs <= _F32_ZERO_TO)):
             # (the step is named only where it matters: callers pass 1 without lr_decay)
             _raise_float32(clr, self.eps, self.weight_decay, gs,
@@ -218,7 +218,7 @@ class Hyper:
 
 # A finite double at or above this rounds to inf in float32 (the midpoint between the
 # largest float32 and 2**128 rounds up, to even); at or below 2**-150 it rounds to 0.
-_F32_INF_FROM = 2.0**128 - 2.0**103
+F32_INF_FROM = 2.0**128 - 2.0**103
 _F32_ZERO_TO = 2.0**-150
 
 
@@ -231,7 +231,7 @@ def _raise_float32(clr: float, eps: float, weight_decay: float,
     """
     for name, v in (("lr", clr), ("eps", eps), ("weight_decay", weight_decay),
                     ("grad_scale", grad_scale)):
-        if v is not None and v >= _F32_INF_FROM:
+        if v is not None and v >= F32_INF_FROM:
             what = (f"lr at step {step} is {v}" if name == "lr" and step is not None
                     else f"{name}={v}")
             raise ValueError(f"{what}, which overflows to inf in float32; nothing was "
@@ -242,7 +242,7 @@ def _raise_float32(clr: float, eps: float, weight_decay: float,
 
 def check_in_dtype(name: str, value: float, dtype: np.dtype) -> None:
     """Raise a ValueError naming ``name`` if ``value`` overflows to inf in ``dtype``."""
-    if np.dtype(dtype) == np.float32 and abs(value) >= _F32_INF_FROM:
+    if np.dtype(dtype) == np.float32 and abs(value) >= F32_INF_FROM:
         raise ValueError(f"{name}={value} overflows to inf in float32; nothing was "
                          "changed")
 

@@ -117,13 +117,13 @@ class TensorPlan:
 
     def build_steps(self, steps: Sequence[Any], key: Any) -> None:
         """The step counters' increment: (proto, addresses) per dtype, or None when a
-        counter is not a one-element CPU float32/float64 tensor (torch then adds).
-        ``key``: (addresses, dtypes, sizes) of ``steps``, read in this call."""
+        counter is not a one-element CPU float32/float64 tensor (the step is then
+        torch's: its implementations read, convert or refuse other counters, each its
+        own way). ``key``: (addresses, dtypes, sizes) of ``steps``, read in this call."""
         self.skey = None
         calls: Any = []
         for t in steps:
-            if t.layout is not _strided or not t.is_cpu or t.numel() != 1 or (
-                    t.dtype not in NP_DTYPES):
+            if not steps_ok(t):
                 calls = None
                 break
         if calls is not None:
@@ -248,6 +248,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                           serial, (proto, pa, ga, ha, ct, cs, cl, *coefs)))
 
     scalls = None if steps is None else _step_calls(plan, steps)
+    if steps is not None and scalls is None:
+        return None  # a counter only torch's implementations take
     written = [*params, *states] if steps is None else [*params, *states, *steps]
 
     def run() -> None:
@@ -264,6 +266,14 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     return run
 
 
+def steps_ok(t: Any) -> bool:
+    """Whether step counter ``t`` is a one-element CPU float32/float64 tensor (with its
+    data): the counters the compiled paths increment and read."""
+    return (isinstance(t, torch.Tensor) and t.layout is _strided and t.is_cpu
+            and t.numel() == 1 and t.dtype in NP_DTYPES and t.data_ptr() != 0
+            and not t.is_neg() and not t.is_inference())
+
+
 def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
     """torch's ``step_t += 1`` on each of ``steps``, checked now, as a function to call
     later: one compiled call per dtype where they are one-element CPU float tensors
@@ -272,23 +282,24 @@ def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
     return functools.partial(_count, _step_calls(plan, steps), list(steps))
 
 
-def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]:
+def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]] | None:
     # a counter whose storage, dtype or size changed gets re-checked; one that kept all
-    # of them stays a one-element CPU tensor at that address
+    # of them stays a one-element CPU tensor at that address. None: a counter the
+    # compiled path does not take (a Python number, an int64 or 2-element tensor...)
     try:
         skey = (list(map(_ptr, steps)), list(map(_dtype, steps)), list(map(_numel, steps)))
-    except RuntimeError:  # no data pointer (a sparse tensor): torch adds
-        return [(None, steps)]
+    except (RuntimeError, TypeError):  # a sparse tensor, not a tensor
+        return None
     if skey != plan.skey:
         plan.build_steps(steps, skey)
-    return plan.scalls if plan.scalls is not None else [(None, steps)]
+    return plan.scalls
 
 
-def _count(scalls: list[tuple[Any, Any]], steps: list[Any] | None = None) -> None:
-    for proto, addresses in scalls:
-        if proto is None:  # e.g. an integer counter: as torch's foreach path adds
-            torch._foreach_add_(addresses, 1)
-        else:
+def _count(scalls: list[tuple[Any, Any]] | None, steps: list[Any] | None = None) -> None:
+    if scalls is None:  # other counters (the CUDA path's): as torch's foreach path adds
+        torch._foreach_add_(steps, 1)
+    else:
+        for proto, addresses in scalls:
             cpu.add_one_at(proto, addresses)
     if steps is not None:  # (prepare's run increments its own tensors' versions)
         increment_version(steps)

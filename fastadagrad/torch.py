@@ -67,6 +67,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import math
 import operator
 import os
 import warnings
@@ -324,6 +325,10 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
                   ) -> Callable[[np.dtype], tuple]:
     """The kernel's scalar arguments, per dtype; raises (before any write) if invalid."""
     if formula == "fused":
+        if type(maximize) is not bool:  # torch's fused kernel takes a bool only
+            raise TypeError("maximize must be a bool for the fused step")
+        if step != int(step):  # torch's fused kernel uses it as it is
+            raise ValueError(f"step {step} is not a whole number")
         args = (float(lr), float(eps), float(lr_decay), float(weight_decay), bool(maximize))
         # -0.0 == 0.0 and hashes alike: the cache would hand a zero lr or weight decay
         # the other sign, which reaches the bits of a zero parameter
@@ -336,7 +341,12 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
     def coefs(dt: np.dtype) -> tuple:
         t = dt.type
         fn = _VSQRT[torch.float32 if dt == np.float32 else torch.float64]
-        return fn, t(neg_clr), t(eps), t(weight_decay), flags
+        scalars = []
+        for x in (neg_clr, eps, weight_decay):  # torch refuses a finite value its
+            if dt == np.float32 and H.F32_INF_FROM <= abs(x) < math.inf:  # dtype
+                raise ValueError(f"{x} overflows float32")  # cannot hold
+            scalars.append(t(x))
+        return (fn, *scalars, flags)
 
     return coefs
 
@@ -583,7 +593,12 @@ class Adagrad(torch.optim.Adagrad):
                 if len(memo) > 1:  # the next step may skip the decisions above
                     memo[0] = self._facts(gi, group)
                 return fast
-        # a mix: sort every tensor to the path that can take it
+        # a mix: sort every tensor to the path that can take it. With lr_decay, a step
+        # counter shared by two parameters (one listed twice) is incremented between
+        # their updates by torch, which the paths below (clr read when validating)
+        # would not see: torch's implementation for the whole group
+        if group["lr_decay"] != 0 and len({_address(s) for s in steps}) != len(steps):
+            return torch_update(list(range(len(params))))
         cpu, cuda, slow = [], [], []
         sparse_runs: list[Callable[[], None]] = []
         for i, (p, g, h) in enumerate(zip(params, grads, sums)):
@@ -653,8 +668,9 @@ class Adagrad(torch.optim.Adagrad):
         if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
                 and step.dtype in T.NP_DTYPES):
             return False
-        # torch: step_t += 1; clr = lr / (1 + (step - 1) * lr_decay), in Python floats
-        neg_clr = _neg_clr(lr, group["lr_decay"], float(step) + 1)
+        # torch: step_t += 1 (in the counter's dtype: a float32 one stops at 2^24);
+        # clr = lr / (1 + (step - 1) * lr_decay), in Python floats
+        neg_clr = _neg_clr(lr, group["lr_decay"], float(step + 1))
         emulate = _formula_ok("vsqrt-emu", p.dtype)
         run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],
                                _VSQRT[p.dtype], emulate)
@@ -709,7 +725,12 @@ class Adagrad(torch.optim.Adagrad):
                 if run is not None and memo is not None:
                     memo[1:] = [labels, kernels, coefs]
                 return run
-            # clr depends on each parameter's step: the steps after this increment
+            # clr depends on each parameter's step: the steps after this increment, in
+            # the counters' dtype; each counter once (one shared by two parameters is
+            # incremented twice by torch, between their updates: torch's path)
+            if not (all(map(T.steps_ok, steps))
+                    and len(set(map(T._ptr, steps))) == len(steps)):
+                return None
             by_step: dict[float, list[int]] = {}
             for i, s in enumerate(steps):
                 by_step.setdefault(float(s + 1), []).append(i)
@@ -791,6 +812,13 @@ class _SubLabels:
 
     def __getitem__(self, i: int) -> Any:
         return self.labels[self.idx[i]]
+
+
+def _address(t: Any) -> int:
+    """A tensor's data address (its id where it has none, or for other objects)."""
+    if isinstance(t, torch.Tensor) and t.layout is torch.strided and t.data_ptr():
+        return t.data_ptr()
+    return id(t)
 
 
 def _count_then(step: Any, run: Callable[[], None]) -> None:

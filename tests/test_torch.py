@@ -695,6 +695,106 @@ def test_sum_replaced_by_a_view_of_another_shape_is_torchs_outcome(shape: tuple,
     assert_same(out[1], ref[1])
 
 
+def _step_variant(kind: str, st: list[dict], ps: list[torch.Tensor]) -> None:
+    if kind == "python int":
+        st[0]["step"] = 5
+    elif kind == "2 elements":
+        st[0]["step"] = torch.tensor([1.0, 7.0])
+    elif kind == "shared":  # torch increments it twice, between the two updates
+        st[1]["step"] = st[0]["step"]
+    elif kind == "fractional":
+        st[0]["step"] = torch.tensor(2.5, dtype=st[0]["step"].dtype)
+    elif kind in ("int64", "float64", "float16"):
+        st[0]["step"] = torch.tensor(3, dtype=getattr(torch, kind))
+    elif kind == "float32 at 2^24 - 1":  # torch's float32 counter stops at 2^24
+        for x in st:
+            x["step"] = torch.tensor(2.0**24 - 1, dtype=torch.float32)
+
+
+def _step_outcome(cls: type, kind: str, kw: dict, sparse: bool, dtype: torch.dtype
+                  ) -> tuple:
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.nn.Parameter(torch.randn(30, 4, generator=g, dtype=dtype))
+          for _ in range(2)]
+    if kind == "param twice":
+        ps = [ps[0], ps[0]]  # torch warns about the duplicate
+    opt = cls(ps, lr=0.1, **kw)
+
+    def grads() -> None:
+        for p in ps:
+            if sparse:
+                p.grad = _sparse_grad((30, 4), 12, int(torch.randint(0, 99, (1,),
+                                                                     generator=g)),
+                                      dtype)
+            else:
+                p.grad = torch.randn(30, 4, generator=g, dtype=dtype)
+
+    grads()
+    opt.step()
+    _step_variant(kind, [opt.state[p] for p in ps], ps)
+    raised = None
+    try:
+        for _ in range(2):
+            grads()
+            opt.step()
+    except (RuntimeError, TypeError) as e:
+        raised = type(e)
+    out = [t.detach().clone() for p in ps for t in (p, opt.state[p]["sum"])]
+    steps = [torch.as_tensor(opt.state[p]["step"]).double().reshape(-1) for p in ps]
+    return raised, out, steps
+
+
+STEP_KINDS = [("python int", False, torch.float32), ("2 elements", False, torch.float32),
+              ("shared", False, torch.float32), ("fractional", False, torch.float32),
+              ("int64", False, torch.float32), ("float64", False, torch.float32),
+              ("float16", False, torch.float32), ("shared", True, torch.float32),
+              ("param twice", True, torch.float32),
+              ("float32 at 2^24 - 1", True, torch.float64),
+              ("float32 at 2^24 - 1", False, torch.float64)]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate")
+@pytest.mark.parametrize("lr_decay", [0.0, 0.1])
+@pytest.mark.parametrize("kind, sparse, dtype, mode", [
+    (*k, mode) for k in STEP_KINDS for mode in MODES
+    if not (k[1] and mode == "fused")])  # (torch's fused step refuses sparse gradients)
+def test_step_counters_of_every_kind_give_torchs_outcome(kind: str, sparse: bool,
+                                                         dtype: torch.dtype, mode: str,
+                                                         lr_decay: float) -> None:
+    # counters the compiled paths do not take go to torch's implementation, which reads,
+    # converts or refuses each its own way; counters they take are read as torch does
+    kw = {**MODES[mode], "lr_decay": lr_decay}
+    ref = _step_outcome(TORCH_OPT, kind, kw, sparse, dtype)
+    out = _step_outcome(FT.Adagrad, kind, kw, sparse, dtype)
+    assert out[0] is ref[0]
+    assert_same(out[1], ref[1], kind)
+    assert all(torch.equal(a, b) for a, b in zip(out[2], ref[2])), (out[2], ref[2])
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("kw", [{"lr": 1e39}, {"weight_decay": 1e39}, {"maximize": 1},
+                                {"lr_decay": 0.1, "eps": 1e39}], ids=str)
+def test_odd_hyperparameters_give_torchs_outcome(kw: dict, mode: str) -> None:
+    # a value float32 cannot hold (torch refuses it), an int maximize (torch's fused
+    # step refuses it): torch's outcome, whatever it is
+    def run(cls: type) -> tuple:
+        p = torch.nn.Parameter(_randn((40,), 1))
+        opt = cls([p], **MODES[mode])
+        opt.param_groups[0].update(kw)  # (torch checks some of them when constructed)
+        p.grad = _randn(p.shape, 2)
+        try:
+            opt.step()
+            raised = None
+        except (RuntimeError, TypeError) as e:
+            raised = type(e)
+        return raised, [_bits(p.detach()).clone(), _bits(opt.state[p]["sum"]).clone()]
+
+    ref, out = run(TORCH_OPT), run(FT.Adagrad)
+    assert out[0] is ref[0]
+    assert_same(out[1], ref[1])
+
+
 def _free(t: torch.Tensor, how: str) -> None:
     t.untyped_storage().resize_(0 if how == "freed" else 16)
 
