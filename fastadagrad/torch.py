@@ -599,7 +599,7 @@ class Adagrad(torch.optim.Adagrad):
         # would not see: torch's implementation for the whole group
         if group["lr_decay"] != 0 and len({_address(s) for s in steps}) != len(steps):
             return torch_update(list(range(len(params))))
-        cpu, cuda, slow = [], [], []
+        cpu, cuda, slow, sparse = [], [], [], []
         sparse_runs: list[Callable[[], None]] = []
         for i, (p, g, h) in enumerate(zip(params, grads, sums)):
             if (p.is_cuda and g.is_cuda and h.is_cuda and not g.is_sparse
@@ -611,7 +611,7 @@ class Adagrad(torch.optim.Adagrad):
                 cpu.append(i)
             elif g.is_sparse and not fused and self._sparse_run(p, g, h, steps[i], group,
                                                                  sparse_runs):
-                pass  # validated; runs with the others
+                sparse.append(i)  # validated; runs with the others
             else:
                 lab = labels[i]
                 for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
@@ -620,6 +620,11 @@ class Adagrad(torch.optim.Adagrad):
                     if short:
                         raise RuntimeError(f"{what} {short}; nothing was updated")
                 slow.append(i)
+        if ((len(cpu) > 0) + (len(sparse) > 0) + (len(slow) > 0) > 1
+                and _paths_share_memory((cpu, sparse, slow), (params, grads, sums))):
+            # the paths run one after the other, not in torch's order of the
+            # parameters, so one that writes what another reads would change the bits
+            return torch_update(list(range(len(params))))
         runs = sparse_runs
         if slow:
             runs.append(torch_update(slow))
@@ -812,6 +817,40 @@ class _SubLabels:
 
     def __getitem__(self, i: int) -> Any:
         return self.labels[self.idx[i]]
+
+
+def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], ...]
+                        ) -> bool:
+    """Whether a tensor of one path (lists of parameter indices) shares a storage with
+    a tensor of another, one of them written (parameters and sums are written,
+    gradients read). Storage ranges: conservative for views into one buffer."""
+    ranges = []
+    for side, idx in enumerate(paths):
+        for i in idx:
+            for role, t in enumerate(x[i] for x in tensors):
+                if t.layout is torch.sparse_coo:
+                    parts = (t._values(), t._indices())
+                elif t.layout is torch.strided:
+                    parts = (t,)
+                else:  # another layout: its buffers are not read here
+                    return True
+                for x in parts:
+                    if x.numel() and x.data_ptr():
+                        st = x.untyped_storage()
+                        a = st.data_ptr()
+                        ranges.append((a, a + st.nbytes(), side, role != 1))
+    ranges.sort()
+    end_all: dict[int, int] = {}
+    end_written: dict[int, int] = {}
+    for start, end, side, written in ranges:
+        for other in range(len(paths)):
+            if other != side and (start < end_written.get(other, 0)
+                                  or written and start < end_all.get(other, 0)):
+                return True
+        end_all[side] = max(end_all.get(side, 0), end)
+        if written:
+            end_written[side] = max(end_written.get(side, 0), end)
+    return False
 
 
 def _address(t: Any) -> int:

@@ -795,6 +795,60 @@ def test_odd_hyperparameters_give_torchs_outcome(kw: dict, mode: str) -> None:
     assert_same(out[1], ref[1])
 
 
+def _alias_case(case: str, first: str) -> tuple[list, Callable[[int], None]]:
+    """Parameters on two paths (compiled and torch's, or compiled sparse rows) that
+    share memory, and the function setting their gradients at each step."""
+    g = torch.Generator().manual_seed(0)
+    if case == "overlapping params":
+        base = torch.randn(8, 8, generator=g)
+        pc, pt = torch.nn.Parameter(base), torch.nn.Parameter(base.t())  # transposed
+
+        def grads(k: int) -> None:
+            pc.grad, pt.grad = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    elif case == "compiled grad is a bfloat16 param":
+        pc = torch.nn.Parameter(torch.randn(64, generator=g))
+        pt = torch.nn.Parameter(torch.randn(128, generator=g).to(torch.bfloat16))
+
+        def grads(k: int) -> None:
+            pt.grad = torch.randn(128, generator=g).to(torch.bfloat16)
+            pc.grad = pt.data.view(torch.float32)
+    elif case == "torch-path grad is a compiled param":
+        pc = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+        pt = torch.nn.Parameter(torch.randn(8, 8, generator=g).t())
+
+        def grads(k: int) -> None:
+            pc.grad, pt.grad = torch.randn(8, 8, generator=g), pc.data.t()
+    else:  # a dense gradient that is a parameter updated by the sparse rows' path
+        pt = torch.nn.Parameter(torch.randn(10, 4, generator=g))  # (sparse)
+        pc = torch.nn.Parameter(torch.randn(10, 4, generator=g))
+
+        def grads(k: int) -> None:
+            pt.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3, 3, 7]]),
+                                              torch.randn(4, 4, generator=g), (10, 4))
+            pc.grad = pt.data
+    return ([pc, pt] if first == "compiled" else [pt, pc]), grads
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("first", ["compiled", "other"])
+@pytest.mark.parametrize("case, mode", [
+    (c, m) for c in ("overlapping params", "compiled grad is a bfloat16 param",
+                     "torch-path grad is a compiled param", "sparse param is a grad")
+    for m in MODES if not (c == "sparse param is a grad" and m == "fused")])
+def test_paths_sharing_memory_keep_torchs_order(case: str, mode: str, first: str) -> None:
+    # the compiled, sparse and torch paths run one after the other; where one writes
+    # memory another reads, the group takes torch's implementation, in its order
+    def run(cls: type) -> list[torch.Tensor]:
+        ps, grads = _alias_case(case, first)
+        opt = cls(ps, lr=0.1, **MODES[mode])
+        for k in range(2):
+            grads(k)
+            opt.step()
+        return [t.detach().clone() for p in ps for t in (p, opt.state[p]["sum"])]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT), case)
+
+
 def _free(t: torch.Tensor, how: str) -> None:
     t.untyped_storage().resize_(0 if how == "freed" else 16)
 
