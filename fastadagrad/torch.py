@@ -55,8 +55,15 @@ What ``step`` does with each parameter that has a gradient:
 - Anything the kernels cannot update in place (non-contiguous tensors,
   float16/bfloat16/complex, tensors sharing memory, other sparse layouts, a tensor
   ``lr`` with sparse gradients, ``differentiable=True``, AMP's
-  ``grad_scale``/``found_inf``): torch's own implementation, with the same flags, so
-  the result is still torch's, bit for bit. Nothing is ever skipped.
+  ``grad_scale``/``found_inf``, tensors with the negative bit, inference tensors,
+  ZeroTensors and wrapper subclasses without data of their own, step counters other
+  than one-element float32/float64 CPU tensors, hyperparameters float32 cannot hold):
+  torch's own implementation, with the same flags, so the result is still torch's, bit
+  for bit, or torch's error. Nothing is ever skipped. A tensor whose storage was freed
+  or shrunk (FSDP's ``untyped_storage().resize_(0)``) raises RuntimeError naming it,
+  before anything is written (torch's default step reads and writes past it).
+- Autograd: the version counters of the tensors written are incremented, and
+  ``torch.compile`` runs the step as a graph break (eagerly, torch's eager bits).
 
 Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning and
 Stochastic Optimization", JMLR 12 (2011).
