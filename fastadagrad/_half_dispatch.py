@@ -238,6 +238,8 @@ def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
         if go is None:
             return False
         rest = [i for i in range(len(params)) if i not in hs]
+        if rest:  # each group checks its own arrays; this checks one against the other
+            cuda_half.check_across(half, params, grads, states, labels)
         if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
                                  [states[i] for i in rest], [labels[i] for i in rest],
                                  hyper, step, nonfinite, plan):

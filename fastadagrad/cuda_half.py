@@ -34,7 +34,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import _rounding as R
 from . import cuda as fcuda
-from ._arrays import Labels
+from ._arrays import Labels, is_cuda_array
 from .cuda_formula import element, ops
 
 _FORMATS = ("bfloat16", "float16")
@@ -241,6 +241,51 @@ def _check_overlap(work: list[tuple], labels: Sequence[Labels]) -> None:
                 raise ValueError(f"{names[0]} and {names[1]} share memory; a parameter, "
                                  "its state and master copy are updated in place and "
                                  "must not alias any other input")
+
+
+def _span(x: Any, label: str) -> tuple[int, int] | None:
+    """``x``'s device bytes ``(start, end)``; None for an empty or non-contiguous array
+    (refused by its own validation, which runs before any write)."""
+    if fcuda._is_torch(x):
+        if not x.is_contiguous():
+            return None
+        start, n = x.data_ptr(), x.numel() * x.element_size()
+    else:
+        d = fcuda._describe(x, label)
+        if d.strides is not None:
+            return None
+        start, n = d.ptr, d.size * int(d.typestr[2:])
+    return (start, start + n) if n else None
+
+
+def check_across(half: Sequence[int], params: Sequence[Any], grads: Sequence[Any],
+                 states: Sequence[Any], labels: Sequence[Labels]) -> None:
+    """A model's 16-bit arrays (positions ``half``, validated by :func:`prepare`)
+    against its other CUDA arrays: no array written by one group (a parameter, a state)
+    may share memory with any array of the other. Each group checks its own."""
+    hs = set(half)
+    ranges = []
+    for i in range(len(params)):
+        for x, role in ((params[i], "param"), (grads[i], "grad"), (states[i], "state")):
+            if is_cuda_array(x):
+                span = _span(x, getattr(labels[i], role))
+                if span is not None:
+                    ranges.append((*span, role != "grad", i in hs, i, role))
+    ranges.sort()
+    ends: dict[tuple[bool, bool], tuple[int, tuple]] = {}  # (group, written): furthest
+    for r in ranges:
+        start, _, written, group = r[:4]
+        for w in ((True, False) if written else (True,)):
+            hit = ends.get((not group, w))
+            if hit is not None and start < hit[0]:
+                a, b = hit[1], r
+                raise ValueError(f"{getattr(labels[a[4]], a[5])} and "
+                                 f"{getattr(labels[b[4]], b[5])} share memory; a "
+                                 "parameter and its state are updated in place and must "
+                                 "not alias any other input")
+        key = (group, written)
+        if key not in ends or r[1] > ends[key][0]:
+            ends[key] = (r[1], r)
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

@@ -139,3 +139,35 @@ def test_adagrad_class_float16_device_arrays(rng, rounding):
     with pytest.raises(TypeError, match="master_weights=True on the GPU"):
         fa.AdaGrad(master_weights=True).update(dev, {k: cuda.to_device(v)
                                                      for k, v in host.items()})
+
+
+@pytest.mark.parametrize("case", ["float32 grad is a float16 state",
+                                  "float32 param is a float16 state",
+                                  "float16 grad is a float32 param"])
+def test_mixed_model_refuses_aliasing_across_groups(rng, case):
+    """A model of float16 and float32 device arrays: each group checks its own arrays,
+    and one group's written arrays against the other's, before anything is written."""
+    host = {"a": rng.standard_normal(8).astype(np.float16),
+            "w": rng.standard_normal(4).astype(np.float32)}
+    dev = {k: cuda.to_device(v) for k, v in host.items()}
+    opt = fa.AdaGrad(lr=0.05)
+    grads = {k: cuda.to_device(rng.standard_normal(v.shape).astype(v.dtype))
+             for k, v in host.items()}
+    opt.update(dev, grads)
+    # opt.h["a"]: the float16 param's float32 state, 8 floats; the float32 param: 4
+    if case == "float32 grad is a float16 state":
+        grads["w"], names = opt.h["a"][:4], ("grads['w']", "state_sum['a']")
+    elif case == "float32 param is a float16 state":
+        dev["w"], names = opt.h["a"][:4], ("params['w']", "state_sum['a']")
+        opt.h["w"] = cuda.to_device(np.zeros(4, np.float32))  # (w's state follows w)
+    else:
+        grads["a"], names = dev["w"].view(np.float16), ("grads['a']", "params['w']")
+    before = {k: v.copy_to_host() for k, v in dev.items()}
+    h0 = {k: v.copy_to_host() for k, v in opt.h.items()}
+    with pytest.raises(ValueError, match="share memory") as err:
+        opt.update(dev, grads)
+    assert all(n in str(err.value) for n in names), str(err.value)
+    for k, v in dev.items():
+        assert np.array_equal(v.copy_to_host().view(np.uint8), before[k].view(np.uint8)), k
+    for k, v in opt.h.items():
+        assert np.array_equal(v.copy_to_host(), h0[k]), k
