@@ -17,6 +17,8 @@ from numba.extending import register_jitable
 #: a 16-core Intel Xeon host; float64 12,288 and 6,144 (bench/results/cpu-probe-*.md).
 #: float64 arrays switch at a quarter of this (:func:`parallel_from`: 8,192, the AMD
 #: machine's tie, already a win on the Xeon): each element costs more (double sqrt/div).
+#: A process forked after parallel kernels ran on Numba's omp layer sets it to
+#: ``sys.maxsize`` (serial kernels only; see ``cpu._after_fork_in_child``).
 PARALLEL_THRESHOLD: int = 1 << 15
 
 

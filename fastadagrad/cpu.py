@@ -32,15 +32,19 @@ Validation, dispatch and the parallel/serial choice live in ``_dispatch.py``.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
 from . import _hyper as H
+from . import config
 from ._intrinsics import _view, chunk_views, fma  # noqa: F401  (fma: part of this module's API)
 from ._jit import jit
 from .config import parallel_from
@@ -421,6 +425,28 @@ first_nonfinite_many_serial = _ByFlags("first_nonfinite_many_serial",
 #: process when two Python threads enter parallel code at once, and even with omp two
 #: concurrent 2-thread kernels only oversubscribe the cores. Serial kernels need none.
 PARALLEL_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """In a process forked from one that ran parallel kernels on Numba's omp layer,
+    run the serial kernels only: GNU OpenMP cannot run a parallel region in such a
+    child, and Numba terminates the process when one starts ("fork() called from a
+    process already using GNU OpenMP, this is unsafe"), e.g. in a ``multiprocessing``
+    worker forked after a training step. (The tbb and workqueue layers are fork-safe;
+    a parent that never started the thread pool leaves the child free to start its own.)
+    The lock is new too: a thread of the parent may have held it at the fork."""
+    global PARALLEL_LOCK
+    PARALLEL_LOCK = threading.Lock()
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run in the parent
+        return
+    if layer == "omp":
+        config.PARALLEL_THRESHOLD = sys.maxsize  # every size below it: serial
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @jit()

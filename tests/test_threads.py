@@ -21,6 +21,7 @@ from typing import Any
 
 import numba
 import numpy as np
+import pytest
 
 from fastadagrad import AdaGrad, FlatBuffer, adagrad_update, config
 from fastadagrad.testing import assert_bits_equal
@@ -148,3 +149,51 @@ def test_four_threads_under_workqueue_layer() -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert "layer workqueue" in proc.stdout
+
+
+_FORKED = """
+import os, sys
+import numba, numpy as np
+import fastadagrad
+from fastadagrad import config
+from fastadagrad.rows import adagrad_update_rows
+
+numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+n = 4 * config.PARALLEL_THRESHOLD  # the parallel kernels
+rng = np.random.default_rng(0)
+p0 = rng.standard_normal(n).astype(np.float32)
+g = rng.standard_normal(n).astype(np.float32)
+table0 = rng.standard_normal((4096, 64)).astype(np.float32)
+idx = rng.integers(0, 4096, 2048)
+rows = rng.standard_normal((2048, 64)).astype(np.float32)
+
+
+def train():
+    p, opt = {"w": p0.copy()}, fastadagrad.AdaGrad(lr=0.1)
+    for _ in range(3):
+        opt.update(p, {"w": g})
+    table, state = table0.copy(), np.zeros_like(table0)
+    adagrad_update_rows(table, state, idx, rows, lr=0.1)
+    return p["w"], table
+
+
+want = train()  # the parent's parallel kernels start the thread pool
+print("layer", numba.threading_layer(), flush=True)
+pid = os.fork()
+if pid == 0:
+    got = train()
+    ok = all(np.array_equal(a.view(np.int32), b.view(np.int32)) for a, b in zip(got, want))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_forked_child_after_parallel_kernels_updates_serially() -> None:
+    # GNU OpenMP cannot start a parallel region in a child forked after the parent used
+    # it (Numba terminates the child); the child runs the serial kernels, same bits
+    proc = subprocess.run([sys.executable, "-c", _FORKED], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "child 0" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
