@@ -389,6 +389,9 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
                 from . import cuda
 
                 cuda.copy_into(cur, s)
+        # a GPU cache's device counters and learning rate (capturable=True) are the
+        # old run's: the next step rebuilds them from the loaded step and counts
+        opt._plan.gpu = None
     else:  # new state, or none at all (a never-stepped checkpoint: a fresh optimizer)
         opt.h, opt._flat = new_h, new_flat
         opt._plan.clear()

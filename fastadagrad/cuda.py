@@ -508,8 +508,10 @@ class GpuCache:
     (CUDA graphs).
     """
 
-    def __init__(self, capturable: bool = False) -> None:
+    def __init__(self, capturable: bool = False, skipped: int = 0) -> None:
         self.capturable = capturable
+        #: capturable: the skipped steps counted so far (the device's count starts here)
+        self.skipped = skipped
         self.objs: tuple[Any, ...] = ()
         self.getters: tuple[Any, ...] = ()
         self.seen: list[list[Any]] = []
@@ -688,7 +690,7 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
     tables = gc.tables if gc is not None else None
     if tables is None or tables.layout != layout:
         if capturable:  # its step counter and lr are this optimizer's own
-            skipped = 0
+            skipped = gc.skipped  # (the host's count when the cache was made)
             if tables is not None:  # a new layout: carry the device's counts over
                 done, skipped = tables.counters(stream)
                 step = done + 1
@@ -698,7 +700,12 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
                 tables.ctl_host[K_SKIPPED] = skipped
                 with _on_device(device):
                     _copy_in(tables.ctl_dev, tables.ctl_host, stream)
-        else:
+        elif gc is not None:  # an optimizer's own: its cached fast path (prepared)
+            # launches with the gradient addresses it last wrote there, which a shared
+            # table would let another caller of the same layout change (then free)
+            tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream,
+                            False, step, hyper)
+        else:  # functional calls: shared by layout, the gradients refreshed below
             tables = _TABLES.get(layout)
             if tables is None:
                 tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream,
@@ -830,7 +837,9 @@ def _stream_ref(x: Any, d: _Dev | None) -> Any:
 
 def to_device(host: np.ndarray) -> Any:
     """A Numba device array holding a copy of ``host``."""
-    return require_gpu().to_device(np.ascontiguousarray(host))
+    # order="C", not np.ascontiguousarray, which makes a 0-d array (a scalar
+    # parameter's state) 1-d
+    return require_gpu().to_device(np.asarray(host, order="C"))
 
 
 def full(n: int, dtype: Any, value: float) -> Any:
@@ -878,7 +887,7 @@ def to_host(a: Any) -> np.ndarray:
 def to_device_like(host: np.ndarray, proto: Any) -> Any:
     """A device copy of ``host`` in ``proto``'s library (torch, CuPy, else Numba) and on
     its device, so that a model's state stays one kind of array."""
-    host = np.ascontiguousarray(host)
+    host = np.asarray(host, order="C")  # (0-d stays 0-d: see to_device)
     if _is_torch(proto):
         import torch
 
@@ -893,7 +902,9 @@ def to_device_like(host: np.ndarray, proto: Any) -> Any:
 
 def copy_into(dev: Any, host: np.ndarray) -> None:
     """Overwrite device array ``dev`` with ``host`` (same shape and dtype)."""
-    host = np.ascontiguousarray(host)
+    host = np.asarray(host, order="C")  # (0-d stays 0-d: see to_device)
+    if host.size == 0:  # nothing to copy (the simulator refuses zero-size copies)
+        return
     if _is_torch(dev):
         import torch
 

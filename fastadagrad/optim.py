@@ -371,6 +371,9 @@ class AdaGrad:
     @lr.setter
     def lr(self, value: float | Callable[[int], float]) -> None:
         if callable(value):
+            if getattr(self, "capturable", False):  # as the constructor says
+                raise ValueError("capturable=True takes a numeric lr (a schedule runs on "
+                                 "the host; lr_decay is applied on the device)")
             self._schedule = value
         else:
             self.hyper = dataclasses.replace(self.hyper, lr=check_hyper("lr", value))
@@ -440,7 +443,7 @@ class AdaGrad:
         if getattr(self, "capturable", False) and self._plan.gpu is None:
             from . import cuda as _cuda
 
-            self._plan.gpu = _cuda.GpuCache(capturable=True)
+            self._plan.gpu = _cuda.GpuCache(capturable=True, skipped=self.skipped_steps)
         try:
             if half:  # 16-bit params: their own path (float32 state, rounding, masters)
                 return self._update_half(plist, glist, hlist, labels, hyper, h, flat,

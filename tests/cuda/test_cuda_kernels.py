@@ -425,6 +425,102 @@ def test_capturable_refuses_raise_and_schedules():
         fa.AdaGrad(capturable=True, nonfinite="raise")
     with pytest.raises(ValueError, match="capturable"):
         fa.AdaGrad(lambda s: 0.1, capturable=True)
+    opt = fa.AdaGrad(lr=0.1, capturable=True)
+    with pytest.raises(ValueError, match="capturable"):  # the setter as the constructor
+        opt.lr = lambda s: 0.1 / s
+    assert opt.lr == 0.1 and opt.schedule is None
+
+
+def _capturable_run(opt, dev, grads):
+    for gs in grads:
+        opt.update(dev, gs)
+    opt.sync_steps()
+
+
+@pytest.mark.parametrize("how", ["into the running optimizer", "into a new one"])
+def test_capturable_resume_keeps_the_loaded_counters(how):
+    """The device's step and skipped counters (and the learning rate with lr_decay) are
+    the checkpoint's after a load, whether into the optimizer that kept running (its
+    device counters are the old run's) or into a new one (the device count of skipped
+    steps starts from the loaded one)."""
+    rng = np.random.default_rng(11)
+    host = [rng.standard_normal(s).astype(np.float32) for s in (30, 5)]
+    good = [cuda.to_device(rng.standard_normal(s).astype(np.float32)) for s in (30, 5)]
+    bad_host = [g.copy_to_host() for g in good]
+    bad_host[1][0] = np.nan
+    bad = [cuda.to_device(g) for g in bad_host]
+    kw = dict(lr=0.1, lr_decay=0.5, nonfinite="skip", capturable=True)
+    first = [good, bad, good, bad]  # 2 applied, 2 skipped
+    rest = [good, good]
+    ref, refp = fa.AdaGrad(**kw), [cuda.to_device(p) for p in host]
+    _capturable_run(ref, refp, first + rest)
+    assert (ref.step, ref.skipped_steps) == (4, 2)
+
+    opt, dev = fa.AdaGrad(**kw), [cuda.to_device(p) for p in host]
+    _capturable_run(opt, dev, first)
+    sd = opt.state_dict()
+    saved_params = [d.copy_to_host() for d in dev]
+    if how == "into the running optimizer":
+        _capturable_run(opt, dev, [good, good, bad])  # runs on, then goes back
+        for d, p in zip(dev, saved_params):
+            d.copy_to_device(p)
+        opt.load_state_dict(sd)
+    else:
+        opt = fa.AdaGrad(**kw)
+        dev = [cuda.to_device(p) for p in saved_params]
+        opt.load_state_dict(sd, params=dev)
+    assert (opt.step, opt.skipped_steps) == (2, 2)
+    assert opt.state_dict()["state"][0]["step"] == 2  # nothing read from an old device
+    _capturable_run(opt, dev, rest)
+    assert (opt.step, opt.skipped_steps) == (4, 2)
+    for a, b in zip(dev, refp):
+        np.testing.assert_array_equal(a.copy_to_host(), b.copy_to_host())
+
+
+def test_optimizer_step_uses_its_own_gradients_after_a_functional_call():
+    """A functional call on an optimizer's own param and state with another gradient
+    (the same layout) must not change the gradient addresses the optimizer's cached
+    step launches with: they are its own tables, not shared by layout."""
+    import gc
+
+    rng = np.random.default_rng(12)
+    p0 = rng.standard_normal(16).astype(np.float32)
+    g1 = rng.standard_normal(16).astype(np.float32)
+    g2 = rng.standard_normal(16).astype(np.float32) * 100
+    dev, dg1 = [cuda.to_device(p0)], [cuda.to_device(g1)]
+    opt = fa.AdaGrad(lr=0.1)
+    opt.update(dev, dg1)
+    rp, rh = p0.copy(), np.zeros(16, np.float32)
+    fa.adagrad_update(rp, g1, rh, lr=0.1)
+    other = cuda.to_device(g2)
+    fa.adagrad_update(dev[0], other, opt.h[0], lr=0.1)
+    fa.adagrad_update(rp, g2, rh, lr=0.1)
+    del other
+    gc.collect()
+    opt.update(dev, dg1)  # the cached step, with its own gradient
+    fa.adagrad_update(rp, g1, rh, lr=0.1)
+    assert ulps(dev[0].copy_to_host(), rp) <= ULP_BOUND
+    assert ulps(opt.h[0].copy_to_host(), rh) <= ULP_BOUND
+
+
+@pytest.mark.parametrize("via", ["state_dict", "file"])
+def test_zero_d_device_param_resumes(tmp_path, via):
+    """A scalar device parameter's state stays 0-d through a load."""
+    host = {"s": np.float32(0.5) * np.ones((), np.float32),
+            "v": np.arange(3, dtype=np.float32)}
+    grads = {k: cuda.to_device(np.full_like(v, 0.25)) for k, v in host.items()}
+    dev = {k: cuda.to_device(v) for k, v in host.items()}
+    opt = fa.AdaGrad(lr=0.1)
+    opt.update(dev, grads)
+    new = fa.AdaGrad(lr=0.1)
+    if via == "state_dict":
+        new.load_state_dict(opt.state_dict(), params=dev)
+    else:
+        new.load(opt.save(tmp_path / "ck"), params=dev)
+    assert new.h["s"].shape == ()
+    new.update(dev, grads)
+    opt.update({k: cuda.to_device(v) for k, v in host.items()}, grads)  # (its own copy)
+    np.testing.assert_array_equal(new.h["s"].copy_to_host(), opt.h["s"].copy_to_host())
 
 
 def test_separate_device_arrays_dict():
