@@ -232,6 +232,31 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                            gaddr)
 
 
+def validate(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+             labels: Sequence[Labels], hyper: H.Hyper, step: int) -> None:
+    """Everything :func:`update` checks, with nothing written: raises naming the
+    offending array (for a step that another part of the model skips: bad input is
+    still refused)."""
+    if any(type(x) is not np.ndarray and is_cuda_array(x)
+           for seq in (params, grads, states) for x in seq):
+        from . import cuda
+
+        _check_all_device(params, grads, states, labels)
+        cuda.validate(params, grads, states, labels, hyper, step)
+        return
+    n = len(params)
+    if not (len(grads) == len(states) == len(labels) == n):
+        raise ValueError("params, grads and states must have the same length")
+    for i in range(n):
+        check_triple(params[i], grads[i], states[i], labels[i])
+    if n:
+        check_no_overlap(*(np.fromiter(map(_address, seq), np.int64, n)
+                           for seq in (params, grads, states)),
+                         np.fromiter((p.nbytes for p in params), np.int64, n), labels)
+    for dt in {p.dtype for p in params}:  # a coefficient that overflows the dtype
+        coefficients(hyper, dt, step)
+
+
 def prepared_update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                     labels: Sequence[Labels], hyper: H.Hyper, step: int, nonfinite: str,
                     plan: Plan) -> Callable[[], bool | None] | None:

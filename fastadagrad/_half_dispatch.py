@@ -235,11 +235,12 @@ def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
                                masters if masters is not None else [None] * len(half),
                                [labels[i] for i in half], hyper, step, nonfinite,
                                rounding, seed, half)
-        if go is None:
-            return False
         rest = [i for i in range(len(params)) if i not in hs]
         if rest:  # each group checks its own arrays; this checks one against the other
             cuda_half.check_across(half, params, grads, states, labels)
+        if go is None:  # skipped (a 16-bit gradient's NaN/inf): the rest still checked
+            _validate_rest(params, grads, states, labels, rest, hyper, step)
+            return False
         if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
                                  [states[i] for i in rest], [labels[i] for i in rest],
                                  hyper, step, nonfinite, plan):
@@ -249,17 +250,30 @@ def update_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
     calls = prepare([params[i] for i in half], [grads[i] for i in half],
                     [states[i] for i in half], masters, [labels[i] for i in half], hyper,
                     step, nonfinite, rounding, seed, half)
-    if calls is None:
-        return False
     rest = [i for i in range(len(params)) if i not in hs]
     if rest:  # each group checks its own arrays; this checks one against the other
         _check_model(params, grads, states, masters, labels, half)
+    if calls is None:  # skipped (a 16-bit gradient's NaN/inf): the rest still checked
+        _validate_rest(params, grads, states, labels, rest, hyper, step)
+        return False
     if rest and not D.update([params[i] for i in rest], [grads[i] for i in rest],
                              [states[i] for i in rest], [labels[i] for i in rest],
                              hyper, step, nonfinite, plan):
         return False
     run(calls)
     return True
+
+
+def _validate_rest(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                   labels: Sequence[Labels], rest: list[int], hyper: H.Hyper,
+                   step: int) -> None:
+    """The float32/float64 arrays ``rest`` validated as ``_dispatch.update`` would,
+    nothing written: a step skipped for a 16-bit gradient still refuses bad input."""
+    if rest:
+        from . import _dispatch as D
+
+        D.validate([params[i] for i in rest], [grads[i] for i in rest],
+                   [states[i] for i in rest], [labels[i] for i in rest], hyper, step)
 
 
 def _check_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

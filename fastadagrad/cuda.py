@@ -637,9 +637,19 @@ def prepared(gc: GpuCache, params: Sequence[Any], grads: Sequence[Any],
     return run
 
 
-def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
-                       labels: Sequence[Any], hyper: H.Hyper, step: int,
-                       gc: GpuCache | None) -> tuple[Tables, Any]:
+def validate(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+             labels: Sequence[Any], hyper: H.Hyper, step: int) -> None:
+    """Everything :func:`update` checks, with nothing launched or cached: raises naming
+    the offending array (e.g. for a step that another part of the model skips)."""
+    require_gpu()
+    _check_all(params, grads, states, labels, hyper, step)
+
+
+def _check_all(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+               labels: Sequence[Any], hyper: H.Hyper, step: int
+               ) -> tuple[list[tuple], dict[int, str]]:
+    """Validate every array (the docstring of :func:`update`): (per tensor (param, grad,
+    state descriptions, dtype), the devices seen with an array's name)."""
     from ._arrays import check_no_overlap
 
     n = len(params)
@@ -677,7 +687,13 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
     check_no_overlap(addr[0], addr[1], addr[2], nbytes, labels)
     for _, _, _, dt in triples:  # overflow of a coefficient in the dtype: raise now
         coefficients(hyper, dt, step)
+    return triples, devs
 
+
+def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
+                       labels: Sequence[Any], hyper: H.Hyper, step: int,
+                       gc: GpuCache | None) -> tuple[Tables, Any]:
+    triples, devs = _check_all(params, grads, states, labels, hyper, step)
     device = next(iter(devs)) if devs else _current_device()
     stream = _stream_ref(params[0], triples[0][0])
     pptr, gptr, hptr = ([t[k].ptr for t in triples] for k in range(3))

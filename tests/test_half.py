@@ -507,6 +507,30 @@ def test_class_mixed_model_refuses_aliasing_across_groups(rng, case):
     assert opt.step == 1
 
 
+@pytest.mark.parametrize("bad", ["wrong shape", "overflowing lr"])
+def test_skipped_step_still_refuses_bad_float32_input(rng, bad):
+    # a NaN in a 16-bit gradient skips the step (nonfinite="skip"); the float32 arrays
+    # must still be validated, as a float32-only model's are, and nothing counted
+    params = _model(rng)
+    grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    opt = fastadagrad.AdaGrad(nonfinite="skip", lr=0.05)
+    opt.update(params, grads)
+    g = dict(grads)
+    g["b"] = np.full(3, np.nan, F16)
+    if bad == "wrong shape":
+        g["w"], exc, msg = grads["w"][:2], ValueError, r"grads\['w'\] has shape"
+    else:
+        opt.lr, exc, msg = 1e39, ValueError, "overflows to inf in float32"
+    before = {k: v.copy() for k, v in params.items()}
+    h0 = {k: v.copy() for k, v in opt.h.items()}
+    with pytest.raises(exc, match=msg):
+        opt.update(params, g)
+    assert (opt.step, opt.skipped_steps) == (1, 0)
+    for k in params:
+        assert_bits_equal(params[k], before[k], k)
+        assert_bits_equal(opt.h[k], h0[k], k)
+
+
 @pytest.mark.parametrize("how", ["state_dict", "file", "pickle"])
 def test_checkpoint_carries_master_and_rounding(rng, tmp_path, how):
     """Train 3 steps, save, train 3 more; a fresh optimizer loaded from the save and

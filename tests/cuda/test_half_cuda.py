@@ -171,3 +171,21 @@ def test_mixed_model_refuses_aliasing_across_groups(rng, case):
         assert np.array_equal(v.copy_to_host().view(np.uint8), before[k].view(np.uint8)), k
     for k, v in opt.h.items():
         assert np.array_equal(v.copy_to_host(), h0[k]), k
+
+
+def test_skipped_step_still_refuses_bad_float32_input():
+    """A NaN in a float16 device gradient skips the step (nonfinite="skip"); the
+    float32 device arrays are still validated, and nothing is counted."""
+    dev = {"h": cuda.to_device(np.ones(6, np.float16)),
+           "f": cuda.to_device(np.ones(5, np.float32))}
+    opt = fa.AdaGrad(lr=0.1, nonfinite="skip")
+    opt.update(dev, {"h": cuda.to_device(np.ones(6, np.float16)),
+                     "f": cuda.to_device(np.ones(5, np.float32))})
+    bad = {"h": cuda.to_device(np.full(6, np.nan, np.float16)),
+           "f": cuda.to_device(np.ones(7, np.float32))}
+    before = {k: v.copy_to_host() for k, v in dev.items()}
+    with pytest.raises(ValueError, match=r"grads\['f'\] has shape \(7,\)"):
+        opt.update(dev, bad)
+    assert (opt.step, opt.skipped_steps) == (1, 0)
+    for k, v in dev.items():
+        assert np.array_equal(v.copy_to_host(), before[k]), k
