@@ -616,11 +616,15 @@ class AdaGrad:
 
 
 def _raise_nonfinite_key(grads: FlatBuffer, hyper: Hyper) -> None:
-    """Name the first tensor of a host flat buffer whose gradient is NaN/inf."""
-    if D.is_cuda_array(grads.data):
-        return
+    """Name the first tensor of a flat buffer whose gradient is NaN/inf (a device
+    buffer's tensors are copied to the host one by one: this is the error path)."""
+    on_device = D.is_cuda_array(grads.data)
     for key in grads:
         g = grads[key]
+        if on_device:
+            from . import cuda as _cuda
+
+            g = _cuda.to_host(g)
         with np.errstate(all="ignore"):
             if hyper.grad_scale is not None:
                 g = g / g.dtype.type(hyper.grad_scale)

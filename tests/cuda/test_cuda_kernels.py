@@ -670,3 +670,18 @@ def test_unrolled_chunks_match_the_chunked_kernel(monkeypatch, rule, dtype):
                 reference_step(p, g, h, hyper, step)
             assert ulps(out[1][k], p) <= ULP_BOUND
             assert ulps(out[1][len(sizes) + k], h) <= ULP_BOUND
+
+
+def test_device_flat_buffer_nonfinite_error_names_the_tensor():
+    """As on the host: the first tensor of the buffer whose gradient is NaN/inf."""
+    rng = np.random.default_rng(13)
+    arrays = {"w": rng.standard_normal(10).astype(np.float32),
+              "b": rng.standard_normal(4).astype(np.float32)}
+    grads = {k: np.ones_like(v) for k, v in arrays.items()}
+    grads["b"][1] = np.nan
+    params = fa.FlatBuffer(arrays).to_device()
+    opt = fa.AdaGrad(lr=0.1, nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"grads\['b'\] \(in a flat buffer\)"):
+        opt.update(params, fa.FlatBuffer(grads).to_device())
+    np.testing.assert_array_equal(params.to_host().data,
+                                  fa.FlatBuffer(arrays).data)
