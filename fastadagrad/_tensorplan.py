@@ -86,10 +86,14 @@ def storage_short(x: Any) -> str | None:
     place, as FSDP does with ``untyped_storage().resize_(0)``), or None if they do not.
     torch's own steps then read and write past it; read once per plan for the tensors
     the kernels write (a storage resize moves the data, which rebuilds the plan)."""
-    if not x.numel():
-        return None
-    extent = x.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
-    have = x.untyped_storage().nbytes()
+    try:
+        if not x.numel():
+            return None
+        extent = x.storage_offset() + 1 + sum((n - 1) * st
+                                              for n, st in zip(x.shape, x.stride()))
+        have = x.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None  # no strides or storage of its own (nested, functional...): torch's
     if have >= extent * x.element_size():
         return None
     return (f"has {x.numel()} elements but its storage holds {have} bytes (freed or "
