@@ -828,9 +828,10 @@ class _SubLabels:
 
 def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], ...]
                         ) -> bool:
-    """Whether a tensor of one path (lists of parameter indices) shares a storage with
-    a tensor of another, one of them written (parameters and sums are written,
-    gradients read). Storage ranges: conservative for views into one buffer."""
+    """Whether a tensor of one path (lists of parameter indices) shares memory with a
+    tensor of another, one of them written (parameters and sums are written, gradients
+    read). A contiguous tensor's own bytes (disjoint views of one flat buffer do not
+    overlap), another's whole storage (conservative)."""
     ranges = []
     for side, idx in enumerate(paths):
         for i in idx:
@@ -843,9 +844,12 @@ def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], 
                     return True
                 for x in parts:
                     if x.numel() and x.data_ptr():
-                        st = x.untyped_storage()
-                        a = st.data_ptr()
-                        ranges.append((a, a + st.nbytes(), side, role != 1))
+                        if x.is_contiguous():
+                            a, n = x.data_ptr(), x.numel() * x.element_size()
+                        else:
+                            st = x.untyped_storage()
+                            a, n = st.data_ptr(), st.nbytes()
+                        ranges.append((a, a + n, side, role != 1))
     ranges.sort()
     end_all: dict[int, int] = {}
     end_written: dict[int, int] = {}

@@ -849,6 +849,29 @@ def test_paths_sharing_memory_keep_torchs_order(case: str, mode: str, first: str
     assert_same(run(FT.Adagrad), run(TORCH_OPT), case)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("mode", ["single", "foreach"])
+def test_disjoint_views_of_one_buffer_stay_compiled(mode: str, no_torch_step: None) -> None:
+    # a sparse embedding and dense layers whose parameters are disjoint slices of one
+    # flat buffer (the "contiguous parameters" pattern): nothing overlaps, so each path
+    # keeps its compiled kernels
+    def run(cls: type) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(5)
+        flat = torch.randn(50 * 8 + 8 * 4 + 4, generator=g)
+        emb = torch.nn.Parameter(flat[:400].view(50, 8))
+        w = torch.nn.Parameter(flat[400:432].view(8, 4))
+        b = torch.nn.Parameter(flat[432:])
+        opt = cls([emb, w, b], lr=0.1, **MODES[mode])
+        for k in range(3):
+            emb.grad = _sparse_grad((50, 8), 12, k, torch.float32, hot=2)
+            w.grad, b.grad = torch.randn(8, 4, generator=g), torch.randn(4, generator=g)
+            opt.step()
+        return [t.detach().clone() for p in (emb, w, b) for t in (p, opt.state[p]["sum"])]
+
+    ref = run(TORCH_OPT)
+    assert_same(run(FT.Adagrad), ref)
+
+
 def _free(t: torch.Tensor, how: str) -> None:
     t.untyped_storage().resize_(0 if how == "freed" else 16)
 
