@@ -512,6 +512,28 @@ def test_torch_compiled_step_runs_eagerly(mode: str) -> None:
     assert r.stdout.strip().splitlines()[-1] == "same", r.stdout
 
 
+TORCH_THREADS = """
+import torch, fastadagrad.torch as FT
+torch.set_num_threads(1)
+ps = [torch.randn(1 << 17, requires_grad=True), torch.randn(8, requires_grad=True)]
+opt = FT.Adagrad(ps)
+for _ in range(2):
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+print("torch threads", torch.get_num_threads())
+"""
+
+
+def test_first_step_leaves_torchs_thread_count_alone() -> None:
+    # a fresh process: the first step starts Numba's threading layer, whose omp pool
+    # shares torch's OpenMP runtime and used to set its thread count to Numba's
+    r = subprocess.run([sys.executable, "-c", TORCH_THREADS], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "torch threads 1", r.stdout
+
+
 def test_import_fastadagrad_does_not_import_torch() -> None:
     code = "import sys, fastadagrad; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
