@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numba
 import numpy as np
 
 from . import _hyper as H
@@ -70,7 +69,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     addresses, both confirmed in this call.
     """
     if plan.largest >= config.parallel_from(8):  # the table's balance matters
-        threads = numba.get_num_threads()  # thread-local: may change any time
+        threads = cpu.numba_threads()  # thread-local: may change any time
         if threads != plan.threads:
             plan.plan_groups(threads)
 

@@ -30,13 +30,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from . import config
+from . import config, cpu
 from ._arrays import Labels, _address, check_no_overlap
 from ._jit import jit
 
@@ -374,7 +373,7 @@ class Plan:
         # AMD EPYC); nor does the layout probe's model
         self.plan_groups(1)
         if self.largest >= config.parallel_from(8):  # the rule of cpu_update_many
-            self.plan_groups(numba.get_num_threads())
+            self.plan_groups(cpu.numba_threads())
 
     def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
               ) -> tuple[int, np.ndarray]:

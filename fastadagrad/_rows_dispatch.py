@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numba
 import numpy as np
 
 from . import _hyper as H
@@ -123,7 +122,7 @@ def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper:
     if not idx.flags.c_contiguous:
         idx = np.ascontiguousarray(idx)  # K integers: one compiled layout, not two
     big = k * d >= config.PARALLEL_THRESHOLD
-    threads = numba.get_num_threads()
+    threads = cpu.numba_threads()
     if nonfinite != "ignore":
         if big and threads > 1:
             with cpu.PARALLEL_LOCK:

@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from torch.autograd.graph import increment_version
@@ -100,18 +99,6 @@ def storage_short(x: Any) -> str | None:
             "shrunk)")
 
 
-def numba_threads() -> int:
-    """``numba.get_num_threads()``, leaving torch's own thread count as it was: the
-    first call starts Numba's threading layer, and its omp pool, which shares the
-    OpenMP runtime torch loaded, sets that runtime's thread count to Numba's (after
-    ``torch.set_num_threads(1)``, torch ran on every core from the first step on)."""
-    before = torch.get_num_threads()
-    n = numba.get_num_threads()
-    if torch.get_num_threads() != before:
-        torch.set_num_threads(before)
-    return n
-
-
 def eligible(p: Any, g: Any, h: Any) -> bool:
     """True when (param, grad, state) can take the compiled CPU path."""
     return (unsupported(p) is None and unsupported(g) is None and unsupported(h) is None
@@ -180,7 +167,7 @@ class TensorPlan:
         self.wlists = (self.wstart.tolist(), self.wend.tolist(), nbytes.tolist())
         self.pdtypes = [NP_DTYPES[m[1]] for m in key[2]]
         self.sizes = [p.numel() for p in params]
-        self.plan_groups(numba_threads())
+        self.plan_groups(cpu.numba_threads())
         self.ckey = None
         self.key = key
 
@@ -243,7 +230,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         return None
     threshold = config.PARALLEL_THRESHOLD
     if plan.largest >= threshold:  # below, only serial kernels run: any table serves
-        threads = numba_threads()  # thread-local: the caller may change it
+        threads = cpu.numba_threads()  # thread-local: the caller may change it
         if threads != plan.threads:
             plan.plan_groups(threads)
     ck = plan.ckey  # each group's kernels and scalars, kept while all three are the same
@@ -390,7 +377,7 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
             bool(emulate))
     # (the NumPy views keep their tensors alive: ``Tensor.numpy()`` sets ``base``)
     written = [param, state]
-    if vals.size >= config.parallel_from(p.itemsize) and numba_threads() > 1:
+    if vals.size >= config.parallel_from(p.itemsize) and cpu.numba_threads() > 1:
         def run() -> None:
             with cpu.PARALLEL_LOCK:
                 cpu_vsqrt.adagrad_sparse_rows_parallel(*args)

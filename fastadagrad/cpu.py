@@ -424,7 +424,42 @@ first_nonfinite_many_serial = _ByFlags("first_nonfinite_many_serial",
 #: Parallel kernels are called under this lock: Numba's workqueue layer aborts the
 #: process when two Python threads enter parallel code at once, and even with omp two
 #: concurrent 2-thread kernels only oversubscribe the cores. Serial kernels need none.
-PARALLEL_LOCK = threading.Lock()
+#: Entering it also starts Numba's threading layer as :func:`numba_threads` does.
+class _ParallelLock:
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if not _STARTED:
+            numba_threads()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+PARALLEL_LOCK = _ParallelLock()
+_STARTED = False
+
+
+def numba_threads() -> int:
+    """``numba.get_num_threads()``; the first call starts Numba's threading layer and
+    leaves torch's thread count as it was, where torch is loaded. Numba's omp pool
+    shares the OpenMP runtime torch loaded and, starting, sets that runtime's thread
+    count to Numba's: after ``torch.set_num_threads(1)``, torch then ran on every core.
+    Every path to the parallel kernels calls it first (or enters :data:`PARALLEL_LOCK`)."""
+    global _STARTED
+    if _STARTED:
+        return numba.get_num_threads()
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    n = numba.get_num_threads()
+    if before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+    _STARTED = True
+    return n
 
 
 def _after_fork_in_child() -> None:
@@ -436,7 +471,7 @@ def _after_fork_in_child() -> None:
     a parent that never started the thread pool leaves the child free to start its own.)
     The lock is new too: a thread of the parent may have held it at the fork."""
     global PARALLEL_LOCK
-    PARALLEL_LOCK = threading.Lock()
+    PARALLEL_LOCK = _ParallelLock()
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run in the parent

@@ -513,22 +513,37 @@ def test_torch_compiled_step_runs_eagerly(mode: str) -> None:
 
 
 TORCH_THREADS = """
-import torch, fastadagrad.torch as FT
+import sys
+import numpy as np, torch
+import fastadagrad, fastadagrad.torch as FT
 torch.set_num_threads(1)
-ps = [torch.randn(1 << 17, requires_grad=True), torch.randn(8, requires_grad=True)]
-opt = FT.Adagrad(ps)
-for _ in range(2):
-    for p in ps:
-        p.grad = torch.randn_like(p)
-    opt.step()
+n = 1 << 17  # above the parallel threshold
+if sys.argv[1] == "adapter":
+    ps = [torch.randn(n, requires_grad=True), torch.randn(8, requires_grad=True)]
+    opt = FT.Adagrad(ps)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+elif sys.argv[1] == "adagrad_update":
+    fastadagrad.adagrad_update(np.ones(n, np.float32), np.ones(n, np.float32),
+                               np.zeros(n, np.float32), lr=0.1)
+elif sys.argv[1] == "AdaGrad.update":
+    fastadagrad.AdaGrad().update({"a": np.ones(n), "b": np.ones(5)},
+                                 {"a": np.ones(n), "b": np.ones(5)})
+else:
+    fastadagrad.adagrad_update_rows(np.ones((4096, 64), np.float32),
+                                    np.zeros((4096, 64), np.float32),
+                                    np.arange(2048), np.ones((2048, 64), np.float32))
 print("torch threads", torch.get_num_threads())
 """
 
 
-def test_first_step_leaves_torchs_thread_count_alone() -> None:
-    # a fresh process: the first step starts Numba's threading layer, whose omp pool
-    # shares torch's OpenMP runtime and used to set its thread count to Numba's
-    r = subprocess.run([sys.executable, "-c", TORCH_THREADS], capture_output=True,
+@pytest.mark.parametrize("entry", ["adapter", "adagrad_update", "AdaGrad.update", "rows"])
+def test_first_parallel_step_leaves_torchs_thread_count_alone(entry: str) -> None:
+    # a fresh process: the first parallel step starts Numba's threading layer, whose omp
+    # pool shares torch's OpenMP runtime and used to set its thread count to Numba's
+    r = subprocess.run([sys.executable, "-c", TORCH_THREADS, entry], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "torch threads 1", r.stdout
