@@ -165,6 +165,23 @@ def check_no_overlap(paddr: np.ndarray, gaddr: np.ndarray, haddr: np.ndarray,
 
 
 
+def cross_overlap(ranges: list[tuple[int, int, int, bool, Any]]) -> tuple[Any, Any] | None:
+    """The first two byte ranges ``(start, end, group, written, tag)`` of DIFFERENT
+    groups that overlap, one of them written, as their tags; None if there are none
+    (ranges of one group are each group's own business). One sort, then a sweep that
+    keeps each group's furthest end among its written ranges and among all of them."""
+    ranges = sorted(ranges, key=lambda r: r[:2])
+    ends: dict[tuple[int, bool], tuple[int, Any]] = {}  # (group, written): end, tag
+    for start, end, group, written, tag in ranges:
+        for (g, w), (far, other) in ends.items():
+            if g != group and (w or written) and start < far:
+                return other, tag
+        key = (group, written)
+        if key not in ends or end > ends[key][0]:
+            ends[key] = (end, tag)
+    return None
+
+
 # --- coefficients ---------------------------------------------------------------
 
 @functools.lru_cache(maxsize=512)

@@ -25,6 +25,7 @@ from ._arrays import (  # noqa: F401  (re-exported: the public modules' one way 
     check_no_overlap,
     check_triple,
     coefficients,
+    cross_overlap,
     describe,
     is_cuda_array,
 )

@@ -16,7 +16,7 @@ import numpy as np
 from . import _hyper as H
 from . import _rounding as R
 from . import config
-from ._arrays import Labels, coefficients, describe, is_cuda_array
+from ._arrays import Labels, coefficients, cross_overlap, describe, is_cuda_array
 from ._rounding import check_options  # noqa: F401  (the public modules' way down)
 
 _F32 = np.dtype(np.float32)
@@ -279,22 +279,29 @@ def _validate_rest(params: Sequence[Any], grads: Sequence[Any], states: Sequence
 def _check_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                  masters: Sequence[Any] | None, labels: Sequence[Labels],
                  half: Sequence[int]) -> None:
-    """:func:`_check_across` on a whole model of 16-bit and other arrays, before
-    anything is written: a 16-bit parameter, its state or master copy must not share
-    memory with the other arrays, nor theirs with its gradient. The other arrays are
-    taken where they are C-contiguous NumPy arrays (their byte range is then exact);
-    anything else is refused by their own validation, which runs before any write."""
-    def plain(x: Any) -> Any:
-        return x if isinstance(x, np.ndarray) and x.flags.c_contiguous else None
-
+    """The 16-bit arrays (validated) against the model's other arrays, before anything
+    is written: no array written by one group (a parameter, its state or master copy)
+    may share memory with any array of the other (each group checks its own). The
+    other arrays are taken where they are C-contiguous NumPy arrays (their byte range is
+    then exact); anything else is refused by their own validation, before any write."""
+    hs = set(half)
     ms: list[Any] = [None] * len(params)
     if masters is not None:
         for i, m in zip(half, masters):
             ms[i] = m
-    hs = set(half)
-    _check_across([x if i in hs else plain(x) for i, x in enumerate(params)],
-                  [x if i in hs else plain(x) for i, x in enumerate(grads)],
-                  [x if i in hs else plain(x) for i, x in enumerate(states)], ms, labels)
+    ranges = []
+    for i in range(len(params)):
+        lab = labels[i]
+        for x, written, name in ((params[i], True, lab.param), (grads[i], False, lab.grad),
+                                 (states[i], True, lab.state),
+                                 (ms[i], True, f"the master copy of {lab.param}")):
+            if (isinstance(x, np.ndarray) and x.size and (i in hs or x.flags.c_contiguous)):
+                a = x.__array_interface__["data"][0]
+                ranges.append((a, a + x.nbytes, i in hs, written, name))
+    hit = cross_overlap(ranges)
+    if hit is not None:
+        raise ValueError(f"{hit[0]} and {hit[1]} share memory; a parameter and its state "
+                         "are updated in place and must not alias any other input")
 
 
 def _check_across(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],

@@ -34,7 +34,7 @@ from numba import uint64 as _u64
 from . import _hyper as H
 from . import _rounding as R
 from . import cuda as fcuda
-from ._arrays import Labels, is_cuda_array
+from ._arrays import Labels, cross_overlap, is_cuda_array
 from .cuda_formula import element, ops
 
 _FORMATS = ("bfloat16", "float16")
@@ -268,24 +268,14 @@ def check_across(half: Sequence[int], params: Sequence[Any], grads: Sequence[Any
     for i in range(len(params)):
         for x, role in ((params[i], "param"), (grads[i], "grad"), (states[i], "state")):
             if is_cuda_array(x):
-                span = _span(x, getattr(labels[i], role))
+                name = getattr(labels[i], role)
+                span = _span(x, name)
                 if span is not None:
-                    ranges.append((*span, role != "grad", i in hs, i, role))
-    ranges.sort()
-    ends: dict[tuple[bool, bool], tuple[int, tuple]] = {}  # (group, written): furthest
-    for r in ranges:
-        start, _, written, group = r[:4]
-        for w in ((True, False) if written else (True,)):
-            hit = ends.get((not group, w))
-            if hit is not None and start < hit[0]:
-                a, b = hit[1], r
-                raise ValueError(f"{getattr(labels[a[4]], a[5])} and "
-                                 f"{getattr(labels[b[4]], b[5])} share memory; a "
-                                 "parameter and its state are updated in place and must "
-                                 "not alias any other input")
-        key = (group, written)
-        if key not in ends or r[1] > ends[key][0]:
-            ends[key] = (r[1], r)
+                    ranges.append((*span, i in hs, role != "grad", name))
+    hit = cross_overlap(ranges)
+    if hit is not None:
+        raise ValueError(f"{hit[0]} and {hit[1]} share memory; a parameter and its state "
+                         "are updated in place and must not alias any other input")
 
 
 def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

@@ -849,19 +849,8 @@ def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], 
                         else:
                             st = x.untyped_storage()
                             a, n = st.data_ptr(), st.nbytes()
-                        ranges.append((a, a + n, side, role != 1))
-    ranges.sort()
-    end_all: dict[int, int] = {}
-    end_written: dict[int, int] = {}
-    for start, end, side, written in ranges:
-        for other in range(len(paths)):
-            if other != side and (start < end_written.get(other, 0)
-                                  or written and start < end_all.get(other, 0)):
-                return True
-        end_all[side] = max(end_all.get(side, 0), end)
-        if written:
-            end_written[side] = max(end_written.get(side, 0), end)
-    return False
+                        ranges.append((a, a + n, side, role != 1, None))
+    return D.cross_overlap(ranges) is not None
 
 
 def _address(t: Any) -> int:

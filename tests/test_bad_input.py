@@ -695,4 +695,21 @@ def test_float32_lr_overflow_names_the_step_only_where_it_matters(lr_decay: floa
     p, g, h = np.ones(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32)
     with pytest.raises(ValueError, match=named + ", which overflows to inf in float32"):
         adagrad_update(p, g, h, lr=1e39, lr_decay=lr_decay, step=9)
-    assert not h.any()
+    assert not h.any() and (p == 1).all() and (g == 1).all()
+
+
+def test_cross_overlap_finds_written_overlaps_across_groups_only() -> None:
+    from fastadagrad._arrays import cross_overlap
+
+    # (start, end, group, written, tag)
+    assert cross_overlap([(0, 8, 0, True, "a"), (4, 12, 0, True, "b")]) is None  # one group
+    assert cross_overlap([(0, 8, 0, False, "a"), (4, 12, 1, False, "b")]) is None  # reads
+    assert cross_overlap([(0, 8, 0, True, "a"), (8, 16, 1, True, "b")]) is None  # touching
+    assert cross_overlap([(0, 8, 0, True, "a"), (7, 16, 1, False, "b")]) == ("a", "b")
+    assert cross_overlap([(0, 8, 1, False, "a"), (7, 16, 0, True, "b")]) == ("a", "b")
+    # a long read range of group 0 first, a write of group 1 inside it much later
+    assert cross_overlap([(0, 100, 0, False, "g"), (10, 20, 0, True, "p"),
+                          (50, 60, 1, True, "q")]) == ("g", "q")
+    # three groups: only the pair of different groups counts
+    assert cross_overlap([(0, 10, 2, True, "x"), (5, 6, 2, False, "y"),
+                          (20, 30, 0, True, "z")]) is None
