@@ -68,6 +68,8 @@ SCENARIO_LABEL = {"flat": "flat buffer", "model100": "100-tensor model",
                   "torch-mlp784-1024-512-10-f64": "torch MLP 784-1024-512-10 (1.33M)",
                   "torch-net784-50-10": "torch net 784-50-10 (39,760, 4 tensors)",
                   "torch-1x1024": "torch, one tensor of 1,024",
+                  "torch-resnet18-channels-last": "torch ResNet-18, channels_last (11.69M, "
+                                                  "62 tensors)",
                   "torch-embedding-sparse": "torch sparse nn.Embedding 100k × 64"}
 DT = {"float32": "f32", "float64": "f64"}
 #: A median this many times the fastest round marks a case as disturbed: on 2 cores a

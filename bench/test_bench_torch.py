@@ -8,7 +8,10 @@ tensors with their gradients set, as after ``loss.backward()``:
   ``bench/benchlib.model_shapes`` (float32);
 - ``torch-mlp784-1024-512-10``: an MLP, weights and biases (float32);
 - ``torch-net784-50-10`` (4 tensors, 39,760 parameters) and ``torch-1x1024`` (one
-  tensor of 1,024): small models, where the fixed cost of a step decides.
+  tensor of 1,024): small models, where the fixed cost of a step decides;
+- ``torch-resnet18-channels-last``: ResNet-18's 62 parameters (11.69M) after
+  ``model.to(memory_format=torch.channels_last)``: its 4-d convolution weights, their
+  gradients and sums are dense but not contiguous (float32).
 
 Implementations: torch's three (default single-tensor, ``foreach=True``,
 ``fused=True``) and the adapter with the same three flag sets (each reproduces the bits
@@ -62,21 +65,46 @@ def mlp_shapes() -> list[tuple[int, ...]]:
     return out
 
 
+def resnet18_shapes() -> list[tuple[int, ...]]:
+    """torchvision's ResNet-18 parameters in order: convolution weights, batch-norm
+    weights and biases, the 1000-class head (62 tensors, 11,689,512 parameters)."""
+    out: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    cin = 64
+    for cout in (64, 128, 256, 512):
+        for block in range(2):
+            out += [(cout, cin, 3, 3), (cout,), (cout,), (cout, cout, 3, 3), (cout,), (cout,)]
+            if block == 0 and cout != cin:  # the downsampling shortcut
+                out += [(cout, cin, 1, 1), (cout,), (cout,)]
+            cin = cout
+    return out + [(1000, 512), (1000,)]
+
+
 MODELS = {"torch-model100": B.model_shapes, "torch-mlp784-1024-512-10": mlp_shapes,
           # small models, where each step's fixed costs decide
           "torch-net784-50-10": lambda: [(50, 784), (50,), (10, 50), (10,)],
-          "torch-1x1024": lambda: [(1024,)]}
+          "torch-1x1024": lambda: [(1024,)],
+          "torch-resnet18-channels-last": resnet18_shapes}
+#: models whose 4-d weights are channels_last (``model.to(memory_format=...)``); their
+#: gradients from autograd have the same strides
+CHANNELS_LAST = {"torch-resnet18-channels-last"}
 
 
-def make_step(impl: str, shapes: list[tuple[int, ...]], dtype: str = "float32") -> Any:
+def make_step(impl: str, shapes: list[tuple[int, ...]], dtype: str = "float32",
+              channels_last: bool = False) -> Any:
     torch = B.require_torch()
     lib, kw = IMPLS[impl]
     gen = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
+
+    def tensor(s: tuple[int, ...], scale: float) -> Any:
+        t = torch.randn(s, generator=gen, dtype=dt) * scale
+        return (t.contiguous(memory_format=torch.channels_last)
+                if channels_last and len(s) == 4 else t)
+
     params = []
     for s in shapes:
-        p = (torch.randn(s, generator=gen, dtype=dt) * 0.1).requires_grad_()
-        p.grad = torch.randn(s, generator=gen, dtype=dt) * 0.01
+        p = tensor(s, 0.1).requires_grad_()
+        p.grad = tensor(s, 0.01)
         params.append(p)
     if lib == "torch":
         opt = torch.optim.Adagrad(params, lr=B.LR, eps=B.EPS, **kw)
@@ -93,7 +121,7 @@ def test_torch_model(run: Any, disabled: bool, impl: str, model: str) -> None:
     shapes = MODELS[model]()
     if disabled:
         shapes = [tuple(min(d, 8) for d in s) for s in shapes]
-    step = make_step(impl, shapes)
+    step = make_step(impl, shapes, channels_last=model in CHANNELS_LAST)
     run(step, scenario=model, impl=impl, dtype="float32", n=B.numel(shapes),
         tensors=len(shapes), group=f"{model} float32")
 

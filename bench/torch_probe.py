@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import fastadagrad  # noqa: E402
 from bench import benchlib as B  # noqa: E402
 from bench import machine  # noqa: E402
-from bench.test_bench_torch import IMPLS, MODELS, make_step  # noqa: E402
+from bench.test_bench_torch import CHANNELS_LAST, IMPLS, MODELS, make_step  # noqa: E402
 
 #: at least 1.5x torch fused on the 100-tensor model, never slower elsewhere
 GOALS = {"torch-model100": 1.5}
@@ -54,9 +54,10 @@ def goal(model: str) -> float:
 
 
 def probe_model(shapes: list[tuple[int, ...]], reps: int, blocks: int,
-                rng: random.Random) -> dict[str, float]:
+                rng: random.Random, channels_last: bool = False) -> dict[str, float]:
     """Median over blocks of each implementation's median step time, in seconds."""
-    steps: dict[str, Callable[[], Any]] = {impl: make_step(impl, shapes) for impl in IMPLS}
+    steps: dict[str, Callable[[], Any]] = {
+        impl: make_step(impl, shapes, channels_last=channels_last) for impl in IMPLS}
     for step in steps.values():  # compiles, creates the state, faults the pages in
         for _ in range(3):
             step()
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes = shapes_of()
         if args.quick:
             shapes = [tuple(min(d, 8) for d in s) for s in shapes]
-        med = probe_model(shapes, reps, blocks, rng)
+        med = probe_model(shapes, reps, blocks, rng, model in CHANNELS_LAST)
         row = {"model": model, "tensors": len(shapes), "parameters": B.numel(shapes),
                "median_us": {k: round(v * 1e6, 3) for k, v in med.items()}}
         row["torch_fused_over"] = {k: med[B.TORCH_FUSED] / v for k, v in med.items()}

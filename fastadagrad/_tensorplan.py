@@ -57,16 +57,42 @@ KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 }
 
 
-def unsupported(x: Any) -> str | None:
-    """Why the CPU kernels cannot update tensor ``x`` in place, or None if they can."""
+def dense_strides(x: Any) -> tuple[int, ...] | None:
+    """The strides of strided tensor ``x`` if its elements fill one block of memory
+    with no gaps and no overlap (contiguous, ``channels_last``, any permutation of the
+    dimensions), with 0 for the dimensions of size 1 (their stride moves no element);
+    None if they do not.
+
+    The kernels update a tensor as the flat block at ``data_ptr()`` (torch's strides
+    are never negative, so that is its lowest address), element by element: three
+    tensors of one shape whose dense strides are equal hold the same element at the
+    same offset of their blocks, whatever the order of the dimensions in memory.
+    """
+    shape, stride = x.shape, x.stride()
+    expect = 1
+    for st, n in sorted((st, n) for n, st in zip(shape, stride) if n != 1):
+        if st != expect:
+            return None
+        expect *= n
+    return tuple(st if n != 1 else 0 for n, st in zip(shape, stride))
+
+
+def unsupported(x: Any, dense: bool = False) -> str | None:
+    """Why the CPU kernels cannot update tensor ``x`` in place, or None if they can.
+
+    ``dense``: a non-contiguous tensor whose elements still fill one block of memory
+    (:func:`dense_strides`: ``channels_last`` weights) is taken too; the caller then
+    checks that the tensors updated together have the same strides.
+    """
     if x.layout is not _strided:
         return f"has layout {x.layout}"
     if not x.is_cpu:
         return f"is on device {x.device}"
     if x.dtype not in NP_DTYPES:
         return f"has dtype {x.dtype} (the CPU kernels take float32 and float64)"
-    if not x.is_contiguous():
-        return "is not contiguous"
+    if not x.is_contiguous() and not (dense and dense_strides(x) is not None):
+        return ("is neither contiguous nor dense (its elements leave gaps or overlap)"
+                if dense else "is not contiguous")
     if x.numel():
         if x.data_ptr() == 0:  # a wrapper subclass, a ZeroTensor, a freed storage
             return "has no data in memory (data_ptr() is 0)"
@@ -99,10 +125,23 @@ def storage_short(x: Any) -> str | None:
             "shrunk)")
 
 
+def dense_key(x: Any) -> tuple[int, ...] | None:
+    """None for a contiguous tensor, else its :func:`dense_strides` (a tensor whose
+    elements do not fill one block has none: ``()`` then, which no dense tensor of
+    its shape has, except a 0-d one, which is contiguous)."""
+    if x.is_contiguous():
+        return None
+    strides = dense_strides(x)
+    return () if strides is None else strides
+
+
 def eligible(p: Any, g: Any, h: Any) -> bool:
-    """True when (param, grad, state) can take the compiled CPU path."""
-    return (unsupported(p) is None and unsupported(g) is None and unsupported(h) is None
-            and g.dtype == p.dtype == h.dtype and g.shape == p.shape == h.shape)
+    """True when (param, grad, state) can take the compiled CPU path: each contiguous,
+    or all three dense with the same strides (:func:`dense_strides`)."""
+    return (unsupported(p, True) is None and unsupported(g, True) is None
+            and unsupported(h, True) is None
+            and g.dtype == p.dtype == h.dtype and g.shape == p.shape == h.shape
+            and dense_key(p) == dense_key(g) == dense_key(h))
 
 
 class TensorPlan:
@@ -110,10 +149,15 @@ class TensorPlan:
 
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
-                 "ckey", "ccoefs")
+                 "ckey", "ccoefs", "contig", "dense")
 
     def __init__(self) -> None:
         self.key: Any = None
+        #: None when every parameter (and so its state) was contiguous when the plan
+        #: was built; else [(index, dense strides)] of the others, and ``contig`` the
+        #: parameters' contiguity, which their states and gradients must share
+        self.dense: list[tuple[int, tuple[int, ...]]] | None = None
+        self.contig: list[bool] = []
         self.skey: Any = None
         self.scalls: Any = None
         self.ckey: Any = None
@@ -143,7 +187,7 @@ class TensorPlan:
         for i in range(n):
             p, h = params[i], states[i]
             for x, label in ((p, labels[i].param), (h, labels[i].state)):
-                why = unsupported(x)
+                why = unsupported(x, dense=True)
                 if why is not None:
                     raise ValueError(f"{label} {why}; nothing was updated")
             if h.dtype != p.dtype or h.shape != p.shape:
@@ -151,6 +195,10 @@ class TensorPlan:
                                  f"{tuple(h.shape)} but {labels[i].param} has dtype "
                                  f"{p.dtype} and shape {tuple(p.shape)}; nothing was "
                                  "updated")
+            if dense_key(h) != dense_key(p):  # the same element at another offset
+                raise ValueError(f"{labels[i].state} has strides {h.stride()} but "
+                                 f"{labels[i].param} has strides {p.stride()}; nothing "
+                                 "was updated")
         paddr = np.fromiter(key[0], np.int64, n)
         haddr = np.fromiter(key[1], np.int64, n)
         nbytes = np.fromiter((p.numel() * p.element_size() for p in params), np.int64, n)
@@ -167,6 +215,9 @@ class TensorPlan:
         self.wlists = (self.wstart.tolist(), self.wend.tolist(), nbytes.tolist())
         self.pdtypes = [NP_DTYPES[m[1]] for m in key[2]]
         self.sizes = [p.numel() for p in params]
+        self.contig = list(map(_contig, params))
+        self.dense = None if all(self.contig) else [
+            (i, dense_strides(params[i])) for i, c in enumerate(self.contig) if not c]
         self.plan_groups(cpu.numba_threads())
         self.ckey = None
         self.key = key
@@ -214,13 +265,14 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     key = (list(map(_ptr, params)), list(map(_ptr, states)), pmeta,
            list(map(_state_meta, states)))
     try:
-        if key != plan.key or not (all(map(_contig, params)) and all(map(_contig, states))):
+        if key != plan.key or not _same_layout(plan, params, states):
             if not rebuild:
                 return None
             plan.build(params, states, labels, key)
         # gradients, new tensors every step: each of its parameter's shape, dtype,
-        # device (the CPU: the plan checked the parameters) and layout (strided)
-        if (list(map(meta, grads)) != pmeta or not all(map(_contig, grads))
+        # device (the CPU: the plan checked the parameters), layout (strided) and
+        # strides
+        if (list(map(meta, grads)) != pmeta or not _same_layout(plan, grads)
                 or any(map(_is_neg, grads))):  # (a lazy negation: -values in memory)
             return None
         gaddr = np.fromiter(map(_ptr, grads), np.int64, n)
@@ -267,6 +319,23 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         increment_version(written)
 
     return run
+
+
+def _same_layout(plan: TensorPlan, *tensors: Sequence[Any]) -> bool:
+    """Whether each list of ``tensors`` (one per parameter of the plan) is laid out as
+    the plan's parameters were when it was built: contiguous, or dense with the same
+    strides. Read at every step: a transposed square tensor keeps its address and
+    shape. (All contiguous, the common case: one ``is_contiguous`` per tensor.)"""
+    if plan.dense is None:
+        return all(all(map(_contig, ts)) for ts in tensors)
+    contig = plan.contig
+    for ts in tensors:
+        if list(map(_contig, ts)) != contig:
+            return False
+        for i, strides in plan.dense:
+            if dense_strides(ts[i]) != strides:
+                return False
+    return True
 
 
 def steps_ok(t: Any) -> bool:

@@ -16,7 +16,10 @@ What ``step`` does with each parameter that has a gradient:
 
 - CPU float32/float64 dense tensors (the common case): the whole param group goes
   through one compiled Numba call per dtype, in place through the tensors' memory
-  (``data_ptr()``), with the per-model work cached across steps. The bits are those of
+  (``data_ptr()``), with the per-model work cached across steps. Contiguous tensors,
+  and dense ones laid out otherwise (``channels_last`` convolution weights, any order
+  of the dimensions in memory) whose gradient and sum have the parameter's strides, as
+  autograd and torch's state initialisation give them. The bits are those of
   the torch implementation the same flags select, after any number of steps:
 
   * default and ``foreach=True`` (torch's single-tensor and multi-tensor paths)::
@@ -52,7 +55,10 @@ What ``step`` does with each parameter that has a gradient:
   validated tensors and the device tables cached across steps. With
   ``foreach=False``, torch's own single-tensor step (its CUDA ``addcdiv_`` rounds in an
   order the kernels do not reproduce).
-- Anything the kernels cannot update in place (non-contiguous tensors,
+- Anything the kernels cannot update in place (tensors with gaps or overlaps, a
+  parameter, gradient and sum laid out in different orders (with ``fused=True``,
+  torch's fused kernel then pairs their elements by memory offset, not by index; the
+  result is torch's all the same),
   float16/bfloat16/complex, tensors sharing memory, other sparse layouts, a tensor
   ``lr`` with sparse gradients, ``differentiable=True``, AMP's
   ``grad_scale``/``found_inf``, tensors with the negative bit, inference tensors,

@@ -617,6 +617,151 @@ def test_plan_is_reused_across_steps(no_torch_step: None, monkeypatch: pytest.Mo
     assert len(builds) == 1
 
 
+# ------------------------------------------ dense tensors that are not contiguous
+
+def _conv_net(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)
+    ).to(dtype).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("opts", [{}, {"weight_decay": 0.1, "maximize": True},
+                                  {"lr_decay": 0.5, "initial_accumulator_value": 0.1}])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_channels_last_model_compiled_bit_for_bit(mode: str, dtype: torch.dtype, opts: dict,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A convolution net after ``.to(memory_format=torch.channels_last)``: its 4-d
+    weights, their gradients (autograd gives them the weights' strides) and sums are
+    dense but not contiguous; the kernels take them (torch's implementation is not
+    called) and the bits are torch's."""
+    nets = [_conv_net(dtype) for _ in range(2)]
+    assert not next(nets[0].parameters()).is_contiguous()
+    opts = {"lr": 0.1, **MODES[mode], **opts}
+    opts_ = [TORCH_OPT(nets[0].parameters(), **opts), FT.Adagrad(nets[1].parameters(), **opts)]
+    torch.manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(2, 3, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        for net, opt in zip(nets, opts_):
+            opt.zero_grad()
+            (net(x) ** 2).sum().backward()
+            if opt is opts_[1]:
+                with monkeypatch.context() as m:
+                    m.setattr(FT, "_torch_step", _fail)
+                    opt.step()
+            else:
+                opt.step()
+    ps = [list(net.parameters()) for net in nets]
+    assert_same(ps[1], ps[0], "param")
+    assert_same([opts_[1].state[p]["sum"] for p in ps[1]],
+                [opts_[0].state[p]["sum"] for p in ps[0]], "sum")
+    w = ps[1][0]
+    assert opts_[1].state[w]["sum"].stride() == w.stride() != w.contiguous().stride()
+
+
+def _fail(*a: object, **k: object) -> None:
+    raise AssertionError("torch's implementation was called")
+
+
+def _permuted(shape: tuple[int, ...], perm: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A dense tensor of ``shape`` whose dimensions lie in memory in order ``perm``."""
+    inv = sorted(range(len(perm)), key=perm.__getitem__)
+    return _randn(tuple(shape[d] for d in perm), seed).permute(*inv)
+
+
+def test_dense_strides() -> None:
+    cl = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert _tensorplan.dense_strides(cl) == (60, 1, 15, 3)
+    assert _tensorplan.dense_strides(torch.empty(3, 4).t()) == (1, 4)
+    assert _tensorplan.dense_strides(torch.empty(5)) == (1,)
+    assert _tensorplan.dense_strides(torch.empty(())) == ()
+    # size-1 dimensions: their stride moves no element
+    a = torch.empty(4, 1, 5).as_strided((4, 1, 5), (1, 99, 4))
+    b = torch.empty(4, 1, 5).as_strided((4, 1, 5), (1, 7, 4))
+    assert _tensorplan.dense_strides(a) == _tensorplan.dense_strides(b) == (1, 0, 4)
+    # gaps, overlaps
+    assert _tensorplan.dense_strides(torch.empty(10)[::2]) is None
+    assert _tensorplan.dense_strides(torch.empty(6, 4)[:, :3]) is None
+    assert _tensorplan.dense_strides(torch.empty(3, 1).expand(3, 4)) is None
+    assert _tensorplan.dense_strides(torch.empty(8).as_strided((3, 3), (2, 1))) is None
+    assert _tensorplan.dense_strides(torch.empty(8).as_strided((2, 2), (1, 1))) is None
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_permuted_dense_tensors_compiled_bit_for_bit(mode: str, no_torch_step: None
+                                                     ) -> None:
+    """Any order of the dimensions in memory, size-1 dimensions with strides of their
+    own, beside contiguous tensors: compiled when gradient and sum share the
+    parameter's order, with torch's bits."""
+    shapes = [((4, 5, 6), (2, 0, 1)), ((3, 1, 7), (2, 1, 0)), ((5, 4), (1, 0)),
+              ((9,), (0,)), ((2, 3, 4, 5), (0, 2, 3, 1))]
+    params = [_permuted(sh, perm, k) for k, (sh, perm) in enumerate(shapes)]
+    odd = torch.empty(3, 1, 7).as_strided((3, 1, 7), (1, 1000, 3))  # dim 1: any stride
+    params.append(odd.copy_(_randn((3, 1, 7), 9)))
+    grads = [[torch.empty_like(p).copy_(g) for p, g in zip(params, _grads(params, s))]
+             for s in range(4)]
+    grads[2][-1] = torch.empty(21).as_strided((3, 1, 7), (1, 5, 3)).copy_(grads[2][-1])
+    assert not any(p.is_contiguous() for p in params[:3])
+    kw = {"lr": 0.1, "weight_decay": 0.1, **MODES[mode]}
+    ref, ropt = _train(TORCH_OPT, params, 4, kw, grads)
+    out, opt = _train(FT.Adagrad, params, 4, kw, grads)
+    assert [p.stride() for p in out] == [p.stride() for p in params]
+    assert_same(out, ref, "param")
+    assert_same([opt.state[p]["sum"] for p in out], [ropt.state[p]["sum"] for p in ref])
+
+
+@pytest.mark.parametrize("case", ["grad contiguous", "grad other order", "sum contiguous",
+                                  "param reordered in place", "grad reordered later"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_dense_tensors_in_different_orders_are_torchs_outcome(case: str, mode: str) -> None:
+    """Parameter, gradient and sum dense but with their dimensions in different orders
+    in memory: the same element lies at different offsets, so a flat update would mix
+    elements; torch's implementation takes them (or the plan is rebuilt), the bits are
+    torch's. ``param reordered in place``: a cube's ``.data`` set to another
+    permutation of its own storage (same address, same shape)."""
+    def make() -> tuple:
+        p = _permuted((4, 4, 4), (2, 0, 1), 0).requires_grad_()
+        q = _randn((6,), 1).requires_grad_()
+
+        def grad_of(t: torch.Tensor, s: int) -> torch.Tensor:
+            g = _randn(tuple(t.shape), 10 + s)
+            if t is q or case == "grad contiguous" or (case == "grad reordered later"
+                                                       and s == 2):
+                return g if t is q or case == "grad contiguous" else \
+                    _permuted((4, 4, 4), (1, 2, 0), 10 + s)
+            if case == "grad other order":
+                return _permuted((4, 4, 4), (1, 2, 0), 10 + s)
+            return torch.empty_like(t).copy_(g)
+
+        def setup(opt: Any) -> None:
+            if case == "sum contiguous":
+                opt.step = _step_after(opt, lambda: opt.state[p].__setitem__(
+                    "sum", opt.state[p]["sum"].contiguous()))
+            if case == "param reordered in place":
+                opt.step = _step_after(opt, lambda: setattr(
+                    p, "data", p.data.permute(1, 2, 0)))
+        return [p, q], grad_of, setup
+
+    mine, ref = (_outcome(cls, MODES[mode], make) for cls in (FT.Adagrad, TORCH_OPT))
+    assert mine[0] is ref[0]
+    assert_same(mine[1], ref[1])
+
+
+def _step_after(opt: Any, change: Callable[[], None]) -> Callable[..., Any]:
+    """``opt.step`` that makes ``change`` once, after its first step."""
+    step, done = opt.step, []
+
+    def wrapped(*a: Any, **k: Any) -> Any:
+        out = step(*a, **k)
+        if not done:
+            done.append(change())
+        return out
+
+    return wrapped
+
+
 # --------------------------------------------- tensors the kernels cannot take
 
 def _odd_params() -> list[torch.Tensor]:
