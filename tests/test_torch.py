@@ -1059,11 +1059,9 @@ def _free(t: torch.Tensor, how: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["single", "fused"])
-# (a gradient is only read, and its storage's size is not read at every step: a shrunk
-# one is read past its end, as torch's own steps do)
 @pytest.mark.parametrize("which, how", [("param", "freed"), ("param", "shrunk"),
-                                        ("grad", "freed"), ("sum", "freed"),
-                                        ("sum", "shrunk")])
+                                        ("grad", "freed"), ("grad", "shrunk"),
+                                        ("sum", "freed"), ("sum", "shrunk")])
 def test_storage_freed_or_shrunk_raises_before_writing(which: str, how: str,
                                                       mode: str) -> None:
     # FSDP frees a parameter's storage with untyped_storage().resize_(0): torch's default
@@ -1086,6 +1084,50 @@ def test_storage_freed_or_shrunk_raises_before_writing(which: str, how: str,
     with pytest.raises(RuntimeError, match=name + r" 64 elements but its storage holds"):
         opt.step()
     assert_same([t.detach() for t in others], kept)
+
+
+SHRUNK_IN_PLACE = """
+import sys
+import torch
+import fastadagrad.torch as FT
+which, mode = sys.argv[1], sys.argv[2]
+n = 1 << 14  # 64 KiB: below glibc's mmap threshold, where a shrink can stay in place
+p = torch.nn.Parameter(torch.zeros(n))
+opt = FT.Adagrad([p], lr=0.1, **({"fused": True} if mode == "fused" else {}))
+p.grad = torch.ones(n)
+opt.step()  # the plan holds the addresses
+p.grad = torch.ones(n)
+victim = p if which == "param" else (p.grad if which == "grad" else opt.state[p]["sum"])
+address, st = victim.data_ptr(), victim.untyped_storage()
+for k in range(2000):  # shrink until the allocator keeps the address
+    st.resize_(4 * n - 64 * (k % 500 + 1))
+    if victim.data_ptr() == address:
+        break
+else:
+    sys.exit("the allocator never kept the address")
+others = [t.detach().clone() for t in (p, p.grad, opt.state[p]["sum"]) if t is not victim]
+try:
+    opt.step()
+except RuntimeError as e:
+    print("raised", e)
+after = [t.detach() for t in (p, p.grad, opt.state[p]["sum"]) if t is not victim]
+print("unchanged", all(torch.equal(a, b) for a, b in zip(others, after)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "fused"])
+@pytest.mark.parametrize("which", ["param", "grad", "sum"])
+def test_storage_shrunk_in_place_at_its_address_raises(which: str, mode: str) -> None:
+    """A storage shrunk in place that keeps its address (glibc's allocator does that
+    after a few shrinks), after a step cached the tensors' addresses: the next step
+    raises instead of writing (or reading) past the storage. A fresh process: a
+    regression corrupts the heap."""
+    r = subprocess.run([sys.executable, "-c", SHRUNK_IN_PLACE, which, mode],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert out[-2].startswith("raised ") and "but its storage holds" in out[-2], r.stdout
+    assert out[-1] == "unchanged True", r.stdout
 
 
 def test_noncontiguous_grad_and_overlapping_params() -> None:
