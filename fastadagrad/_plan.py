@@ -131,6 +131,13 @@ def _probe_layout() -> bool:
         states[1].flags.writeable = False
         if plan.check(params, states, grads)[0] != n + 1:
             return False
+        # a param of an ndarray subclass (np.memmap's case) passes as long as it keeps
+        # its type
+        params[0] = params[0].view(_Sub)
+        plan.build(params, [np.zeros_like(a) for a in params], [Labels("p", "g", "h")] * n)
+        plan.fast = True
+        if plan.check(params, plan.states, grads)[0] != -1:
+            return False
     except Exception:  # pragma: no cover - a Numba that cannot compile the scan
         return False
     return True
@@ -139,10 +146,10 @@ def _probe_layout() -> bool:
 # --- the per-step scan --------------------------------------------------------------
 
 @jit(inline="always")
-def _same(o, ndarray_type, descr, shape, b, e, flags):
-    """The array at ``o`` is a plain ndarray with dtype object ``descr``, shape
-    ``shape[b:e]`` and all of ``flags`` set."""
-    if _load_i64(o + OFF_TYPE) != ndarray_type or _load_i64(o + OFF_DESCR) != descr:
+def _same(o, array_type, descr, shape, b, e, flags):
+    """The array at ``o`` is of type ``array_type`` (an ndarray type object's address),
+    with dtype object ``descr``, shape ``shape[b:e]`` and all of ``flags`` set."""
+    if _load_i64(o + OFF_TYPE) != array_type or _load_i64(o + OFF_DESCR) != descr:
         return False
     if (_load_i32(o + OFF_FLAGS) & flags) != flags or _load_i32(o + OFF_ND) != e - b:
         return False
@@ -166,10 +173,13 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     states' data addresses, then each tensor's size in bytes), ``shape_off`` (n + 1)
     and ``w_start``/``w_end`` (m each: the params' and states' non-empty byte ranges
     sorted by start, which do not overlap each other: checked when the plan was
-    built), then the shapes, concatenated (one array argument instead of seven: each
-    costs ~0.1 us of unboxing per call).
+    built), ``types`` (2n: each param's and state's type object, the one it had when
+    the plan was built: ``np.memmap`` arrays stay on this path), then the shapes,
+    concatenated (one array argument instead of eight: each costs ~0.1 us of unboxing
+    per call).
 
-    Each array must be a plain ndarray (``ob_type == ndarray_type``), C-contiguous,
+    Params and states must have their recorded type, grads must be plain ndarrays
+    (``ob_type == ndarray_type``); each array C-contiguous,
     with shape ``shape[shape_off[i]:shape_off[i+1]]`` and dtype object ``descr[k]``
     (``descr[i]``, the param's, for grad ``i``). Params and states must also be
     writable and still at data address ``cached[k]``. Grads' addresses go to
@@ -180,7 +190,8 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     """
     # offsets into meta (plain indexing: slices would be views that Numba refcounts)
     cached, shape_off, w_start = 2 * n, 5 * n, 6 * n + 1
-    w_end, shape = w_start + m, w_start + 2 * m
+    w_end, tys = w_start + m, w_start + 2 * m
+    shape = tys + 2 * n
     if _load_i64(plist + OFF_LIST_SIZE) != n or _load_i64(hlist + OFF_LIST_SIZE) != n:
         return 0
     if _load_i64(glist + OFF_LIST_SIZE) != n:
@@ -197,12 +208,12 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
             o = _load_i64((pitems if k < n else hitems) + 8 * i)
             if o != obj[k]:
                 return k
-            d, flags = meta[k], C_CONTIGUOUS | WRITEABLE
+            d, flags, ty = meta[k], C_CONTIGUOUS | WRITEABLE, meta[tys + k]
         else:
             i = k - 2 * n
             o = _load_i64(items + 8 * i)
-            d, flags = meta[i], C_CONTIGUOUS
-        if not _same(o, ndarray_type, d, meta, shape + meta[shape_off + i],
+            d, flags, ty = meta[i], C_CONTIGUOUS, ndarray_type
+        if not _same(o, ty, d, meta, shape + meta[shape_off + i],
                      shape + meta[shape_off + i + 1], flags):
             return k
         if k < 2 * n:
@@ -360,8 +371,11 @@ class Plan:
         keep = size > 0
         order = np.argsort(start[keep], kind="stable")
         w_start = start[keep][order]
+        # (a type object is alive while an array of it is: the plan holds the arrays)
+        tys = np.fromiter((id(type(a)) for seq in (params, states) for a in seq),
+                          np.int64, 2 * n)
         self.meta = np.concatenate((descr, paddr, haddr, nbytes, shape_off, w_start,
-                                    w_start + size[keep][order], shape))
+                                    w_start + size[keep][order], tys, shape))
         self.nw = int(w_start.size)
         self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
         self.obj, self.gaddr = obj, np.empty(n, np.int64)

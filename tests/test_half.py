@@ -425,6 +425,29 @@ def test_class_mixed_model_matches_reference(rng, path, rounding, master):
         assert opt.master is None
 
 
+@pytest.mark.parametrize("model", ["float", "mixed"])
+@pytest.mark.parametrize("change", ["to 16 bits", "to float32"])
+def test_class_param_changing_dtype_steps_as_a_fresh_optimizer(rng, model, change):
+    """A param that changes between float32 and 16 bits between two steps (its float32
+    state still fits it) is updated as by a fresh optimizer given the same state: the
+    list of 16-bit params the optimizer caches is made again."""
+    p = {"a": rng.standard_normal(6).astype(BF16 if model == "mixed" else np.float32),
+         "b": rng.standard_normal(5).astype(np.float32 if change == "to 16 bits" else BF16)}
+    opt = fastadagrad.AdaGrad(lr=0.1)
+    opt.update(p, {k: np.ones_like(v) for k, v in p.items()})
+    p["b"] = p["b"].astype(BF16 if change == "to 16 bits" else np.float32)
+    grads = {k: (rng.standard_normal(v.shape) * 0.5).astype(v.dtype) for k, v in p.items()}
+    fresh = fastadagrad.AdaGrad(lr=0.1)
+    q = {k: v.copy() for k, v in p.items()}
+    fresh.load_state_dict(opt.state_dict(), params=q)
+    assert fresh.update(q, grads) is True
+    assert opt.update(p, grads) is True
+    for k in p:
+        assert_bits_equal(p[k], q[k], k)
+        assert_bits_equal(opt.h[k], fresh.h[k], k)
+    assert opt.step == 2
+
+
 def test_class_bad_input_changes_nothing(rng):
     params = _model(rng)
     grads = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()}

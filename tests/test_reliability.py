@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,6 +250,69 @@ def test_resize_away_and_back_writes_the_new_memory() -> None:
         assert_bits_equal(p[k], ref_p[k], k)
     if not moved:
         pytest.skip("the allocator returned the same address; the scan was not exercised")
+
+
+@pytest.mark.parametrize("how", ["one entry", "whole dict"])
+@pytest.mark.parametrize("kind", ["flat", "dict"])
+def test_replaced_accumulator_is_the_one_updated(how: str, kind: str) -> None:
+    """``opt.h[k] = ...`` (or ``opt.h = ...``) after a step, as with the NumPy class: the
+    new array is updated and saved; the buffer behind the old one is not."""
+    from fastadagrad.reference import NumpyAdaGrad
+
+    rng = np.random.default_rng(0)
+    init = {"W": rng.standard_normal(6).astype(F32), "b": rng.standard_normal(3).astype(F32)}
+    gs = [{k: rng.standard_normal(v.shape).astype(F32) for k, v in init.items()}
+          for _ in range(3)]
+    wrap = fastadagrad.FlatBuffer if kind == "flat" else (lambda d: {k: v.copy()
+                                                                   for k, v in d.items()})
+
+    def run(opt: Any, p: Any, mk: Any) -> None:
+        opt.update(p, mk(gs[0]))
+        if how == "one entry":
+            opt.h["W"] = np.full(6, 0.5, F32)
+        else:
+            opt.h = {k: np.full(v.shape, 0.5, F32) for k, v in opt.h.items()}
+        for g in gs[1:]:
+            opt.update(p, mk(g))
+
+    ref_p, ref = {k: v.copy() for k, v in init.items()}, NumpyAdaGrad(lr=0.1)
+    run(ref, ref_p, lambda g: {k: v.copy() for k, v in g.items()})
+    p, opt = wrap(init), fastadagrad.AdaGrad(lr=0.1)
+    run(opt, p, wrap)
+    for k in init:
+        assert_bits_equal(p[k], ref_p[k], k)
+        assert_bits_equal(opt.h[k], ref.h[k], k)
+    saved = opt.state_dict()["state"]
+    for i, k in enumerate(init):
+        assert_bits_equal(saved[i]["sum"], ref.h[k], k)
+
+
+def test_memmap_params_keep_their_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
+    """np.memmap params and states (an ndarray subclass) pass the per-step compiled
+    check: the plan is not built again at every step; a param whose class is changed in
+    place is described again."""
+    builds = []
+    real = _plan.Plan.build
+    monkeypatch.setattr(_plan.Plan, "build",
+                        lambda self, *a, **k: (builds.append(1), real(self, *a, **k))[1])
+    p = {i: np.memmap(tmp_path / f"p{i}", F32, "w+", shape=(16,)) for i in range(3)}
+    plain = {i: np.zeros(16, F32) for i in p}
+    g = {i: np.full(16, 0.5, F32) for i in p}
+    opt, ref = fastadagrad.AdaGrad(lr=0.1), fastadagrad.AdaGrad(lr=0.1)
+    for _ in range(5):
+        opt.update(p, g)
+        ref.update(plain, g)
+    assert len(builds) == 2  # one per optimizer
+    for i in p:
+        assert_bits_equal(np.asarray(p[i]), plain[i], str(i))
+
+    class Other(np.memmap):
+        pass
+
+    p[0].__class__ = Other  # the same object, another type: described again
+    opt.update(p, g)
+    assert len(builds) == 3
 
 
 def test_read_only_after_a_step_is_refused() -> None:
