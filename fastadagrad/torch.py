@@ -56,9 +56,7 @@ What ``step`` does with each parameter that has a gradient:
   ``foreach=False``, torch's own single-tensor step (its CUDA ``addcdiv_`` rounds in an
   order the kernels do not reproduce).
 - Anything the kernels cannot update in place (tensors with gaps or overlaps, a
-  parameter, gradient and sum laid out in different orders (with ``fused=True``,
-  torch's fused kernel then pairs their elements by memory offset, not by index; the
-  result is torch's all the same),
+  parameter, gradient and sum laid out in different orders,
   float16/bfloat16/complex, tensors sharing memory, other sparse layouts, a tensor
   ``lr`` with sparse gradients, ``differentiable=True``, AMP's
   ``grad_scale``/``found_inf``, tensors with the negative bit, inference tensors,
@@ -68,6 +66,10 @@ What ``step`` does with each parameter that has a gradient:
   for bit, or torch's error. Nothing is ever skipped. A tensor whose storage was freed
   or shrunk (FSDP's ``untyped_storage().resize_(0)``) raises RuntimeError naming it,
   before anything is written (torch's default step reads and writes past it).
+  With ``fused=True``, CPU tensors that torch's fused kernel would mishandle (it walks
+  each tensor as flat memory: a parameter with gaps, an expanded gradient, a gradient
+  or sum of another shape, dtype or memory order) raise RuntimeError naming the tensor,
+  before anything is written, instead of being handed to it.
 - Autograd: the version counters of the tensors written are incremented, and
   ``torch.compile`` runs the step as a graph break (eagerly, torch's eager bits).
 
@@ -564,10 +566,20 @@ class Adagrad(torch.optim.Adagrad):
             foreach = False if all_cpu else _torch_adagrad._default_to_fused_or_foreach(
                 params, group["differentiable"], use_fused=False)[1]
         fused, foreach = bool(fused), bool(foreach)
+        labels = _GroupLabels(gi, index)
 
         def torch_update(idx: list[int]) -> Callable[[], None]:
             sub = (([params[i] for i in idx], [grads[i] for i in idx],
                     [sums[i] for i in idx], [steps[i] for i in idx]))
+            if fused:  # its CPU kernel walks each tensor as flat memory: refuse what
+                for i in idx:  # that would take out of a tensor's elements
+                    why = _fused_unsafe(params[i], grads[i], sums[i], labels[i])
+                    if why:
+                        raise RuntimeError(
+                            f"{why}: torch's fused CPU kernel (fused=True) reads and "
+                            "writes each tensor as flat memory, so it would touch memory "
+                            "outside its elements or pair the wrong elements; nothing was "
+                            "updated (fused=False takes it)")
             sparse = has_sparse and any(g.is_sparse for g in sub[1])
             cplx = has_complex and any(map(torch.is_complex, sub[0]))
             return functools.partial(
@@ -583,7 +595,6 @@ class Adagrad(torch.optim.Adagrad):
             return torch_update(list(range(len(params))))
 
         formula = "fused" if fused else "vsqrt"  # the formula each tensor is checked for
-        labels = _GroupLabels(gi, index)
         plan = plans.get(id(group))
         if plan is None or plan[0] is not group:
             # load_state_dict replaces the group dicts: drop the plans of old ones
@@ -857,6 +868,36 @@ def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], 
                             a, n = st.data_ptr(), st.nbytes()
                         ranges.append((a, a + n, side, role != 1, None))
     return D.cross_overlap(ranges) is not None
+
+
+def _fused_unsafe(p: Any, g: Any, h: Any, lab: Any) -> str | None:
+    """What in (param, grad, sum) torch's fused CPU kernel would mishandle, or None.
+
+    ``_fused_adagrad_`` on the CPU (torch 2.13) takes each tensor as ``numel`` elements
+    from its data pointer, whatever its strides, sizes or dtype: a parameter with gaps
+    (``buf[::2]``) has the elements between its own written, an expanded gradient is
+    read past its storage, a sum smaller than its parameter is written past its end
+    (heap corruption), tensors laid out in different orders are paired by memory offset.
+    Contiguous tensors of as many elements in other shapes pass (a flat update in
+    order: torch's outcome), as do tensors on other devices and sparse or complex ones
+    (refused by torch)."""
+    if not (p.is_cpu and p.layout is torch.strided and g.layout is torch.strided
+            and h.layout is torch.strided) or p.is_complex():
+        return None
+    for x, what in ((g, lab.grad), (h, lab.state)):
+        if x.numel() != p.numel() or x.dtype != p.dtype:
+            return (f"{what} has shape {tuple(x.shape)} and dtype {x.dtype} but "
+                    f"{lab.param} has shape {tuple(p.shape)} and dtype {p.dtype}")
+    for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
+        if not x.is_contiguous() and T.dense_strides(x) is None:
+            return f"{what} is neither contiguous nor dense (its elements leave gaps or overlap)"
+    if p.is_contiguous() and g.is_contiguous() and h.is_contiguous():
+        return None  # (other shapes of as many elements: torch's flat update, in order)
+    if not (g.shape == h.shape == p.shape and T.dense_key(p) == T.dense_key(g)
+            == T.dense_key(h)):
+        return (f"{lab.param}, its grad and its sum have different strides "
+                f"({p.stride()}, {g.stride()}, {h.stride()})")
+    return None
 
 
 def _address(t: Any) -> int:

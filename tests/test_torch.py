@@ -714,7 +714,7 @@ def test_permuted_dense_tensors_compiled_bit_for_bit(mode: str, no_torch_step: N
 
 @pytest.mark.parametrize("case", ["grad contiguous", "grad other order", "sum contiguous",
                                   "param reordered in place", "grad reordered later"])
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ["single", "foreach"])  # fused: see the next test
 def test_dense_tensors_in_different_orders_are_torchs_outcome(case: str, mode: str) -> None:
     """Parameter, gradient and sum dense but with their dimensions in different orders
     in memory: the same element lies at different offsets, so a flat update would mix
@@ -747,6 +747,54 @@ def test_dense_tensors_in_different_orders_are_torchs_outcome(case: str, mode: s
     mine, ref = (_outcome(cls, MODES[mode], make) for cls in (FT.Adagrad, TORCH_OPT))
     assert mine[0] is ref[0]
     assert_same(mine[1], ref[1])
+
+
+def _fused_case(case: str) -> tuple[list[torch.Tensor], Callable[[Any], None]]:
+    """Two params and a change that makes torch's fused CPU kernel mishandle the first."""
+    buf = torch.zeros(40)
+    p = buf[::2] if case == "param with gaps" else _permuted((4, 5), (1, 0), 0)[:, :]
+    p = p.requires_grad_() if p.is_leaf else p
+    q = _randn((6,), 1).requires_grad_()
+    n = p.numel()
+
+    def change(opt: Any) -> None:
+        if case == "grad expanded":
+            p.grad = torch.tensor([0.5]).expand(p.shape)
+        elif case == "grad float64":
+            p.grad_dtype = None  # torch refuses the assignment otherwise
+            p.grad = torch.ones(p.shape, dtype=torch.float64)
+        elif case == "grad other order":
+            p.grad = torch.ones(p.shape)  # contiguous; p is transposed
+        elif case == "sum smaller":
+            opt.state[p]["sum"] = torch.zeros(n - 2).reshape(-1)[: n - 2]
+        elif case == "param resized":  # the sum and grad keep the old shape
+            p.data = torch.zeros(p.shape[0] + 1, p.shape[1])
+    return [p, q], change
+
+
+@pytest.mark.parametrize("case", ["param with gaps", "grad expanded", "grad float64",
+                                  "grad other order", "sum smaller", "param resized"])
+def test_fused_refuses_what_torchs_fused_kernel_mishandles(case: str) -> None:
+    """``fused=True`` hands what the kernels cannot take to torch's fused CPU kernel,
+    which walks every tensor as ``numel`` elements of flat memory: gaps written,
+    expanded or smaller tensors read or written past their storage (heap corruption),
+    different orders or dtypes paired wrongly. Those raise, naming the tensor, with
+    nothing written (torch's other implementations handle or refuse them)."""
+    params, change = _fused_case(case)
+    opt = FT.Adagrad(params, lr=0.1, fused=True)
+    for t in params:
+        t.grad = torch.ones_like(t)  # (the parameter's strides)
+    if case != "param with gaps":
+        opt.step()
+    for t in params:
+        t.grad = torch.ones_like(t)
+    change(opt)
+    tensors = [x for t in params for x in (t, t.grad, *opt.state[t].values())
+               if isinstance(x, torch.Tensor)]
+    before = [x.detach().clone() for x in tensors]
+    with pytest.raises(RuntimeError, match=r"params'\]\[0\].*torch's fused CPU kernel"):
+        opt.step()
+    assert_same([x.detach() for x in tensors], before)
 
 
 def _step_after(opt: Any, change: Callable[[], None]) -> Callable[..., Any]:
@@ -977,11 +1025,21 @@ def test_odd_hyperparameters_give_torchs_outcome(kw: dict, mode: str) -> None:
     assert_same(out[1], ref[1])
 
 
-def _alias_case(case: str, first: str) -> tuple[list, Callable[[int], None]]:
+def _alias_case(case: str, first: str, mode: str = "single"
+                ) -> tuple[list, Callable[[int], None]]:
     """Parameters on two paths (compiled and torch's, or compiled sparse rows) that
     share memory, and the function setting their gradients at each step."""
     g = torch.Generator().manual_seed(0)
-    if case == "overlapping params":
+    if case == "overlapping params" and mode == "fused":
+        # (a transposed param with a contiguous grad is refused with fused=True: torch's
+        # fused kernel would pair the wrong elements) a bfloat16 view: torch's path
+        base = torch.randn(8, 8, generator=g)
+        pc, pt = torch.nn.Parameter(base), torch.nn.Parameter(base.view(torch.bfloat16))
+
+        def grads(k: int) -> None:
+            pc.grad = torch.randn(8, 8, generator=g)
+            pt.grad = torch.randn(8, 16, generator=g).to(torch.bfloat16)
+    elif case == "overlapping params":
         base = torch.randn(8, 8, generator=g)
         pc, pt = torch.nn.Parameter(base), torch.nn.Parameter(base.t())  # transposed
 
@@ -1021,7 +1079,7 @@ def test_paths_sharing_memory_keep_torchs_order(case: str, mode: str, first: str
     # the compiled, sparse and torch paths run one after the other; where one writes
     # memory another reads, the group takes torch's implementation, in its order
     def run(cls: type) -> list[torch.Tensor]:
-        ps, grads = _alias_case(case, first)
+        ps, grads = _alias_case(case, first, mode)
         opt = cls(ps, lr=0.1, **MODES[mode])
         for k in range(2):
             grads(k)
