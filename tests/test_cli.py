@@ -76,7 +76,9 @@ def test_warmup_float32(capsys):
     lines = out.splitlines()
     assert lines[0].startswith("fastadagrad warmup:")
     steps = [ln for ln in lines if ln.startswith("  numpy  float32 ")]
-    assert len(steps) == 4, out   # serial, parallel, many-tensor serial and parallel
+    # serial, parallel, many-tensor serial and parallel, then 0-d, 2-d, 3-d and 4-d
+    assert len(steps) == 8, out
+    assert [ln.split(",")[1].split()[0] for ln in steps[4:]] == ["0-d", "2-d", "3-d", "4-d"]
     assert all(" s  " in ln for ln in steps)
     assert "float64" not in out
     assert lines[-1].startswith("done in ")
@@ -155,13 +157,19 @@ params = {k: np.ones(s, np.float32) for k, s in shapes.items()}
 grads = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
 fastadagrad.adagrad_update(*[np.full(100, v, np.float32) for v in (1.0, 0.5, 0.0)])
 fastadagrad.AdaGrad(lr=0.01).update(params, grads)
+# one N-d array: the one-array paths hand it to a check compiled per ndim
+for shape in [(300, 30), (16, 8, 3, 3), (), (5, 6, 7)]:
+    arrays = [np.full(shape, v, np.float32) for v in (1.0, 0.5, 0.0)]
+    fastadagrad.AdaGrad().update({"W": arrays[0]}, {"W": arrays[1]})
+    fastadagrad.adagrad_update(*arrays)
 print(_compile_notice.compile_count())
 """
 
 
 def test_cold_process_notice_then_warmup_covers_a_typical_run(tmp_path):
     """Empty cache: the first update says it compiles, once; after `warmup` a new
-    process makes the same calls without compiling anything and says nothing."""
+    process makes a typical run's calls (1-d, and 0-d to 4-d single arrays) without
+    compiling anything and says nothing."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("FASTADAGRAD_NO_CACHE", None)
 
