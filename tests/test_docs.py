@@ -39,3 +39,11 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, report=True)
     assert result.attempted > 0, f"{name}: no examples were run"
     assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} failed"
+
+
+def test_contributing_layout_names_every_module():
+    text = (PACKAGE.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [p.name for p in sorted(PACKAGE.glob("*.py"))
+               if f"`fastadagrad/{p.name}`" not in layout]
+    assert not missing, f"CONTRIBUTING.md's layout table leaves out {missing}"
