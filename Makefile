@@ -16,7 +16,7 @@ ABOUT_test := the test set: pytest, hypothesis, torch (CPU build), numba-cuda an
 ABOUT_bench := pytest-benchmark, matplotlib, torch (CPU build)
 ABOUT_dev := everything above and ruff
 
-.PHONY: demo test test-cpu test-sim bench report lint clean
+.PHONY: demo test test-cpu test-sim bench lint clean
 # keep the stamps: make would delete files made by a pattern rule as intermediates
 .PRECIOUS: $(VENV)/.installed-%
 

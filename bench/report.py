@@ -548,10 +548,13 @@ def _rel(path: Path) -> Path:
 
 
 def report_command(run: Run, json_path: Path, probe_path: Path | None = None,
-                   tprobe_path: Path | None = None) -> str:
-    """The commands that produced the report, and whether they are ``make bench``'s."""
+                   tprobe_path: Path | None = None, startup_path: Path | None = None) -> str:
+    """The commands that produced the report, and whether they are ``make bench``'s;
+    ``startup_path``: the ``bench/startup.py`` JSON whose table the report includes."""
     pytest_cmd = run.raw["machine_info"].get("fastadagrad", {}).get("command", "pytest ...")
     steps, opts = [f"`{pytest_cmd}`"], ""
+    if startup_path is not None:  # read from the JSON's folder: no option of report.py
+        steps.append(f"`python bench/startup.py --json {_rel(startup_path)}`")
     for script, flag, path in (("cpu_probe", "--probe", probe_path),
                                ("torch_probe", "--torch-probe", tprobe_path)):
         if path is not None:
@@ -639,10 +642,12 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
            ) -> tuple[str, str]:
     """(full markdown report, README block body); links are relative to ``base``;
     ``probe``: ``bench/cpu_probe.py``'s JSON, for its interleaved target rows."""
+    startup_path = json_path.parent / "startup.json"
+    startup = startup_table(startup_path)
     command = report_command(run, json_path,
                              *(Path(x["_path"]) if x and "_path" in x else None
-                               for x in (probe, tprobe)))
-    startup = startup_table(json_path.parent / "startup.json")
+                               for x in (probe, tprobe)),
+                             startup_path=startup_path if startup else None)
     opts = options_table(run)
 
     def rel(p: Path, to: Path) -> str:

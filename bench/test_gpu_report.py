@@ -40,9 +40,11 @@ def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
     assert "| 100 tensors, 2.95M parameters | 250 µs | — | 1,600 µs | — |" in text
     assert "135 µs for `AdaGrad.update`" in text  # h200-overhead.txt: 134.785
     assert "`AdaGrad(capturable=True).update` over the torch tensors: 12 µs." in text
+    # the footnote names the files read, not a sweep.txt this run did not write
+    assert "there (validate.json, checks.log, overhead.txt, bench.json).</sub>" in text
 
 
-def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path):
+def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path, monkeypatch):
     """The kernel variants' figures come from sweep.txt (in the format gpu_sweep prints)
     and validate-variants.json."""
     import json
@@ -79,3 +81,6 @@ def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path):
     assert "four per pass in chunks 90.5%" in text
     assert "one-tensor grid-stride 92.0% (4 blocks per SM)" in text  # float32 only
     assert "100-tensor model 151 µs with one per pass, 119 µs with four" in text
+    monkeypatch.setattr(gpu_report, "ROOT", tmp_path.parent)
+    assert ("there (validate-variants.json: the kernel variants, sweep.txt: launch "
+            "configurations).</sub>") in gpu_report.check_block(tmp_path)

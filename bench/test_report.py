@@ -153,3 +153,17 @@ def test_report_adds_the_probe_rows(tmp_path: Path) -> None:
     assert "`" + str(probe.with_suffix(".md")) + "`" in md
     assert f"`python bench/cpu_probe.py --json {probe}`, then `python bench/report.py " \
         f"{data} --probe {probe}`" in md
+
+
+def test_report_command_lists_startup_when_its_table_is_in(tmp_path: Path) -> None:
+    """The footnote's command list names every script whose figures the report shows:
+    bench/startup.py when startup.json (read from the JSON's folder) is there."""
+    data = tmp_path / "run.json"
+    fake_run(data)
+    run = report.Run(data)
+    without = report.report_command(run, data)
+    assert "startup.py" not in without
+    with_startup = report.report_command(run, data, startup_path=tmp_path / "startup.json")
+    assert (f"`python -m pytest bench`, `python bench/startup.py --json "
+            f"{tmp_path / 'startup.json'}`, then `python bench/report.py {data}`"
+            in with_startup)

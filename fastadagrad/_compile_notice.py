@@ -44,10 +44,21 @@ def _ours(event: Any) -> Any:
     return disp if module.split(".")[0] == "fastadagrad" else None
 
 
+def _user_dtypes(event: Any) -> list[str]:
+    """The dtypes the notice names: those of the floating-point array arguments the
+    kernel may write, which are the caller's params and states (or the prototype array
+    that carries their dtype to the many-array kernels). Read-only arrays (the float64
+    coefficient table of every call) and integer arrays (address and chunk tables,
+    16-bit patterns) are fastadagrad's own: naming them said ``(float32, float64)`` for
+    a float32 call."""
+    return sorted({str(a.dtype) for a in event.data.get("args", ())
+                   if hasattr(a, "ndim") and getattr(a, "mutable", True)
+                   and str(getattr(a, "dtype", "")).startswith("float")})
+
+
 def _message(disp: Any, event: Any) -> str:
     name = getattr(disp.py_func, "__name__", "a kernel")
-    dtypes = sorted({str(a.dtype) for a in event.data.get("args", ())
-                     if hasattr(a, "dtype") and hasattr(a, "ndim")})
+    dtypes = _user_dtypes(event)
     what = f"{name} ({', '.join(dtypes)})" if dtypes else name
     cached = type(getattr(disp, "_cache", None)).__name__ != "NullCache"
     later = ("Numba caches the result on disk, so later processes load it in well under "

@@ -55,7 +55,8 @@ _strided = torch.strided
 KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     "fused": (cpu.adagrad_many_parallel, cpu.adagrad_many_serial),
     "vsqrt": (cpu_vsqrt.adagrad_many_vsqrt_parallel, cpu_vsqrt.adagrad_many_vsqrt_serial),
-    # float32 only: the same bits as "vsqrt" where MKL's generic kernel runs
+    # float32 and float64: the same bits as "vsqrt" where MKL's generic kernels run
+    # (used per dtype only where its self-check against the routine passed)
     "vsqrt-emu": (cpu_vsqrt.adagrad_many_emu_parallel, cpu_vsqrt.adagrad_many_emu_serial),
 }
 

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="print a progress line every N steps (default 50; 0: none)")
     ap.add_argument("--plot", default="demo_out/adagrad_demo.png", metavar="PATH",
                     help="where to write the PNG plot of both loss curves (default "
-                         "demo_out/adagrad_demo.png; an empty string: no plot)")
+                         "demo_out/adagrad_demo.png; an empty string: no plot). Needs "
+                         "matplotlib (the demo extra)")
     ap.add_argument("--blas-threads", type=int, default=1, metavar="N",
                     help="threads for NumPy's BLAS during training (default 1; 0: leave "
                          "as is). BLAS threads keep spinning after each matmul and compete "
@@ -130,8 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         ap.error(f"--threads {args.threads}: Numba was started with "
                  f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+    if args.plot and not _have_matplotlib():  # say so before training, not after it
+        ap.error(f"--plot {args.plot}: writing the plot needs matplotlib, which is not "
+                 "installed; install the demo extra (pip install \".[demo]\") or pass "
+                 "--plot '' for no plot")
     with _blas_threads(args.blas_threads), _numba_threads(args.threads):
         return _run(args)
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -112,8 +112,8 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
         >>> p, g, h = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.zeros(4, np.float32)
         >>> fastadagrad.adagrad_update(p, g, h, lr=0.1)
         True
-        >>> p
-        array([0.9, 0.9, 0.9, 0.9], dtype=float32)
+        >>> p  # 1 - 0.1 * 0.5 / (0.5 + 1e-7), each step rounded to float32
+        array([0.90000004, 0.90000004, 0.90000004, 0.90000004], dtype=float32)
 
     Reference: Duchi, Hazan & Singer, "Adaptive Subgradient Methods for Online Learning
     and Stochastic Optimization", JMLR 12 (2011).
@@ -268,8 +268,8 @@ class AdaGrad:
         >>> opt = fastadagrad.AdaGrad(lr=0.1)
         >>> opt.update(params, {"W": np.full((2, 2), 0.5, np.float32)})
         True
-        >>> params["W"][0, 0]
-        np.float32(0.9)
+        >>> params["W"][0, 0]  # the float32 rounding of 1 - 0.1 * 0.5 / (0.5 + 1e-7)
+        np.float32(0.90000004)
 
     Reference: Duchi, Hazan & Singer, JMLR 12 (2011).
     """

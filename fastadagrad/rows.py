@@ -170,8 +170,10 @@ class RowAdaGrad:
     with ``rowwise=True``, filled with ``initial_accumulator_value``), the hyperparameters
     and ``step``. It is deliberately separate from :class:`fastadagrad.AdaGrad`, whose
     state is keyed by parameter and updated densely: a model with one embedding table
-    and dense layers uses one of each (or an :class:`AdaGrad` hook that forwards sparse
-    gradients here).
+    and dense layers uses one of each, this one fed the table's (indices, grad_rows)
+    and an :class:`AdaGrad` the dense layers' gradients (:class:`AdaGrad` does not
+    take sparse gradients itself). In PyTorch, :class:`fastadagrad.torch.Adagrad`
+    updates ``nn.Embedding(sparse=True)`` weights from their sparse gradients.
 
     Attributes:
         table: the table. h: the accumulator. step: steps applied. skipped_steps: steps

@@ -28,9 +28,10 @@ What ``step`` does with each parameter that has a gradient:
         p = p + (-clr * g) / (torch.sqrt(h) + eps)
 
     with ``torch.sqrt`` the MKL routine torch itself calls (it is not correctly
-    rounded; see :mod:`fastadagrad.cpu_vsqrt`): in float32 its arithmetic reproduced
-    inline (MKL's generic kernel, the one it runs on AMD CPUs; checked against the
-    routine once per process), otherwise the routine called on blocks;
+    rounded; see :mod:`fastadagrad.cpu_vsqrt`): in float32 and float64 its arithmetic
+    reproduced inline (MKL's generic kernels, the ones it runs on AMD CPUs; each dtype
+    checked against the routine once per process), and where that check fails the
+    routine itself called on blocks;
     ``clr = lr / (1 + (step-1)*lr_decay)`` in double;
   * ``fused=True`` (ATen's fused kernel): the ``"torch"`` preset of
     :mod:`fastadagrad.presets` (FMAs, IEEE square root).

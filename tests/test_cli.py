@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,7 +77,9 @@ def test_warmup_float32(capsys):
     lines = out.splitlines()
     assert lines[0].startswith("fastadagrad warmup:")
     steps = [ln for ln in lines if ln.startswith("  numpy  float32 ")]
-    assert len(steps) == 4, out   # serial, parallel, many-tensor serial and parallel
+    # serial, parallel, many-tensor serial and parallel, then 0-d, 2-d, 3-d and 4-d
+    assert len(steps) == 8, out
+    assert [ln.split(",")[1].split()[0] for ln in steps[4:]] == ["0-d", "2-d", "3-d", "4-d"]
     assert all(" s  " in ln for ln in steps)
     assert "float64" not in out
     assert lines[-1].startswith("done in ")
@@ -138,6 +141,28 @@ def test_compile_notice_silenced_by_the_logger_level(caplog, notice_state):
     assert not [r for r in caplog.records if r.name == "fastadagrad"]
 
 
+def test_compile_notice_names_the_callers_dtypes_only():
+    """The float arrays a kernel writes are named; the read-only float64 coefficient
+    table and integer tables are not (a float32 call said "(float32, float64)")."""
+    from numba import types
+
+    def event(*args):  # noqa: ANN202
+        return SimpleNamespace(data={"args": args})
+
+    f32 = types.Array(types.float32, 2, "C")
+    table = types.Array(types.float64, 1, "C", readonly=True)
+    addr = types.Array(types.int64, 1, "C")
+    ro_grad = types.Array(types.float32, 2, "C", readonly=True)
+    assert _compile_notice._user_dtypes(event(f32, ro_grad, f32, table, types.int64)) \
+        == ["float32"]
+    assert _compile_notice._user_dtypes(event(addr, addr, types.float64)) == []
+    f16bits, h32 = types.Array(types.uint16, 1, "C"), types.Array(types.float32, 1, "C")
+    assert _compile_notice._user_dtypes(event(f16bits, h32, table)) == ["float32"]
+    f64 = types.Array(types.float64, 1, "C")
+    assert _compile_notice._user_dtypes(event(f64, table, addr, f32)) \
+        == ["float32", "float64"]
+
+
 def test_no_notice_for_other_packages(caplog, notice_state):
     def g(x):  # noqa: ANN001, ANN202
         return x * 2
@@ -155,13 +180,19 @@ params = {k: np.ones(s, np.float32) for k, s in shapes.items()}
 grads = {k: np.full(s, 0.5, np.float32) for k, s in shapes.items()}
 fastadagrad.adagrad_update(*[np.full(100, v, np.float32) for v in (1.0, 0.5, 0.0)])
 fastadagrad.AdaGrad(lr=0.01).update(params, grads)
+# one N-d array: the one-array paths hand it to a check compiled per ndim
+for shape in [(300, 30), (16, 8, 3, 3), (), (5, 6, 7)]:
+    arrays = [np.full(shape, v, np.float32) for v in (1.0, 0.5, 0.0)]
+    fastadagrad.AdaGrad().update({"W": arrays[0]}, {"W": arrays[1]})
+    fastadagrad.adagrad_update(*arrays)
 print(_compile_notice.compile_count())
 """
 
 
 def test_cold_process_notice_then_warmup_covers_a_typical_run(tmp_path):
     """Empty cache: the first update says it compiles, once; after `warmup` a new
-    process makes the same calls without compiling anything and says nothing."""
+    process makes a typical run's calls (1-d, and 0-d to 4-d single arrays) without
+    compiling anything and says nothing."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("FASTADAGRAD_NO_CACHE", None)
 
@@ -175,6 +206,8 @@ def test_cold_process_notice_then_warmup_covers_a_typical_run(tmp_path):
               "from fastadagrad.warmup import main\n"
               "main(['--dtype', 'float32'])")
     assert r.stderr.count("fastadagrad: compiling") == 1, r.stderr
+    # the words README quotes: the user's dtype only, not the coefficient table's
+    assert "fastadagrad: compiling checked_span (float32) and the kernels" in r.stderr
     assert "python -m fastadagrad warmup" in r.stderr
     assert "compiled" in r.stdout, r.stdout
     # a new process making a typical run's first calls compiles nothing, says nothing

@@ -45,6 +45,28 @@ def test_demo_bad_arguments(capsys):
     assert "--steps must be at least 1" in capsys.readouterr().err
 
 
+def test_demo_without_matplotlib_stops_before_training(monkeypatch, capsys):
+    import sys
+
+    from fastadagrad import demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    trained = []
+    monkeypatch.setattr(demo, "train", lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit) as exc:
+        main(["--steps", "3", "--hidden", "4", "--plot", "out.png"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib, which is not installed" in err
+    assert 'pip install ".[demo]"' in err and "--plot ''" in err
+    assert not trained  # nothing ran
+    # no plot asked for: it trains without matplotlib
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["--steps", "3", "--batch", "4", "--samples", "16", "--hidden", "4",
+                 "--progress", "0", "--plot", ""]) == 0
+
+
 def test_demo_says_why_when_fastadagrad_is_slower(monkeypatch, capsys):
     import time
 

@@ -311,6 +311,9 @@ def _bad_cases(rng):
     p, g, h = ok()
     yield "f64 state", (p, g, h.astype(np.float64)), {}, TypeError, "must be float32"
     p, g, h = ok()
+    yield "big-endian", (p.astype(">f2"), g.astype(">f2"), h), {}, TypeError, \
+        "param has dtype >f2 \\(not native byte order\\)"
+    p, g, h = ok()
     yield "rounding", (p, g, h), dict(rounding="up"), ValueError, "rounding must be one"
     p, g, h = ok()
     yield "no seed", (p, g, h), dict(rounding="stochastic"), ValueError, "needs seed"
@@ -365,7 +368,7 @@ def test_bad_input_changes_nothing(rng):
         if master is not None:
             assert_bits_equal(master, m0, name)
         seen += 1
-    assert seen == 20
+    assert seen == 21
 
 
 # --- the AdaGrad class -----------------------------------------------------------
