@@ -89,11 +89,13 @@ def check_host_array(x: object, label: str, *, writable: bool) -> np.ndarray:
     if dt not in _FLOATS:
         raise TypeError(
             f"{label} has dtype {dt.str if dt.kind == 'f' else dt}; fastadagrad updates "
-            "float32 and float64 arrays in native byte order only"
+            "float32 and float64 arrays (and float16/bfloat16 params with a float32 "
+            "state) in native byte order only"
         )
     if not x.flags.c_contiguous:
         raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
-                         "(a parameter must be updated in place, so no copy is made)")
+                         + ("(it is updated in place, so no copy is made)" if writable
+                            else "(it is read where it lies: no copy is made)"))
     if writable and not x.flags.writeable:
         raise ValueError(f"{label} is read-only; it is updated in place")
     return x

@@ -27,7 +27,8 @@ def _check_host(x: Any, label: str, *, writable: bool) -> np.ndarray:
         raise TypeError(f"{label} must be a NumPy array, got {describe(x)}")
     if not x.flags.c_contiguous:
         raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
-                         "(it is updated in place, so no copy is made)")
+                         + ("(it is updated in place, so no copy is made)" if writable
+                            else "(it is read where it lies: no copy is made)"))
     if writable and not x.flags.writeable:
         raise ValueError(f"{label} is read-only; it is updated in place")
     return x
@@ -39,10 +40,6 @@ def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
     if not R.is_half(p.dtype):
         raise TypeError(f"{lab.param} has dtype {p.dtype}; the half-precision path "
                         "takes bfloat16 or float16 params")
-    if not p.dtype.isnative:  # the kernels read the bits in native order: '>f2' 2.0 -> 0.48
-        raise TypeError(f"{lab.param} has dtype {p.dtype.str} (not native byte order); the "
-                        "half-precision path takes native bfloat16 or float16 arrays: pass "
-                        f"{lab.param}.astype({p.dtype.name!r})")
     _check_host(g, lab.grad, writable=False)
     if g.dtype != p.dtype:
         raise TypeError(f"{lab.grad} has dtype {g.dtype} but {lab.param} has dtype "

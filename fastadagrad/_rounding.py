@@ -37,8 +37,8 @@ def carrier_of(dtype: Any) -> np.dtype | None:
         pass
     except TypeError:  # unhashable: not a dtype
         return None
-    if isinstance(dtype, np.dtype):
-        c = HALF_CARRIERS.get(dtype.name) if dtype.itemsize == 2 else None
+    if isinstance(dtype, np.dtype):  # (byte-swapped: not a 16-bit float the kernels read)
+        c = HALF_CARRIERS.get(dtype.name) if dtype.itemsize == 2 and dtype.isnative else None
     else:
         c = {"torch.bfloat16": HALF_CARRIERS["bfloat16"],
              "torch.float16": HALF_CARRIERS["float16"]}.get(str(dtype))

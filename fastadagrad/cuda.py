@@ -198,7 +198,9 @@ def _check_array(d: _Dev, label: str, *, writable: bool) -> np.dtype:
         for extent, stride in zip(reversed(d.shape), reversed(d.strides)):
             if extent != 1 and stride != expect:
                 raise ValueError(f"{label} is not C-contiguous; pass a contiguous array "
-                                 "(a parameter is updated in place, so no copy is made)")
+                                 + ("(it is updated in place, so no copy is made)"
+                                    if writable else "(it is read where it lies: no copy "
+                                    "is made)"))
             expect *= extent
     if writable and d.readonly:
         raise ValueError(f"{label} is read-only; it is updated in place")

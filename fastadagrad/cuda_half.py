@@ -189,7 +189,9 @@ def _check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
         for extent, stride in zip(reversed(d.shape), reversed(d.strides)):
             if extent != 1 and stride != expect:
                 raise ValueError(f"{label} is not C-contiguous; pass a contiguous array "
-                                 "(it is updated in place, so no copy is made)")
+                                 + ("(it is updated in place, so no copy is made)"
+                                    if writable else "(it is read where it lies: no copy "
+                                    "is made)"))
             expect *= extent
     if writable and d.readonly:
         raise ValueError(f"{label} is read-only; it is updated in place")

@@ -137,6 +137,9 @@ CORRUPT: dict[str, tuple[Callable[..., Triple], type, tuple[str, ...]]] = {
     "all-big-endian": (lambda r, p, g, h: (p.astype(">f4"), g.astype(">f4"),
                                            h.astype(">f4")), TypeError, ("param",)),
     "grad-big-endian": (lambda r, p, g, h: (p, g.astype(">f4"), h), TypeError, ("grad",)),
+    # a 16-bit float is taken only in native order (read as native, '>f2' 2.0 was 0.48)
+    "half-big-endian": (lambda r, p, g, h: (p.astype(">f2"), g.astype(">f2"), h),
+                        TypeError, ("param",)),
     "param-float64-big-endian": (lambda r, p, g, h: (p.astype(">f8"), g, h),
                                  TypeError, ("param",)),
     "grad-is-param": (lambda r, p, g, h: (p, p, h), ValueError, ("param", "grad")),
