@@ -162,11 +162,14 @@ class Hyper:
         """Learning rate at ``step`` (counted from 1), torch's ``lr_decay`` rule, in double."""
         if self.lr_decay == 0.0:
             return self.lr
-        if self.rule.fma_lr_decay:  # exact rational, rounded once (math.fma is 3.13+)
-            from fractions import Fraction  # here: it imports decimal (~1.5 ms at startup)
+        try:
+            if self.rule.fma_lr_decay:  # exact rational, rounded once (math.fma is 3.13+)
+                from fractions import Fraction  # here: it imports decimal (~1.5 ms)
 
-            return self.lr / float(Fraction(step - 1) * Fraction(self.lr_decay) + 1)
-        return self.lr / (1.0 + (step - 1) * self.lr_decay)
+                return self.lr / float(Fraction(step - 1) * Fraction(self.lr_decay) + 1)
+            return self.lr / (1.0 + (step - 1) * self.lr_decay)
+        except OverflowError:  # a denominator beyond double range (a huge step or decay)
+            return self.lr / math.inf  # rounds to inf in IEEE double: torch's clr, 0
 
     def coefficients(self, dtype: np.dtype, step: int = 1) -> tuple:
         """The kernels' scalar arguments for ``dtype`` at ``step``.

@@ -379,3 +379,22 @@ def test_chunk_table_covers_every_element(threads):
         for r in runs:
             r = r[ln[r] > 0]
             assert (flat[r][1:] == (flat[r] + ln[r])[:-1]).all()  # one stretch, in order
+
+
+@pytest.mark.parametrize("preset", ["numpy", "torch"])
+@pytest.mark.parametrize("lr_decay, step", [(0.1, 10**400), (1e308, 3)],
+                         ids=["step 10**400", "lr_decay 1e308"])
+def test_lr_decay_beyond_double_range_gives_a_zero_rate(preset: str, lr_decay: float,
+                                                        step: int) -> None:
+    """``1 + (step - 1) * lr_decay`` beyond double range rounds to inf, as in torch's
+    double arithmetic: the step's learning rate is 0 (the accumulator still grows),
+    not an OverflowError."""
+    from fastadagrad.presets import PRESETS
+
+    p, g = np.array([1.0, -0.0, 3.0], np.float32), np.full(3, 0.5, np.float32)
+    h = np.zeros(3, np.float32)
+    p0 = p.copy()
+    fastadagrad.adagrad_update(p, g, h, lr=0.1, lr_decay=lr_decay, step=step,
+                               rule=PRESETS[preset].rule)
+    assert_bits_equal(p, p0 - np.float32(0.0) * g, "param")
+    assert_bits_equal(h, g * g, "state_sum")

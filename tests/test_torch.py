@@ -1004,7 +1004,9 @@ def test_step_counters_of_every_kind_give_torchs_outcome(kind: str, sparse: bool
 
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
 @pytest.mark.parametrize("kw", [{"lr": 1e39}, {"weight_decay": 1e39}, {"maximize": 1},
-                                {"lr_decay": 0.1, "eps": 1e39}], ids=str)
+                                {"lr_decay": 0.1, "eps": 1e39},
+                                # (step - 1) * lr_decay beyond double range: clr = 0
+                                {"lr_decay": 1e308}], ids=str)
 def test_odd_hyperparameters_give_torchs_outcome(kw: dict, mode: str) -> None:
     # a value float32 cannot hold (torch refuses it), an int maximize (torch's fused
     # step refuses it): torch's outcome, whatever it is
