@@ -45,7 +45,10 @@ def cpu_update_one(p: np.ndarray, g: np.ndarray, h: np.ndarray, coefs: tuple,
                    nonfinite: str, labels: Labels) -> bool:
     """Fused step on one validated triple; False when ``nonfinite='skip'`` skipped it."""
     n = p.size
-    pf, gf, hf = p.reshape(-1), g.reshape(-1), h.reshape(-1)
+    # ndarray's own reshape: a subclass may override it (one returning a copy left the
+    # param unchanged while its state was updated); C-contiguous, so these are views
+    flat = np.ndarray.reshape
+    pf, gf, hf = flat(p, -1), flat(g, -1), flat(h, -1)
     if nonfinite != "ignore" and _has_nonfinite(gf, coefs):
         if nonfinite == "raise":
             raise FloatingPointError(f"{labels.grad} contains NaN or inf; nothing was "

@@ -107,6 +107,15 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
     return {"state": state, "param_groups": [group]}
 
 
+def _flag(x: Any) -> Any:
+    """A 0-d bool array as a bool; anything else as it is, for :meth:`Hyper.make` to
+    check (``bool("False")`` is True: a string or a number is refused, as by the
+    constructor)."""
+    if isinstance(x, np.ndarray) and x.shape == () and x.dtype == np.bool_:
+        return bool(x)
+    return x
+
+
 def _json_key(k: Any) -> bool:
     return isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
 
@@ -285,7 +294,7 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         hyper = Hyper.make(lr=opt.hyper.lr if opt.schedule is not None else group["lr"],
                            eps=group["eps"], lr_decay=group["lr_decay"],
                            weight_decay=group["weight_decay"],
-                           maximize=bool(group["maximize"]), rule=rule)
+                           maximize=_flag(group["maximize"]), rule=rule)
         iav = check_hyper("initial_accumulator_value", group["initial_accumulator_value"])
         for s in sums:
             check_in_dtype("initial_accumulator_value", iav, s.dtype)

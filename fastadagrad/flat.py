@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +35,12 @@ class FlatBuffer(Mapping[Any, Any]):
                  dtype: Any = None) -> None:
         items = list(arrays.items()) if isinstance(arrays, Mapping) else list(
             enumerate(arrays))
+        ma = sys.modules.get("numpy.ma")  # (not imported: no masked array exists)
+        for key, a in items:
+            if ma is not None and isinstance(a, ma.MaskedArray):  # asarray drops the mask
+                raise TypeError(f"arrays[{key!r}] is a masked array: the packed copy "
+                                "would keep the masked values and lose the mask; pass "
+                                "a plain array (np.ma.filled(a, value) or a.data)")
         host = [np.asarray(a) if not is_cuda_array(a) else None for _, a in items]
         for (key, _), h in zip(items, host, strict=True):
             if h is None:

@@ -716,3 +716,45 @@ def test_cross_overlap_finds_written_overlaps_across_groups_only() -> None:
     # three groups: only the pair of different groups counts
     assert cross_overlap([(0, 10, 2, True, "x"), (5, 6, 2, False, "y"),
                           (20, 30, 0, True, "z")]) is None
+
+
+class _CopyOnReshape(np.ndarray):
+    """A subclass whose reshape returns a copy (any subclass may override it)."""
+
+    def reshape(self, *shape: Any, **kw: Any) -> Any:  # type: ignore[override]
+        return np.ndarray.reshape(self, *shape, **kw).copy()
+
+
+def test_subclass_with_its_own_reshape_is_updated_in_place() -> None:
+    """The functional call updates the param's own memory, not what its class's
+    ``reshape`` returns (a copy left the param unchanged while its state moved)."""
+    p = np.ones(8, np.float32).view(_CopyOnReshape)
+    g, h = np.full(8, 0.5, np.float32), np.zeros(8, np.float32)
+    want = [np.ones(8, np.float32), g.copy(), np.zeros(8, np.float32)]
+    reference_step(*want, Hyper.make(lr=0.1, eps=1e-7), 1)
+    assert adagrad_update(p, g, h, lr=0.1) is True
+    assert_bits_equal(np.asarray(p), want[0], "param")
+    assert_bits_equal(h, want[2], "state_sum")
+
+
+def test_flat_buffer_refuses_masked_arrays() -> None:
+    a = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"arrays\['w'\] is a masked array"):
+        FlatBuffer({"b": np.ones(2), "w": a})
+
+
+@pytest.mark.parametrize("value", ["False", 2.5, None])
+def test_loaded_maximize_must_be_a_bool(value: object) -> None:
+    """``bool("False")`` is True: a loaded param group's maximize is checked as the
+    constructor checks it, and nothing changes."""
+    from fastadagrad.checkpoint import CheckpointError
+
+    p = {"w": np.ones(3, np.float32)}
+    opt = AdaGrad(lr=0.1)
+    opt.update(p, {"w": np.ones(3, np.float32)})
+    sd = opt.state_dict()
+    sd["param_groups"][0]["maximize"] = value
+    other = AdaGrad(lr=0.1)
+    with pytest.raises(CheckpointError, match="maximize must be a bool"):
+        other.load_state_dict(sd)
+    assert other.h is None and other.hyper.maximize is False
