@@ -1146,6 +1146,28 @@ def test_storage_freed_or_shrunk_raises_before_writing(which: str, how: str,
     assert_same([t.detach() for t in others], kept)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_grads_as_views_of_one_buffer_stay_compiled(mode: str, no_torch_step: None) -> None:
+    """Gradients that are views into one flat buffer (DDP's ``gradient_as_bucket_view``,
+    flat-gradient trainers): storage offsets and storages larger than the view pass the
+    per-step storage check, with torch's bits."""
+    params = _params(torch.float32, [(5, 7), (17,), (3, 16)])
+    runs = []
+    for cls in (TORCH_OPT, FT.Adagrad):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = cls(ps, lr=0.1, **MODES[mode])
+        flat = torch.zeros(sum(p.numel() for p in ps) + 5)
+        for s in range(3):
+            off = 5
+            for p, g in zip(ps, _grads(params, s)):
+                p.grad = flat[off:off + p.numel()].view(p.shape).copy_(g)
+                off += p.numel()
+            assert ps[1].grad.storage_offset() > 0
+            opt.step()
+        runs.append([t.detach() for p in ps for t in (p, opt.state[p]["sum"])])
+    assert_same(runs[1], runs[0])
+
+
 SHRUNK_IN_PLACE = """
 import sys
 import torch
