@@ -282,7 +282,8 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     a torch state dict) is matched by position. If ``opt`` already has state, the sums
     are copied into its arrays in place (same keys, shapes and dtypes). Otherwise it is
     created from ``sd``: keyed like ``params`` if given, else by the saved names, else
-    as a list; on the device of ``params`` when those are CUDA arrays (or a device
+    as a list (a dict whose keys were not saved: keyed 0..n-1 until the first update's
+    dict names it, by position); on the device of ``params`` when those are CUDA arrays (or a device
     :class:`~fastadagrad.FlatBuffer`, whose layout the state then shares).
     """
     group, sums, step = _parse(sd, where)
@@ -404,6 +405,9 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     else:  # new state, or none at all (a never-stepped checkpoint: a fresh optimizer)
         opt.h, opt._flat = new_h, new_flat
         opt._plan.clear()
+        # a dict's state whose keys were not saved: keyed 0..n-1 until the first
+        # update's dict names it by position (AdaGrad._update_naming_state)
+        opt._positional = bool(sums) and params is None and saved is None and as_dict
     opt.hyper = hyper
     opt.master, opt._half = new_master, None
     opt.rounding, opt.seed = rounding, seed

@@ -299,6 +299,9 @@ class AdaGrad:
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
         self._keys_seen: tuple[Any, list[Any]] | None = None
+        # state loaded from a dict whose keys were not saved (keys other than str/int):
+        # the first update's dict names it, by position, as torch matches unnamed state
+        self._positional = False
         self._one: tuple[Any, ...] | None = None  # (hyper, step, dtype, checked kernel)
         self._scaled: tuple[Any, ...] | None = None  # (hyper, grad_scale, scaled hyper)
         # bfloat16/float16 params (see _half_dispatch): rounding, random stream, masters
@@ -401,6 +404,8 @@ class AdaGrad:
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
         """Apply one step to every array of ``params``; returns False if it was skipped."""
+        if getattr(self, "_positional", False):
+            return self._update_naming_state(params, grads, grad_scale)
         hyper = self.hyper if self._schedule is None else self._hyper_at(self.step + 1)
         if grad_scale is not None:
             scaled = self._scaled  # the last scaled Hyper: a loss scale rarely changes
@@ -482,6 +487,22 @@ class AdaGrad:
         else:
             self.skipped_steps += 1
         return applied
+
+    def _update_naming_state(self, params: Any, grads: Any, grad_scale: float | None
+                             ) -> bool:
+        """:meth:`update` on unnamed state from a dict (loaded without ``params=``: its
+        keys were not saved): it takes the keys of ``params`` in order, if this step
+        goes through (else it stays as it was)."""
+        old = self.h
+        self._positional = False
+        if (isinstance(params, Mapping) and type(old) is dict and len(old) == len(params)
+                and list(old) != list(params)):
+            self.h = dict(zip(params.keys(), old.values()))
+        try:
+            return self.update(params, grads, grad_scale=grad_scale)
+        except BaseException:
+            self.h, self._positional = old, True
+            raise
 
     def _update_half(self, plist: list[Any], glist: list[Any], hlist: list[Any],
                      labels: Any, hyper: Hyper, h: Any, flat: list[FlatBuffer],
@@ -601,7 +622,9 @@ class AdaGrad:
         dict converted with ``.numpy()``; validated before anything changes.
 
         Before the first update the state is created from ``state_dict``, keyed like
-        ``params`` if given (else by its ``param_names``, else as a list).
+        ``params`` if given (else by its ``param_names``, else as a list; a dict whose
+        keys were not saved, such as tuples, takes the keys of the first update's dict,
+        by position).
         """
         from . import checkpoint
 

@@ -427,6 +427,38 @@ def test_int_keyed_state_and_flat_buffer_do_not_swap_keys() -> None:
     assert_bits_equal(opt.h[1], h1 + F32(1.0), "key 1")
 
 
+@pytest.mark.parametrize("how", ["state_dict", "file"])
+def test_dict_with_unsaved_keys_is_named_by_the_first_update(tmp_path: Path, how: str
+                                                             ) -> None:
+    """Tuple keys are not recorded in a checkpoint: loaded without ``params=``, the
+    state is matched by position at the first update (as torch matches unnamed state)
+    and continues like the original; a first update that fails leaves it unnamed."""
+    rng = np.random.default_rng(3)
+    P = {("l", 1): rng.standard_normal(3).astype(F32),
+         ("l", 2): rng.standard_normal(2).astype(F32)}
+    gs = [{k: rng.standard_normal(v.shape).astype(F32) for k, v in P.items()}
+          for _ in range(3)]
+    opt = fastadagrad.AdaGrad(lr=0.1)
+    opt.update(P, gs[0])
+    Q = {k: v.copy() for k, v in P.items()}
+    other = fastadagrad.AdaGrad(lr=0.1)
+    if how == "file":
+        other.load(opt.save(tmp_path / "ck"))
+    else:
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError):  # a wrong shape: nothing changes, still unnamed
+        other.update({("l", 1): np.ones(4, F32), ("l", 2): np.ones(2, F32)},
+                     {("l", 1): np.ones(4, F32), ("l", 2): np.ones(2, F32)})
+    assert list(other.h) == [0, 1] and other.step == 1
+    for g in gs[1:]:
+        opt.update(P, g)
+        other.update(Q, g)
+    assert list(other.h) == list(P)
+    for k in P:
+        assert_bits_equal(Q[k], P[k], str(k))
+        assert_bits_equal(other.h[k], opt.h[k], str(k))
+
+
 def test_loading_a_never_stepped_checkpoint_resets(tmp_path: Path) -> None:
     fastadagrad.AdaGrad(lr=0.3).save(tmp_path / "fresh.npz")
     p = _net()
