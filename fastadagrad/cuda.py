@@ -188,7 +188,17 @@ def _describe(x: Any, label: str) -> _Dev:
 _TYPESTRS = {"<f4": np.dtype(np.float32), "<f8": np.dtype(np.float64)}
 
 
+def check_data(d: _Dev, label: str) -> None:
+    """Refuse an array with elements but a null data pointer (a torch tensor whose
+    storage was freed with ``untyped_storage().resize_(0)``, as FSDP does): a kernel
+    writing there stops the CUDA context with an illegal-address error."""
+    if d.ptr == 0 and d.size:
+        raise ValueError(f"{label} has {d.size} elements but no memory (a null device "
+                         "pointer: its storage was freed?); nothing was updated")
+
+
 def _check_array(d: _Dev, label: str, *, writable: bool) -> np.dtype:
+    check_data(d, label)
     dt = _TYPESTRS.get(d.typestr)
     if dt is None:
         raise TypeError(f"{label} has dtype {d.typestr!r}; fastadagrad updates float32 and "

@@ -184,6 +184,7 @@ def _describe_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
 
 
 def _check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
+    fcuda.check_data(d, label)
     if d.strides is not None and d.size > 1:
         expect = itemsize
         for extent, stride in zip(reversed(d.shape), reversed(d.strides)):

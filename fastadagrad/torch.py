@@ -631,6 +631,7 @@ class Adagrad(torch.optim.Adagrad):
                     and p.dtype in T.NP_DTYPES and g.dtype == h.dtype == p.dtype
                     and g.shape == h.shape == p.shape and p.is_contiguous()
                     and g.is_contiguous() and h.is_contiguous()):
+                _refuse_short(p, g, h, labels[i])  # (the kernels' tables: analysis only)
                 cuda.append(i)
             elif T.eligible(p, g, h) and _formula_ok(formula, p.dtype):
                 cpu.append(i)
@@ -638,12 +639,7 @@ class Adagrad(torch.optim.Adagrad):
                                                                  sparse_runs):
                 sparse.append(i)  # validated; runs with the others
             else:
-                lab = labels[i]
-                for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
-                    # torch's own step would read and write past the storage: a crash
-                    short = x.layout is torch.strided and T.storage_short(x)
-                    if short:
-                        raise RuntimeError(f"{what} {short}; nothing was updated")
+                _refuse_short(p, g, h, labels[i])
                 slow.append(i)
         if ((len(cpu) > 0) + (len(sparse) > 0) + (len(slow) > 0) > 1
                 and _paths_share_memory((cpu, sparse, slow), (params, grads, sums))):
@@ -869,6 +865,17 @@ def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], 
                             a, n = st.data_ptr(), st.nbytes()
                         ranges.append((a, a + n, side, role != 1, None))
     return D.cross_overlap(ranges) is not None
+
+
+def _refuse_short(p: Any, g: Any, h: Any, lab: Any) -> None:
+    """Raise, naming it, if a strided tensor of (param, grad, sum) reaches beyond its
+    storage (freed or shrunk in place): torch's own steps, and the GPU kernels, would
+    read and write past it (a crash, or an illegal address that ends the CUDA
+    context)."""
+    for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
+        short = x.layout is torch.strided and T.storage_short(x)
+        if short:
+            raise RuntimeError(f"{what} {short}; nothing was updated")
 
 
 def _fused_unsafe(p: Any, g: Any, h: Any, lab: Any) -> str | None:

@@ -64,7 +64,22 @@ def _overlap(rng: np.random.Generator) -> tuple[Any, Any]:
     return buf[:6].reshape(SHAPE), buf[3:].reshape(SHAPE)
 
 
+class _NullArray:
+    """A CUDA array with elements and a null data pointer: what a torch CUDA tensor
+    whose storage was freed (``untyped_storage().resize_(0)``) exposes."""
+
+    __cuda_array_interface__ = {"shape": SHAPE, "typestr": "<f4", "data": (0, False),
+                                "strides": None, "version": 3}
+
+    def copy_to_host(self) -> np.ndarray:  # (for _sums: no memory to read)
+        return np.zeros(SHAPE, np.float32)
+
+
 CASES: dict[str, tuple[Callable[..., Triple], type, str]] = {
+    "grad-null-pointer": (lambda r, p, g, h: (p, _NullArray(), h), ValueError,
+                          r"\bgrad\b has 6 elements but no memory"),
+    "state-null-pointer": (lambda r, p, g, h: (p, g, _NullArray()), ValueError,
+                           r"\bstate_sum\b has 6 elements but no memory"),
     "grad-wrong-shape": (lambda r, p, g, h: (p, _dev(_host(r, (7,))), h), ValueError,
                          r"\bgrad\b"),
     "grad-float64": (lambda r, p, g, h: (p, _dev(_host(r, SHAPE, np.float64)), h),
