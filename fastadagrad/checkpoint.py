@@ -93,9 +93,12 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
     if opt.h is not None:
         keys = _keys(opt.h)
         group["params"] = list(range(len(keys)))
-        if isinstance(opt.h, Mapping) and all(isinstance(k, str) for k in keys):
+        # (state loaded without its names keeps placeholders 0..n-1 until an update
+        # names it: saved again, it stays unnamed)
+        named = isinstance(opt.h, Mapping) and not getattr(opt, "_positional", False)
+        if named and all(isinstance(k, str) for k in keys):
             group["param_names"] = list(keys)
-        if isinstance(opt.h, Mapping) and all(_json_key(k) for k in keys):
+        if named and all(_json_key(k) for k in keys):
             group["fastadagrad"]["keys"] = list(keys)  # str and int keys, for the file
         group["fastadagrad"]["container"] = "dict" if isinstance(opt.h, Mapping) else "list"
         for i, k in enumerate(keys):

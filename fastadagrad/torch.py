@@ -69,8 +69,9 @@ What ``step`` does with each parameter that has a gradient:
   before anything is written (torch's default step reads and writes past it).
   With ``fused=True``, CPU tensors that torch's fused kernel would mishandle (it walks
   each tensor as flat memory: a parameter with gaps, an expanded gradient, a gradient
-  or sum of another shape, dtype or memory order) raise RuntimeError naming the tensor,
-  before anything is written, instead of being handed to it.
+  or sum of another number of elements, dtype or memory order) raise RuntimeError
+  naming the tensor, before anything is written, instead of being handed to it
+  (contiguous tensors of as many elements in another shape get torch's flat update).
 - Autograd: the version counters of the tensors written are incremented, and
   ``torch.compile`` runs the step as a graph break (eagerly, torch's eager bits).
 
@@ -572,6 +573,8 @@ class Adagrad(torch.optim.Adagrad):
         def torch_update(idx: list[int]) -> Callable[[], None]:
             sub = (([params[i] for i in idx], [grads[i] for i in idx],
                     [sums[i] for i in idx], [steps[i] for i in idx]))
+            for i in idx:  # every path to torch's implementation: a crash otherwise
+                _refuse_short(params[i], grads[i], sums[i], labels[i])
             if fused:  # its CPU kernel walks each tensor as flat memory: refuse what
                 for i in idx:  # that would take out of a tensor's elements
                     why = _fused_unsafe(params[i], grads[i], sums[i], labels[i])
@@ -638,8 +641,7 @@ class Adagrad(torch.optim.Adagrad):
             elif g.is_sparse and not fused and self._sparse_run(p, g, h, steps[i], group,
                                                                  sparse_runs):
                 sparse.append(i)  # validated; runs with the others
-            else:
-                _refuse_short(p, g, h, labels[i])
+            else:  # (checked in torch_update, as every tensor handed to torch)
                 slow.append(i)
         if ((len(cpu) > 0) + (len(sparse) > 0) + (len(slow) > 0) > 1
                 and _paths_share_memory((cpu, sparse, slow), (params, grads, sums))):

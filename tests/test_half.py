@@ -428,27 +428,37 @@ def test_class_mixed_model_matches_reference(rng, path, rounding, master):
         assert opt.master is None
 
 
+@pytest.mark.parametrize("master", [False, True])
 @pytest.mark.parametrize("model", ["float", "mixed"])
 @pytest.mark.parametrize("change", ["to 16 bits", "to float32"])
-def test_class_param_changing_dtype_steps_as_a_fresh_optimizer(rng, model, change):
+def test_class_param_changing_dtype_steps_as_a_fresh_optimizer(rng, model, change, master):
     """A param that changes between float32 and 16 bits between two steps (its float32
     state still fits it) is updated as by a fresh optimizer given the same state: the
-    list of 16-bit params the optimizer caches is made again."""
+    list of 16-bit params the optimizer caches is made again (with master weights: a
+    new 16-bit param gets its float32 copy, one now float32 drops its own)."""
     p = {"a": rng.standard_normal(6).astype(BF16 if model == "mixed" else np.float32),
          "b": rng.standard_normal(5).astype(np.float32 if change == "to 16 bits" else BF16)}
-    opt = fastadagrad.AdaGrad(lr=0.1)
+    opt = fastadagrad.AdaGrad(lr=0.1, master_weights=master)
     opt.update(p, {k: np.ones_like(v) for k, v in p.items()})
     p["b"] = p["b"].astype(BF16 if change == "to 16 bits" else np.float32)
     grads = {k: (rng.standard_normal(v.shape) * 0.5).astype(v.dtype) for k, v in p.items()}
-    fresh = fastadagrad.AdaGrad(lr=0.1)
+    sd = opt.state_dict()
+    if master and change == "to float32":  # (its copy no longer describes a 16-bit param)
+        sd["state"][1].pop("master", None)
+    fresh = fastadagrad.AdaGrad(lr=0.1, master_weights=master)
     q = {k: v.copy() for k, v in p.items()}
-    fresh.load_state_dict(opt.state_dict(), params=q)
+    fresh.load_state_dict(sd, params=q)
     assert fresh.update(q, grads) is True
     assert opt.update(p, grads) is True
     for k in p:
         assert_bits_equal(p[k], q[k], k)
         assert_bits_equal(opt.h[k], fresh.h[k], k)
     assert opt.step == 2
+    if master:
+        half = {k for k, v in p.items() if v.dtype == BF16}
+        assert set(opt.master or {}) == half
+        for k in half:
+            assert_bits_equal(opt.master[k], fresh.master[k], k)
 
 
 def test_class_bad_input_changes_nothing(rng):

@@ -287,6 +287,22 @@ def test_replaced_accumulator_is_the_one_updated(how: str, kind: str) -> None:
         assert_bits_equal(saved[i]["sum"], ref.h[k], k)
 
 
+def test_swapped_accumulators_of_a_flat_model_follow_their_keys() -> None:
+    """``opt.h`` with two accumulators swapped (same shapes): a FlatBuffer model updates
+    each param with the accumulator its key now names, as a dict model does."""
+    rng = np.random.default_rng(1)
+    init = {"a": rng.standard_normal(3).astype(F32), "b": rng.standard_normal(3).astype(F32)}
+    out = []
+    for wrap in (fastadagrad.FlatBuffer, lambda d: {k: v.copy() for k, v in d.items()}):
+        p, opt = wrap(init), fastadagrad.AdaGrad(lr=0.1)
+        opt.update(p, wrap({"a": np.full(3, 2.0, F32), "b": np.full(3, 0.1, F32)}))
+        opt.h = {"b": opt.h["a"], "a": opt.h["b"]}  # (the views in the buffer's order)
+        opt.update(p, wrap({"a": np.ones(3, F32), "b": np.ones(3, F32)}))
+        out.append([np.array(x) for k in init for x in (p[k], opt.h[k])])
+    for x, y in zip(*out):
+        assert_bits_equal(x, y)
+
+
 def test_memmap_params_keep_their_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                        ) -> None:
     """np.memmap params and states (an ndarray subclass) pass the per-step compiled
@@ -450,6 +466,10 @@ def test_dict_with_unsaved_keys_is_named_by_the_first_update(tmp_path: Path, how
         other.update({("l", 1): np.ones(4, F32), ("l", 2): np.ones(2, F32)},
                      {("l", 1): np.ones(4, F32), ("l", 2): np.ones(2, F32)})
     assert list(other.h) == [0, 1] and other.step == 1
+    # saved again before it is named, it stays unnamed
+    again = fastadagrad.AdaGrad(lr=0.1)
+    again.load_state_dict(other.state_dict())
+    other = again
     for g in gs[1:]:
         opt.update(P, g)
         other.update(Q, g)

@@ -1168,6 +1168,37 @@ def test_grads_as_views_of_one_buffer_stay_compiled(mode: str, no_torch_step: No
     assert_same(runs[1], runs[0])
 
 
+@pytest.mark.parametrize("route", ["grad_scale", "differentiable", "shared step",
+                                   "fused grad_scale"])
+def test_storage_shrunk_raises_on_every_route_to_torch(route: str) -> None:
+    """Groups handed whole to torch's implementation (AMP's grad_scale/found_inf,
+    differentiable=True, a step counter shared with lr_decay) check every tensor's
+    storage too: torch's step would write past a shrunk one (heap corruption)."""
+    kw = {"lr": 0.1, "fused": route == "fused grad_scale",
+          "differentiable": route == "differentiable",
+          "lr_decay": 0.1 if route == "shared step" else 0.0}
+    ps = [_randn((64,), k) if route == "differentiable" else
+          torch.nn.Parameter(_randn((64,), k)) for k in (1, 2)]
+    opt = FT.Adagrad(ps, **kw)
+    for p in ps:
+        p.grad = _randn(p.shape, 3)
+    opt.step()
+    if route == "shared step":
+        opt.state[ps[1]]["step"] = opt.state[ps[0]]["step"]
+    if "grad_scale" in route:
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)
+    for p in ps:
+        p.grad = _randn(p.shape, 4)
+    _free(ps[1], "shrunk")
+    others = [t for p in ps for t in (p, p.grad, opt.state[p]["sum"], opt.state[p]["step"])
+              if t is not ps[1]]
+    kept = [t.detach().clone() for t in others]
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[1\] has 64 elements but its "
+                                           "storage holds"):
+        opt.step()
+    assert_same([t.detach() for t in others], kept)
+
+
 SHRUNK_IN_PLACE = """
 import sys
 import torch
