@@ -222,7 +222,7 @@ class TensorPlan:
         keep = end > start
         order = np.argsort(start[keep], kind="stable")
         self.wstart, self.wend = start[keep][order], end[keep][order]
-        self.wlists = (self.wstart.tolist(), self.wend.tolist(), nbytes.tolist())
+        self.wlists = (self.wstart.tolist(), self.wend.tolist(), self.nbytes_list)
         self.pdtypes = [NP_DTYPES[m[1]] for m in key[2]]
         self.sizes = [p.numel() for p in params]
         self.contig = list(map(_contig, params))
@@ -353,10 +353,8 @@ def _same_layout(plan: TensorPlan, *tensors: Sequence[Any]) -> bool:
     """Whether each list of ``tensors`` (one per parameter of the plan) is laid out as
     the plan's parameters were when it was built: contiguous, or dense with the same
     strides. Read at every step: a transposed square tensor keeps its address and
-    shape. (All contiguous, the common case, is tested inline by the caller: one
-    ``is_contiguous`` per tensor.)"""
-    if plan.dense is None:
-        return all(all(map(_contig, ts)) for ts in tensors)
+    shape. Only for plans with dense tensors (``plan.dense``): where every parameter is
+    contiguous, the callers test one ``is_contiguous`` per tensor inline."""
     contig = plan.contig
     for ts in tensors:
         if list(map(_contig, ts)) != contig:
