@@ -92,6 +92,12 @@ def check_host_array(x: object, label: str, *, writable: bool) -> np.ndarray:
             "float32 and float64 arrays (and float16/bfloat16 params with a float32 "
             "state) in native byte order only"
         )
+    return check_flags(x, label, writable=writable)
+
+
+def check_flags(x: np.ndarray, label: str, *, writable: bool) -> np.ndarray:
+    """``x`` if it is C-contiguous, and writeable where ``writable``; else the error
+    naming it (the 32-bit and the 16-bit host paths' common checks)."""
     if not x.flags.c_contiguous:
         raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
                          + ("(it is updated in place, so no copy is made)" if writable

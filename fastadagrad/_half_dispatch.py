@@ -16,7 +16,7 @@ import numpy as np
 from . import _hyper as H
 from . import _rounding as R
 from . import config
-from ._arrays import Labels, coefficients, cross_overlap, describe, is_cuda_array
+from ._arrays import Labels, check_flags, coefficients, cross_overlap, describe, is_cuda_array
 from ._rounding import check_options  # noqa: F401  (the public modules' way down)
 
 _F32 = np.dtype(np.float32)
@@ -25,13 +25,7 @@ _F32 = np.dtype(np.float32)
 def _check_host(x: Any, label: str, *, writable: bool) -> np.ndarray:
     if not isinstance(x, np.ndarray) or type(x) is not np.ndarray:
         raise TypeError(f"{label} must be a NumPy array, got {describe(x)}")
-    if not x.flags.c_contiguous:
-        raise ValueError(f"{label} is not C-contiguous; pass np.ascontiguousarray(...) "
-                         + ("(it is updated in place, so no copy is made)" if writable
-                            else "(it is read where it lies: no copy is made)"))
-    if writable and not x.flags.writeable:
-        raise ValueError(f"{label} is read-only; it is updated in place")
-    return x
+    return check_flags(x, label, writable=writable)
 
 
 def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:

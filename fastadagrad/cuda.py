@@ -203,8 +203,15 @@ def _check_array(d: _Dev, label: str, *, writable: bool) -> np.dtype:
     if dt is None:
         raise TypeError(f"{label} has dtype {d.typestr!r}; fastadagrad updates float32 and "
                         "float64 arrays in native (little-endian) byte order only")
+    check_layout(d, label, dt.itemsize, writable)
+    return dt
+
+
+def check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
+    """Raise, naming ``label``, unless device array ``d`` (its ``_Dev`` description)
+    is C-contiguous for elements of ``itemsize`` bytes, and writable where asked."""
     if d.strides is not None and d.size > 1:
-        expect = dt.itemsize
+        expect = itemsize
         for extent, stride in zip(reversed(d.shape), reversed(d.strides)):
             if extent != 1 and stride != expect:
                 raise ValueError(f"{label} is not C-contiguous; pass a contiguous array "
@@ -214,7 +221,6 @@ def _check_array(d: _Dev, label: str, *, writable: bool) -> np.dtype:
             expect *= extent
     if writable and d.readonly:
         raise ValueError(f"{label} is read-only; it is updated in place")
-    return dt
 
 
 def _device_id(x: Any) -> Any:

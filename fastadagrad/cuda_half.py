@@ -179,23 +179,9 @@ def _describe_half(x: Any, label: str, *, writable: bool) -> tuple[Any, str]:
     if fmt is None:
         raise TypeError(f"{label} has dtype {d.typestr!r}; the half-precision GPU path "
                         "takes float16 arrays or torch bfloat16 tensors")
-    _check_layout(d, label, 2, writable)
-    return d, fmt
-
-
-def _check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
     fcuda.check_data(d, label)
-    if d.strides is not None and d.size > 1:
-        expect = itemsize
-        for extent, stride in zip(reversed(d.shape), reversed(d.strides)):
-            if extent != 1 and stride != expect:
-                raise ValueError(f"{label} is not C-contiguous; pass a contiguous array "
-                                 + ("(it is updated in place, so no copy is made)"
-                                    if writable else "(it is read where it lies: no copy "
-                                    "is made)"))
-            expect *= extent
-    if writable and d.readonly:
-        raise ValueError(f"{label} is read-only; it is updated in place")
+    fcuda.check_layout(d, label, 2, writable)
+    return d, fmt
 
 
 def _describe_f32(x: Any, label: str, shape: tuple[int, ...], what: str,
@@ -212,7 +198,8 @@ def _describe_f32(x: Any, label: str, shape: tuple[int, ...], what: str,
     if d.shape != shape:
         raise ValueError(f"{label} has shape {d.shape} but {owner} has shape {shape}; "
                          "they must match")
-    _check_layout(d, label, 4, True)
+    fcuda.check_data(d, label)
+    fcuda.check_layout(d, label, 4, True)
     return d
 
 
