@@ -8,7 +8,8 @@ tensors)::
                        "initial_accumulator_value", "maximize", "foreach": None,
                        "differentiable": False, "fused", "params": [0, ..., n-1],
                        "param_names": [...] (only for dicts with str keys),
-                       "fastadagrad": {"rule": {...}, "nonfinite", "skipped_steps"}}]}
+                       "fastadagrad": {"rule": {...}, "nonfinite", "skipped_steps",
+                                       "rounding", "seed", "master_weights", ...}}]}
 
 ``i`` is the position of the parameter in ``params`` (dict order for dicts). A torch
 state dict converted with ``.numpy()`` loads as is (its ``"step"`` is torch's float32
@@ -84,10 +85,11 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
         "fastadagrad": {"rule": dataclasses.asdict(hy.rule), "nonfinite": opt.nonfinite,
                         "skipped_steps": int(opt.skipped_steps)},
     }
-    rounding = getattr(opt, "rounding", "nearest")  # 16-bit params (optim.py)
-    if rounding != "nearest" or getattr(opt, "master_weights", False):
-        group["fastadagrad"].update(rounding=rounding, seed=opt.seed,
-                                    master_weights=bool(opt.master_weights))
+    # 16-bit params (optim.py): written every time, so that a resumed run rounds as
+    # the saved one did whatever the loading optimizer was built with
+    group["fastadagrad"].update(rounding=getattr(opt, "rounding", "nearest"),
+                                seed=int(getattr(opt, "seed", 0)),
+                                master_weights=bool(getattr(opt, "master_weights", False)))
     master = getattr(opt, "master", None) or {}
     state: dict[int, dict[str, Any]] = {}
     if opt.h is not None:
@@ -106,8 +108,19 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
             state[i] = {"step": np.array(float(opt.step)),  # float64: exact to 2^53
                         "sum": np.array(s, copy=True) if copy else s}
             if k in master:  # the float32 master copy of a 16-bit param
-                state[i]["master"] = np.array(master[k], copy=True) if copy else master[k]
+                m = _to_host(master[k])  # (a device copy where the state is on one)
+                state[i]["master"] = np.array(m, copy=True) if copy else m
     return {"state": state, "param_groups": [group]}
+
+
+def _like(host: np.ndarray, proto: Any) -> Any:
+    """``host``, or a copy of it on ``proto``'s device in ``proto``'s library when
+    ``proto`` is a CUDA array."""
+    if is_cuda_array(proto):
+        from . import cuda
+
+        return cuda.to_device_like(host, proto)
+    return host
 
 
 def _flag(x: Any) -> Any:
@@ -273,9 +286,14 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     * the formula's hyperparameters ``lr``, ``eps``, ``lr_decay``, ``weight_decay``,
       ``maximize``, ``initial_accumulator_value`` and the rule, as
       ``torch.optim.Optimizer.load_state_dict`` does (a torch state dict has no rule:
-      load it into ``AdaGrad.from_preset("torch")`` to continue bit-identically). If
+      one from ``torch.optim.Adagrad(fused=True)`` continues bit-identically in
+      ``AdaGrad.from_preset("torch")``; torch's default and ``foreach=True`` steps take
+      MKL's square root, which only :class:`fastadagrad.torch.Adagrad` reproduces). If
       ``opt`` has a learning-rate schedule, the schedule stays and the saved ``lr`` is
       not used;
+    * for 16-bit params, ``rounding``, ``seed`` and ``master_weights`` with the float32
+      master copies (made on the device of the state when it is on a GPU); a state
+      dict from another library has none of them and ``opt`` keeps its own;
     * not ``nonfinite``: how to treat NaN/inf gradients stays what ``opt`` was built
       with (the file records it for information only).
 
@@ -310,12 +328,21 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         raise _err(f"'skipped_steps' must be a whole number >= 0, got {skipped!r}", where)
     saved = _names(group, len(sums), where) if sums else None
     masters = _masters(sd)
+    # fastadagrad's own state dicts carry the 16-bit options (files written before
+    # they were always recorded left out the defaults: nearest, no master weights);
+    # another library's (torch's) leave the loading optimizer's own
+    ours = "fastadagrad" in group
     try:
-        rounding, seed = check_options(fa.get("rounding", getattr(opt, "rounding",
-                                                                  "nearest")),
-                                       fa.get("seed", getattr(opt, "seed", 0)))
+        rounding, seed = check_options(
+            fa.get("rounding", "nearest" if ours else getattr(opt, "rounding", "nearest")),
+            fa.get("seed", getattr(opt, "seed", 0)))
     except (TypeError, ValueError) as e:
         raise _err(f"bad rounding option in the param group: {e}", where) from e
+    master_weights = _flag(fa.get("master_weights", False if ours else
+                                  getattr(opt, "master_weights", False)))
+    if not isinstance(master_weights, (bool, np.bool_)):
+        raise _err("'master_weights' must be a bool, got "
+                   f"{type(master_weights).__name__}", where)
 
     new_h: Any = None
     new_flat: list[Any] = []
@@ -390,8 +417,11 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     mkeys = (_keys(opt.h) if opt.h is not None else pkeys) if sums else []
     morder = (order if (opt.h is not None or params is not None)
               else list(range(len(sums)))) if sums else []
-    new_master = {k: np.array(masters[j], np.float32) for k, j in zip(mkeys, morder)
-                  if j in masters} or None
+    # each master copy where its param's state lies: on the device of a GPU model
+    protos = ([opt.h[k] for k in mkeys] if opt.h is not None
+              else views if new_h is not None else []) if sums else []
+    new_master = {k: _like(np.array(masters[j], np.float32), proto)
+                  for k, j, proto in zip(mkeys, morder, protos) if j in masters} or None
 
     # ---- validated: commit
     if opt.h is not None and sums:
@@ -414,8 +444,7 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
     opt.hyper = hyper
     opt.master, opt._half = new_master, None
     opt.rounding, opt.seed = rounding, seed
-    if new_master is not None:
-        opt.master_weights = True
+    opt.master_weights = bool(master_weights) or new_master is not None
     opt.initial_accumulator_value = iav
     opt.step = step if step is not None else 0
     opt.skipped_steps = int(skipped)

@@ -495,15 +495,18 @@ class AdaGrad:
         """:meth:`update` on unnamed state from a dict (loaded without ``params=``: its
         keys were not saved): it takes the keys of ``params`` in order, if this step
         goes through (else it stays as it was)."""
-        old = self.h
+        old, old_master = self.h, self.master
         self._positional = False
         if (isinstance(params, Mapping) and type(old) is dict and len(old) == len(params)
                 and list(old) != list(params)):
             self.h = dict(zip(params.keys(), old.values()))
+            if old_master:  # the float32 copies of 16-bit params, keyed as their state
+                name = dict(zip(old.keys(), params.keys()))
+                self.master = {name[k]: m for k, m in old_master.items()}
         try:
             return self.update(params, grads, grad_scale=grad_scale)
         except BaseException:
-            self.h, self._positional = old, True
+            self.h, self.master, self._positional = old, old_master, True
             raise
 
     def _update_half(self, plist: list[Any], glist: list[Any], hlist: list[Any],

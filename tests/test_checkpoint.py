@@ -386,6 +386,8 @@ BAD_STATE_DICTS = [
     ("negative lr", dict(param_groups__0__lr=-1.0), "lr must be >= 0"),
     ("no lr", dict(param_groups__0__lr=KeyError), "no 'lr'"),
     ("two groups", dict(param_groups=[{}, {}]), "list of one group"),
+    ("master_weights not a bool", dict(param_groups__0__fastadagrad__master_weights="yes"),
+     "'master_weights' must be a bool"),
 ]
 
 
@@ -398,3 +400,83 @@ def test_bad_state_dict_changes_nothing(name: str, change: dict, msg: str) -> No
     with pytest.raises(CheckpointError, match=msg):
         opt.load_state_dict(_sd(**change))
     assert _same(_snapshot(opt), before)
+
+
+# ---- the 16-bit options travel with the state
+
+def _bf16_run(opt: fastadagrad.AdaGrad, p: dict, seeds: range) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for s in seeds:
+        g = np.random.default_rng(s).standard_normal(64).astype(ml_dtypes.bfloat16)
+        opt.update(p, {"w": g})
+
+
+def _bf16_params() -> dict:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return {"w": np.ones(64, ml_dtypes.bfloat16)}
+
+
+@pytest.mark.parametrize("saved,loader", [
+    (dict(master_weights=True), dict()),  # saved before its first step: no master yet
+    (dict(), dict(lr=0.5, rounding="stochastic", seed=1)),  # nearest, the default
+    (dict(rounding="stochastic", seed=3), dict()),
+    (dict(rounding="stochastic", seed=3, master_weights=True), dict(seed=9)),
+])
+def test_resume_rounds_as_the_saved_run(saved: dict, loader: dict) -> None:
+    # rounding, seed and master weights come from the state dict, whatever the loading
+    # optimizer was built with: the resumed bfloat16 run is the uninterrupted one
+    ref_p = _bf16_params()
+    _bf16_run(fastadagrad.AdaGrad(lr=0.01, **saved), ref_p, range(12))
+    for at in (0, 5):
+        p = _bf16_params()
+        first = fastadagrad.AdaGrad(lr=0.01, **saved)
+        _bf16_run(first, p, range(at))
+        opt = fastadagrad.AdaGrad(**loader)
+        opt.load_state_dict(first.state_dict())
+        assert (opt.rounding, opt.master_weights) == (first.rounding, first.master_weights)
+        _bf16_run(opt, p, range(at, 12))
+        assert_bits_equal(p["w"], ref_p["w"], f"params resumed at step {at}")
+
+
+def test_options_absent_from_a_state_dict() -> None:
+    # a fastadagrad state dict without them (written before they were always recorded)
+    # meant the defaults; a torch state dict has none: the loader's own stay
+    first = fastadagrad.AdaGrad(lr=0.01)
+    first.update(_bf16_params(), {"w": _bf16_params()["w"]})
+    sd = first.state_dict()
+    for k in ("rounding", "seed", "master_weights"):
+        del sd["param_groups"][0]["fastadagrad"][k]
+    opt = fastadagrad.AdaGrad(rounding="stochastic", seed=2, master_weights=True)
+    opt.load_state_dict(sd)
+    assert (opt.rounding, opt.master_weights) == ("nearest", False)
+    del sd["param_groups"][0]["fastadagrad"]
+    opt = fastadagrad.AdaGrad(rounding="stochastic", seed=2, master_weights=True)
+    opt.load_state_dict(sd)
+    assert (opt.rounding, opt.seed, opt.master_weights) == ("stochastic", 2, True)
+
+
+def test_unnamed_state_names_its_master_copies(tmp_path: Path) -> None:
+    # tuple keys are not saved: loaded without params=, the state and the float32
+    # master copies are keyed 0..n-1 until the first update names both by position
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    keys = [("fc1", "W"), ("fc1", "b")]
+
+    def grads(s: int) -> dict:
+        r = np.random.default_rng(s)
+        return {k: r.standard_normal(8).astype(ml_dtypes.bfloat16) for k in keys}
+
+    ref = {k: np.ones(8, ml_dtypes.bfloat16) for k in keys}
+    ref_opt = fastadagrad.AdaGrad(lr=0.01, master_weights=True)
+    for s in range(8):
+        ref_opt.update(ref, grads(s))
+    p = {k: np.ones(8, ml_dtypes.bfloat16) for k in keys}
+    first = fastadagrad.AdaGrad(lr=0.01, master_weights=True)
+    for s in range(4):
+        first.update(p, grads(s))
+    opt = fastadagrad.AdaGrad()
+    opt.load(first.save(tmp_path / "ck"))
+    for s in range(4, 8):
+        opt.update(p, grads(s))
+    for k in keys:
+        assert_bits_equal(p[k], ref[k], f"params{k}")
+        assert_bits_equal(opt.master[k], ref_opt.master[k], f"master{k}")

@@ -80,3 +80,27 @@ def test_resume_device_flat_buffer(tmp_path: Path) -> None:
     np.testing.assert_array_equal(params.to_host().data, sp.to_host().data)
     np.testing.assert_array_equal(resumed._flat[0].to_host().data,
                                   straight._flat[0].to_host().data)
+
+
+def test_master_copies_resume_on_the_device(tmp_path: Path) -> None:
+    # float16 params trained on the host with float32 master copies, resumed on the
+    # device: the masters go where the state goes (they stayed host arrays, and every
+    # later update refused them)
+    rng = np.random.default_rng(3)
+    p = {"w": rng.standard_normal(40).astype(np.float16)}
+    grads = [{"w": rng.standard_normal(40).astype(np.float16)} for _ in range(4)]
+    straight, sp = fa.AdaGrad(lr=0.1, master_weights=True), {"w": p["w"].copy()}
+    for g in grads:
+        straight.update(sp, g)
+    first, fp = fa.AdaGrad(lr=0.1, master_weights=True), {"w": p["w"].copy()}
+    for g in grads[:2]:
+        first.update(fp, g)
+    resumed, rp = fa.AdaGrad(lr=0.1), _dev(fp)
+    resumed.load(first.save(tmp_path / "ck"), params=rp)
+    assert resumed.master_weights and is_cuda_array(resumed.master["w"])
+    for g in grads[2:]:
+        resumed.update(rp, _dev(g))
+    np.testing.assert_array_equal(rp["w"].copy_to_host(), sp["w"])
+    np.testing.assert_array_equal(resumed.master["w"].copy_to_host(), straight.master["w"])
+    # and saved again from the device, the copies come back to the host
+    assert isinstance(resumed.state_dict()["state"][0]["master"], np.ndarray)
