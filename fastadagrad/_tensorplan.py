@@ -17,7 +17,9 @@ and are checked every step.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import functools
+import math
 import operator
 from collections.abc import Callable, Sequence
 from operator import attrgetter
@@ -425,10 +427,39 @@ def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
     return bool(hit.any())
 
 
-def _numpy_rows(x: Any) -> np.ndarray:
-    """A (rows, row size) NumPy view of a contiguous CPU tensor (no copy)."""
-    a = x.detach().numpy()
-    return a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+def sparse_index_error(g: Any) -> str | None:
+    """What is wrong with the indices of sparse COO tensor ``g``, or None: one outside
+    its sparse dimensions. torch builds such tensors without checking them
+    (``check_invariants`` is off by default) and its ``coalesce()`` then writes out of
+    bounds for a negative one (heap corruption): checked before anything coalesces."""
+    idx = g._indices()
+    if idx.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(idx, dim=1)
+    for d, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+        n = g.shape[d]
+        if a < 0 or b >= n:
+            return (f"has index {a if a < 0 else b} in its sparse dimension {d}, "
+                    f"outside [0, {n})")
+    return None
+
+
+_NP_INDEX = {torch.int64: np.dtype(np.int64), **NP_DTYPES}
+
+
+def _numpy_rows(x: Any, rows: int | None = None) -> np.ndarray:
+    """A (rows, row size) NumPy array over contiguous CPU tensor ``x``'s memory, made
+    from its address: no copy, and unlike ``Tensor.numpy()`` it leaves the storage
+    resizable (``sum.resize_``, a storage freed with ``resize_(0)``, as torch's step
+    does). The caller keeps ``x`` alive while the array is used."""
+    rows = (x.shape[0] if x.dim() else 1) if rows is None else rows
+    n = x.numel()
+    shape = (rows, n // rows if rows else math.prod(x.shape[1:]))
+    dt = _NP_INDEX[x.dtype]
+    if n == 0:
+        return np.empty(shape, dt)
+    buf = (ctypes.c_char * (n * dt.itemsize)).from_address(x.data_ptr())
+    return np.frombuffer(buf, dt).reshape(shape)
 
 
 def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float,
@@ -451,35 +482,39 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     if unsupported(param) is not None or unsupported(state) is not None or (
             state.dtype != param.dtype or state.shape != param.shape):
         return None
-    gc = grad.coalesce()
+    gc = grad.coalesce()  # (the indices were checked: torch.py, sparse_index_error)
     rows_t, vals_t = gc._indices()[0], gc._values()
     if not vals_t.is_contiguous():
         vals_t = vals_t.contiguous()
     if not rows_t.is_contiguous():
         rows_t = rows_t.contiguous()
+    if rows_t.dtype != torch.int64:
+        return None
     p, h = _numpy_rows(param), _numpy_rows(state)
-    rows = rows_t.numpy()
-    vals = vals_t.detach().numpy().reshape(rows.size, p.shape[1])
+    rows = _numpy_rows(rows_t, 1).reshape(-1)
+    vals = _numpy_rows(vals_t, rows.size)
     for a, b in ((p, h), (p, vals), (h, vals), (p, rows), (h, rows)):
         if np.may_share_memory(a, b):
             return None
-    if rows.dtype != np.int64 or cpu_vsqrt.first_bad_row(rows, p.shape[0]) >= 0:
+    if cpu_vsqrt.first_bad_row(rows, p.shape[0]) >= 0:
         return None
-    if rows.size == 0 or p.shape[1] == 0:
-        return lambda: None
+    written = [param, state]
+    if rows.size == 0 or p.shape[1] == 0:  # nothing to write; torch's versions move
+        return functools.partial(increment_version, written)
     dt = p.dtype.type
     per_block = max(1, cpu_vsqrt.BLOCK // p.shape[1])
+    # the arrays are made from addresses: ``run`` holds their tensors (``written``,
+    # ``keep``)
+    keep = (rows_t, vals_t)
     args = (p, h, rows, vals, per_block, sqrt_fn, dt(neg_clr), dt(eps), bool(maximize),
             bool(emulate))
-    # (the NumPy views keep their tensors alive: ``Tensor.numpy()`` sets ``base``)
-    written = [param, state]
     if vals.size >= config.parallel_from(p.itemsize) and cpu.numba_threads() > 1:
-        def run() -> None:
+        def run(keep: Any = keep) -> None:
             with cpu.PARALLEL_LOCK:
                 cpu_vsqrt.adagrad_sparse_rows_parallel(*args)
             increment_version(written)
     else:
-        def run() -> None:
+        def run(keep: Any = keep) -> None:
             cpu_vsqrt.adagrad_sparse_rows_serial(*args)
             increment_version(written)
 

@@ -638,8 +638,8 @@ class Adagrad(torch.optim.Adagrad):
                 cuda.append(i)
             elif T.eligible(p, g, h) and _formula_ok(formula, p.dtype):
                 cpu.append(i)
-            elif g.is_sparse and not fused and self._sparse_run(p, g, h, steps[i], group,
-                                                                 sparse_runs):
+            elif g.is_sparse and not fused and self._sparse_run(
+                    p, g, h, steps[i], group, sparse_runs, _GroupLabels(gi, [index[i]])[0]):
                 sparse.append(i)  # validated; runs with the others
             else:  # (checked in torch_update, as every tensor handed to torch)
                 slow.append(i)
@@ -685,10 +685,12 @@ class Adagrad(torch.optim.Adagrad):
         return run_all
 
     def _sparse_run(self, p: Any, g: Any, h: Any, step: Any, group: dict[str, Any],
-                    runs: list[Callable[[], None]]) -> bool:
+                    runs: list[Callable[[], None]], lab: D.Labels) -> bool:
         """Append the compiled step of a parameter with a sparse gradient to ``runs``
         (validated now: see :func:`_tensorplan.prepare_sparse`); False if torch's
-        implementation should take it (nothing was written either way)."""
+        implementation should take it (nothing was written either way). A gradient
+        with an index outside the parameter raises IndexError, naming it."""
+        _refuse_bad_indices(g, lab)
         lr = group["lr"]
         if (isinstance(lr, torch.Tensor) or p.dtype not in _VSQRT
                 or not _formula_ok("sparse", p.dtype)):
@@ -699,6 +701,9 @@ class Adagrad(torch.optim.Adagrad):
         # torch: step_t += 1 (in the counter's dtype: a float32 one stops at 2^24);
         # clr = lr / (1 + (step - 1) * lr_decay), in Python floats
         neg_clr = _neg_clr(lr, group["lr_decay"], float(step + 1))
+        if p.dtype == torch.float32 and any(H.F32_INF_FROM <= abs(x) < math.inf
+                                            for x in (neg_clr, group["eps"])):
+            return False  # torch refuses a finite value float32 cannot hold
         emulate = _formula_ok("vsqrt-emu", p.dtype)
         run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],
                                _VSQRT[p.dtype], emulate)
@@ -878,6 +883,17 @@ def _refuse_short(p: Any, g: Any, h: Any, lab: Any) -> None:
         short = x.layout is torch.strided and T.storage_short(x)
         if short:
             raise RuntimeError(f"{what} {short}; nothing was updated")
+    _refuse_bad_indices(g, lab)
+
+
+def _refuse_bad_indices(g: Any, lab: Any) -> None:
+    """Raise IndexError, naming it, if sparse gradient ``g`` has an index outside its
+    shape (torch's ``coalesce()``, in its step and in the compiled path's, would write
+    out of bounds for a negative one)."""
+    if g.layout is torch.sparse_coo:
+        bad = T.sparse_index_error(g)
+        if bad:
+            raise IndexError(f"{lab.grad} {bad}; nothing was updated")
 
 
 def _fused_unsafe(p: Any, g: Any, h: Any, lab: Any) -> str | None:

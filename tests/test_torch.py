@@ -1505,6 +1505,83 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
         ropt.step()
 
 
+BAD_SPARSE_INDEX = r"""
+import sys
+import torch
+import fastadagrad.torch as FT
+mode, which = sys.argv[1], int(sys.argv[2])
+dense = torch.nn.Parameter(torch.ones(3))
+emb = torch.nn.Parameter(torch.ones(4, 3))
+dense.grad = torch.ones(3)
+# torch builds it unchecked (check_invariants is off by default)
+emb.grad = torch.sparse_coo_tensor([[1, which]], torch.ones(2, 3), (4, 3))
+kw = {"single": {}, "foreach": {"foreach": True}, "torch-path": {"lr": torch.tensor(0.1)}}[mode]
+opt = FT.Adagrad([dense, emb], **kw)
+try:
+    opt.step()
+    print("stepped")
+except IndexError as e:
+    print("raised", e)
+print("unchanged", bool((dense == 1).all() and (emb == 1).all())
+      and all(float(s["step"]) == 0 for s in opt.state.values()))
+"""
+
+
+@pytest.mark.parametrize("which", [-1, 9])
+@pytest.mark.parametrize("mode", ["single", "foreach", "torch-path"])
+def test_sparse_grad_with_an_index_outside_raises_before_writing(mode: str, which: int
+                                                                 ) -> None:
+    """A hand-built sparse gradient with a row outside the parameter: IndexError naming
+    it, nothing written (torch's coalesce() writes out of bounds for a negative index,
+    and torch's step raised for a large one after the dense parameter was updated). A
+    fresh process: a regression corrupts the heap."""
+    r = subprocess.run([sys.executable, "-c", BAD_SPARSE_INDEX, mode, str(which)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert out[-2].startswith("raised param_groups[0]['params'][1].grad has index "
+                              f"{which} "), r.stdout
+    assert out[-1] == "unchanged True", r.stdout
+
+
+@SPARSE_WARNING
+def test_sparse_lr_float32_cannot_hold_is_torchs_error() -> None:
+    def run(cls: type) -> tuple[str, torch.Tensor]:
+        p = torch.nn.Parameter(torch.ones(4, 2))
+        p.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 2), (4, 2))
+        with pytest.raises(RuntimeError) as e:
+            cls([p], lr=3.5e38).step()
+        return str(e.value), p.detach().clone()
+
+    (msg, out), (ref_msg, ref) = run(FT.Adagrad), run(TORCH_OPT)
+    assert msg == ref_msg and "overflow" in msg
+    assert_same([out], [ref])
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("shape,rows", [((0, 4), []), ((5, 3), []), ((5, 3), [2, 2])])
+def test_sparse_edge_cases_are_torchs_step(shape: tuple[int, int], rows: list[int]
+                                           ) -> None:
+    """A table of no rows, an empty gradient: stepped as torch does (the step counted,
+    the autograd versions moved); and after any sparse step the parameter's and the
+    sum's storages stay resizable, as after torch's (``Tensor.numpy()`` made them
+    non-resizable for good)."""
+    def run(cls: type) -> tuple:
+        p = torch.nn.Parameter(torch.ones(shape))
+        p.grad = torch.sparse_coo_tensor([rows], torch.ones(len(rows), shape[1]), shape)
+        opt = cls([p])
+        v = p._version
+        opt.step()
+        h = opt.state[p]["sum"]
+        return (float(opt.state[p]["step"]), p._version - v, h._version,
+                p.untyped_storage().resizable(), h.untyped_storage().resizable(),
+                p.detach().clone(), h.clone())
+
+    out, ref = run(FT.Adagrad), run(TORCH_OPT)
+    assert out[:5] == ref[:5] == (1.0, ref[1], ref[2], True, True)
+    assert_same(list(out[5:]), list(ref[5:]))
+
+
 # ------------------------------------------------------------------- state dicts
 
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
