@@ -691,14 +691,7 @@ def _check_all(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any
                                  f"{dp.shape}; they must match")
         for x, label in ((params[i], lab.param), (grads[i], lab.grad),
                          (states[i], lab.state)):
-            dev = _device_id(x)
-            if dev is not None:
-                devs.setdefault(dev, label)
-                if len(devs) > 1:
-                    (d0, l0), (d1, l1) = list(devs.items())[:2]
-                    raise ValueError(f"{l0} is on CUDA device {d0} but {l1} is on CUDA "
-                                     f"device {d1}; pass arrays of one device (nothing "
-                                     "was updated)")
+            note_device(devs, x, label)
         triples.append((dp, dg, dh, dt))
     nbytes = np.fromiter((t[0].size * t[3].itemsize for t in triples), np.int64, n)
     addr = [np.fromiter((t[k].ptr for t in triples), np.int64, n) for k in range(3)]
@@ -706,6 +699,25 @@ def _check_all(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any
     for _, _, _, dt in triples:  # overflow of a coefficient in the dtype: raise now
         coefficients(hyper, dt, step)
     return triples, devs
+
+
+def note_device(devs: dict[int, str], x: Any, label: str) -> None:
+    """Record the CUDA device of array ``x`` (torch and CuPy arrays carry one) in
+    ``devs`` (device -> the first array's name); raise ValueError naming two arrays on
+    different devices (before anything is launched)."""
+    dev = _device_id(x)
+    if dev is not None:
+        devs.setdefault(dev, label)
+        if len(devs) > 1:
+            (d0, l0), (d1, l1) = list(devs.items())[:2]
+            raise ValueError(f"{l0} is on CUDA device {d0} but {l1} is on CUDA device "
+                             f"{d1}; pass arrays of one device (nothing was updated)")
+
+
+def device_guard(devs: dict[int, str]) -> Any:
+    """The device guard for arrays whose devices :func:`note_device` recorded (the
+    current device where none carries one)."""
+    return _on_device(next(iter(devs)) if devs else _current_device())
 
 
 def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],

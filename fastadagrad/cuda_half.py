@@ -293,8 +293,13 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     skips the step."""
     cuda = fcuda.require_gpu()
     work = []
+    devs: dict[int, str] = {}
     for i, (p, g, h) in enumerate(zip(params, grads, states)):
         lab = labels[i]
+        for x, label in ((p, lab.param), (g, lab.grad), (h, lab.state),
+                         (masters[i], f"the master copy of {lab.param}")):
+            if x is not None:
+                fcuda.note_device(devs, x, label)
         dp, fmt = _describe_half(p, lab.param, writable=True)
         dg, gfmt = _describe_half(g, lab.grad, writable=False)
         if gfmt != fmt:
@@ -317,24 +322,32 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     flags = coefs[7]
     stochastic = rounding == "stochastic"
     carrier = {"bfloat16": "<i2", "float16": "<u2"}
+    guard = fcuda.device_guard(devs)  # (the arrays' device is current for each launch)
     if nonfinite != "ignore":
-        found = cuda.to_device(np.zeros(len(work), np.int32), stream=stream)
-        for k, (_, dg, _, _, fmt) in enumerate(work):
-            _, check = kernels(fmt, flags, False, False)
-            blocks, tpb = fcuda.launch_config(dg.size)
-            check[blocks, tpb, stream](_flat(dg, carrier[fmt]), coefs[6], found, k)
-        bad = np.flatnonzero(found.copy_to_host(stream=stream))
-        stream.synchronize()
+        with guard:
+            found = cuda.to_device(np.zeros(len(work), np.int32), stream=stream)
+            for k, (_, dg, _, _, fmt) in enumerate(work):
+                _, check = kernels(fmt, flags, False, False)
+                blocks, tpb = fcuda.launch_config(dg.size)
+                check[blocks, tpb, stream](_flat(dg, carrier[fmt]), coefs[6], found, k)
+            bad = np.flatnonzero(found.copy_to_host(stream=stream))
+            stream.synchronize()
         if bad.size:
             if nonfinite == "skip":
                 return None
             raise FloatingPointError(f"{labels[int(bad[0])].grad} contains NaN or inf; "
                                      "nothing was updated")
-    return lambda: _launch(work, ids, stream, coefs, flags, stochastic, seed, step)
+    return lambda: _launch(work, ids, stream, coefs, flags, stochastic, seed, step, guard)
 
 
 def _launch(work: list[tuple], ids: Sequence[int], stream: Any, coefs: tuple, flags: int,
-            stochastic: bool, seed: int | None, step: int) -> None:
+            stochastic: bool, seed: int | None, step: int, guard: Any) -> None:
+    with guard:
+        _launch_all(work, ids, stream, coefs, flags, stochastic, seed, step)
+
+
+def _launch_all(work: list[tuple], ids: Sequence[int], stream: Any, coefs: tuple,
+                flags: int, stochastic: bool, seed: int | None, step: int) -> None:
     carrier = {"bfloat16": "<i2", "float16": "<u2"}
     for t, (dp, dg, dh, dm, fmt) in zip(ids, work):
         n = dp.size

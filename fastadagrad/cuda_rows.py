@@ -157,7 +157,7 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     returns False if ``nonfinite="skip"`` skipped the step (that check reads one flag
     back, waiting for the stream).
     """
-    cuda = fcuda.require_gpu()
+    fcuda.require_gpu()
     from ._rows_check import (
         check_indices,
         check_range,
@@ -168,6 +168,10 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     dp = fcuda._describe(table, "table")
     dh = fcuda._describe(state, "state")
     dg = fcuda._describe(grad_rows, "grad_rows")
+    devs: dict[int, str] = {}
+    for x, label in ((table, "table"), (state, "state"), (grad_rows, "grad_rows"),
+                     (indices, "indices")):
+        fcuda.note_device(devs, x, label)
     dt = fcuda._check_array(dp, "table", writable=True)
     if len(dp.shape) != 2:
         raise ValueError(f"table must be 2-D, got shape {dp.shape}")
@@ -198,6 +202,15 @@ def update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper: H.H
     coefs = coefficients(hyper, dt, step)
     if k == 0 or width == 0:
         return True
+    with fcuda.device_guard(devs):  # the arrays' device is current for the launches
+        return _launch(dp, dh, dg, idx, table, hyper, dt, coefs, nonfinite, rowwise)
+
+
+def _launch(dp: Any, dh: Any, dg: Any, idx: np.ndarray, table: Any, hyper: H.Hyper,
+            dt: np.dtype, coefs: tuple, nonfinite: str, rowwise: bool) -> bool:
+    cuda = fcuda.require_gpu()
+    k = idx.shape[0]
+    nrows, width = dp.shape
     stream = fcuda._stream_for(table, dp)
     fg = _flat(dg, dt)
     if nonfinite != "ignore":

@@ -200,3 +200,40 @@ def test_device_0d_and_empty_work(shape: tuple[int, ...], dtype: Any) -> None:
     np.testing.assert_allclose(dp.copy_to_host(), p, rtol=1e-6)
     np.testing.assert_allclose(dh.copy_to_host(), h, rtol=1e-6)
     assert dp.copy_to_host().shape == shape
+
+
+def _on(host: np.ndarray, device: int) -> Any:
+    """A device array that says it is on CUDA device ``device`` (as torch and CuPy
+    arrays carry ``.device``): the simulator has one device, so it is labelled."""
+    import types
+
+    d = cuda.to_device(host)
+    d.__class__ = type("OnDevice", (type(d),), {})
+    d.device = types.SimpleNamespace(id=device)
+    return d
+
+
+@pytest.mark.parametrize("path", ["float32", "float16", "rows"])
+def test_arrays_on_two_devices_are_refused(path: str) -> None:
+    """Every GPU path (dense, 16-bit, rows) names two arrays on different devices and
+    launches nothing: a kernel on one device cannot address the other's memory."""
+    from fastadagrad.rows import adagrad_update_rows
+
+    if path == "rows":
+        t, s, g = (_on(np.ones((5, 3), np.float32), 0), _on(np.zeros((5, 3), np.float32), 0),
+                   _on(np.ones((2, 3), np.float32), 1))
+        arrays = (t, s, g)
+        call = lambda: adagrad_update_rows(t, s, np.array([0, 3]), g, lr=0.1)  # noqa: E731
+        names = "table is on CUDA device 0 but grad_rows is on CUDA device 1"
+    else:
+        dt = np.float32 if path == "float32" else np.float16
+        p, g = _on(np.ones(4, dt), 0), _on(np.full(4, 0.5, dt), 1)
+        h = _on(np.zeros(4, np.float32), 0)
+        arrays = (p, g, h)
+        call = lambda: adagrad_update(p, g, h, lr=0.1)  # noqa: E731
+        names = "param is on CUDA device 0 but grad is on CUDA device 1"
+    before = [a.copy_to_host() for a in arrays]
+    with pytest.raises(ValueError, match=names):
+        call()
+    for a, b in zip(arrays, before):
+        assert a.copy_to_host().tobytes() == b.tobytes()
