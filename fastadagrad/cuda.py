@@ -365,8 +365,8 @@ class Tables:
         ctl = np.zeros(K.CTL_HEAD + n, np.int64)
         ctl[K.CTL_NTOT] = n
         ctl[K.CTL_STEP] = step - 1
-        self.lr = (hyper.lr, hyper.lr_decay)
-        ctl[K.CTL_LR:K.CTL_LR_DECAY + 1] = np.array(self.lr, np.float64).view(np.int64)
+        self.lr = _lr_bits(hyper)
+        ctl[K.CTL_LR:K.CTL_LR_DECAY + 1] = self.lr
         self.ctl_host = ctl
         with _on_device(device):
             for g in self.groups:
@@ -391,11 +391,10 @@ class Tables:
         """Capturable mode: the learning rate lives on the device; write a new one."""
         from . import cuda_kernels as K
 
-        lr = (hyper.lr, hyper.lr_decay)
+        lr = _lr_bits(hyper)  # (bits: -0.0 == 0.0, but the sign reaches the update)
         if lr != self.lr:
             _refuse_if_capturing("the learning rate changed since the last step")
-            self.ctl_host[K.CTL_LR:K.CTL_LR_DECAY + 1] = np.array(lr, np.float64
-                                                                  ).view(np.int64)
+            self.ctl_host[K.CTL_LR:K.CTL_LR_DECAY + 1] = lr
             with _on_device(self.device):
                 _copy_slice_in(self.ctl_dev, self.ctl_host, K.CTL_LR, K.CTL_LR_DECAY + 1,
                                stream)
@@ -414,6 +413,12 @@ class Tables:
         """The control block (found flag and per-tensor flags); waits for ``stream``."""
         with _on_device(self.device):
             return _copy_out(self.ctl_dev, stream)
+
+
+def _lr_bits(hyper: H.Hyper) -> tuple[int, int]:
+    """The bits of the learning rate and its decay, as the control block holds them."""
+    lr, decay = np.array((hyper.lr, hyper.lr_decay), np.float64).view(np.int64).tolist()
+    return lr, decay
 
 
 def _upload(host: np.ndarray, stream: Any) -> tuple[Any, int]:

@@ -420,6 +420,22 @@ def test_capturable_counts_on_device_and_matches_eager():
         np.testing.assert_array_equal(a.copy_to_host(), b.copy_to_host())
 
 
+def test_capturable_learning_rate_sign_of_zero_reaches_the_device():
+    # lr 0.0 -> -0.0: equal as numbers, but the sign reaches the update (a -0.0
+    # parameter stays -0.0 under +0 and becomes +0 under -0); capturable writes the
+    # new bits to the device as the eager step uses them
+    def run(capturable: bool) -> list[int]:
+        p = [cuda.to_device(np.array([-0.0, 1.0], np.float32))]
+        g = [cuda.to_device(np.array([1.0, 1.0], np.float32))]
+        opt = fa.AdaGrad(lr=0.0, capturable=capturable)
+        opt.update(p, g)
+        opt.lr = -0.0
+        opt.update(p, g)
+        return p[0].copy_to_host().view(np.uint32).tolist()
+
+    assert run(True) == run(False) == [0, 0x3F800000]
+
+
 def test_capturable_refuses_raise_and_schedules():
     with pytest.raises(ValueError, match="capturable"):
         fa.AdaGrad(capturable=True, nonfinite="raise")
