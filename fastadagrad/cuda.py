@@ -538,7 +538,7 @@ class GpuCache:
         self.objs: tuple[Any, ...] = ()
         self.getters: tuple[Any, ...] = ()
         self.seen: list[list[Any]] = []
-        self.gobjs: tuple[Any, ...] = ()  # keeps the grads' ids unique while cached
+        self.gobjs: tuple[Any, ...] = ()  # Numba grads: keeps their ids unique
         self.tables: Tables | None = None
         self.stream: Any = None  # the stream of the last step
 
@@ -566,7 +566,11 @@ class GpuCache:
             return
         arrays = [*params, *states, *grads]
         self.objs = tuple(params) + tuple(states)
-        self.gobjs = tuple(grads)
+        # Numba arrays are recognised by identity: their grads are held so that an id
+        # is not reused meanwhile. torch and CuPy grads are compared by address, shape,
+        # layout and dtype, which hold for whatever array lies there now: not held (a
+        # loop that drops its gradients, zero_grad(set_to_none=True), frees them)
+        self.gobjs = tuple(grads) if getters is _ID_GETTERS else ()
         self.getters = getters
         self.seen = [list(map(g, arrays)) for g in getters]
 

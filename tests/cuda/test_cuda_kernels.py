@@ -701,3 +701,31 @@ def test_device_flat_buffer_nonfinite_error_names_the_tensor():
         opt.update(params, fa.FlatBuffer(grads).to_device())
     np.testing.assert_array_equal(params.to_host().data,
                                   fa.FlatBuffer(arrays).data)
+
+
+def test_gpu_cache_holds_no_gradient_it_does_not_need():
+    """The cache compares torch and CuPy gradients by address, shape, layout and dtype:
+    it does not keep them alive (a loop that drops its gradients frees them before the
+    next backward pass). Numba arrays are compared by identity, so it holds those."""
+    import types
+    import weakref
+
+    class Fake:  # what the cache reads of a CuPy array
+        __module__ = "cupy.fake"
+
+        def __init__(self, ptr: int) -> None:
+            self.data = types.SimpleNamespace(ptr=ptr)
+            self.shape, self.strides, self.dtype = (4,), (4,), np.dtype(np.float32)
+
+    params, states, grads = [Fake(1 << 20)], [Fake(2 << 20)], [Fake(3 << 20)]
+    gc = fcuda.GpuCache()
+    gc.remember(params, states, grads)
+    assert gc.holds(params, states, [Fake(3 << 20)])  # another array at that address
+    assert not gc.holds(params, states, [Fake(4 << 20)])
+    ref = weakref.ref(grads[0])
+    del grads
+    assert ref() is None
+    numba_grads = [cuda.to_device(np.zeros(4, np.float32))]
+    gc.remember([cuda.to_device(np.zeros(4, np.float32))],
+                [cuda.to_device(np.zeros(4, np.float32))], numba_grads)
+    assert gc.gobjs[0] is numba_grads[0]
