@@ -183,6 +183,17 @@ class TensorPlan:
             if not steps_ok(t):
                 calls = None
                 break
+        if calls is not None and self.key is not None:
+            # a counter inside a parameter or a sum (a hand-made or loaded state):
+            # torch's single-tensor step increments it just before that parameter's
+            # update, not all of them first: torch's implementation takes the step
+            item = {torch.float32: 4, torch.float64: 8}
+            ws, we = self.wlists[0], self.wlists[1]
+            for a, dt in zip(key[0], key[1]):
+                i = bisect.bisect_left(ws, a + item.get(dt, 8)) - 1
+                if i >= 0 and we[i] > a:
+                    calls = None
+                    break
         if calls is not None:
             dts = key[1]
             for dt in sorted(set(dts), key=str):
@@ -232,6 +243,7 @@ class TensorPlan:
             (i, dense_strides(params[i])) for i, c in enumerate(self.contig) if not c]
         self.plan_groups(cpu.numba_threads())
         self.ckey = None
+        self.skey = None  # the counters are checked against the new written ranges
         self.key = key
 
     def plan_groups(self, threads: int) -> None:
@@ -251,8 +263,8 @@ class TensorPlan:
 def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
             states: Sequence[Any], labels: Sequence[Any], formula: str | dict[Any, str],
             coefficients: Callable[[np.dtype], tuple], pmeta: list[Any] | None = None,
-            steps: Sequence[Any] | None = None, rebuild: bool = True
-            ) -> Callable[[], None] | None:
+            steps: Sequence[Any] | None = None, rebuild: bool = True,
+            count: bool = True) -> Callable[[], None] | None:
     """Validate a step now; return the function that runs it, or None if it cannot.
 
     Every tensor is checked in this call, before anything is written: CPU, strided,
@@ -267,6 +279,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     incremented by 1 before the update (as torch does), in one compiled call where they
     are one-element CPU float tensors. ``rebuild=False``: None where the parameters or
     states are not those the plan describes (instead of describing them again).
+    ``count=False``: ``steps`` are only checked (the caller increments them): None where
+    one lies inside a parameter or a state, as with ``count=True``.
     """
     n = len(params)
     if pmeta is None:
@@ -335,6 +349,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     scalls = None if steps is None else _step_calls(plan, steps)
     if steps is not None and scalls is None:
         return None  # a counter only torch's implementations take
+    if not count:
+        steps = scalls = None
     written = [*params, *states] if steps is None else [*params, *states, *steps]
 
     def run() -> None:

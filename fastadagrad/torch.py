@@ -771,9 +771,12 @@ class Adagrad(torch.optim.Adagrad):
             for step, idx in by_step.items():
                 coefs = _coefficients(formula, lr, args[0], *args[1:], step)
                 sub_plan = plan if len(by_step) == 1 else T.TensorPlan()
+                # (every counter checked against these tensors: none may lie inside
+                # one, which torch's step would update between two increments)
                 run = T.prepare(sub_plan, [params[i] for i in idx], [grads[i] for i in idx],
                                 [sums[i] for i in idx], labels if len(by_step) == 1 else
-                                _SubLabels(labels, idx), kernels, coefs)
+                                _SubLabels(labels, idx), kernels, coefs, steps=steps,
+                                count=False)
                 if run is None:
                     return None
                 runs.append(run)

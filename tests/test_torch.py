@@ -1505,6 +1505,37 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
         ropt.step()
 
 
+@pytest.mark.parametrize("where", ["in the other sum", "in the other param"])
+@pytest.mark.parametrize("lr_decay", [0.0, 0.1])
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_step_counter_inside_another_tensor_is_torchs_outcome(mode: str, lr_decay: float,
+                                                              where: str) -> None:
+    """A loaded state whose second step counter is an element of the first parameter's
+    sum (or of the first parameter): torch's single-tensor step increments it just
+    before the second update, after the first one changed it; the compiled path
+    incremented every counter first. Such a step is torch's."""
+    import copy
+
+    def run(cls: type) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.randn(12).requires_grad_() for _ in range(2)]
+        opt = cls(ps, lr=0.1, lr_decay=lr_decay, **MODES[mode])
+        sums = [torch.rand(12) + 1 for _ in ps]
+        inner = sums[0] if where == "in the other sum" else ps[0].detach()
+        steps = [torch.tensor(1.0), inner[3]]
+        group = {k: copy.deepcopy(v) for k, v in opt.param_groups[0].items() if k != "params"}
+        opt.load_state_dict({"state": {i: {"sum": sums[i], "step": steps[i]} for i in (0, 1)},
+                             "param_groups": [{**group, "params": [0, 1]}]})
+        for s in range(3):
+            g = torch.Generator().manual_seed(s)
+            for p in ps:
+                p.grad = torch.randn(12, generator=g)
+            opt.step()
+        return [*ps, *(opt.state[p]["sum"] for p in ps)]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
 BAD_SPARSE_INDEX = r"""
 import sys
 import torch
