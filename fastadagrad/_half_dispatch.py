@@ -130,6 +130,9 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                       grads[i].reshape(-1).view(carriers[i]), states[i].reshape(-1),
                       None if ms[i] is None else ms[i].reshape(-1), k0, k1,
                       *coefs[:7], flags))
+    if any(c[0].size >= config.PARALLEL_THRESHOLD for c in calls):
+        from .cpu import numba_threads  # start the threading layer now: if it fails,
+        numba_threads()  # it raises before anything (the rest of the model) is written
     return calls
 
 

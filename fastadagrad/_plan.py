@@ -396,15 +396,18 @@ class Plan:
         Code -1: ``params`` and ``states`` are the plan's arrays, unchanged, and the
         grads are plain C-contiguous arrays of their dtypes and shapes that overlap
         neither. Below ``2n``: a param or state is not what the plan describes (build
-        again). From ``2n``: a grad needs a closer look. The returned address array is
-        the plan's own, overwritten by the next check.
+        again). From ``2n``: a grad needs a closer look. The address array is this
+        call's own: a plan shared by two threads' calls (a misuse, see
+        docs/guarantees.md) must not hand one call's kernel the other's gradients,
+        which may be freed by then.
         """
         if not self.params or not self.fast:
             return 0, self.gaddr
         lists = [x if type(x) is list else list(x) for x in (params, states, grads)]
-        code = scan(id(lists[0]), id(lists[1]), id(lists[2]), self.obj, self.gaddr,
+        gaddr = np.empty(len(self.params), np.int64)
+        code = scan(id(lists[0]), id(lists[1]), id(lists[2]), self.obj, gaddr,
                     self.meta, len(self.params), self.nw, _NDARRAY)
-        return code, self.gaddr
+        return code, gaddr
 
     def plan_groups(self, threads: int) -> None:
         """Dtype groups and their chunk tables, balanced for ``threads`` threads."""

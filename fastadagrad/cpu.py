@@ -432,9 +432,9 @@ class _ParallelLock:
         self._lock = threading.Lock()
 
     def __enter__(self) -> None:
+        if not _STARTED:  # (before the lock: if the layer fails to start, it raises
+            numba_threads()  # with the lock free, and the next call raises again)
         self._lock.acquire()
-        if not _STARTED:
-            numba_threads()
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()

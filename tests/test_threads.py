@@ -197,3 +197,75 @@ def test_forked_child_after_parallel_kernels_updates_serially() -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "child 0" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+
+
+_SAME_OPTIMIZER = """
+import sys, threading
+import numpy as np
+from fastadagrad import AdaGrad
+sys.setswitchinterval(1e-6)
+N = 1 << 20  # 4 MiB gradients: mapped by malloc, unmapped when freed
+P = {"w": np.zeros(N, np.float32), "b": np.zeros(N, np.float32)}
+opt = AdaGrad(lr=0.01)
+def body(k):
+    pad = []
+    for i in range(600):
+        g = {key: np.ones(N, np.float32) for key in P}
+        opt.update(P, g)
+        del g
+        if k and i % 3 == 0:  # shift later allocations: freed ranges stay unmapped
+            pad.append(np.empty((i % 7 + 1) * 4096 * 64, np.uint8)); pad = pad[-3:]
+ts = [threading.Thread(target=body, args=(k,)) for k in range(2)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print("distinct", np.unique(opt.h["w"]).size)
+"""
+
+
+def test_one_optimizer_from_two_threads_reads_only_its_own_gradients() -> None:
+    """A misuse (docs/guarantees.md), but never a read of freed memory: each update's
+    kernel gets the gradient addresses its own check read (the plan's one shared array
+    was overwritten by the other thread's check: a SIGSEGV, or a non-uniform h from
+    gradients that were not the call's). The kernels hold the GIL, so each update runs
+    whole and all-ones gradients keep h uniform. A fresh process: a crash fails it."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, "-c", _SAME_OPTIMIZER], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stdout.split()[-1] == "1", proc.stdout
+
+
+_LAYER_FAILS = """
+import numpy as np
+import fastadagrad
+from fastadagrad import config
+n = 2 * config.PARALLEL_THRESHOLD
+for model in ({"big": np.ones(n, np.float32)},
+              {"small32": np.ones(10, np.float32), "big16": np.ones(n, np.float16)}):
+    opt = fastadagrad.AdaGrad(lr=0.1)
+    for attempt in (1, 2):  # the second call raised? (it hung: the lock stayed held)
+        g = {k: np.full(v.shape, 0.5, v.dtype) for k, v in model.items()}
+        try:
+            opt.update(model, g)
+            print("stepped")
+        except ValueError as e:
+            print("raised", str(e).split(".")[0])
+    print("unchanged", all(bool((v == 1).all()) for v in model.values()), opt.step)
+"""
+
+
+def test_threading_layer_that_fails_to_start_raises_each_time_writing_nothing() -> None:
+    """NUMBA_THREADING_LAYER naming a layer that cannot load: every parallel update
+    raises Numba's error with nothing written (the first one left the parallel lock
+    held, and every later one hung; a float32 group was written before a 16-bit
+    group's parallel kernel started the layer)."""
+    try:
+        import tbb  # noqa: F401
+        pytest.skip("tbb is installed: the layer would start")
+    except ImportError:
+        pass
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "tbb"}
+    proc = subprocess.run([sys.executable, "-c", _LAYER_FAILS], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    one_model = ["raised No threading layer could be loaded"] * 2 + ["unchanged True 0"]
+    assert proc.stdout.strip().splitlines() == one_model * 2, proc.stdout
