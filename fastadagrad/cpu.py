@@ -467,15 +467,20 @@ def _after_fork_in_child() -> None:
     run the serial kernels only: GNU OpenMP cannot run a parallel region in such a
     child, and Numba terminates the process when one starts ("fork() called from a
     process already using GNU OpenMP, this is unsafe"), e.g. in a ``multiprocessing``
-    worker forked after a training step. (The tbb and workqueue layers are fork-safe;
-    a parent that never started the thread pool leaves the child free to start its own.)
-    The lock is new too: a thread of the parent may have held it at the fork."""
+    worker forked after a training step. The same where torch is loaded and Numba's
+    layer could be omp, even if Numba's pool never started: its omp layer then shares
+    the OpenMP runtime torch's operations may have used, and the child's first parallel
+    kernel hung. (The tbb and workqueue layers are fork-safe; a parent that used neither
+    pool leaves the child free to start its own.) The lock is new too: a thread of the
+    parent may have held it at the fork."""
     global PARALLEL_LOCK
     PARALLEL_LOCK = _ParallelLock()
     try:
         layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run in the parent
-        return
+    except ValueError:  # no parallel region of Numba's has run in the parent
+        asked = str(numba.config.THREADING_LAYER).lower()
+        layer = "omp" if "torch" in sys.modules and asked not in ("tbb", "workqueue") \
+            else None
     if layer == "omp":
         config.PARALLEL_THRESHOLD = sys.maxsize  # every size below it: serial
 

@@ -269,3 +269,41 @@ def test_threading_layer_that_fails_to_start_raises_each_time_writing_nothing() 
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     one_model = ["raised No threading layer could be loaded"] * 2 + ["unchanged True 0"]
     assert proc.stdout.strip().splitlines() == one_model * 2, proc.stdout
+
+
+_FORK_AFTER_TORCH = """
+import os
+import numpy as np, torch
+import fastadagrad
+from fastadagrad import config
+x = torch.randn(1 << 22)
+for _ in range(5):
+    (x * 2).exp_().sum()  # torch's OpenMP pool ran; fastadagrad's never did
+n = 4 * config.PARALLEL_THRESHOLD
+from fastadagrad._hyper import Hyper
+from fastadagrad.reference import reference_step
+want = np.ones(n, np.float32)  # (NumPy: fastadagrad's own pool must not start here)
+reference_step(want, np.ones(n, np.float32), np.zeros(n, np.float32), Hyper.make(lr=0.1))
+pid = os.fork()
+if pid == 0:
+    import faulthandler
+    faulthandler.dump_traceback_later(60, exit=True)
+    p = np.ones(n, np.float32)
+    fastadagrad.adagrad_update(p, np.ones(n, np.float32), np.zeros(n, np.float32), lr=0.1)
+    os._exit(0 if np.array_equal(p, want) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_forked_child_after_torchs_openmp_work_updates() -> None:
+    """A child forked after torch ran OpenMP work (Numba's pool never started): its
+    first large update hung in Numba's omp layer, which shares that runtime; it now
+    runs the serial kernels, the same bits."""
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-c", _FORK_AFTER_TORCH], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stdout.split()[-1] == "0", (proc.stdout, proc.stderr[-3000:])
