@@ -72,7 +72,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     ``plan`` describes ``params``/``states`` and ``gaddr`` holds the grads' data
     addresses, both confirmed in this call.
     """
-    if plan.largest >= config.parallel_from(8):  # the table's balance matters
+    if plan.any_parallel():  # the table's balance matters
         threads = cpu.numba_threads()  # thread-local: may change any time
         if threads != plan.threads:
             plan.plan_groups(threads)

@@ -318,7 +318,7 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
-                 "nw", "gaddr", "groups", "threads", "fast", "largest", "coef_cache", "gpu")
+                 "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -386,8 +386,13 @@ class Plan:
         # under it) and does not start Numba's thread pool (~15 ms on first use, 2-core
         # AMD EPYC); nor does the layout probe's model
         self.plan_groups(1)
-        if self.largest >= config.parallel_from(8):  # the rule of cpu_update_many
+        if self.any_parallel():  # the rule of cpu_update_many
             self.plan_groups(cpu.numba_threads())
+
+    def any_parallel(self) -> bool:
+        """Whether a dtype group reaches the parallel kernels' threshold for its dtype
+        (read now: it may be changed between steps)."""
+        return any(g[3] >= config.parallel_from(g[0].itemsize) for g in self.groups)
 
     def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
               ) -> tuple[int, np.ndarray]:
@@ -424,7 +429,6 @@ class Plan:
                            sum(gsizes)))
         self.groups, self.threads = groups, threads
         self.coef_cache = {}
-        self.largest = max((g[3] for g in groups), default=0)
 
 
 _NDARRAY = id(np.ndarray)

@@ -37,18 +37,26 @@ class NumpyAdaGrad:
 
 def _round_exact(x: Fraction, dtype: np.dtype) -> np.floating:
     """Round an exact rational to the nearest ``dtype`` value, ties to even."""
-    t = np.dtype(dtype).type
-    c = t(float(x))  # within one ulp of the answer (double rounding at most)
-    best = c
-    for cand in (np.nextafter(c, t(-np.inf)), np.nextafter(c, t(np.inf))):
-        if not np.isfinite(cand):
-            continue
-        d_best, d_cand = abs(Fraction(float(best)) - x), abs(Fraction(float(cand)) - x)
-        if d_cand < d_best or (d_cand == d_best and
-                               int(cand.view(np.uint64 if t is np.float64 else np.uint32))
-                               % 2 == 0):
-            best = cand
-    return best
+    with np.errstate(over="ignore"):  # (inf is a possible answer)
+        t = np.dtype(dtype).type
+        try:
+            c = t(float(x))  # within one ulp of the answer (double rounding at most)
+        except OverflowError:  # beyond float64's range
+            c = t(np.inf) if x > 0 else t(-np.inf)
+        if np.isinf(c):  # beyond the largest finite value: it, or inf past its half ulp
+            big = np.nextafter(c, -c)  # (a tie goes to inf: the largest is odd)
+            half = (Fraction(float(big)) - Fraction(float(np.nextafter(big, t(0))))) / 2
+            return big if abs(x) < abs(Fraction(float(big))) + abs(half) else c
+        best = c
+        for cand in (np.nextafter(c, t(-np.inf)), np.nextafter(c, t(np.inf))):
+            if not np.isfinite(cand):
+                continue
+            d_best, d_cand = abs(Fraction(float(best)) - x), abs(Fraction(float(cand)) - x)
+            if d_cand < d_best or (d_cand == d_best and
+                                   int(cand.view(np.uint64 if t is np.float64 else np.uint32))
+                                   % 2 == 0):
+                best = cand
+        return best
 
 
 def exact_fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -399,3 +399,19 @@ def test_hand_checked_torch_values() -> None:
     assert p[0][0] == pytest.approx(0.7, abs=1e-15) and opt.h[0][0] == 6.25
     opt.update(p, g)
     assert p[0][0] == pytest.approx(0.7 - 0.45 / 8.0725**0.5, abs=1e-15)
+
+
+def test_exact_fma_rounds_past_the_largest_finite_value() -> None:
+    """The reference's exactly rounded FMA at the top of the range: below the largest
+    finite value plus half an ulp it is that value, from there on inf (a tie goes to
+    inf: the largest value's last bit is odd); past float64's range too. (It raised
+    OverflowError, so no rule with an FMA could be checked where h overflows.)"""
+    f32 = np.float32
+    big = np.finfo(f32).max
+    half_ulp = f32(2.0 ** 103)
+    one = np.ones(1, f32)
+    assert exact_fma(one, np.array([big], f32), np.array([half_ulp / 2], f32))[0] == big
+    assert exact_fma(one, np.array([big], f32), np.array([half_ulp], f32))[0] == np.inf
+    assert exact_fma(np.array([2e19], f32), np.array([-2e19], f32), np.zeros(1, f32)
+                     )[0] == -np.inf
+    assert exact_fma(np.array([1e300]), np.array([1e300]), np.zeros(1))[0] == np.inf

@@ -181,7 +181,8 @@ def test_light_typing_gives_numbas_types() -> None:
 def test_small_model_does_not_start_the_thread_pool(tmp_path: Path) -> None:
     code = ("import json, numpy as np, fastadagrad\n"
             "import numba.np.ufunc.parallel as P\n"
-            "params = {'W': np.ones((16, 16), np.float32), 'b': np.ones(16, np.float32)}\n"
+            # (10,000 float32 elements: below the threshold, above the float64 one)
+            "params = {'W': np.ones((100, 100), np.float32), 'b': np.ones(16, np.float32)}\n"
             "grads = {k: np.full(v.shape, 0.5, np.float32) for k, v in params.items()}\n"
             "fastadagrad.AdaGrad(lr=0.01).update(params, grads)\n"
             "small = getattr(P, '_is_initialized', None)\n"
