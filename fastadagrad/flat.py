@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import is_cuda_array
+from ._rounding import is_half
 
 
 class FlatBuffer(Mapping[Any, Any]):
@@ -67,7 +68,9 @@ class FlatBuffer(Mapping[Any, Any]):
             raise TypeError(f"FlatBuffer dtype must be float32 or float64, got {dt}")
         for (key, _), h in zip(items, host, strict=True):
             assert h is not None
-            if h.dtype.kind not in "biuf":  # complex, object, strings: no lossless cast
+            # complex, object, strings: no lossless cast (bfloat16 is kind 'V' but
+            # widens exactly, as float16 does)
+            if h.dtype.kind not in "biuf" and not is_half(h.dtype):
                 raise TypeError(f"arrays[{key!r}] has dtype {h.dtype}, which does not "
                                 f"convert to {dt}")
         layout = []
