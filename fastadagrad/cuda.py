@@ -224,9 +224,15 @@ def check_layout(d: Any, label: str, itemsize: int, writable: bool) -> None:
 
 
 def _device_id(x: Any) -> Any:
+    """The CUDA device of array ``x``: torch's ``.device.index``, CuPy's
+    ``.device.id``, a Numba device array's allocation context's device; None where it
+    cannot tell."""
     dev = getattr(x, "device", None)
-    if dev is None:
-        return None
+    if dev is None:  # Numba: the context its memory was allocated in
+        dev = getattr(getattr(getattr(x, "gpu_data", None), "context", None), "device",
+                      None)
+        if dev is None:
+            return None
     for attr in ("index", "id"):  # torch.device.index, cupy.cuda.Device.id
         v = getattr(dev, attr, None)
         if isinstance(v, int):

@@ -813,7 +813,10 @@ class Adagrad(torch.optim.Adagrad):
                 by_step: dict[int, list[int]] = {}
                 for i, s in enumerate(steps):  # the step after this one's increment
                     by_step.setdefault(int(s) + 1, []).append(i)
-                for step, idx in by_step.items():  # validates everything before launching
+                if len(by_step) > 1:  # every subset, and one against another, checked
+                    # before the first launch (the largest learning rate: the first step)
+                    D.validate(params, grads, sums, labels, hyper, min(by_step))
+                for step, idx in by_step.items():
                     sub = len(by_step) == 1
                     D.update(params if sub else [params[i] for i in idx],
                              grads if sub else [grads[i] for i in idx],

@@ -237,3 +237,17 @@ def test_arrays_on_two_devices_are_refused(path: str) -> None:
         call()
     for a, b in zip(arrays, before):
         assert a.copy_to_host().tobytes() == b.tobytes()
+
+
+def test_device_of_each_array_kind() -> None:
+    """How the device of an array is read: torch (``.device.index``), CuPy
+    (``.device.id``) and Numba device arrays (their memory's context's device), faked
+    here as the simulator has no second device; unknown: None."""
+    import types
+
+    ns = types.SimpleNamespace
+    assert fcuda._device_id(ns(device=ns(index=1))) == 1
+    assert fcuda._device_id(ns(device=ns(id=2))) == 2
+    assert fcuda._device_id(ns(gpu_data=ns(context=ns(device=ns(id=3))))) == 3
+    assert fcuda._device_id(ns()) is None
+    assert fcuda._device_id(cuda.to_device(np.ones(2))) in (None, 0)
