@@ -465,8 +465,11 @@ class Adagrad(torch.optim.Adagrad):
             with torch.enable_grad():
                 loss = closure()
         plans = self.__dict__.setdefault("_fastadagrad_plans", {})
-        runs = [self._prepare_group(i, group, plans)
-                for i, group in enumerate(self.param_groups)]
+        groups = self.param_groups
+        shared = (self._reads_earlier_counters() if len(groups) > 1
+                  and any(g["lr_decay"] != 0 for g in groups[1:]) else ())
+        runs = [self._prepare_group(i, group, plans, i in shared)
+                for i, group in enumerate(groups)]
         for run in runs:
             if run is not None:
                 run()
@@ -527,11 +530,27 @@ class Adagrad(torch.optim.Adagrad):
         return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
                          steps=steps, rebuild=False)
 
-    def _prepare_group(self, gi: int, group: dict[str, Any],
-                       plans: dict[int, Any]) -> Callable[[], None] | None:
-        """Validate group ``gi`` and return the function that updates it (or None)."""
+    def _reads_earlier_counters(self) -> set[int]:
+        """The param groups with ``lr_decay`` that share a step counter with an earlier
+        group (a state edited by hand): torch increments it in the earlier group and
+        reads it again in the later one, whose learning rate the compiled path would
+        compute before either runs."""
+        seen: set[int] = set()
+        out = set()
+        for gi, group in enumerate(self.param_groups):
+            mine = {_address(st["step"]) for st in map(self.state.get, group["params"])
+                    if st and "step" in st}
+            if group["lr_decay"] != 0 and not seen.isdisjoint(mine):
+                out.add(gi)
+            seen |= mine
+        return out
+
+    def _prepare_group(self, gi: int, group: dict[str, Any], plans: dict[int, Any],
+                       to_torch: bool = False) -> Callable[[], None] | None:
+        """Validate group ``gi`` and return the function that updates it (or None);
+        ``to_torch``: with torch's implementation (checked as on every route to it)."""
         plan = plans.get(id(group))
-        if plan is not None and plan[0] is group:
+        if plan is not None and plan[0] is group and not to_torch:
             run = self._repeat_step(gi, group, plan)
             if run is not None:
                 return run
@@ -594,8 +613,8 @@ class Adagrad(torch.optim.Adagrad):
                 has_complex=cplx, fused=fused, grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None))
 
-        if (group["differentiable"] or getattr(self, "grad_scale", None) is not None
-                or getattr(self, "found_inf", None) is not None):
+        if (to_torch or group["differentiable"] or getattr(self, "grad_scale", None)
+                is not None or getattr(self, "found_inf", None) is not None):
             return torch_update(list(range(len(params))))
 
         formula = "fused" if fused else "vsqrt"  # the formula each tensor is checked for

@@ -1536,6 +1536,33 @@ def test_step_counter_inside_another_tensor_is_torchs_outcome(mode: str, lr_deca
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
+@SPARSE_WARNING
+@pytest.mark.parametrize("sparse", [False, True])
+def test_step_counter_shared_across_groups_with_lr_decay(sparse: bool) -> None:
+    """One counter in two param groups (``opt.state[p2]["step"] = opt.state[p1]
+    ["step"]``): torch increments it in the first group and reads it again for the
+    second's learning rate; the second group is torch's step then."""
+    def run(cls: type) -> list[torch.Tensor]:
+        p1, p2 = torch.nn.Parameter(torch.ones(4, 2)), torch.nn.Parameter(torch.ones(4, 2))
+        opt = cls([{"params": [p1]}, {"params": [p2]}], lr=0.5, lr_decay=0.7)
+
+        def grads() -> None:
+            for p in (p1, p2):
+                p.grad = (torch.sparse_coo_tensor(torch.tensor([[1, 3]]),
+                                                  torch.full((2, 2), 0.5), (4, 2))
+                          if sparse else torch.full((4, 2), 0.5))
+
+        grads()
+        opt.step()
+        opt.state[p2]["step"] = opt.state[p1]["step"]
+        for _ in range(2):
+            grads()
+            opt.step()
+        return [p1, p2, opt.state[p1]["step"]]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
 BAD_SPARSE_INDEX = r"""
 import sys
 import torch
