@@ -484,12 +484,15 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     """torch's sparse Adagrad step for one parameter, validated; None if it cannot run.
 
     ``grad``: a sparse COO gradient with one sparse dimension (``nn.Embedding(sparse=
-    True)``'s). It is coalesced by torch itself (duplicates summed in torch's order,
-    which is not the order of appearance), then everything the kernel reads or writes is
-    checked in this call, before anything is written: the parameter and ``state`` CPU,
-    contiguous, of one float dtype and shape, not sharing memory with each other or with
-    the gradient's values; the coalesced row indices sorted, unique and in range. None
-    means torch's implementation should take this parameter (nothing was written).
+    True)``'s), its indices in range (checked by the caller). Everything the kernel
+    reads or writes is checked in this call, before anything is written: the parameter
+    and ``state`` CPU, contiguous, of one float dtype and shape, not sharing memory with
+    each other or with the gradient's values; the coalesced row indices sorted, unique
+    and in range. An uncoalesced gradient is coalesced by torch itself (duplicates
+    summed in torch's order, which is not the order of appearance) when the step runs,
+    as torch's step does when it reaches this parameter: values that lie in a tensor
+    updated before it are read after that update. None means torch's implementation
+    should take this parameter (nothing was written).
     """
     if not (grad.layout is torch.sparse_coo and grad.is_cpu and grad.sparse_dim() == 1
             and grad.dtype == param.dtype and grad.shape == param.shape
@@ -498,40 +501,59 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     if unsupported(param) is not None or unsupported(state) is not None or (
             state.dtype != param.dtype or state.shape != param.shape):
         return None
-    gc = grad.coalesce()  # (the indices were checked: torch.py, sparse_index_error)
+    p, h = _numpy_rows(param), _numpy_rows(state)
+    if np.may_share_memory(p, h) or grad._indices().dtype != torch.int64:
+        return None
+    dt = p.dtype.type
+    scalars = (sqrt_fn, dt(neg_clr), dt(eps), bool(maximize), bool(emulate))
+    written = [param, state]
+    if grad.is_coalesced():  # its values are read where they lie, when it runs
+        call = _sparse_call(p, h, grad, scalars)
+        return None if call is None else functools.partial(_run_sparse, call, written)
+    if grad._values().numel() >= config.parallel_from(p.itemsize):
+        cpu.numba_threads()  # start the threading layer while nothing is written
+
+    def run() -> None:
+        call = _sparse_call(p, h, grad.coalesce(), scalars)
+        if call is None:  # (in-range indices, new memory: cannot happen)
+            raise RuntimeError("fastadagrad: the coalesced sparse gradient of a "
+                               "parameter failed its checks after validation")
+        _run_sparse(call, written)
+
+    return run
+
+
+def _sparse_call(p: np.ndarray, h: np.ndarray, gc: Any, scalars: tuple
+                 ) -> tuple | None:
+    """The row kernel's call for coalesced gradient ``gc`` of table ``p`` with state
+    ``h``: (parallel, arguments, tensors to keep alive), () when there is nothing to
+    write, None when its rows or values cannot be taken (shared memory, a bad row)."""
     rows_t, vals_t = gc._indices()[0], gc._values()
     if not vals_t.is_contiguous():
         vals_t = vals_t.contiguous()
     if not rows_t.is_contiguous():
         rows_t = rows_t.contiguous()
-    if rows_t.dtype != torch.int64:
-        return None
-    p, h = _numpy_rows(param), _numpy_rows(state)
     rows = _numpy_rows(rows_t, 1).reshape(-1)
     vals = _numpy_rows(vals_t, rows.size)
-    for a, b in ((p, h), (p, vals), (h, vals), (p, rows), (h, rows)):
+    for a, b in ((p, vals), (h, vals), (p, rows), (h, rows)):
         if np.may_share_memory(a, b):
             return None
     if cpu_vsqrt.first_bad_row(rows, p.shape[0]) >= 0:
         return None
-    written = [param, state]
-    if rows.size == 0 or p.shape[1] == 0:  # nothing to write; torch's versions move
-        return functools.partial(increment_version, written)
-    dt = p.dtype.type
+    if rows.size == 0 or p.shape[1] == 0:
+        return ()
     per_block = max(1, cpu_vsqrt.BLOCK // p.shape[1])
-    # the arrays are made from addresses: ``run`` holds their tensors (``written``,
-    # ``keep``)
-    keep = (rows_t, vals_t)
-    args = (p, h, rows, vals, per_block, sqrt_fn, dt(neg_clr), dt(eps), bool(maximize),
-            bool(emulate))
-    if vals.size >= config.parallel_from(p.itemsize) and cpu.numba_threads() > 1:
-        def run(keep: Any = keep) -> None:
+    parallel = vals.size >= config.parallel_from(p.itemsize) and cpu.numba_threads() > 1
+    # the arrays are made from addresses: the call holds their tensors
+    return parallel, (p, h, rows, vals, per_block, *scalars), (rows_t, vals_t)
+
+
+def _run_sparse(call: tuple, written: list[Any]) -> None:
+    if call:
+        parallel, args, _keep = call
+        if parallel:
             with cpu.PARALLEL_LOCK:
                 cpu_vsqrt.adagrad_sparse_rows_parallel(*args)
-            increment_version(written)
-    else:
-        def run(keep: Any = keep) -> None:
+        else:
             cpu_vsqrt.adagrad_sparse_rows_serial(*args)
-            increment_version(written)
-
-    return run
+    increment_version(written)

@@ -1563,6 +1563,28 @@ def test_step_counter_shared_across_groups_with_lr_decay(sparse: bool) -> None:
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
+@SPARSE_WARNING
+@pytest.mark.parametrize("groups", [1, 2])
+def test_sparse_values_in_a_tensor_updated_before_are_read_after_it(groups: int) -> None:
+    """An uncoalesced sparse gradient whose values are a view of a parameter updated
+    earlier in the step (same group or an earlier one): torch coalesces it when it
+    reaches its parameter, after that update; so does the compiled path (it coalesced
+    every gradient while validating, before anything was written)."""
+    def run(cls: type) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        p1 = torch.nn.Parameter(torch.randn(10, 3, generator=g))
+        p2 = torch.nn.Parameter(torch.randn(10, 3, generator=g))
+        opt = cls([p1, p2] if groups == 1 else [{"params": [p1]}, {"params": [p2]}],
+                  lr=0.5)
+        p1.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2, 5]]),
+                                          torch.randn(3, 3, generator=g), (10, 3))
+        p2.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 4]]), p1.data[:3], (10, 3))
+        opt.step()
+        return [p1, p2, opt.state[p2]["sum"]]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
 BAD_SPARSE_INDEX = r"""
 import sys
 import torch
