@@ -535,6 +535,11 @@ class Adagrad(torch.optim.Adagrad):
         group (a state edited by hand): torch increments it in the earlier group and
         reads it again in the later one, whose learning rate the compiled path would
         compute before either runs."""
+        # first, without hashing a tensor: is any counter object in two states? (two
+        # counter objects over the same memory are not looked for)
+        counters = [st.get("step") for st in self.state.values()]
+        if len(set(map(id, counters))) == len(counters):
+            return set()
         seen: set[int] = set()
         out = set()
         for gi, group in enumerate(self.param_groups):
