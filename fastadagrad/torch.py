@@ -330,15 +330,32 @@ def _same_bits(a: Any, b: Any) -> bool:
     return bool(torch.equal(a.view(ints), b.view(ints)))
 
 
-def _neg_clr(lr: Any, lr_decay: float, step: float) -> float:
-    """``-clr`` exactly as torch's eager paths compute it (a tensor lr in its dtype)."""
+def _neg_clr(lr: Any, lr_decay: float, step: float, foreach: bool = False) -> float:
+    """``-clr`` exactly as torch's eager paths compute it (a tensor lr in its dtype):
+    ``-(lr / d)`` (single-tensor), ``(-lr) / d`` (foreach: the sign of a NaN differs)."""
+    d = 1 + (step - 1) * lr_decay
     if isinstance(lr, torch.Tensor):
-        return float(-(lr.squeeze() / (1 + (step - 1) * lr_decay)))
-    return -(lr / (1 + (step - 1) * lr_decay))
+        lr = lr.squeeze()
+        return float(-lr / d if foreach else -(lr / d))
+    return -lr / d if foreach else -(lr / d)
+
+
+#: torch refuses a finite value above it where it converts a double to float32
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _plain(x: Any) -> bool:
+    """Whether hyperparameter ``x`` is a number the compiled paths take as torch does:
+    float, bool, an int of int64's range, a NumPy float32/float64. Anything else
+    (Fraction, Decimal, None, a huge int) goes to torch's step, which refuses it its
+    own way."""
+    t = type(x)
+    return (t is float or t is bool or t is np.float64 or t is np.float32
+            or (t is int and -(1 << 63) <= x < 1 << 63))
 
 
 def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
-                  weight_decay: float, maximize: bool, step: float
+                  weight_decay: float, maximize: bool, step: float, foreach: bool = False
                   ) -> Callable[[np.dtype], tuple]:
     """The kernel's scalar arguments, per dtype; raises (before any write) if invalid."""
     if formula == "fused":
@@ -352,7 +369,7 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         hyper = (_fused_hyper.__wrapped__ if H.negative_zero(args[0], args[3])
                  else _fused_hyper)(*args)
         return functools.partial(D.coefficients, hyper, step=int(step))
-    neg_clr = _neg_clr(lr, lr_decay, step)
+    neg_clr = _neg_clr(lr, lr_decay, step, foreach)
     flags = (H.MAXIMIZE if maximize else 0) | (H.WD_COUPLED if weight_decay != 0 else 0)
 
     def coefs(dt: np.dtype) -> tuple:
@@ -360,7 +377,7 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         fn = _VSQRT[torch.float32 if dt == np.float32 else torch.float64]
         scalars = []
         for x in (neg_clr, eps, weight_decay):  # torch refuses a finite value its
-            if dt == np.float32 and H.F32_INF_FROM <= abs(x) < math.inf:  # dtype
+            if dt == np.float32 and _F32_MAX < abs(float(x)) < math.inf:  # dtype
                 raise ValueError(f"{x} overflows float32")  # cannot hold
             scalars.append(t(x))
         return (fn, *scalars, flags)
@@ -467,7 +484,9 @@ class Adagrad(torch.optim.Adagrad):
         plans = self.__dict__.setdefault("_fastadagrad_plans", {})
         groups = self.param_groups
         shared = (self._reads_earlier_counters() if len(groups) > 1
-                  and any(g["lr_decay"] != 0 for g in groups[1:]) else ())
+                  and any(g["lr_decay"] != 0 for g in groups[1:]) else set())
+        if any(isinstance(g["lr"], torch.Tensor) for g in groups):
+            shared |= self._lr_in_updated_memory()
         runs = [self._prepare_group(i, group, plans, i in shared)
                 for i, group in enumerate(groups)]
         for run in runs:
@@ -483,8 +502,11 @@ class Adagrad(torch.optim.Adagrad):
         lr, wd = group["lr"], group["weight_decay"]
         if type(lr) is not float and type(lr) is not int:
             return None
-        return (gi, len(group["params"]), lr, group["eps"], wd, group["lr_decay"],
-                group["maximize"], group["fused"], group["foreach"],
+        eps, decay, maximize = group["eps"], group["lr_decay"], group["maximize"]
+        # (with their types: 0.1 == np.float32(0.1) == tensor(0.1) and True == 1, but
+        # torch's steps take each differently)
+        return (gi, len(group["params"]), lr, eps, wd, decay, maximize, type(eps),
+                type(wd), type(decay), type(maximize), group["fused"], group["foreach"],
                 group["differentiable"], getattr(self, "grad_scale", None) is None,
                 getattr(self, "found_inf", None) is None,
                 getattr(self, "_need_device_dtype_check_for_fused", True),
@@ -548,6 +570,26 @@ class Adagrad(torch.optim.Adagrad):
             if group["lr_decay"] != 0 and not seen.isdisjoint(mine):
                 out.add(gi)
             seen |= mine
+        return out
+
+    def _lr_in_updated_memory(self) -> set[int]:
+        """The param groups whose tensor ``lr`` lies in the storage of a parameter or
+        a sum of this group or an earlier one (a learnable learning rate): torch reads
+        it when the group runs (and again for each parameter of its single-tensor
+        step), after those updates; the compiled path would read it before."""
+        written: list[tuple[int, int]] = []
+        out = set()
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                st = self.state.get(p)
+                for t in (p, st.get("sum") if st else None):
+                    if isinstance(t, torch.Tensor) and t.layout is torch.strided:
+                        written.append(_storage_span(t))
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.layout is torch.strided:
+                a, b = _storage_span(lr)
+                if any(a < e and s < b for s, e in written):
+                    out.add(gi)
         return out
 
     def _prepare_group(self, gi: int, group: dict[str, Any], plans: dict[int, Any],
@@ -618,8 +660,12 @@ class Adagrad(torch.optim.Adagrad):
                 has_complex=cplx, fused=fused, grad_scale=getattr(self, "grad_scale", None),
                 found_inf=getattr(self, "found_inf", None))
 
+        lr = group["lr"]
         if (to_torch or group["differentiable"] or getattr(self, "grad_scale", None)
-                is not None or getattr(self, "found_inf", None) is not None):
+                is not None or getattr(self, "found_inf", None) is not None
+                or not all(map(_plain, (group["eps"], group["weight_decay"],
+                                        group["lr_decay"])))
+                or not (_plain(lr) or isinstance(lr, torch.Tensor))):
             return torch_update(list(range(len(params))))
 
         formula = "fused" if fused else "vsqrt"  # the formula each tensor is checked for
@@ -725,7 +771,7 @@ class Adagrad(torch.optim.Adagrad):
         # torch: step_t += 1 (in the counter's dtype: a float32 one stops at 2^24);
         # clr = lr / (1 + (step - 1) * lr_decay), in Python floats
         neg_clr = _neg_clr(lr, group["lr_decay"], float(step + 1))
-        if p.dtype == torch.float32 and any(H.F32_INF_FROM <= abs(x) < math.inf
+        if p.dtype == torch.float32 and any(_F32_MAX < abs(float(x)) < math.inf
                                             for x in (neg_clr, group["eps"])):
             return False  # torch refuses a finite value float32 cannot hold
         emulate = _formula_ok("vsqrt-emu", p.dtype)
@@ -774,9 +820,10 @@ class Adagrad(torch.optim.Adagrad):
         args = (group["eps"], lr_decay, group["weight_decay"], group["maximize"])
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
             return None  # torch reads it on the device; leave that to torch
+        foreach = bool(group["foreach"])  # (None on CPU tensors: the single-tensor step)
         try:
             if lr_decay == 0:  # clr does not depend on the step
-                coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0)
+                coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0, foreach)
                 run = T.prepare(plan, params, grads, sums, labels, kernels, coefs,
                                 steps=steps)
                 if run is not None and memo is not None:
@@ -793,7 +840,7 @@ class Adagrad(torch.optim.Adagrad):
                 by_step.setdefault(float(s + 1), []).append(i)
             runs = []
             for step, idx in by_step.items():
-                coefs = _coefficients(formula, lr, args[0], *args[1:], step)
+                coefs = _coefficients(formula, lr, args[0], *args[1:], step, foreach)
                 sub_plan = plan if len(by_step) == 1 else T.TensorPlan()
                 # (every counter checked against these tensors: none may lie inside
                 # one, which torch's step would update between two increments)
@@ -914,6 +961,12 @@ def _refuse_short(p: Any, g: Any, h: Any, lab: Any) -> None:
         if short:
             raise RuntimeError(f"{what} {short}; nothing was updated")
     _refuse_bad_indices(g, lab)
+
+
+def _storage_span(t: Any) -> tuple[int, int]:
+    """The byte range of tensor ``t``'s whole storage."""
+    st = t.untyped_storage()
+    return st.data_ptr(), st.data_ptr() + st.nbytes()
 
 
 def _refuse_bad_indices(g: Any, lab: Any) -> None:

@@ -14,6 +14,7 @@ import itertools
 import subprocess
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -1581,6 +1582,109 @@ def test_sparse_values_in_a_tensor_updated_before_are_read_after_it(groups: int)
         p2.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 4]]), p1.data[:3], (10, 3))
         opt.step()
         return [p1, p2, opt.state[p2]["sum"]]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+def _outcome(run: Callable[[], list[torch.Tensor]]) -> Any:
+    """The tensors a run leaves, or the type of the error it raised."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 (the same error type is the expected outcome)
+        return type(e)
+
+
+def _same_outcome(a: Any, b: Any) -> None:
+    if isinstance(a, type) or isinstance(b, type):
+        assert a is b, (a, b)
+    else:
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("change,kw", [
+    ({"weight_decay": np.float32(0.1)}, {"weight_decay": 0.1}),
+    ({"weight_decay": torch.tensor(0.1)}, {"weight_decay": 0.1}),
+    ({"lr_decay": torch.tensor(0.0)}, {}),
+    ({"maximize": 1}, {"maximize": True, "fused": True}),
+], ids=["wd f32", "wd tensor", "lr_decay tensor", "maximize int"])
+def test_hyperparameter_of_another_type_that_compares_equal(change: dict, kw: dict
+                                                            ) -> None:
+    """A hyperparameter replaced between steps by an equal value of another type
+    (0.1 == np.float32(0.1) == tensor(0.1), True == 1): torch's steps take each
+    differently, so the last step's coefficients are not reused."""
+    def run(cls: type) -> Callable[[], list[torch.Tensor]]:
+        def go() -> list[torch.Tensor]:
+            p = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+            opt = cls([p], lr=0.1, **kw)
+            for k in range(2):
+                if k == 1:
+                    opt.param_groups[0].update(change)
+                p.grad = torch.tensor([0.5, 0.25, -1.0], dtype=torch.float64)
+                opt.step()
+            return [p]
+        return go
+
+    _same_outcome(_outcome(run(FT.Adagrad)), _outcome(run(TORCH_OPT)))
+
+
+@pytest.mark.parametrize("hyper", [
+    {"weight_decay": Fraction(1, 3)}, {"eps": Fraction(1, 3), "foreach": True},
+    {"weight_decay": 10**40}, {"eps": None}, {"lr": 3.4028235e38},
+    {"weight_decay": 3.4028235e38}, {"weight_decay": 3.4028235e38, "foreach": True},
+    {"lr": np.float32(0.1)}, {"lr_decay": float("inf"), "foreach": True},
+], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unusual_hyperparameters_are_torchs_outcome(hyper: dict, dtype: torch.dtype
+                                                    ) -> None:
+    """Types torch's step refuses (a Fraction, None, an int beyond int64), float32
+    values above its largest finite one (torch refuses them; only those that round to
+    inf were), a NumPy float32 lr (no overflow warning: warnings are errors here), and
+    foreach's -lr / d whose NaN keeps its sign: torch's error or bits."""
+    def run(cls: type) -> Callable[[], list[torch.Tensor]]:
+        def go() -> list[torch.Tensor]:
+            p = torch.tensor([1.0, -2.0, 3.0], dtype=dtype, requires_grad=True)
+            opt = cls([p])
+            opt.param_groups[0].update(hyper)  # (some pass no constructor check)
+            p.grad = torch.tensor([0.5, 0.25, -1.0], dtype=dtype)
+            opt.step()
+            return [p]
+        return go
+
+    _same_outcome(_outcome(run(FT.Adagrad)), _outcome(run(TORCH_OPT)))
+
+
+def test_negative_bit_swapped_in_at_the_same_address() -> None:
+    """``p.data = z.conj().imag`` keeps the address, shape and dtype but sets the
+    negative bit (the memory holds -values): torch's step then, not the cached plan."""
+    def run(cls: type) -> list[torch.Tensor]:
+        z = torch.complex(torch.zeros(1), torch.tensor([2.0]))
+        p = torch.nn.Parameter(z.imag)
+        opt = cls([p], lr=0.1)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        p.data = z.conj().imag
+        assert p.is_neg()
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return [p.detach().resolve_neg()]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+@pytest.mark.parametrize("same_group", [False, True])
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+def test_learnable_lr_updated_in_the_same_step(mode: str, same_group: bool) -> None:
+    """A tensor lr that is a parameter of the same optimizer: torch reads it after
+    the updates before it (and for each parameter, in its single-tensor step)."""
+    def run(cls: type) -> list[torch.Tensor]:
+        lr = torch.tensor(0.5, requires_grad=True)
+        w = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+        groups = ([{"params": [lr, w]}] if same_group else
+                  [{"params": [lr], "lr": 0.1}, {"params": [w]}])
+        opt = cls(groups, lr=lr, **MODES[mode])
+        lr.grad, w.grad = torch.tensor(1.0), torch.tensor([0.5, 0.25, -1.0])
+        opt.step()
+        return [lr, w]
 
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
