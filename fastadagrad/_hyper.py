@@ -71,6 +71,11 @@ class Rule:
         _choice("eps_placement", self.eps_placement, ("outside", "inside"))
         _choice("lr_placement", self.lr_placement, ("numerator", "after"))
         _choice("weight_decay_mode", self.weight_decay_mode, ("coupled", "decoupled"))
+        for name in ("fma_accumulate", "zero_where_h0", "fma_weight_decay", "fma_lr_decay"):
+            v = getattr(self, name)  # ("False" is a true value: the other formula)
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+            object.__setattr__(self, name, bool(v))
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

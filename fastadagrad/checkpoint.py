@@ -73,6 +73,7 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
     """``opt``'s state in torch.optim.Adagrad's layout (see the module docstring)."""
     from .presets import PRESETS
 
+    opt._check_attributes("nothing was saved")  # (a step set by hand: as update, load)
     hy = opt.hyper
     group: dict[str, Any] = {
         "lr": float(opt.lr), "lr_decay": hy.lr_decay, "eps": hy.eps,

@@ -288,6 +288,8 @@ class AdaGrad:
         self.nonfinite: NonFinite = check_nonfinite(nonfinite)
         # capturable (GPU only): step, lr and the skip flag live in device memory, so a
         # CUDA graph can capture update(); see fastadagrad.cuda.update
+        if not isinstance(capturable, (bool, np.bool_)):
+            raise TypeError(f"capturable must be a bool, got {type(capturable).__name__}")
         self.capturable = bool(capturable)
         if self.capturable and (self._schedule is not None or nonfinite == "raise"):
             raise ValueError("capturable=True takes a numeric lr (a schedule runs on the "
@@ -298,7 +300,7 @@ class AdaGrad:
         self.skipped_steps = 0
         self._flat: list[FlatBuffer] = []  # the buffers that own the state arrays
         self._plan = D.Plan()  # per-model work cached across steps
-        self._keys_seen: tuple[Any, list[Any]] | None = None
+        self._keys_seen: tuple[Any, list[Any], int] | None = None
         # state loaded from a dict whose keys were not saved (keys other than str/int):
         # the first update's dict names it, by position, as torch matches unnamed state
         self._positional = False
@@ -404,12 +406,16 @@ class AdaGrad:
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
         """Apply one step to every array of ``params``; returns False if it was skipped."""
+        step = self.step
+        if type(step) is not int or step < 0 or self.nonfinite not in _NONFINITE:
+            self._check_attributes()  # set by hand: refused as the constructor would
         if getattr(self, "_positional", False):
             return self._update_naming_state(params, grads, grad_scale)
         hyper = self.hyper if self._schedule is None else self._hyper_at(self.step + 1)
         if grad_scale is not None:
             scaled = self._scaled  # the last scaled Hyper: a loss scale rarely changes
-            if scaled is None or scaled[0] is not hyper or scaled[1] != grad_scale:
+            if (scaled is None or scaled[0] is not hyper or scaled[1] != grad_scale
+                    or type(scaled[1]) is not type(grad_scale)):  # (True == 1.0)
                 scaled = self._scaled = (hyper, grad_scale, Hyper.make(
                     lr=hyper.lr, eps=hyper.eps, lr_decay=hyper.lr_decay,
                     weight_decay=hyper.weight_decay, maximize=hyper.maximize,
@@ -435,10 +441,13 @@ class AdaGrad:
             else:
                 h, flat = self.h, self._flat
                 seen = self._keys_seen  # the keys already matched against this state
-                if seen is None or seen[0] is not h or seen[1] != keys:
+                # (its length too: the same state edited in place, a key added or
+                # deleted, is matched again)
+                if seen is None or seen[0] is not h or seen[1] != keys or seen[2] != len(h):
                     _check_same_keys(h, keys, params)
-                    self._keys_seen = (h, keys)
-            hlist = [h[k] for k in keys] if type(h) is dict else list(h)
+                    self._keys_seen = (h, keys, len(h))
+            hlist = [h[k] for k in keys] if (type(h) is dict or isinstance(h, Mapping)) \
+                else list(h)
             # One layout for params, grads and state: one call over the whole buffer.
             if (not is_dict and isinstance(params, FlatBuffer) and len(flat) == 1 and
                     params.same_layout(grads) and params.same_layout(flat[0])
@@ -489,6 +498,22 @@ class AdaGrad:
         else:
             self.skipped_steps += 1
         return applied
+
+    def _check_attributes(self, done: str = "nothing was updated") -> None:
+        """Raise, naming it, for an ``opt.step`` or ``opt.nonfinite`` set by hand to
+        what the constructor and ``load`` refuse (a negative step made the learning
+        rate negative: the update went uphill); a NumPy integer step becomes an int."""
+        step = self.step
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"opt.step must be a whole number of steps (an int), got "
+                            f"{type(step).__name__}; {done}")
+        if step < 0:
+            raise ValueError(f"opt.step must be >= 0, got {step}; {done}")
+        self.step = int(step)
+        try:
+            check_nonfinite(self.nonfinite)
+        except ValueError as e:
+            raise ValueError(f"opt.{e}; {done}") from None
 
     def _update_naming_state(self, params: Any, grads: Any, grad_scale: float | None
                              ) -> bool:
@@ -719,9 +744,15 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
                     f"a FlatBuffer, got {type(params).__name__}")
 
 
+_NONFINITE = ("ignore", "skip", "raise")
+
+
 def _check_same_keys(h: Any, keys: list[Any], params: Any) -> None:
     hkeys = list(h.keys()) if isinstance(h, Mapping) else list(range(len(h)))
-    if isinstance(h, Mapping) != isinstance(params, Mapping) or set(hkeys) != set(keys) \
-            or len(hkeys) != len(keys):
+    if isinstance(h, Mapping) != isinstance(params, Mapping):
+        raise KeyError("params do not match the optimizer state: the state is a "
+                       f"{'mapping' if isinstance(h, Mapping) else 'list'} and params "
+                       f"{'a mapping' if isinstance(params, Mapping) else 'a list'}")
+    if set(hkeys) != set(keys) or len(hkeys) != len(keys):
         raise KeyError(f"params do not match the optimizer state: state has keys "
                        f"{hkeys}, params have {keys}")

@@ -758,3 +758,92 @@ def test_loaded_maximize_must_be_a_bool(value: object) -> None:
     with pytest.raises(CheckpointError, match="maximize must be a bool"):
         other.load_state_dict(sd)
     assert other.h is None and other.hyper.maximize is False
+
+
+# ---- attributes and cached checks that equal values of another type got past
+
+@pytest.mark.parametrize("attr,value,exc,msg", [
+    ("step", -3, ValueError, r"opt\.step must be >= 0"),
+    ("step", 2.5, TypeError, r"opt\.step must be a whole number"),
+    ("step", True, TypeError, r"opt\.step must be a whole number"),
+    ("nonfinite", "Skip", ValueError, r"opt\.nonfinite must be one of"),
+])
+def test_attributes_set_by_hand_are_checked(attr: str, value: Any, exc: type, msg: str
+                                            ) -> None:
+    """``opt.step`` / ``opt.nonfinite`` set by hand: refused at the next update (a
+    negative step made the learning rate negative: the update went uphill) and by
+    ``state_dict()`` (it wrote a checkpoint ``load`` refused), nothing changed."""
+    p = {"w": np.ones(4, np.float32)}
+    g = {"w": np.full(4, 0.5, np.float32)}
+    opt = AdaGrad(lr=0.1, lr_decay=0.5)
+    opt.update(p, g)
+    before = p["w"].copy()
+    setattr(opt, attr, value)
+    with pytest.raises(exc, match=msg + ".*nothing was updated"):
+        opt.update(p, g)
+    with pytest.raises(exc, match=msg + ".*nothing was saved"):
+        opt.state_dict()
+    assert_bits_equal(p["w"], before, "params")
+    opt.step = np.int64(1)  # a NumPy integer step is taken (as an int)
+    opt.nonfinite = "ignore"
+    assert opt.update(p, g) and opt.step == 2 and type(opt.step) is int
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, np.array(1.0)], ids=repr)
+def test_grad_scale_refused_after_an_equal_valid_one(bad: Any) -> None:
+    """The cached scaled hyperparameters were reused for any ``grad_scale`` equal to
+    the last one (True == 1): the same error as on a fresh optimizer."""
+    p, g = {"w": np.ones(4, np.float32)}, {"w": np.full(4, 0.5, np.float32)}
+    opt = AdaGrad(lr=0.1)
+    opt.update(p, g, grad_scale=1)
+    before = p["w"].copy()
+    with pytest.raises(TypeError, match="grad_scale must be a real number"):
+        opt.update(p, g, grad_scale=bad)
+    assert_bits_equal(p["w"], before, "params")
+
+
+def test_rule_and_capturable_flags_must_be_bools() -> None:
+    """``Rule(fma_accumulate="False")`` ran the FMA formula ("False" is true), and
+    ``AdaGrad(capturable="no")`` was capturable."""
+    from fastadagrad._hyper import Rule
+
+    for name in ("fma_accumulate", "zero_where_h0", "fma_weight_decay", "fma_lr_decay"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            Rule(**{name: "False"})
+        assert getattr(Rule(**{name: np.True_}), name) is True
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        AdaGrad(capturable="no")
+
+
+def test_state_edited_in_place_or_another_mapping() -> None:
+    """The keys were matched once per state object: one edited in place (a key
+    added or deleted) got past it (a bare KeyError, or a state of 3 sums for 2
+    params); a state that is another Mapping type was read by its keys."""
+    from collections import OrderedDict
+
+    def fresh() -> tuple[dict, dict, AdaGrad]:
+        p = {"a": np.ones(3, np.float32), "b": np.ones(2, np.float32)}
+        g = {k: np.full(v.shape, 0.5, np.float32) for k, v in p.items()}
+        opt = AdaGrad(lr=0.1)
+        opt.update(p, g)
+        return p, g, opt
+
+    for edit in (lambda h: h.pop("b"), lambda h: h.__setitem__("c", np.zeros(1, np.float32))):
+        p, g, opt = fresh()
+        edit(opt.h)
+        before = {k: v.copy() for k, v in p.items()}
+        with pytest.raises(KeyError, match="params do not match the optimizer state"):
+            opt.update(p, g)
+        for k in p:
+            assert_bits_equal(p[k], before[k], k)
+    p, g, opt = fresh()
+    ref_p, ref_g, ref = fresh()
+    opt.h = OrderedDict(opt.h)
+    opt.update(p, g)
+    ref.update(ref_p, ref_g)
+    for k in p:
+        assert_bits_equal(p[k], ref_p[k], k)
+    opt = AdaGrad(lr=0.1)
+    opt.update([np.ones(2, np.float32)], [np.ones(2, np.float32)])
+    with pytest.raises(KeyError, match="the state is a list and params a mapping"):
+        opt.update({0: np.ones(2, np.float32)}, {0: np.ones(2, np.float32)})
