@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     ap.add_argument("--smooth", type=int, default=25, help="moving-average window")
     ap.add_argument("--plot", default="demo_out/bf16_demo.png")
     args = ap.parse_args(argv)
+    for name in ("steps", "batch", "samples", "smooth"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
     curves = {}
     for name in RUNS:
         curves[name] = train(name, args)

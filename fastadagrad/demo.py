@@ -20,6 +20,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from ._hyper import F32_INF_FROM, check_hyper
 from .optim import AdaGrad
 from .reference import NumpyAdaGrad
 
@@ -131,12 +132,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         ap.error(f"--threads {args.threads}: Numba was started with "
                  f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")
+    try:
+        check_hyper("lr", args.lr)
+    except (TypeError, ValueError) as e:
+        ap.error(f"--lr: {e}")
+    if args.lr >= F32_INF_FROM:  # the demo's network is float32
+        ap.error(f"--lr {args.lr:g} overflows to inf in float32, the demo's dtype")
     if args.plot and not _have_matplotlib():  # say so before training, not after it
         ap.error(f"--plot {args.plot}: writing the plot needs matplotlib, which is not "
                  "installed; install the demo extra (pip install \".[demo]\") or pass "
                  "--plot '' for no plot")
+    if args.plot:
+        why = _plot_path_problem(args)  # (the name written, as savefig names it)
+        if why:
+            ap.error(f"--plot {args.plot}: {why}")
     with _blas_threads(args.blas_threads), _numba_threads(args.threads):
         return _run(args)
+
+
+def _plot_path_problem(args: argparse.Namespace) -> str | None:
+    """Why the plot could not be written to ``args.plot`` (checked before training),
+    or None; ``args.plot`` becomes the name savefig writes (``.png`` added to a name
+    without an extension, as it does)."""
+    from matplotlib.figure import Figure
+
+    root, ext = os.path.splitext(args.plot)
+    kinds = Figure().canvas.get_supported_filetypes()
+    if not ext:
+        args.plot += ".png"
+    elif ext[1:].lower() not in kinds:
+        return (f"matplotlib cannot write {ext!r} files; use one of "
+                f"{', '.join('.' + k for k in sorted(kinds))}")
+    folder = os.path.dirname(os.path.abspath(args.plot))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot create its folder {folder}: {e.strerror}"
+    if not os.access(folder, os.W_OK):
+        return f"its folder {folder} is not writable"
+    if os.path.isdir(args.plot):
+        return "it is a folder; name a file"
+    return None
 
 
 def _have_matplotlib() -> bool:

@@ -34,6 +34,10 @@ class FlatBuffer(Mapping[Any, Any]):
 
     def __init__(self, arrays: Mapping[Any, Any] | Sequence[Any], *,
                  dtype: Any = None) -> None:
+        if not (isinstance(arrays, Mapping) or isinstance(arrays, Sequence)
+                and not isinstance(arrays, (str, bytes))):
+            raise TypeError("FlatBuffer packs a dict or a list/tuple of arrays, got "
+                            f"{type(arrays).__module__}.{type(arrays).__qualname__}")
         items = list(arrays.items()) if isinstance(arrays, Mapping) else list(
             enumerate(arrays))
         ma = sys.modules.get("numpy.ma")  # (not imported: no masked array exists)
@@ -60,9 +64,12 @@ class FlatBuffer(Mapping[Any, Any]):
             dtype = next(iter(first)) if first else np.float32
             if first and np.dtype(dtype) not in (np.dtype(np.float32),
                                                  np.dtype(np.float64)):
-                raise TypeError(f"arrays[{first[dtype]!r}] has dtype {np.dtype(dtype)}; "
-                                "FlatBuffer holds float32 or float64 (pass dtype= to "
-                                "convert)")
+                d = np.dtype(dtype)
+                convertible = d.kind in "biuf" or is_half(d)
+                raise TypeError(f"arrays[{first[dtype]!r}] has dtype {d}; FlatBuffer "
+                                "holds float32 or float64" + (
+                                    " (pass dtype= to convert)" if convertible else
+                                    ": a plain array of real numbers is needed"))
         dt = np.dtype(dtype)
         if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise TypeError(f"FlatBuffer dtype must be float32 or float64, got {dt}")

@@ -381,6 +381,14 @@ def test_class_bad_container_later_call(rng: np.random.Generator, name: str) -> 
                  {}, TypeError, r"arrays\['b'\] is a CUDA array", id="device-member"),
     pytest.param([np.ones(2, np.float16)], {}, TypeError, r"arrays\[0\].*float16",
                  id="float16-list"),
+    # no dtype= suggestion where no conversion exists; the container itself named
+    pytest.param({"a": np.array(["x"])}, {}, TypeError,
+                 r"arrays\['a'\] has dtype <U1.*a plain array of real numbers",
+                 id="strings"),
+    pytest.param(None, {}, TypeError, r"FlatBuffer packs a dict or a list/tuple",
+                 id="none"),
+    pytest.param("abc", {}, TypeError, r"FlatBuffer packs a dict or a list/tuple",
+                 id="str"),
 ])
 def test_flatbuffer_bad_construction(arrays: Any, kw: dict[str, Any], exc: type,
                                      pattern: str) -> None:

@@ -93,3 +93,33 @@ def test_slower_hint_names_the_causes_that_apply():
     assert "--threads 1" in both and "load average" in both
     neither = _slower_hint(2_000_000, 1)
     assert "small" not in neither and "threads" not in neither
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--lr", "nan"], "--lr: lr must be finite"),
+    (["--lr", "-1"], "--lr: lr must be >= 0"),
+    (["--lr", "1e39"], "overflows to inf in float32"),
+    (["--plot", "out.txt"], "matplotlib cannot write '.txt' files"),
+])
+def test_demo_bad_lr_or_plot_is_a_usage_error_before_training(tmp_path, capsys, args, msg):
+    """A bad --lr was a traceback with the exit code of "results differ" (1); a plot
+    path matplotlib cannot write failed after both optimizers had trained."""
+    if "--plot" in args:
+        pytest.importorskip("matplotlib")
+        args = ["--plot", str(tmp_path / args[1])]
+    with pytest.raises(SystemExit) as exc:
+        main(["--steps", "3", "--hidden", "4", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err, err
+
+
+def test_demo_plot_name_without_extension(tmp_path, capsys):
+    """savefig adds .png to a name without an extension: the demo says the name it
+    wrote (it printed the one it was given)."""
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "sub" / "curves"
+    assert main(["--steps", "3", "--batch", "4", "--samples", "16", "--hidden", "4",
+                 "--plot", str(plot)]) == 0
+    assert f"plot written to {plot}.png" in capsys.readouterr().out
+    assert (tmp_path / "sub" / "curves.png").read_bytes()[:4] == b"\x89PNG"
