@@ -186,11 +186,8 @@ def fast_functional(p: np.ndarray, g: np.ndarray, h: np.ndarray, **kw: Any) -> S
 
 
 def fast_dict(params: Any, grad_sets: list[Any], **kw: Any) -> Step:
-    """``AdaGrad.update(params, grads)``, alternating between gradient sets.
-
-    Alternating between separately allocated gradient dicts makes every step see
-    different gradient arrays, as after a backward pass, without timing an allocation.
-    """
+    """``AdaGrad.update(params, grads)``, cycling through ``grad_sets`` (the model
+    benchmarks pass one set: the peers' steps read ``p.grad`` and cannot switch)."""
     import fastadagrad
 
     opt = fastadagrad.AdaGrad(lr=LR, eps=EPS, **kw)
@@ -297,7 +294,7 @@ def plain_option_set(p: np.ndarray, g: np.ndarray, h: np.ndarray, name: str,
 def plain_dict(params: dict[Any, np.ndarray], grad_sets: list[Any]) -> Step:
     """The plain fused loop called once per array of a dict, as a user would write it.
 
-    The states start at zero and live beside the parameters; gradients alternate between
+    The states start at zero and live beside the parameters; gradients cycle through
     the sets like :func:`fast_dict`.
     """
     from bench.plain import plain_parallel

@@ -159,8 +159,12 @@ def us(d: dict[str, float]) -> dict[str, float]:
 
 def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
                  ) -> dict[str, Callable[[], Any]]:
-    """Zero-argument calls of every candidate on ``p, g, h`` (all share the arrays)."""
+    """Zero-argument calls of every candidate on ``p, g, h`` (the AdaGrad ones share
+    the arrays); the roofline kernel and the loops without a square root or a division,
+    whose results are not AdaGrad's (``h`` goes negative: NaN in the next update), work
+    on a copy of their own, at the same page offsets."""
     k = cpu.kernels(0)
+    q = (page_aligned(p), page_aligned(g), page_aligned(h.size, h.dtype))
     t = p.dtype.type
     lr, eps = t(LR), t(EPS)
     a, b, ei, eo, wd, lw, gs = coefficients(p.dtype)
@@ -181,9 +185,9 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
     return {
         "fastadagrad kernel": lambda: k.flat_parallel(p, g, h, table),
         "plain numba": lambda: plain_parallel(p, g, h, lr, eps),
-        "roofline": lambda: roofline(p, g, h),
-        "plain numba without sqrt": lambda: without_sqrt(p, g, h, lr, eps),
-        "plain numba without division": lambda: without_division(p, g, h, lr, eps),
+        "roofline": lambda: roofline(*q),
+        "plain numba without sqrt": lambda: without_sqrt(*q, lr, eps),
+        "plain numba without division": lambda: without_division(*q, lr, eps),
         # the serial kernel adagrad_update runs (checked_span: the compiled checks, then
         # the loop), here with the parallel hand-off switched off
         "fastadagrad serial kernel": lambda: k.checked_span(p, g, h, table, never),

@@ -277,13 +277,48 @@ def peer_table(run: Run) -> str:
                 continue
             m = run.mark(key, impl, base)
             marked = marked or bool(m)
+            # (the rows roofline moves a full accumulator's bytes: not a rowwise one's)
+            roof = None if "rowwise" in impl else ratio(t, run.t(key, ROOFLINE))
             lines.append(f"| {label} | {impl} | {fmt_time(t)}{m} | "
                          f"{fmt_ratio(ratio(run.t(key, base), t))} | {base} | "
-                         f"{fmt_ratio(ratio(t, run.t(key, ROOFLINE)), '')} |")
+                         f"{fmt_ratio(roof, '')} |")
     if len(lines) == 2:
         return ""
     if marked:
         lines += ["", NOISY_NOTE]
+    return "\n".join(lines)
+
+
+#: the 16-bit step at 2^24, at least this much faster than the float32 one (20 bytes
+#: an element against 14: 1.43x from the bytes alone; bench/test_bench_half.py)
+HALF_GOAL = 1.3
+
+
+def _half_cases(run: Run) -> list[tuple[tuple[str, str, int], str, float, float | None,
+                                        float | None]]:
+    """(case, impl, time, float32 time ÷ it, torch fused bf16 time ÷ it) of every 16-bit
+    implementation (not torch's), by size then dtype."""
+    out = []
+    for key in sorted((k for k in run.times if k[0] == "half" and k[1] != "float32"),
+                      key=lambda k: (k[2], k[1])):
+        f32 = run.t(("half", "float32", key[2]), "fastadagrad float32")
+        torch_bf16 = run.t(("half", "bfloat16", key[2]), "torch fused bfloat16")
+        for impl, t in sorted(run.times[key].items()):
+            if impl.startswith("fastadagrad"):
+                out.append((key, impl, t, ratio(f32, t), ratio(torch_bf16, t)))
+    return out
+
+
+def half_table(run: Run) -> str:
+    rows = _half_cases(run)
+    if not rows:
+        return ""
+    lines = ["| size | implementation | median | speed-up vs the float32 step | speed-up "
+             "vs torch fused bfloat16 |", "|---|---|---:|---:|---:|"]
+    for key, impl, t, vs32, vst in rows:
+        m = run.mark(key, impl, "torch fused bfloat16")
+        lines.append(f"| 2^{key[2].bit_length() - 1} | {impl} | {fmt_time(t)}{m} | "
+                     f"{fmt_ratio(vs32)} | {fmt_ratio(vst)} |")
     return "\n".join(lines)
 
 
@@ -326,6 +361,12 @@ def peer_targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
             add(f"{scenario}: {impl} ≥ {goal:g}× faster than torch fused", r,
                 ratio(run.t(k, TORCH_FUSED), run.t(k, ROOFLINE)), r is not None and r >= goal,
                 "×")
+    for key, impl, _, vs32, _ in _half_cases(run):
+        # (master weights move 20 bytes an element, as float32: no target by the bytes)
+        if key[2] == 1 << 24 and "master" not in impl:
+            add(f"16-bit params, {impl.removeprefix('fastadagrad ')} at 2^24: ≥ "
+                f"{HALF_GOAL:g}× faster than the float32 step", vs32, None,
+                vs32 is not None and vs32 >= HALF_GOAL, "×")
     k = key_of("overhead functional")
     if k:
         r = ratio(run.t(k, "adagrad_update"), run.t(k, "kernel call"))
@@ -333,25 +374,39 @@ def peer_targets(run: Run) -> list[tuple[str, str, str, bool | None]]:
             r is not None and r <= 1.5, "")
     ks = sorted(k for k in run.times if k[0] == "overhead")
     if ks:
-        worst = max((ratio(run.t(k, i), run.t(k, "numpy class")) or 0.0)
-                    for k in ks for i in ("AdaGrad.update list", "AdaGrad.update dict"))
+        # (a case or its baseline missing: not measured, rather than a 0 that passes)
+        rs = [ratio(run.t(k, i), run.t(k, "numpy class"))
+              for k in ks for i in ("AdaGrad.update list", "AdaGrad.update dict")]
+        worst = None if None in rs else max(rs)
         add("AdaGrad.update (list and dict, 4-1000 arrays of 16): time ÷ the NumPy class's "
-            "(≤ 1)", worst, None, worst <= 1.0, "")
+            "(≤ 1)", worst, None, worst is not None and worst <= 1.0, "")
         # growth of (update - kernel call) per added array, between successive model
         # sizes (k = 4 -> 100 -> 1000 arrays)
         by_k = sorted((int(run.info[k].get("tensors", 0)), k) for k in ks)
-        per = []
+        per: list[float | None] = []
         for (k0, a), (k1, b) in zip(by_k, by_k[1:]):
             for i in ("AdaGrad.update list", "AdaGrad.update dict"):
-                over = [(run.t(x, i) or 0.0) - (run.t(x, "kernel call") or 0.0)
-                        for x in (a, b)]
+                ts = [(run.t(x, i), run.t(x, "kernel call")) for x in (a, b)]
                 if k1 > k0:
-                    per.append((over[1] - over[0]) / (k1 - k0))
-        worst_per = max(per) * 1e6 if per else None
+                    per.append(None if any(t is None for pair in ts for t in pair) else
+                               ((ts[1][0] - ts[1][1]) - (ts[0][0] - ts[0][1])) / (k1 - k0))
+        worst_per = max(per) * 1e6 if per and None not in per else None
         add("AdaGrad.update: growth of the time above the multi-tensor kernel call, per "
             "added array, k = 4, 100, 1000 (≤ 0.2 µs)", worst_per, None,
             worst_per is not None and worst_per <= 0.2, " µs")
     return out
+
+
+def _sizes_of(rows: list[dict[str, Any]]) -> str:
+    """The sizes and dtypes a probe section measured, e.g. ``2^10-2^26 f32/f64``."""
+    ns = sorted({int(r["n"]) for r in rows})
+    dts = sorted({r["dtype"] for r in rows}, key=lambda d: ("32" not in d, d))
+
+    def pow2(n: int) -> str:
+        return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+
+    span = pow2(ns[0]) if len(ns) == 1 else f"{pow2(ns[0])}-{pow2(ns[-1])}"
+    return f"{span} {'/'.join(d.replace('float', 'f') for d in dts)}"
 
 
 def probe_targets(probe: dict[str, Any] | None) -> list[tuple[str, str, str, bool | None]]:
@@ -361,13 +416,14 @@ def probe_targets(probe: dict[str, Any] | None) -> list[tuple[str, str, str, boo
     if not probe:
         return []
     out: list[tuple[str, str, str, bool | None]] = []
-    for section, what in (("flat", "parallel kernel ÷ plain loop, 2^10-2^26 f32/f64"),
-                          ("serial", "serial kernel ÷ plain serial loop, 2^10-2^18 f32/f64"),
+    for section, what in (("flat", "parallel kernel ÷ plain loop, {sizes}"),
+                          ("serial", "serial kernel ÷ plain serial loop, {sizes}"),
                           ("options", "every option set (torch with every option, Keras, "
                                       "optax, loss scaling): kernel ÷ its plain loop")):
         rows = probe.get(section) or []
         if not rows:
             continue
+        what = what.format(sizes=_sizes_of(rows))
         w = max(rows, key=lambda x: x["kernel/plain"])
         n = int(w["n"])
         size = f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
@@ -529,15 +585,33 @@ def footnote(run: Run, command: str) -> str:
         f"Measured {date} on `{m.get('node', '?')}` ({m.get('system', '')} "
         f"{m.get('release', '')}, {m.get('machine', '')}): {cpu}, "
         f"vector width {f.get('vector_isa', 'unknown')}, "
-        f"{th.get('os_cpu_count', '?')} CPUs, last-level cache "
+        f"{_cpus(th)}, last-level cache "
         f"{machine.fmt_llc(f.get('llc_bytes'))}"
         f"; numba {th.get('numba', '?')} threads ({th.get('numba_threading_layer', '?')}),"
         f" torch {th.get('torch', '?')} threads. {versions}; fastadagrad commit {commit};"
-        f" serial below {_num(f.get('parallel_threshold'))} elements, chunk "
+        f" serial below {_threshold(f.get('parallel_threshold'))}, chunk "
         f"{_num(f.get('chunk'))}. Medians of {rounds} rounds per case (pytest-benchmark "
         f"{run.raw.get('version', '?')}), after warm-up calls that compile the kernels "
         f"and fault in every page.{load} Command: {command}."
     )
+
+
+def _cpus(th: dict[str, Any]) -> str:
+    """The CPUs the run could use (its affinity), and the online count where it differs."""
+    online, usable = th.get("os_cpu_count"), th.get("usable_cpus")
+    if usable is None or usable == online:
+        return f"{online if online is not None else '?'} CPUs"
+    return f"{usable} usable CPUs of {online if online is not None else '?'} online"
+
+
+def _threshold(t: Any) -> str:
+    """The serial/parallel switch for both dtypes (float64 switches at a quarter)."""
+    if not isinstance(t, int):
+        return f"{_num(t)} elements"
+    from fastadagrad import config
+
+    return (f"{_num(config.parallel_from(4, t))} float32 / "
+            f"{_num(config.parallel_from(8, t))} float64 elements")
 
 
 def _rel(path: Path) -> Path:
@@ -665,7 +739,10 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
         "kernel (`bench/roofline.py`: the same reads "
         "and writes, trivial math). Speed-ups are ratios of medians from one run; "
         "\"time ÷ roofline\" of 1.00 is the memory-bandwidth limit, \"time ÷ plain "
-        "numba\" above 1 is what the library's checks and dispatch cost over a bare loop."
+        "numba\" above 1 is what the library's checks and dispatch cost over a bare loop "
+        "(\"plain numba\" and \"fastadagrad kernel\" are the parallel loops at every "
+        "size, while the public call runs its serial kernel below the threshold in the "
+        "footnote: there the column compares serial with parallel)."
         + llc_note(run),
         "",
         ratio_table(run),
@@ -677,6 +754,11 @@ def render(run: Run, json_path: Path, png: Path, md: Path, base: Path,
         head += ["", "Embedding tables and the torch adapter (CPU), each against its "
                  "baseline: torch's sparse Adagrad step, FBGEMM's fused CPU step "
                  "(`fbgemm-gpu-cpu`), torch fused:", "", peers]
+    half = half_table(run)
+    if half:
+        head += ["", "16-bit params with a float32 accumulator (`bench/test_bench_half.py`),"
+                 " one flat array, against the float32 step of the same size and torch "
+                 "fused on bfloat16 tensors (whose accumulator is bfloat16):", "", half]
     full = ["# Benchmark report", "", *head, "",
             f"![effective GB/s vs size]({rel(png, md.parent)})", "",
             "## Median time per step, every implementation", "",

@@ -53,12 +53,12 @@ def test_report_writes_markdown_plot_and_readme_block(tmp_path: Path) -> None:
     data.parent.mkdir()
     fake_run(data)
     readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\nbefore\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
+    readme.write_text("# Title\n\nbefore\n\n<!-- bench:start -->\nOLD-BLOCK\n<!-- bench:end -->\n"
                       "\nafter\n")
     assert report.main([str(data), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n") and text.endswith("\nafter\n")
-    assert "old" not in text and text.count("<!-- bench:start -->") == 1
+    assert "OLD-BLOCK" not in text and text.count("<!-- bench:start -->") == 1
     # fastadagrad 1.0, plain numba 1.05, roofline 0.95 (time per element, fake)
     assert "| flat f32 2^24 | fastadagrad | 16.8 ms | 3.00× | 25.0× | 0.95 | 1.05 |" in text
     assert "| flat f32 2^24 | plain numba | 17.6 ms | 2.86× | 23.8× | 1.00 | 1.11 |" in text
@@ -141,9 +141,11 @@ def test_report_adds_the_probe_rows(tmp_path: Path) -> None:
                      "n": 1 << 14, "kernel/plain": 1.01}]}))
     assert report.main([str(data), "--no-readme", "--probe", str(probe)]) == 0
     md = data.with_suffix(".md").read_text()
-    assert ("parallel kernel ÷ plain loop, 2^10-2^26 f32/f64, interleaved probe, worst "
+    # (the sizes and dtypes named are those the probe measured)
+    assert ("parallel kernel ÷ plain loop, 2^10-2^20 f32/f64, interleaved probe, worst "
             "(float64 2^16) ≤ 1.05 | 1.02 | 1.00 | yes |") in md
-    assert "interleaved probe, worst (float32 2^14) ≤ 1.05 | 1.07 | 1.00 | **no** |" in md
+    assert ("serial kernel ÷ plain serial loop, 2^14 f32, interleaved probe, worst "
+            "(float32 2^14) ≤ 1.05 | 1.07 | 1.00 | **no** |") in md
     assert "kernel ÷ its plain loop, interleaved probe, worst (optax serial float32 2^14)" in md
     assert "on Probe CPU, 2 threads, load average 0.50 → 0.75" in md
     assert "kernel time within 10% of the roofline kernel's, interleaved probe (≤ 1.10) " \
@@ -167,3 +169,57 @@ def test_report_command_lists_startup_when_its_table_is_in(tmp_path: Path) -> No
     assert (f"`python -m pytest bench`, `python bench/startup.py --json "
             f"{tmp_path / 'startup.json'}`, then `python bench/report.py {data}`"
             in with_startup)
+
+
+def _bench(scenario: str, dtype: str, n: int, impl: str, t: float) -> dict:
+    return {"group": f"{scenario} {dtype} {n}", "name": impl,
+            "extra_info": {"scenario": scenario, "impl": impl, "dtype": dtype, "n": n},
+            "stats": {"median": t, "min": t, "rounds": 15}}
+
+
+def _with(path: Path, extra: list[dict], threads: dict | None = None) -> report.Run:
+    raw = json.loads(path.read_text())
+    raw["benchmarks"] += extra
+    if threads:
+        raw["machine_info"]["fastadagrad"]["threads"].update(threads)
+        raw["machine_info"]["fastadagrad"]["parallel_threshold"] = 1 << 15
+    path.write_text(json.dumps(raw))
+    return report.Run(path)
+
+
+def test_report_half_targets_rowwise_roofline_and_missing_baselines(tmp_path: Path) -> None:
+    """The 16-bit cases get their table and their 2^24 targets (master weights, which
+    move as many bytes as float32, none); the rows roofline (a full accumulator's
+    traffic) is not divided into a rowwise time; an overhead target whose baseline case
+    is missing is not measured (it read 0.00 and passed); the footnote gives both
+    dtypes' thresholds and the CPUs the run could use."""
+    data = tmp_path / "run.json"
+    fake_run(data)
+    n = 1 << 24
+    run = _with(data, [
+        _bench("half", "float32", n, "fastadagrad float32", 20e-3),
+        _bench("half", "bfloat16", n, "fastadagrad bfloat16", 14e-3),
+        _bench("half", "bfloat16", n, "fastadagrad bfloat16 master", 20e-3),
+        _bench("half", "bfloat16", n, "fastadagrad bfloat16 stochastic", 25e-3),
+        _bench("half", "bfloat16", n, "torch fused bfloat16", 15e-3),
+        _bench("rows-zipf", "float32", 1000, "torch sparse Adagrad", 2e-3),
+        _bench("rows-zipf", "float32", 1000, "fastadagrad rowwise", 1e-3),
+        _bench("rows-zipf", "float32", 1000, B.ROOFLINE, 0.5e-3),
+        _bench("overhead", "float32", 64, "AdaGrad.update dict", 5e-6),
+        _bench("overhead", "float32", 64, "AdaGrad.update list", 5e-6),
+    ], threads={"os_cpu_count": 16, "usable_cpus": 2})
+    targets = {t[0]: t[1:] for t in report.peer_targets(run)}
+    assert targets["16-bit params, bfloat16 at 2^24: ≥ 1.3× faster than the float32 step"
+                   ] == ("1.43×", "—", True)
+    assert targets["16-bit params, bfloat16 stochastic at 2^24: ≥ 1.3× faster than the "
+                   "float32 step"][2] is False
+    assert not any("master" in t for t in targets)
+    over = next(v for k, v in targets.items() if k.startswith("AdaGrad.update (list"))
+    assert over == ("—", "—", None)
+    assert "| 2^24 | fastadagrad bfloat16 | 14 ms | 1.43× | 1.07× |" in report.half_table(run)
+    rowwise = next(line for line in report.peer_table(run).splitlines()
+                   if "fastadagrad rowwise" in line)
+    assert rowwise.endswith("| — |"), rowwise
+    note = report.footnote(run, "cmd")
+    assert "2 usable CPUs of 16 online" in note
+    assert "serial below 32,768 float32 / 8,192 float64 elements" in note

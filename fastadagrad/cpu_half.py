@@ -4,7 +4,8 @@ Per element the kernel widens ``p`` and ``g`` to float32, runs the float32 updat
 ``cpu.py`` (same formula, same flags, same roundings), stores ``h`` in float32 and
 writes ``p`` back rounded to its 16-bit format: 2 + 2 + 4 bytes read and 2 + 4 written,
 14 bytes per element against 20 for float32. With float32 master weights ``m`` the
-update starts from ``m`` instead of ``p`` and writes both (18 bytes per element).
+update starts from ``m`` instead of ``p`` (which is then not read) and writes both:
+m, g and h read, m, h and p written, 20 bytes per element.
 
 Numba's CPU target has no float16 or bfloat16 arrays (NotImplementedError), so the
 kernels take the 16-bit *bits* and convert with small LLVM intrinsics. The carrier
