@@ -1586,7 +1586,7 @@ def test_sparse_values_in_a_tensor_updated_before_are_read_after_it(groups: int)
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
-def _outcome(run: Callable[[], list[torch.Tensor]]) -> Any:
+def _result_or_error(run: Callable[[], list[torch.Tensor]]) -> Any:
     """The tensors a run leaves, or the type of the error it raised."""
     try:
         return run()
@@ -1624,7 +1624,7 @@ def test_hyperparameter_of_another_type_that_compares_equal(change: dict, kw: di
             return [p]
         return go
 
-    _same_outcome(_outcome(run(FT.Adagrad)), _outcome(run(TORCH_OPT)))
+    _same_outcome(_result_or_error(run(FT.Adagrad)), _result_or_error(run(TORCH_OPT)))
 
 
 @pytest.mark.parametrize("hyper", [
@@ -1650,7 +1650,7 @@ def test_unusual_hyperparameters_are_torchs_outcome(hyper: dict, dtype: torch.dt
             return [p]
         return go
 
-    _same_outcome(_outcome(run(FT.Adagrad)), _outcome(run(TORCH_OPT)))
+    _same_outcome(_result_or_error(run(FT.Adagrad)), _result_or_error(run(TORCH_OPT)))
 
 
 def test_negative_bit_swapped_in_at_the_same_address() -> None:
