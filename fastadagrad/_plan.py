@@ -318,12 +318,13 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
-                 "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu")
+                 "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu", "par")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
         self.states: tuple[Any, ...] = ()
         self.gaddr = np.empty(0, np.int64)
+        self.par: tuple[int, bool] | None = None  # (threshold, any_parallel() at it)
         # (id(hyper), step) -> (hyper, kernel scalars per dtype group, (serial kernel,
         # float scalars) per group): filled by the dispatcher, emptied with the groups
         self.coef_cache: dict[tuple[int, int], tuple[Any, list, list]] = {}
@@ -391,8 +392,13 @@ class Plan:
 
     def any_parallel(self) -> bool:
         """Whether a dtype group reaches the parallel kernels' threshold for its dtype
-        (read now: it may be changed between steps)."""
-        return any(g[3] >= config.parallel_from(g[0].itemsize) for g in self.groups)
+        (the threshold read now: it may be changed between steps; the answer kept
+        while it and the groups stay the same)."""
+        t, par = config.PARALLEL_THRESHOLD, self.par
+        if par is None or par[0] != t:
+            par = self.par = (t, any(g[3] >= config.parallel_from(g[0].itemsize, t)
+                                     for g in self.groups))
+        return par[1]
 
     def check(self, params: Sequence[Any], states: Sequence[Any], grads: Sequence[Any]
               ) -> tuple[int, np.ndarray]:
@@ -427,7 +433,7 @@ class Plan:
             gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
             groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
                            sum(gsizes)))
-        self.groups, self.threads = groups, threads
+        self.groups, self.threads, self.par = groups, threads, None
         self.coef_cache = {}
 
 
