@@ -17,7 +17,6 @@ and are checked every step.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import functools
 import math
 import operator
@@ -30,7 +29,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _dispatch as D
-from . import config, cpu, cpu_vsqrt
+from . import config, cpu, cpu_rows, cpu_vsqrt
 
 NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
@@ -454,12 +453,15 @@ def sparse_index_error(g: Any) -> str | None:
     idx = g._indices()
     if idx.numel() == 0:
         return None
-    lo, hi = torch.aminmax(idx, dim=1)
-    for d, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+    if idx.dtype != torch.int64 or not idx.is_contiguous():
+        idx = idx.to(torch.int64).contiguous()
+    rows = _numpy_rows(idx)
+    for d in range(rows.shape[0]):  # (compiled: ~1 us a dimension; torch.aminmax ~10 us)
         n = g.shape[d]
-        if a < 0 or b >= n:
-            return (f"has index {a if a < 0 else b} in its sparse dimension {d}, "
-                    f"outside [0, {n})")
+        i = cpu_rows.first_bad_index(rows[d], n)
+        if i >= 0:
+            return (f"has index {int(rows[d, i])} in its sparse dimension {d}, outside "
+                    f"[0, {n})")
     return None
 
 
@@ -477,8 +479,18 @@ def _numpy_rows(x: Any, rows: int | None = None) -> np.ndarray:
     dt = _NP_INDEX[x.dtype]
     if n == 0:
         return np.empty(shape, dt)
-    buf = (ctypes.c_char * (n * dt.itemsize)).from_address(x.data_ptr())
-    return np.frombuffer(buf, dt).reshape(shape)
+    # an array interface, not a ctypes buffer: ctypes makes (and its cache soon drops)
+    # a new array type for each byte size, ~10-17 us a call against ~2 us
+    m = _Memory()
+    m.__array_interface__ = {"data": (x.data_ptr(), False), "shape": shape,
+                             "typestr": dt.str, "version": 3}
+    return np.asarray(m)
+
+
+class _Memory:
+    """Memory described by an ``__array_interface__`` (the array's ``base``)."""
+
+    __array_interface__: dict[str, Any]
 
 
 def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float,
