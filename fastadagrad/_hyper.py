@@ -263,8 +263,12 @@ def check_step(step: object) -> int:
     return int(step)
 
 
+#: the ``nonfinite`` modes
+NONFINITE_MODES = ("ignore", "skip", "raise")
+
+
 def check_nonfinite(mode: object) -> NonFinite:
-    _choice("nonfinite", mode, ("ignore", "skip", "raise"))
+    _choice("nonfinite", mode, NONFINITE_MODES)
     return mode  # type: ignore[return-value]
 
 

@@ -89,7 +89,7 @@ def state_dict(opt: AdaGrad, *, copy: bool = True) -> dict[str, Any]:
     # 16-bit params (optim.py): written every time, so that a resumed run rounds as
     # the saved one did whatever the loading optimizer was built with
     group["fastadagrad"].update(rounding=getattr(opt, "rounding", "nearest"),
-                                seed=int(getattr(opt, "seed", 0)),
+                                seed=getattr(opt, "seed", 0),  # (None: nearest only)
                                 master_weights=bool(getattr(opt, "master_weights", False)))
     master = getattr(opt, "master", None) or {}
     state: dict[int, dict[str, Any]] = {}

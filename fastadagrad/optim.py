@@ -16,6 +16,7 @@ from . import _dispatch as D
 from . import _half_dispatch as _half
 from . import config
 from ._hyper import (
+    NONFINITE_MODES,
     Hyper,
     NonFinite,
     Rule,
@@ -407,7 +408,7 @@ class AdaGrad:
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
         """Apply one step to every array of ``params``; returns False if it was skipped."""
         step = self.step
-        if type(step) is not int or step < 0 or self.nonfinite not in _NONFINITE:
+        if type(step) is not int or step < 0 or self.nonfinite not in NONFINITE_MODES:
             self._check_attributes()  # set by hand: refused as the constructor would
         if getattr(self, "_positional", False):
             return self._update_naming_state(params, grads, grad_scale)
@@ -742,9 +743,6 @@ def _pair_up(params: Any, grads: Any) -> tuple[list[Any], list[Any], list[Any],
         return keys, list(params), list(grads), D.KeyedLabels(keys)
     raise TypeError("params must be a dict (or other mapping), a list/tuple of arrays or "
                     f"a FlatBuffer, got {type(params).__name__}")
-
-
-_NONFINITE = ("ignore", "skip", "raise")
 
 
 def _check_same_keys(h: Any, keys: list[Any], params: Any) -> None:

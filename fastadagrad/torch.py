@@ -344,6 +344,11 @@ def _neg_clr(lr: Any, lr_decay: float, step: float, foreach: bool = False) -> fl
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+def _beyond_f32(x: Any) -> bool:
+    """Whether torch refuses ``x`` as a float32 scalar (finite, above its largest)."""
+    return _F32_MAX < abs(float(x)) < math.inf
+
+
 def _plain(x: Any) -> bool:
     """Whether hyperparameter ``x`` is a number the compiled paths take as torch does:
     float, bool, an int of int64's range, a NumPy float32/float64. Anything else
@@ -377,7 +382,7 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
         fn = _VSQRT[torch.float32 if dt == np.float32 else torch.float64]
         scalars = []
         for x in (neg_clr, eps, weight_decay):  # torch refuses a finite value its
-            if dt == np.float32 and _F32_MAX < abs(float(x)) < math.inf:  # dtype
+            if dt == np.float32 and _beyond_f32(x):  # dtype
                 raise ValueError(f"{x} overflows float32")  # cannot hold
             scalars.append(t(x))
         return (fn, *scalars, flags)
@@ -771,8 +776,7 @@ class Adagrad(torch.optim.Adagrad):
         # torch: step_t += 1 (in the counter's dtype: a float32 one stops at 2^24);
         # clr = lr / (1 + (step - 1) * lr_decay), in Python floats
         neg_clr = _neg_clr(lr, group["lr_decay"], float(step + 1))
-        if p.dtype == torch.float32 and any(_F32_MAX < abs(float(x)) < math.inf
-                                            for x in (neg_clr, group["eps"])):
+        if p.dtype == torch.float32 and (_beyond_f32(neg_clr) or _beyond_f32(group["eps"])):
             return False  # torch refuses a finite value float32 cannot hold
         emulate = _formula_ok("vsqrt-emu", p.dtype)
         run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],

@@ -480,3 +480,15 @@ def test_unnamed_state_names_its_master_copies(tmp_path: Path) -> None:
     for k in keys:
         assert_bits_equal(p[k], ref[k], f"params{k}")
         assert_bits_equal(opt.master[k], ref_opt.master[k], f"master{k}")
+
+
+def test_seed_none_round_trips(tmp_path: Path) -> None:
+    """``seed=None`` (allowed with nearest rounding) is saved and loaded as it is
+    (state_dict() raised a TypeError once the 16-bit options were always written)."""
+    p = {"w": np.ones(4, np.float32)}
+    opt = fastadagrad.AdaGrad(lr=0.1, seed=None)
+    opt.update(p, {"w": np.full(4, 0.5, np.float32)})
+    assert opt.state_dict()["param_groups"][0]["fastadagrad"]["seed"] is None
+    loaded = fastadagrad.AdaGrad(seed=5)
+    loaded.load(opt.save(tmp_path / "ck"))
+    assert (loaded.seed, loaded.rounding) == (None, "nearest")
