@@ -74,7 +74,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     """
     if plan.any_parallel():  # the table's balance matters
         threads = cpu.numba_threads()  # thread-local: may change any time
-        if threads != plan.threads:
+        if threads != plan.threads or plan.chunk != config.CHUNK:
             plan.plan_groups(threads)
 
     # the kernels' scalars per dtype group, for the last few (hyper, step) pairs: a loop

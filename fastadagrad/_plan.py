@@ -318,7 +318,8 @@ class Plan:
     """
 
     __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
-                 "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu", "par")
+                 "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu", "par",
+                 "chunk")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -434,6 +435,7 @@ class Plan:
             groups.append((np.empty(0, dt), idx, chunk_table(gsizes, threads),
                            sum(gsizes)))
         self.groups, self.threads, self.par = groups, threads, None
+        self.chunk = config.CHUNK  # (the tables' span length: a setting read at build)
         self.coef_cache = {}
 
 

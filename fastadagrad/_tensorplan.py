@@ -158,7 +158,8 @@ class TensorPlan:
 
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
-                 "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list")
+                 "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
+                 "chunk")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -255,7 +256,7 @@ class TensorPlan:
             gsizes = tuple(sizes) if idx is None else tuple(sizes[i] for i in idx)
             groups.append((np.empty(0, dt), idx, D.chunk_table(gsizes, threads),
                            sum(gsizes)))
-        self.groups, self.threads = groups, threads
+        self.groups, self.threads, self.chunk = groups, threads, config.CHUNK
         self.largest = max((g[3] for g in groups), default=0)
 
 
@@ -329,7 +330,7 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     threshold = config.PARALLEL_THRESHOLD
     if plan.largest >= threshold:  # below, only serial kernels run: any table serves
         threads = cpu.numba_threads()  # thread-local: the caller may change it
-        if threads != plan.threads:
+        if threads != plan.threads or plan.chunk != config.CHUNK:
             plan.plan_groups(threads)
     ck = plan.ckey  # each group's kernels and scalars, kept while all three are the same
     if ck is None or ck[0] is not coefficients or ck[1] is not plan.groups or ck[2] != formula:

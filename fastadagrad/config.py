@@ -35,7 +35,8 @@ def parallel_from(itemsize: int, threshold: int = -1) -> int:
 #: Elements per work item of the parallel kernels. Each chunk is a contiguous span that
 #: the inner loop vectorises over; 16k f32 elements = 64 KiB per array, large enough to
 #: amortise the per-chunk bookkeeping and small enough to balance a model whose tensors
-#: differ in size by 1000x (prange schedules chunks statically, by count).
+#: differ in size by 1000x (prange schedules chunks statically, by count). Read again at
+#: every parallel step: a model's cached plan follows a change.
 CHUNK: int = 1 << 14
 
 #: Use Numba's on-disk cache (``cache=True``). Falls back to no cache when no cache

@@ -221,6 +221,23 @@ def test_flat_buffers_take_one_kernel_call(rng, monkeypatch):
     assert np.shares_memory(params["t0"], params.data)
 
 
+def test_chunk_setting_changed_between_steps(rng, monkeypatch):
+    """A cached plan reads config.CHUNK again: its spans follow a new setting."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)
+    params = {f"t{i}": rng.standard_normal(n).astype(np.float32)
+              for i, n in enumerate((40_000, 2**15 + 3, 9))}
+    ref_params = {k: v.copy() for k, v in params.items()}
+    opt, ref = fastadagrad.AdaGrad(), NumpyAdaGrad()
+    for chunk in (1 << 14, 1000, 1 << 14):
+        monkeypatch.setattr(config, "CHUNK", chunk)
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+        opt.update(params, grads)
+        ref.update(ref_params, grads)
+        assert opt._plan.groups[0][2][2].max() == chunk
+    for k in params:
+        assert_bits_equal(params[k], ref_params[k], k)
+
+
 def test_separate_arrays_take_one_call_per_dtype(rng, monkeypatch):
     """A whole model of separate arrays goes through ONE compiled call per step."""
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)

@@ -1869,6 +1869,30 @@ def test_thread_count_change_between_steps(no_torch_step: None) -> None:
         numba.set_num_threads(before)
 
 
+def test_chunk_setting_changed_between_steps(no_torch_step: None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # config.CHUNK read again by a cached plan: its spans follow a new setting
+    from fastadagrad import config
+
+    sizes = [(2**15 + 3,), (40_000,), (9,)]  # the parallel kernels
+
+    def run(cls: type, chunks: list[int]) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, sizes)]
+        opt = cls(ps, lr=0.1, fused=True)
+        for s, chunk in enumerate(chunks):
+            monkeypatch.setattr(config, "CHUNK", chunk)
+            for p, g in zip(ps, _grads(ps, s)):
+                p.grad = g
+            opt.step()
+            if cls is FT.Adagrad:
+                plan = next(iter(opt._fastadagrad_plans.values()))[1]
+                lengths = plan.groups[0][2][2]
+                assert lengths.max() == min(chunk, 40_000), chunk
+        return ps
+
+    assert_same(run(FT.Adagrad, [1 << 14, 1000, 1 << 14]), run(TORCH_OPT, [1 << 14, 1000, 1 << 14]))
+
+
 def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
