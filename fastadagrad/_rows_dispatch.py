@@ -122,7 +122,9 @@ def cpu_update_rows(table: Any, state: Any, indices: Any, grad_rows: Any, hyper:
     if not idx.flags.c_contiguous:
         idx = np.ascontiguousarray(idx)  # K integers: one compiled layout, not two
     big = k * d >= config.PARALLEL_THRESHOLD
-    threads = cpu.numba_threads()
+    # (asked only for a parallel-sized update: the first ask starts Numba's thread
+    # pool, and a process with a started pool forks children limited to serial kernels)
+    threads = cpu.numba_threads() if big else 1
     if nonfinite != "ignore":
         if big and threads > 1:
             with cpu.PARALLEL_LOCK:

@@ -185,6 +185,10 @@ def test_small_model_does_not_start_the_thread_pool(tmp_path: Path) -> None:
             "params = {'W': np.ones((100, 100), np.float32), 'b': np.ones(16, np.float32)}\n"
             "grads = {k: np.full(v.shape, 0.5, np.float32) for k, v in params.items()}\n"
             "fastadagrad.AdaGrad(lr=0.01).update(params, grads)\n"
+            # an embedding table's small row updates too, both kinds of state
+            "for rowwise in (False, True):\n"
+            "    fastadagrad.RowAdaGrad(np.ones((100, 8), np.float32), rowwise=rowwise)"
+            ".update(np.array([1, 2]), np.ones((2, 8), np.float32))\n"
             "small = getattr(P, '_is_initialized', None)\n"
             "big = {'W': np.ones(1 << 16, np.float32)}\n"
             "opt = fastadagrad.AdaGrad(lr=0.01)\n"
