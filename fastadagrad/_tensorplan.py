@@ -36,6 +36,7 @@ NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.flo
 _ptr = torch.Tensor.data_ptr
 _contig = torch.Tensor.is_contiguous
 _is_neg = torch.Tensor.is_neg
+_is_inference = torch.Tensor.is_inference
 #: ``meta(t)``: (shape, dtype, is_cpu, layout), the description a plan is keyed on, read
 #: in one call per tensor: for one tensor ~0.35 us where four passes cost ~1.3 us (the
 #: fixed cost of a pass dominates small models), for 100 tensors about the same
@@ -290,8 +291,10 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     # address and shape), and the sizes of the storages written through (one shrunk in
     # place can stay at its address: the allocator reuses it), and the negative bit (a
     # lazy negation, ``p.data = z.conj().imag``, keeps the address: the values in
-    # memory are the negated ones): a change rebuilds the plan, which checks every
-    # tensor (~7 us per 100 tensors for each read)
+    # memory are the negated ones), and the inference bit (``p.data = q`` with an
+    # inference tensor ``q`` on the same storage keeps the address; torch refuses to
+    # update those): a change rebuilds the plan, which checks every tensor (~7 us per
+    # 100 tensors for each read)
     try:
         key = (list(map(_ptr, params)), list(map(_ptr, states)), pmeta,
                list(map(_state_meta, states)),
@@ -300,7 +303,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         if key != plan.key or not ((all(map(_contig, params)) and all(map(_contig, states)))
                                    if plan.dense is None
                                    else _same_layout(plan, params, states)) or any(
-                map(_is_neg, params)) or any(map(_is_neg, states)):
+                map(_is_neg, params)) or any(map(_is_neg, states)) or any(
+                map(_is_inference, params)) or any(map(_is_inference, states)):
             if not rebuild:
                 return None
             plan.build(params, states, labels, key)
@@ -388,10 +392,10 @@ def _same_layout(plan: TensorPlan, *tensors: Sequence[Any]) -> bool:
 
 def steps_ok(t: Any) -> bool:
     """Whether step counter ``t`` is a one-element CPU float32/float64 tensor (with its
-    data): the counters the compiled paths increment and read."""
+    data, within its storage): the counters the compiled paths increment and read."""
     return (isinstance(t, torch.Tensor) and t.layout is _strided and t.is_cpu
             and t.numel() == 1 and t.dtype in NP_DTYPES and t.data_ptr() != 0
-            and not t.is_neg() and not t.is_inference())
+            and not t.is_neg() and not t.is_inference() and storage_short(t) is None)
 
 
 def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
@@ -403,13 +407,19 @@ def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
 
 
 def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]] | None:
-    # a counter whose storage, dtype or size changed gets re-checked; one that kept all
-    # of them stays a one-element CPU tensor at that address. None: a counter the
-    # compiled path does not take (a Python number, an int64 or 2-element tensor...)
+    # a counter whose address, dtype, size, storage size or offset in it changed gets
+    # re-checked; one that kept all of them stays a one-element CPU tensor at that
+    # address, within its storage (one shrunk in place, as FSDP does with
+    # ``untyped_storage().resize_``, can keep its address). None: a counter the
+    # compiled path does not take (a Python number, an int64 or 2-element tensor, a
+    # negative or inference tensor: torch's step reads or refuses those its own way)
     try:
-        skey = (list(map(_ptr, steps)), list(map(_dtype, steps)), list(map(_numel, steps)))
-    except (RuntimeError, TypeError):  # a sparse tensor, not a tensor
-        return None
+        skey = (list(map(_ptr, steps)), list(map(_dtype, steps)), list(map(_numel, steps)),
+                list(map(_storage_nbytes, map(_storage, steps))), list(map(_offset, steps)))
+        if any(map(_is_neg, steps)) or any(map(_is_inference, steps)):
+            return None
+    except (RuntimeError, TypeError, NotImplementedError):  # a sparse tensor, not a
+        return None  # tensor, one without a storage
     if skey != plan.skey:
         plan.build_steps(steps, skey)
     return plan.scalls

@@ -645,7 +645,7 @@ class Adagrad(torch.optim.Adagrad):
             sub = (([params[i] for i in idx], [grads[i] for i in idx],
                     [sums[i] for i in idx], [steps[i] for i in idx]))
             for i in idx:  # every path to torch's implementation: a crash otherwise
-                _refuse_short(params[i], grads[i], sums[i], labels[i])
+                _refuse_short(params[i], grads[i], sums[i], labels[i], steps[i])
             if fused:  # its CPU kernel walks each tensor as flat memory: refuse what
                 for i in idx:  # that would take out of a tensor's elements
                     why = _fused_unsafe(params[i], grads[i], sums[i], labels[i])
@@ -709,7 +709,8 @@ class Adagrad(torch.optim.Adagrad):
                     and p.dtype in T.NP_DTYPES and g.dtype == h.dtype == p.dtype
                     and g.shape == h.shape == p.shape and p.is_contiguous()
                     and g.is_contiguous() and h.is_contiguous()):
-                _refuse_short(p, g, h, labels[i])  # (the kernels' tables: analysis only)
+                # (the kernels' tables: analysis only)
+                _refuse_short(p, g, h, labels[i], steps[i])
                 cuda.append(i)
             elif T.eligible(p, g, h) and _formula_ok(formula, p.dtype):
                 cpu.append(i)
@@ -770,8 +771,7 @@ class Adagrad(torch.optim.Adagrad):
         if (isinstance(lr, torch.Tensor) or p.dtype not in _VSQRT
                 or not _formula_ok("sparse", p.dtype)):
             return False
-        if not (isinstance(step, torch.Tensor) and step.is_cpu and step.numel() == 1
-                and step.dtype in T.NP_DTYPES):
+        if not T.steps_ok(step):  # (one in its storage: torch's path refuses others)
             return False
         # torch: step_t += 1 (in the counter's dtype: a float32 one stops at 2^24);
         # clr = lr / (1 + (step - 1) * lr_decay), in Python floats
@@ -836,8 +836,8 @@ class Adagrad(torch.optim.Adagrad):
             # clr depends on each parameter's step: the steps after this increment, in
             # the counters' dtype; each counter once (one shared by two parameters is
             # incremented twice by torch, between their updates: torch's path)
-            if not (all(map(T.steps_ok, steps))
-                    and len(set(map(T._ptr, steps))) == len(steps)):
+            if (T._step_calls(plan, steps) is None  # (each one-element, in its storage)
+                    or len(set(map(T._ptr, steps))) != len(steps)):
                 return None
             by_step: dict[float, list[int]] = {}
             for i, s in enumerate(steps):
@@ -955,14 +955,18 @@ def _paths_share_memory(paths: tuple[list[int], ...], tensors: tuple[list[Any], 
     return D.cross_overlap(ranges) is not None
 
 
-def _refuse_short(p: Any, g: Any, h: Any, lab: Any) -> None:
-    """Raise, naming it, if a strided tensor of (param, grad, sum) reaches beyond its
-    storage (freed or shrunk in place): torch's own steps, and the GPU kernels, would
-    read and write past it (a crash, or an illegal address that ends the CUDA
-    context)."""
-    for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state)):
-        short = x.layout is torch.strided and T.storage_short(x)
+def _refuse_short(p: Any, g: Any, h: Any, lab: Any, step: Any = None) -> None:
+    """Raise, naming it, if a strided tensor of (param, grad, sum, step counter)
+    reaches beyond its storage (freed or shrunk in place): torch's own steps, and the
+    GPU kernels, would read and write past it (a crash, or an illegal address that ends
+    the CUDA context)."""
+    for x, what in ((p, lab.param), (g, lab.grad), (h, lab.state), (step, None)):
+        short = (isinstance(x, torch.Tensor) and x.layout is torch.strided
+                 and T.storage_short(x))
         if short:
+            if what is None:  # the counter beside the sum
+                what = (lab.state[:-len("['sum']")] + "['step']"
+                        if lab.state.endswith("['sum']") else f"the step of {lab.param}")
             raise RuntimeError(f"{what} {short}; nothing was updated")
     _refuse_bad_indices(g, lab)
 

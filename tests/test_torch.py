@@ -1244,6 +1244,109 @@ def test_storage_shrunk_in_place_at_its_address_raises(which: str, mode: str) ->
     assert out[-1] == "unchanged True", r.stdout
 
 
+COUNTER_SHORT = """
+import sys
+import torch
+import fastadagrad.torch as FT
+how, mode = sys.argv[1], sys.argv[2]
+flags = {"single": {}, "foreach": {"foreach": True}, "decay": {"lr_decay": 0.5}}[mode]
+ps = [torch.nn.Parameter(torch.zeros(64)) for _ in range(2)]
+opt = FT.Adagrad(ps, lr=0.1, **flags)
+for p in ps:
+    p.grad = torch.ones(64)
+opt.step()
+n = 1 << 14 if how == "inplace" else 1 << 24
+if how != "freed":  # a counter at the end of a buffer (a view), which then shrinks
+    buf = torch.zeros(n)
+    buf[-1] = float(opt.state[ps[1]]["step"])
+    opt.state[ps[1]]["step"] = buf[-1]
+for p in ps:
+    p.grad = torch.ones(64)
+opt.step()  # the plan holds the counters' addresses
+for p in ps:
+    p.grad = torch.ones(64)
+victim = opt.state[ps[1]]["step"]
+address, st = victim.data_ptr(), victim.untyped_storage()
+if how == "freed":
+    st.resize_(0)
+elif how == "moved":  # the storage moves: the counter's address changes
+    st.resize_(8)
+else:  # shrink until the allocator keeps the address
+    for k in range(2000):
+        st.resize_(4 * n - 64 * (k % 500 + 1))
+        if victim.data_ptr() == address:
+            break
+    else:
+        sys.exit("the allocator never kept the address")
+before = [t.detach().clone() for p in ps for t in (p, opt.state[p]["sum"])]
+try:
+    opt.step()
+except RuntimeError as e:
+    print("raised", e)
+after = [t.detach() for p in ps for t in (p, opt.state[p]["sum"])]
+print("unchanged", all(torch.equal(a, b) for a, b in zip(before, after)),
+      float(opt.state[ps[0]]["step"]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["single", "foreach", "decay"])
+@pytest.mark.parametrize("how", ["freed", "moved", "inplace"])
+def test_step_counter_outside_its_storage_raises(how: str, mode: str) -> None:
+    """A step counter whose storage was freed or shrunk (a view at the end of a buffer
+    that shrinks, at its address or not) after a cached step: the next step raises,
+    naming the counter, and writes nothing; the compiled increment wrote 4 bytes past
+    the storage (a crash) and torch's step does the same. A fresh process: a
+    regression corrupts the heap."""
+    r = subprocess.run([sys.executable, "-c", COUNTER_SHORT, how, mode],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.strip().splitlines()
+    assert out[-2].startswith("raised state[param_groups[0]['params'][1]]['step'] has 1 "
+                              "elements but its storage holds "), r.stdout
+    assert out[-1] == "unchanged True 2.0", r.stdout
+
+
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"fused": True},
+                                   {"lr_decay": 0.1}], ids=str)
+@pytest.mark.parametrize("which", ["sum", "step", "step-neg"])
+def test_state_swapped_at_its_address_after_a_cached_step(which: str, flags: dict
+                                                          ) -> None:
+    """A sum or counter replaced, after a cached step, by a tensor at the same address
+    that torch treats otherwise: an inference tensor on the same storage (torch refuses
+    to update it outside inference mode) or a counter's negative view (torch counts
+    -memory). The outcome is torch's: its error, or its bits."""
+    def run(cls: type) -> tuple:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(10)) for _ in range(2)]
+        opt = cls(ps, lr=0.1, **flags)
+        for p in ps:
+            p.grad = torch.randn(10)
+        opt.step()
+        st = opt.state[ps[1]]
+        t = st[which[:4]]
+        if which == "step-neg":
+            st["step"] = torch._neg_view(t)
+        else:
+            with torch.inference_mode():
+                st[which] = torch.empty(0, dtype=t.dtype).set_(
+                    t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        assert st[which[:4]].data_ptr() == t.data_ptr()
+        for p in ps:
+            p.grad = torch.randn(10)
+        try:
+            opt.step()
+            err = None
+        except RuntimeError as e:
+            err = str(e)
+        return err, [float(opt.state[p]["step"]) for p in ps], [p.detach() for p in ps]
+
+    (err, steps, out), (ref_err, ref_steps, ref) = run(FT.Adagrad), run(TORCH_OPT)
+    assert err == ref_err
+    if err is None:
+        assert steps == ref_steps
+        assert_same(out, ref)
+
+
 def test_noncontiguous_grad_and_overlapping_params() -> None:
     base = torch.zeros(50)
     for mode in MODES.values():
