@@ -160,7 +160,7 @@ class TensorPlan:
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
                  "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
-                 "chunk")
+                 "chunk", "caddr")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -196,6 +196,8 @@ class TensorPlan:
                     calls = None
                     break
         if calls is not None:
+            c = sorted(key[0])  # (for _grads_hold_counters: as a list and an array)
+            self.caddr = (c, np.array(c, np.int64))
             dts = key[1]
             for dt in sorted(set(dts), key=str):
                 addr = np.fromiter((a for a, d in zip(key[0], dts) if d == dt), np.int64)
@@ -356,6 +358,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     scalls = None if steps is None else _step_calls(plan, steps)
     if steps is not None and scalls is None:
         return None  # a counter only torch's implementations take
+    if scalls is not None and _grads_hold_counters(plan, gaddr):
+        return None  # torch's single-tensor step: counted between the reads
     if not count:
         steps = scalls = None
     written = [*params, *states] if steps is None else [*params, *states, *steps]
@@ -454,6 +458,24 @@ def _grads_overlap(plan: TensorPlan, gaddr: np.ndarray) -> bool:
     i = np.searchsorted(plan.wstart, gend, side="left") - 1
     hit = ((i >= 0) & (plan.wend[np.maximum(i, 0)] > gaddr) | (gaddr == 0)) & (gend > gaddr)
     return bool(hit.any())
+
+
+def _grads_hold_counters(plan: TensorPlan, gaddr: np.ndarray) -> bool:
+    """Whether a step counter lies in (or within 8 bytes before) a gradient's bytes:
+    torch's single-tensor step increments each counter just before its parameter's
+    update, so an earlier parameter reads that gradient element before the increment,
+    where the compiled path counts every step first. Conservative by a few bytes."""
+    c, carr = plan.caddr
+    if not c:
+        return False
+    if gaddr.size <= 16:  # (as in _grads_overlap: bisect on lists for a few tensors)
+        for a, n in zip(gaddr.tolist(), plan.nbytes_list):
+            if n and bisect.bisect_left(c, a - 7) != bisect.bisect_left(c, a + n):
+                return True
+        return False
+    lo = np.searchsorted(carr, gaddr - 7, side="left")
+    hi = np.searchsorted(carr, gaddr + plan.nbytes, side="left")
+    return bool((hi > lo).any())
 
 
 def sparse_index_error(g: Any) -> str | None:

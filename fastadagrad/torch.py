@@ -561,12 +561,8 @@ class Adagrad(torch.optim.Adagrad):
         """The param groups with ``lr_decay`` that share a step counter with an earlier
         group (a state edited by hand): torch increments it in the earlier group and
         reads it again in the later one, whose learning rate the compiled path would
-        compute before either runs."""
-        # first, without hashing a tensor: is any counter object in two states? (two
-        # counter objects over the same memory are not looked for)
-        counters = [st.get("step") for st in self.state.values()]
-        if len(set(map(id, counters))) == len(counters):
-            return set()
+        compute before either runs. Counters are compared by address, group by group
+        (a counter that is a view of another, one parameter listed in two groups)."""
         seen: set[int] = set()
         out = set()
         for gi, group in enumerate(self.param_groups):

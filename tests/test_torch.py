@@ -1641,14 +1641,18 @@ def test_step_counter_inside_another_tensor_is_torchs_outcome(mode: str, lr_deca
 
 
 @SPARSE_WARNING
+@pytest.mark.parametrize("how", ["same", "view", "listed-twice"])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_step_counter_shared_across_groups_with_lr_decay(sparse: bool) -> None:
+def test_step_counter_shared_across_groups_with_lr_decay(sparse: bool, how: str) -> None:
     """One counter in two param groups (``opt.state[p2]["step"] = opt.state[p1]
-    ["step"]``): torch increments it in the first group and reads it again for the
-    second's learning rate; the second group is torch's step then."""
+    ["step"]``, or a view of it, or ``p1`` also listed in the second group by editing
+    ``param_groups``): torch increments it in the first group and reads it again for
+    the second's learning rate; the second group is torch's step then."""
     def run(cls: type) -> list[torch.Tensor]:
         p1, p2 = torch.nn.Parameter(torch.ones(4, 2)), torch.nn.Parameter(torch.ones(4, 2))
         opt = cls([{"params": [p1]}, {"params": [p2]}], lr=0.5, lr_decay=0.7)
+        if how == "listed-twice":
+            opt.param_groups[1]["params"].append(p1)
 
         def grads() -> None:
             for p in (p1, p2):
@@ -1658,11 +1662,36 @@ def test_step_counter_shared_across_groups_with_lr_decay(sparse: bool) -> None:
 
         grads()
         opt.step()
-        opt.state[p2]["step"] = opt.state[p1]["step"]
+        if how != "listed-twice":
+            step = opt.state[p1]["step"]
+            opt.state[p2]["step"] = step if how == "same" else step.view(())
         for _ in range(2):
             grads()
             opt.step()
         return [p1, p2, opt.state[p1]["step"]]
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+@pytest.mark.parametrize("n", [2, 20])  # (the bisect and the NumPy search)
+@pytest.mark.parametrize("flags", [{}, {"foreach": True}, {"lr_decay": 0.1}], ids=str)
+def test_gradient_holding_a_later_step_counter(flags: dict, n: int) -> None:
+    """A gradient that is a view holding a later parameter's step counter: torch's
+    single-tensor step reads it before that counter's increment (the compiled path
+    would count every step first): torch's bits."""
+    def run(cls: type) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(8)) for _ in range(n)]
+        opt = cls(ps, lr=0.1, **flags)
+        buf = torch.randn(9)
+        for p in ps:
+            p.grad = torch.randn(8)
+        ps[0].grad = buf[:8]
+        opt.step()
+        opt.state[ps[-1]]["step"] = buf[7]  # the last counter inside the first gradient
+        for _ in range(3):
+            opt.step()
+        return [*ps, opt.state[ps[0]]["sum"], buf]
 
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
