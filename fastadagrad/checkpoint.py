@@ -358,6 +358,9 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
             if tuple(cur.shape) != s.shape or _dtype_of(cur) != s.dtype:
                 raise _err(f"state[{j}]['sum'] is {s.dtype}{list(s.shape)} but parameter "
                            f"{k!r} is {_dtype_of(cur)}{list(cur.shape)}", where)
+            if isinstance(cur, np.ndarray) and not cur.flags.writeable:
+                raise _err(f"the optimizer's accumulator for parameter {k!r} is "
+                           "read-only; it is loaded in place", where)
         copies = [(opt.h[k], sums[j]) for k, j in zip(keys, order)]
     elif sums:
         copies = []

@@ -402,6 +402,26 @@ def test_bad_state_dict_changes_nothing(name: str, change: dict, msg: str) -> No
     assert _same(_snapshot(opt), before)
 
 
+def test_read_only_accumulator_changes_nothing() -> None:
+    """A running optimizer whose accumulator for one parameter is read-only: the load
+    raises naming it before any accumulator, lr or step is changed (the first was
+    overwritten, then NumPy raised without a name)."""
+    params = _params(np.float32)
+    opt = fastadagrad.AdaGrad(lr=0.2)
+    opt.update(params, _grads(np.float32, 1, seed=5)[0])
+    sd = _sd(param_groups__0__lr=0.5)
+    for st in sd["state"].values():
+        st["sum"] = st["sum"] + 1
+    key = list(opt.h)[-1] if isinstance(opt.h, dict) else len(opt.h) - 1
+    ro = opt.h[key].copy()
+    ro.flags.writeable = False
+    opt.h[key] = ro
+    before = _snapshot(opt)
+    with pytest.raises(CheckpointError, match=f"parameter {key!r} is read-only"):
+        opt.load_state_dict(sd)
+    assert _same(_snapshot(opt), before)
+
+
 # ---- the 16-bit options travel with the state
 
 def _bf16_run(opt: fastadagrad.AdaGrad, p: dict, seeds: range) -> None:
