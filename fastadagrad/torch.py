@@ -623,11 +623,11 @@ class Adagrad(torch.optim.Adagrad):
         has_sparse = not grads_strided and torch.sparse_coo in layouts
         dtypes = list(map(_get_dtype, params))
         has_complex = any(d.is_complex for d in set(dtypes))
-        if has_sparse and group["weight_decay"] != 0:
+        if fused and (has_sparse or has_complex):  # (torch's first refusal: _fused_adagrad)
+            raise RuntimeError("`fused` does not support sparse grad or complex param")
+        if has_sparse and group["weight_decay"] != 0:  # (then its per-parameter one)
             raise RuntimeError("weight_decay option is not compatible with sparse "
                                "gradients")
-        if fused and (has_sparse or has_complex):
-            raise RuntimeError("`fused` does not support sparse grad or complex param")
         all_cpu = all(map(_is_cpu, params))
         if fused is None and foreach is None:  # torch's default choice, per group:
             # never foreach when a parameter is on the CPU (the common case, decided here

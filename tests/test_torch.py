@@ -1609,6 +1609,22 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
         ropt.step()
 
 
+@SPARSE_WARNING
+@pytest.mark.parametrize("flags", [{"fused": True}, {}, {"foreach": True}], ids=str)
+def test_sparse_with_weight_decay_is_torchs_message(flags: dict) -> None:
+    """Sparse gradients with weight decay: torch's message, and with ``fused=True`` its
+    fused refusal, which torch raises first."""
+    def message(cls: type) -> str:
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt = cls(emb.parameters(), lr=0.1, weight_decay=0.1, **flags)
+        emb(torch.tensor([1, 2])).sum().backward()
+        with pytest.raises(RuntimeError) as e:
+            opt.step()
+        return str(e.value)
+
+    assert message(FT.Adagrad) == message(TORCH_OPT)
+
+
 @pytest.mark.parametrize("where", ["in the other sum", "in the other param"])
 @pytest.mark.parametrize("lr_decay", [0.0, 0.1])
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
