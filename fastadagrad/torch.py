@@ -976,8 +976,14 @@ def _storage_span(t: Any) -> tuple[int, int]:
 def _refuse_bad_indices(g: Any, lab: Any) -> None:
     """Raise IndexError, naming it, if sparse gradient ``g`` has an index outside its
     shape (torch's ``coalesce()``, in its step and in the compiled path's, would write
-    out of bounds for a negative one)."""
+    out of bounds for a negative one); RuntimeError if its indices or values reach
+    beyond their storage (freed or shrunk)."""
     if g.layout is torch.sparse_coo:
+        for part, name in ((g._indices(), "indices"), (g._values(), "values")):
+            short = T.storage_short(part)  # (freed: read as NumPy arrays, then by torch)
+            if short:
+                raise RuntimeError(f"the {name} tensor of {lab.grad} {short}; nothing "
+                                   "was updated")
         bad = T.sparse_index_error(g)
         if bad:
             raise IndexError(f"{lab.grad} {bad}; nothing was updated")

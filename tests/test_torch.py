@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import itertools
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -1607,6 +1608,28 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
     ropt = TORCH_OPT(list(emb.parameters()), weight_decay=0.1)
     with pytest.raises(RuntimeError):
         ropt.step()
+
+
+@SPARSE_WARNING
+@pytest.mark.parametrize("part", ["indices", "values"])
+def test_sparse_grad_with_a_freed_part_raises_naming_it(part: str) -> None:
+    """A sparse gradient whose indices or values storage was freed: RuntimeError naming
+    the gradient (as torch's own step raises a RuntimeError), nothing written; NumPy's
+    'data is NULL' ValueError came out before."""
+    emb = torch.nn.Embedding(50, 4, sparse=True)
+    opt = FT.Adagrad(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    emb(torch.tensor([4, 5, 4])).sum().backward()
+    g = emb.weight.grad
+    (g._values() if part == "values" else g._indices()).untyped_storage().resize_(0)
+    before = [emb.weight.detach().clone(), opt.state[emb.weight]["sum"].clone()]
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"the {part} tensor of param_groups[0]['params'][0].grad has ")):
+        opt.step()
+    assert_same([emb.weight, opt.state[emb.weight]["sum"]], before)
+    assert float(opt.state[emb.weight]["step"]) == 1
 
 
 @SPARSE_WARNING
