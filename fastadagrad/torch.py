@@ -488,6 +488,8 @@ class Adagrad(torch.optim.Adagrad):
                 loss = closure()
         plans = self.__dict__.setdefault("_fastadagrad_plans", {})
         groups = self.param_groups
+        if len(plans) > len(groups):  # a group removed (a plan holds its group dict,
+            _drop_stale_plans(plans, groups)  # and so its parameters)
         shared = (self._reads_earlier_counters() if len(groups) > 1
                   and any(g["lr_decay"] != 0 for g in groups[1:]) else set())
         if any(isinstance(g["lr"], torch.Tensor) for g in groups):
@@ -673,9 +675,7 @@ class Adagrad(torch.optim.Adagrad):
         plan = plans.get(id(group))
         if plan is None or plan[0] is not group:
             # load_state_dict replaces the group dicts: drop the plans of old ones
-            live = {id(g) for g in self.param_groups}
-            for k in [k for k in plans if k not in live]:
-                del plans[k]
+            _drop_stale_plans(plans, self.param_groups)
             # (group, plan of the whole group, plan of its CPU tensors in a mixed group,
             # plan of its CUDA tensors, memo of the last all-CPU step for _repeat_step)
             plan = plans[id(group)] = (group, T.TensorPlan(), T.TensorPlan(), Plan(),
@@ -1017,6 +1017,14 @@ def _fused_unsafe(p: Any, g: Any, h: Any, lab: Any) -> str | None:
         return (f"{lab.param}, its grad and its sum have different strides "
                 f"({p.stride()}, {g.stride()}, {h.stride()})")
     return None
+
+
+def _drop_stale_plans(plans: dict[int, Any], groups: list[dict[str, Any]]) -> None:
+    """Drop the plans of param groups no longer in ``groups`` (removed, or replaced by
+    ``load_state_dict``): each holds its group dict, and so its parameters, alive."""
+    live = {id(g) for g in groups}
+    for k in [k for k in plans if k not in live]:
+        del plans[k]
 
 
 def _address(t: Any) -> int:

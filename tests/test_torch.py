@@ -1610,6 +1610,30 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
         ropt.step()
 
 
+@pytest.mark.parametrize("how", ["pop", "reassign"])
+def test_removed_param_group_is_not_kept_alive(how: str) -> None:
+    """A param group removed from ``param_groups`` (and its state deleted): its
+    parameters are freed as with torch's optimizer (the plan cache held the group)."""
+    import gc
+    import weakref
+
+    keep, head = torch.nn.Parameter(torch.zeros(10)), torch.nn.Parameter(torch.zeros(1000))
+    opt = FT.Adagrad([{"params": [keep]}, {"params": [head]}], lr=0.1)
+    keep.grad, head.grad = torch.ones_like(keep), torch.ones_like(head)
+    opt.step()
+    if how == "pop":
+        opt.param_groups.pop(1)
+    else:
+        opt.param_groups = opt.param_groups[:1]
+    del opt.state[head]
+    ref = weakref.ref(head)
+    del head
+    keep.grad = torch.ones_like(keep)
+    opt.step()
+    gc.collect()
+    assert ref() is None
+
+
 @SPARSE_WARNING
 @pytest.mark.parametrize("part", ["indices", "values"])
 def test_sparse_grad_with_a_freed_part_raises_naming_it(part: str) -> None:
