@@ -66,6 +66,9 @@ def exact_fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     fa, fb, fc, fo = a.reshape(-1), b.reshape(-1), c.reshape(-1), out.reshape(-1)
     for i in range(fo.size):
         x, y, z = float(fa[i]), float(fb[i]), float(fc[i])
+        if np.isfinite(x) and np.isfinite(y) and not np.isfinite(z):
+            fo[i] = a.dtype.type(z)  # the exact product is finite: z (x*y may overflow)
+            continue
         if not (np.isfinite(x) and np.isfinite(y) and np.isfinite(z)):
             fo[i] = a.dtype.type(x * y + z)
             continue

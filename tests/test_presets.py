@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import fastadagrad
-from fastadagrad._hyper import Rule
+from fastadagrad._hyper import Hyper, Rule
 from fastadagrad.presets import PRESETS, get_preset
-from fastadagrad.reference import NumpyAdaGrad, exact_fma
+from fastadagrad.reference import NumpyAdaGrad, exact_fma, reference_step
 from fastadagrad.testing import assert_bits_equal
 
 DTYPES = [np.float32, np.float64]
@@ -415,3 +415,22 @@ def test_exact_fma_rounds_past_the_largest_finite_value() -> None:
     assert exact_fma(np.array([2e19], f32), np.array([-2e19], f32), np.zeros(1, f32)
                      )[0] == -np.inf
     assert exact_fma(np.array([1e300]), np.array([1e300]), np.zeros(1))[0] == np.inf
+
+
+def test_exact_fma_of_an_overflowing_product_and_an_infinity() -> None:
+    """A finite product past the range plus an infinity of the other sign: the exact
+    sum is that infinity, as a hardware FMA (and the kernels) give; the reference
+    rounded the product first, to inf - inf = NaN. A NaN addend stays NaN."""
+    big = np.finfo(np.float64).max
+    for sign in (1.0, -1.0):
+        out = exact_fma(np.array([-sign * big]), np.array([1e20]), np.array([sign * np.inf]))
+        assert out[0] == sign * np.inf
+    assert np.isnan(exact_fma(np.array([big]), np.array([1e20]), np.array([np.nan]))[0])
+    p = np.array([-big])
+    g, h = np.array([np.inf]), np.zeros(1)
+    hr = h.copy()
+    rule = Rule(fma_weight_decay=True)
+    fastadagrad.adagrad_update(p.copy(), g, h, lr=0.01, weight_decay=2.0, rule=rule)
+    with np.errstate(all="ignore"):
+        reference_step(p.copy(), g, hr, Hyper.make(lr=0.01, weight_decay=2.0, rule=rule))
+    assert_bits_equal(hr, h, "h")
