@@ -32,6 +32,7 @@ Stochastic Optimization", JMLR 12 (2011).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -242,18 +243,21 @@ class RowAdaGrad:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"sum": copy of h, "step": int, "rowwise": bool, "lr", "eps", "lr_decay",
-        "weight_decay", "initial_accumulator_value", "maximize"}`` (host arrays)."""
+        "weight_decay", "initial_accumulator_value", "maximize", "rule": {its fields},
+        "skipped_steps": int}`` (host arrays)."""
         h = self.h
         host = h.copy_to_host() if hasattr(h, "copy_to_host") else np.array(h, copy=True)
         hy = self.hyper
         return {"sum": host, "step": self.step, "rowwise": self.rowwise, "lr": hy.lr,
                 "eps": hy.eps, "lr_decay": hy.lr_decay, "weight_decay": hy.weight_decay,
                 "initial_accumulator_value": self.initial_accumulator_value,
-                "maximize": hy.maximize}
+                "maximize": hy.maximize, "rule": dataclasses.asdict(hy.rule),
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict: Any) -> None:
-        """Load ``step``, the accumulator and the hyperparameters; everything is checked
-        (accumulator shape and dtype, ``rowwise``) before anything changes."""
+        """Load ``step``, the accumulator, the hyperparameters and the rule (each kept as
+        it is where the state dict lacks it); everything is checked (accumulator shape
+        and dtype, ``rowwise``) before anything changes."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         missing = [k for k in ("sum", "step", "rowwise") if k not in state_dict]
@@ -272,11 +276,22 @@ class RowAdaGrad:
             raise ValueError(f"state_dict['sum'] has shape {h.shape} and dtype {h.dtype}; "
                              f"this table's accumulator is {shape} {self.h.dtype}")
         hy = self.hyper
+        rule = state_dict.get("rule", hy.rule)
+        if isinstance(rule, dict):
+            try:
+                rule = Rule(**rule)
+            except TypeError as e:  # an unknown or missing field
+                raise ValueError(f"state_dict['rule'] is not a Rule's fields: {e}") from e
+        skipped = state_dict.get("skipped_steps", self.skipped_steps)
+        if isinstance(skipped, (bool, np.bool_)) or not isinstance(
+                skipped, (int, np.integer)) or skipped < 0:
+            raise ValueError("state_dict['skipped_steps'] must be an int >= 0, got "
+                             f"{skipped!r}")
         hyper = Hyper.make(
             lr=state_dict.get("lr", hy.lr), eps=state_dict.get("eps", hy.eps),
             lr_decay=state_dict.get("lr_decay", hy.lr_decay),
             weight_decay=state_dict.get("weight_decay", hy.weight_decay),
-            maximize=state_dict.get("maximize", hy.maximize), rule=hy.rule)
+            maximize=state_dict.get("maximize", hy.maximize), rule=rule)
         iav = check_hyper("initial_accumulator_value",
                           state_dict.get("initial_accumulator_value",
                                          self.initial_accumulator_value))
@@ -285,3 +300,4 @@ class RowAdaGrad:
         else:
             self.h[...] = h
         self.hyper, self.initial_accumulator_value, self.step = hyper, iav, int(step)
+        self.skipped_steps = int(skipped)

@@ -582,6 +582,8 @@ def test_row_adagrad_from_preset(rng):
     ({"sum": np.zeros((20, 3), np.float64)}, ValueError, "dtype float64"),
     ({"step": -1}, ValueError, r"state_dict\['step'\] must be an int >= 0"),
     ({"lr": -1.0}, ValueError, "lr must be >= 0"),
+    ({"rule": {"nope": True}}, ValueError, r"state_dict\['rule'\] is not a Rule"),
+    ({"skipped_steps": -2}, ValueError, r"state_dict\['skipped_steps'\] must be"),
 ])
 def test_row_adagrad_load_state_dict_validates_first(rng, bad, exc, msg):
     table, _, idx, g = make_case(rng, 20, 3, 10, np.float32)
@@ -593,6 +595,35 @@ def test_row_adagrad_load_state_dict_validates_first(rng, bad, exc, msg):
         opt.load_state_dict(sd)
     assert_bits_equal(opt.h, h0)
     assert (opt.step, opt.hyper) == (step0, hyper0)
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_row_adagrad_resume_keeps_the_rule(rng, rowwise):
+    """A run saved with a rule and resumed in a fresh RowAdaGrad continues with that
+    rule, bit for bit, and its skipped-step count (the state dict had neither)."""
+    table, _, _, _ = make_case(rng, 6, 8, 5, np.float32)
+    steps = [(rng.integers(0, 6, 5), rng.standard_normal((5, 8)).astype(np.float32))
+             for _ in range(4)]
+    steps[1][1][0, 0] = np.nan
+    rule = Rule(fma_accumulate=True, fma_weight_decay=True)
+
+    def make(t):
+        return RowAdaGrad(t, lr=0.1, weight_decay=0.5, rule=rule, rowwise=rowwise,
+                          nonfinite="skip")
+
+    whole = make(table.copy())
+    for idx, g in steps:
+        whole.update(idx, g)
+    first = make(table.copy())
+    for idx, g in steps[:2]:
+        first.update(idx, g)
+    resumed = RowAdaGrad(first.table, lr=0.1, rowwise=rowwise, nonfinite="skip")
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.hyper.rule == rule and resumed.skipped_steps == 1
+    for idx, g in steps[2:]:
+        resumed.update(idx, g)
+    assert_bits_equal(resumed.table, whole.table)
+    assert_bits_equal(resumed.h, whole.h)
 
 
 def test_row_adagrad_rejects_bad_table():
