@@ -36,7 +36,7 @@ from ._plan import Plan, chunk_table  # noqa: F401
 def _has_nonfinite(g: np.ndarray, coefs: tuple) -> bool:
     if g.size >= config.parallel_from(g.itemsize):
         with cpu.PARALLEL_LOCK:
-            return bool(cpu.flat_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
+            return bool(cpu.flat_has_nonfinite_parallel(g, config.chunk(), coefs[6],
                                                          coefs[7]))
     return bool(cpu.span_has_nonfinite(g, coefs[6], coefs[7]))
 

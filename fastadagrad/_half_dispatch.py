@@ -105,6 +105,7 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     if n > 1:  # across tensors too: no written array may alias another tensor's
         _check_across(params, grads, states, ms, labels)
     K = _kernels()
+    chunk = config.chunk()  # (the parallel kernels' span: checked before any write)
     coefs = coefficients(hyper, _F32, step)
     flags = coefs[7] | (K.STOCHASTIC if rounding == "stochastic" else 0)
     carriers = [R.carrier_of(p.dtype) for p in params]
@@ -113,7 +114,7 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
             g = grads[i].reshape(-1).view(carriers[i])
             if g.size >= config.PARALLEL_THRESHOLD:
                 with _lock():
-                    bad = K.half_has_nonfinite_parallel(g, config.CHUNK, coefs[6],
+                    bad = K.half_has_nonfinite_parallel(g, chunk, coefs[6],
                                                         coefs[7])
             else:
                 bad = K.half_has_nonfinite(g, coefs[6], coefs[7])

@@ -264,10 +264,11 @@ def chunk_table(sizes: tuple[int, ...], threads: int = 1
     interleaved). Cached per model layout: a training loop asks for the same table
     every step.
     """
-    key = (config.CHUNK, threads, sizes)
+    chunk = config.chunk()
+    key = (chunk, threads, sizes)
     table = _TABLES.get(key)
     if table is None:
-        table = _build_table(sizes, max(1, threads), config.CHUNK)
+        table = _build_table(sizes, max(1, threads), chunk)
         if len(_TABLES) > 64:
             _TABLES.clear()
         _TABLES[key] = table

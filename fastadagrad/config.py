@@ -6,6 +6,7 @@ Every number here comes from a measurement on the project's 2-core CI/dev machin
 
 from __future__ import annotations
 
+import numbers
 import os
 
 from numba.extending import register_jitable
@@ -38,6 +39,15 @@ def parallel_from(itemsize: int, threshold: int = -1) -> int:
 #: differ in size by 1000x (prange schedules chunks statically, by count). Read again at
 #: every parallel step: a model's cached plan follows a change.
 CHUNK: int = 1 << 14
+
+
+def chunk() -> int:
+    """:data:`CHUNK`, checked: a bad setting raises before anything is written (a
+    negative one made the parallel kernels skip every element)."""
+    c = CHUNK
+    if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
+        raise ValueError(f"fastadagrad.config.CHUNK must be an int >= 1, got {c!r}")
+    return int(c)
 
 #: Use Numba's on-disk cache (``cache=True``). Falls back to no cache when no cache
 #: directory is writable. ``FASTADAGRAD_NO_CACHE=1`` turns it off.

@@ -238,6 +238,27 @@ def test_chunk_setting_changed_between_steps(rng, monkeypatch):
         assert_bits_equal(params[k], ref_params[k], k)
 
 
+@pytest.mark.parametrize("bad", [-5, 0, 2.5, True])
+@pytest.mark.parametrize("case", ["dict", "flat-skip", "float16"])
+def test_bad_chunk_setting_raises_before_writing(monkeypatch, bad, case):
+    """config.CHUNK that is not an int >= 1: a clear error naming it, nothing written
+    (a negative one made the parallel kernels skip every element and report success)."""
+    monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)
+    monkeypatch.setattr(config, "CHUNK", bad)
+    dt = np.float16 if case == "float16" else np.float32
+    params = {"w": np.ones(5000, dt), "b": np.ones(7, dt)}
+    if case == "flat-skip":
+        params = fastadagrad.FlatBuffer(params)
+    grads = {k: np.full(v.shape, 0.5, dt) for k, v in params.items()}
+    before = {k: params[k].copy() for k in ("w", "b")}
+    opt = fastadagrad.AdaGrad(nonfinite="skip" if case == "flat-skip" else "ignore")
+    with pytest.raises(ValueError, match=r"config\.CHUNK must be an int >= 1"):
+        opt.update(params, grads)
+    for k in before:
+        assert_bits_equal(params[k], before[k], k)
+    assert opt.step == 0
+
+
 def test_separate_arrays_take_one_call_per_dtype(rng, monkeypatch):
     """A whole model of separate arrays goes through ONE compiled call per step."""
     monkeypatch.setattr(config, "PARALLEL_THRESHOLD", 0)
