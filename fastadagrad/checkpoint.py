@@ -133,6 +133,14 @@ def _flag(x: Any) -> Any:
     return x
 
 
+def _real(x: Any) -> Any:
+    """A one-element real array (a torch state dict's tensor ``lr`` converted with
+    ``.numpy()``) as a float; anything else as it is, for :meth:`Hyper.make` to check."""
+    if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu":
+        return float(x.reshape(()))
+    return x
+
+
 def _json_key(k: Any) -> bool:
     return isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool))
 
@@ -314,7 +322,7 @@ def load_state_dict(opt: AdaGrad, sd: Any, params: Any = None, *,
         raise _err(f"'fastadagrad' entry must be a dict, got {type(fa).__name__}", where)
     try:
         rule = Rule(**fa["rule"]) if "rule" in fa else opt.hyper.rule
-        hyper = Hyper.make(lr=opt.hyper.lr if opt.schedule is not None else group["lr"],
+        hyper = Hyper.make(lr=opt.hyper.lr if opt.schedule is not None else _real(group["lr"]),
                            eps=group["eps"], lr_decay=group["lr_decay"],
                            weight_decay=group["weight_decay"],
                            maximize=_flag(group["maximize"]), rule=rule)

@@ -81,16 +81,21 @@ def test_state_dict_has_torchs_layout() -> None:
     assert_bits_equal(ours["state"][0]["sum"], before)
 
 
+@pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_torch_state_dict_loads_and_continues_bit_identically(dtype: type) -> None:
+def test_torch_state_dict_loads_and_continues_bit_identically(dtype: type,
+                                                              tensor_lr: bool) -> None:
     grads = _grads(dtype, 20)
     tparams = [torch.tensor(p, requires_grad=True) for p in _params(dtype)]
-    topt = torch.optim.Adagrad(tparams, fused=True, **TORCH_KW)
+    kw = {**TORCH_KW, "lr": torch.tensor(TORCH_KW["lr"])} if tensor_lr else TORCH_KW
+    topt = torch.optim.Adagrad(tparams, fused=True, **kw)
     for g in grads[:10]:
         _torch_step(topt, tparams, g)
     sd = topt.state_dict()
+    # (every tensor converted with .numpy(): the sums, the steps, a tensor lr)
     npsd = {"state": {i: {k: v.numpy() for k, v in s.items()} for i, s in sd["state"].items()},
-            "param_groups": sd["param_groups"]}
+            "param_groups": [{k: v.numpy() if isinstance(v, torch.Tensor) else v
+                              for k, v in g.items()} for g in sd["param_groups"]]}
     opt = fastadagrad.AdaGrad.from_preset("torch")  # torch's defaults; the dict sets the rest
     names = ["w1", "b1", "w2", "b2"]
     params = {k: t.detach().numpy().copy() for k, t in zip(names, tparams)}
