@@ -246,10 +246,10 @@ class AdaGrad:
     that the update starts from; the param is its rounding. Both travel in
     ``state_dict`` and checkpoints.
 
-    ``capturable=True`` (CUDA arrays only) keeps the step count, the learning rate
-    (with ``lr_decay``) and the non-finite flag in device memory, so that
-    ``torch.cuda.graph`` can capture ``update`` and replays give the same bits as eager
-    steps. ``update`` then returns True once the step is queued (with
+    ``capturable=True`` (CUDA arrays only: host arrays raise TypeError) keeps the step
+    count, the learning rate (with ``lr_decay``) and the non-finite flag in device
+    memory, so that ``torch.cuda.graph`` can capture ``update`` and replays give the
+    same bits as eager steps. ``update`` then returns True once the step is queued (with
     ``nonfinite="skip"`` the device decides, with no host round trip), and ``step`` /
     ``skipped_steps`` are read back by :meth:`sync_steps` (which waits for the GPU;
     ``state_dict``, ``save`` and pickling call it). A numeric ``lr`` only, and
@@ -457,6 +457,10 @@ class AdaGrad:
                 labels = _FLAT_LABELS
         half = self._half[1] if self._half is not None and self._half[0] is h else [
             i for i, p in enumerate(plist) if is_half(getattr(p, "dtype", None))]
+        if getattr(self, "capturable", False) and plist and not D.is_cuda_array(plist[0]):
+            raise TypeError(f"capturable=True takes CUDA arrays, but {labels[0].param} is "
+                            f"in host memory ({type(plist[0]).__name__}); nothing was "
+                            "updated")
         if getattr(self, "capturable", False) and self._plan.gpu is None:
             from . import cuda as _cuda
 

@@ -823,6 +823,22 @@ def test_rule_and_capturable_flags_must_be_bools() -> None:
         AdaGrad(capturable="no")
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_capturable_with_host_arrays_raises(flat: bool) -> None:
+    """``capturable=True`` is for CUDA arrays: host arrays raise, naming the first,
+    with nothing updated (they were updated as without it, the flag silently ignored)."""
+    p = {"w": np.ones(4, np.float32), "b": np.ones(2, np.float32)}
+    if flat:
+        p = FlatBuffer(p)
+    g = {"w": np.full(4, 0.5, np.float32), "b": np.full(2, 0.5, np.float32)}
+    opt = AdaGrad(lr=0.1, capturable=True)
+    with pytest.raises(TypeError, match="capturable=True takes CUDA arrays, but .* is "
+                                        "in host memory"):
+        opt.update(p, g)
+    assert (p["w"] == 1).all() and (p["b"] == 1).all()
+    assert opt.step == 0 and opt.h is None
+
+
 def test_state_edited_in_place_or_another_mapping() -> None:
     """The keys were matched once per state object: one edited in place (a key
     added or deleted) got past it (a bare KeyError, or a state of 3 sums for 2
