@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "samples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
-    if min(args.hidden) < 1 or args.progress < 0 or args.threads < 0:
-        ap.error("--hidden widths must be at least 1, --progress and --threads at least 0")
+    if min(args.hidden) < 1 or args.progress < 0 or args.threads < 0 or \
+            args.blas_threads < 0:
+        ap.error("--hidden widths must be at least 1, --progress, --threads and "
+                 "--blas-threads at least 0")
     if args.threads > numba.config.NUMBA_NUM_THREADS:
         ap.error(f"--threads {args.threads}: Numba was started with "
                  f"{numba.config.NUMBA_NUM_THREADS} threads (NUMBA_NUM_THREADS)")

@@ -43,6 +43,11 @@ def test_demo_bad_arguments(capsys):
         main(["--steps", "0"])
     assert exc.value.code == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+    for flag in ("--threads", "--blas-threads"):  # (-1 BLAS threads ran as 0: as is)
+        with pytest.raises(SystemExit) as exc:
+            main([flag, "-1"])
+        assert exc.value.code == 2
+        assert "--blas-threads at least 0" in capsys.readouterr().err
 
 
 def test_demo_without_matplotlib_stops_before_training(monkeypatch, capsys):
