@@ -184,6 +184,12 @@ CHECK_FILES = (("validate.json", ""), ("validate-variants.json", ": the kernel v
 def check_block(d: Path) -> str:
     """The README block from one ``bench/gpu_check.sh`` run's files in ``d``."""
     lines = []
+    log = d / "checks.log"
+    # the versions the run imported (its env line): numpy and torch too, which the
+    # package pins and which validate.json does not record
+    found = re.search(r"^numba \S+ numba-cuda \S+ numpy (\S+) torch (\S+)",
+                      log.read_text(), re.M) if log.exists() else None
+    also = f", numpy {found[1]}, torch {found[2]}" if found else ""
     val_file = d / "validate.json"
     if val_file.exists():
         val = json.loads(val_file.read_text())
@@ -192,14 +198,13 @@ def check_block(d: Path) -> str:
         path = env.get("launch_path", ["?"])[0]
         lines.append(
             f"`python -m fastadagrad validate --quick` on one {env['gpu']} (numba "
-            f"{env['numba']}, numba-cuda {env['numba_cuda']}; launch path: {path}): "
+            f"{env['numba']}, numba-cuda {env['numba_cuda']}{also}; launch path: {path}): "
             f"{summary['cases']} cases ({', '.join(kinds)}), **{summary['mismatches']} "
             "mismatches**: every GPU result bit-identical to the CPU kernels.")
         frac = summary.get("min_frac_copy_f32_ge_2_26")
         if frac is not None:
             lines.append(f"float32 at 2^26 elements and above: at least {frac:.1%} of a "
                          "device-to-device copy's bandwidth in the same run.")
-    log = d / "checks.log"
     if log.exists():
         m = re.search(r"=== pytest-gpu .*?\n(.*?)=== pytest-gpu rc=", log.read_text(), re.S)
         counts = re.findall(r"(\d+ (?:passed|failed|skipped|errors?))", m.group(1)) if m \

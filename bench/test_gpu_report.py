@@ -23,6 +23,7 @@ def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
         (results / "gpu-h200" / "h200-overhead.txt").read_text().rstrip("\n")
         + "\nmodel100 graph replay us 12.345\n")  # the line gpu_overhead prints last
     (tmp_path / "checks.log").write_text(
+        "numba 0.68.0 numba-cuda 0.30.4 numpy 2.4.6 torch 2.13.0+cu130 cuda.core 1.2.0\n"
         "=== pytest-gpu (timeout 120s): python3 -m pytest tests/cuda\n"
         "....\n107 passed, 1 skipped in 51.2s\n=== pytest-gpu rc=0 seconds=60\n")
     bench = {"benchmarks": [
@@ -35,6 +36,7 @@ def test_check_block_reads_a_gpu_check_run(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_report, "ROOT", tmp_path.parent)
     text = gpu_report.check_block(tmp_path)
     assert f"{val['summary']['cases']} cases" in text and "launch path: cuda.core" in text
+    assert ", numpy 2.4.6, torch 2.13.0+cu130; launch path" in text
     assert "107 passed, 1 skipped" in text
     assert "| 2^26 | 600 µs | 1,430 µs | 460 µs |" in text  # columns with figures only
     assert "| 100 tensors, 2.95M parameters | 250 µs | — | 1,600 µs | — |" in text
