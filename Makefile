@@ -7,13 +7,18 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# extra arguments for every pip install, e.g. PyTorch's CPU-only wheels on Linux (PyPI's
+# torch is the CUDA build there):
+#   make test PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_ARGS ?=
 
 # what each extra brings, for the one-line message printed before its install (times:
 # fresh clones on a shared 2-core machine with an empty pip cache, README Quick start)
 ABOUT_demo := numba, numpy, matplotlib, threadpoolctl: about 105 MB of wheels, about 30 s
-ABOUT_test := the test set: pytest, hypothesis, torch (CPU build), numba-cuda and the CUDA \
-              toolkit wheels: about 515 MB of wheels with the above, 1 to 2 minutes
-ABOUT_bench := pytest-benchmark, matplotlib, torch (CPU build)
+ABOUT_test := the test set: pytest, hypothesis, torch, numba-cuda and the CUDA toolkit \
+              wheels: about 515 MB of wheels with the above and torch's CPU build (PyPI's \
+              Linux torch is the CUDA build: several GB; see PIP_ARGS), 1 to 2 minutes
+ABOUT_bench := pytest-benchmark, matplotlib, torch
 ABOUT_dev := everything above and ruff
 
 .PHONY: demo test test-cpu test-sim bench lint clean
@@ -28,7 +33,7 @@ $(VENV)/.created:
 
 $(VENV)/.installed-%: pyproject.toml $(VENV)/.created
 	@echo "installing fastadagrad[$*] into $(VENV): $(ABOUT_$*)"
-	$(PIP) install --progress-bar on -e ".[$*]"
+	$(PIP) install --progress-bar on $(PIP_ARGS) -e ".[$*]"
 	touch $@
 
 # The warm-up compiles the kernels the demo uses into Numba's on-disk cache (and says
