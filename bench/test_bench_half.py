@@ -2,7 +2,7 @@
 
 The 16-bit update moves 14 bytes per element (p and g read as 2 bytes, h read and
 written as 4, p written as 2) against 20 for float32, so at 2^24, where every fused
-kernel sits at the memory-bandwidth limit (NUMBA_NOTES.md), the target is at least
+kernel sits at the memory-bandwidth limit (the roofline rows), the target is at least
 1.3x the float32 step (20/14 = 1.43x from the bytes alone). Compared with
 ``torch.optim.Adagrad(fused=True)`` on bfloat16 CPU tensors, whose accumulator is
 bfloat16 too (10 bytes per element, and the sum stops growing once large).

@@ -72,7 +72,7 @@ def chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c):  # type: 
     first element ``cstart[c]``, ``clen[c]`` elements; ``proto`` carries the dtype):
     the body of every many-tensor kernel's loop over spans. Each view starts at its
     span, so the kernels' inner loops are a plain ``range(n)``, which vectorises
-    (``range(b, e)`` over the whole tensor stayed scalar: NUMBA_NOTES)."""
+    (``range(b, e)`` over the whole tensor stayed scalar)."""
     t = ctensor[c]
     off = cstart[c] * proto.itemsize
     n = clen[c]

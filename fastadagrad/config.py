@@ -12,7 +12,7 @@ import os
 from numba.extending import register_jitable
 
 #: Below this many float32 elements the serial kernel is used: waking the omp thread pool
-#: costs a few microseconds per call (NUMBA_NOTES: ~3 us even for 16 elements). Measured
+#: costs a few microseconds per call (~3 us even for 16 elements). Measured
 #: with ``bench/cpu_probe.py`` (the smallest size from which the parallel call beats the
 #: serial one at every larger size): float32 32,768 on the 2-core AMD EPYC and 24,576 on
 #: a 16-core Intel Xeon host; float64 12,288 and 6,144 (bench/results/cpu-probe-*.md).

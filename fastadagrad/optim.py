@@ -89,7 +89,8 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
         weight_decay: L2 coefficient; coupled (``g += wd*p``) or decoupled
             (``p -= lr*wd*p``) as ``rule.weight_decay_mode`` says.
         maximize: ascend instead of descend (``g = -g``).
-        step: the step number, counted from 1 (only ``lr_decay`` uses it).
+        step: the step number, counted from 1 (``lr_decay`` uses it, and stochastic
+            rounding's random stream).
         grad_scale: divide the gradient by this inside the same pass (loss scaling).
         nonfinite: ``"ignore"`` (default: no check, like every framework), ``"skip"``
             (if any gradient is NaN/inf, change nothing and return False) or

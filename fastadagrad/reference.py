@@ -1,7 +1,9 @@
 """Plain-NumPy reference implementations: the oracle every fast path is tested against.
 
-``NumpyAdaGrad`` is the class the project started from, kept verbatim (lr and the
-1e-7 constant are rounded to the array dtype by NumPy, every operation rounds once).
+``NumpyAdaGrad`` is the class the project started from, kept verbatim (a Python-number
+lr and the 1e-7 constant are rounded to the array dtype by NumPy, every operation
+rounds once; a NumPy float64 scalar lr would instead keep ``lr * g`` in float64 on
+float32 arrays, under NumPy 2's promotion rules, which fastadagrad does not follow).
 ``reference_step`` writes the whole family of formulas out with NumPy element-wise
 operations in the array dtype, one operation at a time, so that its rounding is the
 documented rounding of each formula; the kernels must agree with it bit for bit.
@@ -18,7 +20,8 @@ from ._hyper import Hyper
 
 
 class NumpyAdaGrad:
-    """The original NumPy AdaGrad (``../shared/seed``), unchanged in behaviour."""
+    """The original NumPy AdaGrad class (``h += g*g; p -= lr*g / (sqrt(h) + 1e-7)``
+    on a dict of arrays), unchanged in behaviour."""
 
     def __init__(self, lr: float = 0.01) -> None:
         self.lr = lr
