@@ -20,8 +20,12 @@ compiled and written to the cache:
 
 for each ``--dtype`` and each ``--preset`` (a preset's formula is compiled separately
 from the others'; options such as ``weight_decay``, ``maximize`` or
-``nonfinite="skip"`` may need their own compile on first use). It prints one line per
-call (compiled, or loaded from the cache) and the total time.
+``nonfinite="skip"`` may need their own compile on first use). With ``--rows``, the
+embedding-table updates too (:class:`~fastadagrad.RowAdaGrad`, full and rowwise,
+serial and parallel); with ``--torch``, the steps of :class:`fastadagrad.torch.Adagrad`
+(default, ``foreach`` and ``fused`` flags, serial and parallel, and a sparse
+``nn.Embedding`` gradient; imports torch). It prints one line per call (compiled, or
+loaded from the cache) and the total time.
 
 Numba's cache lives next to the package (``__pycache__``) or in ``NUMBA_CACHE_DIR``;
 run the warm-up with the same settings as the training job. With the cache off
@@ -32,6 +36,7 @@ this process and says so.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,6 +102,49 @@ def _calls(dtype: np.dtype, preset: str) -> list[tuple[str, Callable[[], Any]]]:
     return out
 
 
+def _row_calls(dtype: np.dtype) -> list[tuple[str, Callable[[], Any]]]:
+    """(description, call) for the embedding-row updates in ``dtype``."""
+    from .rows import RowAdaGrad
+
+    def step(rows: int, dim: int, k: int, rowwise: bool) -> None:
+        idx = np.arange(k, dtype=np.int64) % rows
+        RowAdaGrad(np.ones((rows, dim), dtype), rowwise=rowwise).update(
+            idx, np.full((k, dim), 0.5, dtype))
+
+    return [(f"RowAdaGrad.update, {'rowwise' if rw else 'full'} state, {k:,} rows of "
+             f"{dim} ({kind})", functools.partial(step, rows, dim, k, rw))
+            for rw in (False, True)
+            for rows, dim, k, kind in ((100, 8, 16, "serial"), (1 << 14, 64, 1 << 14,
+                                                               "parallel"))]
+
+
+def _torch_calls(dtype: np.dtype) -> list[tuple[str, Callable[[], Any]]]:
+    """(description, call) for :class:`fastadagrad.torch.Adagrad` steps in ``dtype``."""
+    import torch
+
+    from . import torch as fat
+
+    tdt = getattr(torch, dtype.name)
+
+    def step(shapes: dict[str, tuple[int, ...]], flags: dict[str, bool]) -> None:
+        ps = [torch.nn.Parameter(torch.ones(s, dtype=tdt)) for s in shapes.values()]
+        for p in ps:
+            p.grad = torch.full_like(p, 0.5)
+        fat.Adagrad(ps, lr=0.01, **flags).step()
+
+    def sparse() -> None:
+        emb = torch.nn.Embedding(100, 8, sparse=True, dtype=tdt)
+        emb(torch.tensor([1, 2, 2])).sum().backward()
+        fat.Adagrad(emb.parameters(), lr=0.01).step()
+
+    out = [(f"fastadagrad.torch.Adagrad{name}, {len(m)} tensors ({kind})",
+            functools.partial(step, m, flags))
+           for name, flags in (("", {}), ("(foreach=True)", {"foreach": True}),
+                               ("(fused=True)", {"fused": True}))
+           for m, kind in ((SMALL_MODEL, "serial"), (LARGE_MODEL, "parallel"))]
+    return [*out, ("fastadagrad.torch.Adagrad, sparse nn.Embedding gradient", sparse)]
+
+
 def cache_dir() -> str | None:
     """Where Numba keeps fastadagrad's compiled kernels, or None if the cache is off."""
     for obj in vars(cpu).values():
@@ -108,7 +156,8 @@ def cache_dir() -> str | None:
 
 
 def warmup(dtypes: Sequence[str] = DTYPES, presets: Sequence[str] = ("numpy",),
-           echo: Callable[[str], Any] | None = print) -> dict[str, Any]:
+           echo: Callable[[str], Any] | None = print, rows: bool = False,
+           torch: bool = False) -> dict[str, Any]:
     """Compile (or load from the cache) the kernels of a typical run.
 
     Args:
@@ -116,6 +165,9 @@ def warmup(dtypes: Sequence[str] = DTYPES, presets: Sequence[str] = ("numpy",),
         presets: preset names (:data:`fastadagrad.PRESETS`); the default ``"numpy"`` is
             the formula of ``AdaGrad()`` and ``adagrad_update``.
         echo: called with one line per step; ``None`` prints nothing.
+        rows: also the embedding-row updates (:class:`~fastadagrad.RowAdaGrad`).
+        torch: also :class:`fastadagrad.torch.Adagrad`'s steps (imports torch; raises
+            ImportError, before compiling anything, where torch is not installed).
 
     Returns:
         ``{"seconds": wall time, "compiled": functions compiled, "cache_dir": path or
@@ -133,22 +185,28 @@ def warmup(dtypes: Sequence[str] = DTYPES, presets: Sequence[str] = ("numpy",),
     dts = [np.dtype(d) for d in dtypes]
     if any(d not in (np.float32, np.float64) for d in dts):
         raise ValueError(f"dtypes must be float32 or float64, got {list(dtypes)}")
+    if torch:
+        import torch as _torch  # noqa: F401  (missing: the error before any compile)
     where = cache_dir()
     say("fastadagrad warmup: compiling the CPU kernels into Numba's on-disk cache"
         + (f" ({where})" if where else " -- the cache is OFF here (FASTADAGRAD_NO_CACHE, "
            "or no writable cache directory): kernels compile into this process only"))
     n0, t_start = _compile_notice.compile_count(), time.perf_counter()
     with _compile_notice.suppressed():  # this command reports compiles itself
-        for preset in presets:
-            for dt in dts:
-                for what, call in _calls(dt, preset):
-                    c0, t0 = _compile_notice.compile_count(), time.perf_counter()
-                    call()
-                    dt_s = time.perf_counter() - t0
-                    c = _compile_notice.compile_count() - c0
-                    how = (f"compiled {c} function{'s' * (c != 1)}" if c
-                           else "no compile needed (cached)")
-                    say(f"  {preset:<6} {dt.name:<7} {what:<66} {dt_s:7.2f} s  {how}")
+        steps = [(preset, dt, what, call) for preset in presets for dt in dts
+                 for what, call in _calls(dt, preset)]
+        steps += [("rows", dt, what, call) for dt in dts if rows
+                  for what, call in _row_calls(dt)]
+        steps += [("torch", dt, what, call) for dt in dts if torch
+                  for what, call in _torch_calls(dt)]
+        for preset, dt, what, call in steps:
+            c0, t0 = _compile_notice.compile_count(), time.perf_counter()
+            call()
+            dt_s = time.perf_counter() - t0
+            c = _compile_notice.compile_count() - c0
+            how = (f"compiled {c} function{'s' * (c != 1)}" if c
+                   else "no compile needed (cached)")
+            say(f"  {preset:<6} {dt.name:<7} {what:<66} {dt_s:7.2f} s  {how}")
     total = time.perf_counter() - t_start
     compiled = _compile_notice.compile_count() - n0
     if not where:
@@ -189,7 +247,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated formulas to compile, by preset name: "
                          f"{', '.join(PRESETS)} (default: numpy, the formula of "
                          "AdaGrad() and adagrad_update)")
+    ap.add_argument("--rows", action="store_true",
+                    help="also the embedding-table updates (RowAdaGrad)")
+    ap.add_argument("--torch", action="store_true",
+                    help="also fastadagrad.torch.Adagrad's steps (needs torch)")
     ap.add_argument("--quiet", action="store_true", help="print nothing")
     args = ap.parse_args(argv)
-    warmup(args.dtype, args.preset, echo=None if args.quiet else print)
+    if args.torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            ap.error("--torch: torch is not installed (pip install \".[torch]\")")
+    warmup(args.dtype, args.preset, echo=None if args.quiet else print, rows=args.rows,
+           torch=args.torch)
     return 0
