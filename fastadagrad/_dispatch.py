@@ -138,7 +138,7 @@ def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     same bits as dtype scalars); or None for a dtype the kernels do not take. Raises like
     :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
     per set of hyperparameters."""
-    if dtype is not _F32 and dtype is not _F64:
+    if dtype != _F32 and dtype != _F64:  # (an equal dtype object from pickle too)
         return None
     coefs = coefficients(hyper, dtype, step)
     k = cpu.kernels(coefs[7])
@@ -295,6 +295,7 @@ def _check_grads(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
             check_triple(p, g, states[i], labels[i])  # raises, naming it
     gaddr = np.fromiter((_address(g) for g in grads), np.int64, n)
     check_no_overlap(plan.paddr, gaddr, plan.haddr, plan.nbytes, labels)
+    plan.learn_grads(grads)  # (their dtype objects and types: the scan's next step)
     return gaddr
 
 

@@ -161,7 +161,7 @@ def _same(o, array_type, descr, shape, b, e, flags):
 
 
 @jit()
-def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
+def scan(plist, hlist, glist, obj, gaddr, meta, n, m):
     """Check a cached model against what its arrays are now; read the grads' addresses.
 
     ``plist``, ``hlist``, ``glist`` are the addresses of three Python lists (params,
@@ -174,16 +174,17 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     and ``w_start``/``w_end`` (m each: the params' and states' non-empty byte ranges
     sorted by start, which do not overlap each other: checked when the plan was
     built), ``types`` (2n: each param's and state's type object, the one it had when
-    the plan was built: ``np.memmap`` arrays stay on this path), then the shapes,
-    concatenated (one array argument instead of eight: each costs ~0.1 us of unboxing
-    per call).
+    the plan was built: ``np.memmap`` arrays stay on this path), ``gdescr`` and
+    ``gtypes`` (n each: the dtype and type objects each grad may have: the param's
+    dtype object and ``np.ndarray`` when built, those of a grad the Python check
+    accepted since, see :meth:`Plan.learn_grads`), then the shapes, concatenated (one
+    array argument instead of eight: each costs ~0.1 us of unboxing per call).
 
-    Params and states must have their recorded type, grads must be plain ndarrays
-    (``ob_type == ndarray_type``); each array C-contiguous,
-    with shape ``shape[shape_off[i]:shape_off[i+1]]`` and dtype object ``descr[k]``
-    (``descr[i]``, the param's, for grad ``i``). Params and states must also be
-    writable and still at data address ``cached[k]``. Grads' addresses go to
-    ``gaddr``; a non-empty grad range that intersects a written range is reported.
+    Params and states must have their recorded type and dtype object ``descr[k]``,
+    grad ``i`` type ``gtypes[i]`` and dtype object ``gdescr[i]``; each array
+    C-contiguous, with shape ``shape[shape_off[i]:shape_off[i+1]]``. Params and states
+    must also be writable and still at data address ``cached[k]``. Grads' addresses go
+    to ``gaddr``; a non-empty grad range that intersects a written range is reported.
 
     Returns -1 when everything holds, ``k`` (< 3n) for the first array that does not
     (params and states first), or ``3n + i`` when grad ``i`` overlaps a param or state.
@@ -191,7 +192,8 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
     # offsets into meta (plain indexing: slices would be views that Numba refcounts)
     cached, shape_off, w_start = 2 * n, 5 * n, 6 * n + 1
     w_end, tys = w_start + m, w_start + 2 * m
-    shape = tys + 2 * n
+    gdescr, gtys = tys + 2 * n, tys + 3 * n
+    shape = tys + 4 * n
     if _load_i64(plist + OFF_LIST_SIZE) != n or _load_i64(hlist + OFF_LIST_SIZE) != n:
         return 0
     if _load_i64(glist + OFF_LIST_SIZE) != n:
@@ -212,7 +214,7 @@ def scan(plist, hlist, glist, obj, gaddr, meta, n, m, ndarray_type):
         else:
             i = k - 2 * n
             o = _load_i64(items + 8 * i)
-            d, flags, ty = meta[i], C_CONTIGUOUS, ndarray_type
+            d, flags, ty = meta[gdescr + i], C_CONTIGUOUS, meta[gtys + i]
         if not _same(o, ty, d, meta, shape + meta[shape_off + i],
                      shape + meta[shape_off + i + 1], flags):
             return k
@@ -320,7 +322,7 @@ class Plan:
 
     __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
                  "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu", "par",
-                 "chunk")
+                 "chunk", "gkinds", "gmeta")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -377,8 +379,13 @@ class Plan:
         # (a type object is alive while an array of it is: the plan holds the arrays)
         tys = np.fromiter((id(type(a)) for seq in (params, states) for a in seq),
                           np.int64, 2 * n)
+        # what each grad may be (learn_grads adds others): the param's dtype object, a
+        # plain ndarray; the objects are kept alive (self.descrs, self.gkinds)
+        self.gkinds: list[Any] = [None] * n
         self.meta = np.concatenate((descr, paddr, haddr, nbytes, shape_off, w_start,
-                                    w_start + size[keep][order], tys, shape))
+                                    w_start + size[keep][order], tys, descr[:n],
+                                    np.full(n, _NDARRAY, np.int64), shape))
+        self.gmeta = 6 * n + 1 + 2 * int(w_start.size) + 2 * n  # (gdescr's offset)
         self.nw = int(w_start.size)
         self.paddr, self.haddr, self.nbytes = paddr, haddr, nbytes
         self.obj, self.gaddr = obj, np.empty(n, np.int64)
@@ -419,8 +426,24 @@ class Plan:
         lists = [x if type(x) is list else list(x) for x in (params, states, grads)]
         gaddr = np.empty(len(self.params), np.int64)
         code = scan(id(lists[0]), id(lists[1]), id(lists[2]), self.obj, gaddr,
-                    self.meta, len(self.params), self.nw, _NDARRAY)
+                    self.meta, len(self.params), self.nw)
         return code, gaddr
+
+    def learn_grads(self, grads: Sequence[Any]) -> None:
+        """Let the scan accept, from the next step on, grads of the dtype objects and
+        array types of ``grads``, which the Python check just accepted: a dtype equal
+        to the param's but another object (arrays from ``pickle``: ``x @ w`` keeps
+        ``x``'s dtype object), an ndarray subclass (``np.memmap``). Without this every
+        step took the Python check (9-13x slower on a 50-array model). The objects are
+        kept alive with the plan: no other object can take an address it trusts."""
+        if not self.params or len(grads) != len(self.params):
+            return
+        n, meta, at = len(self.params), self.meta, self.gmeta
+        for i, g in enumerate(grads):
+            dt, ty = g.dtype, type(g)
+            if id(dt) != meta[at + i] or id(ty) != meta[at + n + i]:
+                self.gkinds[i] = (dt, ty)
+                meta[at + i], meta[at + n + i] = id(dt), id(ty)
 
     def plan_groups(self, threads: int) -> None:
         """Dtype groups and their chunk tables, balanced for ``threads`` threads."""

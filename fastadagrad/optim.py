@@ -141,7 +141,9 @@ def _adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
                 fast = None
         if fast is not None:
             dt = param.dtype
-            i = 0 if dt is _F32 else 1 if dt is _F64 else 2
+            # (by identity first: an equal dtype object, from pickle, is compared)
+            i = (0 if dt is _F32 else 1 if dt is _F64 else 0 if dt == _F32
+                 else 1 if dt == _F64 else 2)
             f = fast[i]
             if f is _TODO:  # first use of these hyperparameters with this dtype
                 f = fast[i] = _fast_for(fast[3], dt, fast[4])
