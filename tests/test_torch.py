@@ -2088,6 +2088,35 @@ def test_chunk_setting_changed_between_steps(no_torch_step: None,
     assert_same(run(FT.Adagrad, [1 << 14, 1000, 1 << 14]), run(TORCH_OPT, [1 << 14, 1000, 1 << 14]))
 
 
+def test_dense_layouts_checked_by_strides_each_step() -> None:
+    """channels_last params (the plan compares their strides as torch gives them, and
+    densely where those differ): a gradient whose size-1 dimension has another stride
+    is the same layout (compiled); a gradient laid out in another order, swapped in
+    after cached steps, is not (torch's step, torch's bits)."""
+    def run(cls: type, swap: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s).to(memory_format=torch.channels_last))
+              for s in ((6, 5, 3, 3), (8, 4, 1, 1))]
+        opt = cls(ps, lr=0.1)
+        for step in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape).to(memory_format=torch.channels_last)
+            ps[1].grad = torch.randn(ps[1].shape)  # contiguous: strides differ, size 1
+            assert ps[1].grad.stride() != ps[1].stride()
+            if swap and step == 3:
+                ps[0].grad = torch.randn(ps[0].shape)  # NCHW order: another layout
+            opt.step()
+        return [*ps, *(opt.state[p]["sum"] for p in ps)]
+
+    assert_same(run(FT.Adagrad, True), run(TORCH_OPT, True))
+    assert_same(run(FT.Adagrad, False), run(TORCH_OPT, False))
+    real, FT._torch_step = FT._torch_step, None  # (the same layouts: never torch's)
+    try:
+        run(FT.Adagrad, False)
+    finally:
+        FT._torch_step = real
+
+
 def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
