@@ -160,7 +160,7 @@ class TensorPlan:
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
                  "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
-                 "chunk", "caddr", "dense_raw")
+                 "chunk", "caddr", "dense_raw", "sok", "scpu")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -179,11 +179,15 @@ class TensorPlan:
         torch's: its implementations read, convert or refuse other counters, each its
         own way). ``key``: (addresses, dtypes, sizes) of ``steps``, read in this call."""
         self.skey = None
+        # every counter a tensor torch's steps can add to in place (CPU or CUDA): the
+        # condition of counter() and of the GPU paths, whatever the written ranges
+        self.sok = all(map(counter_ok, steps))
         calls: Any = []
         for t in steps:
             if not steps_ok(t):
                 calls = None
                 break
+        self.scpu = calls is not None  # (every one a compiled path's counter)
         if calls is not None and self.key is not None:
             # a counter inside a parameter or a sum (a hand-made or loaded state):
             # torch's single-tensor step increments it just before that parameter's
@@ -381,6 +385,13 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     return run
 
 
+def check_settings() -> None:
+    """Raise, naming it, for a bad :mod:`fastadagrad.config` setting the plans read
+    (``CHUNK``): called before a step is prepared, where the error would otherwise be
+    a plan that cannot be built (and the step torch's, without a word)."""
+    config.chunk()
+
+
 def _same_layout(plan: TensorPlan, *tensors: Sequence[Any]) -> bool:
     """Whether each list of ``tensors`` (one per parameter of the plan) is laid out as
     the plan's parameters were when it was built: contiguous, or dense with the same
@@ -399,20 +410,40 @@ def _same_layout(plan: TensorPlan, *tensors: Sequence[Any]) -> bool:
     return True
 
 
-def steps_ok(t: Any) -> bool:
-    """Whether step counter ``t`` is a one-element CPU float32/float64 tensor (with its
-    data, within its storage): the counters the compiled paths increment and read."""
-    return (isinstance(t, torch.Tensor) and t.layout is _strided and t.is_cpu
-            and t.numel() == 1 and t.dtype in NP_DTYPES and t.data_ptr() != 0
+def counter_ok(t: Any) -> bool:
+    """Whether step counter ``t`` is a strided tensor (on any device) that an in-place
+    add after the update can take: with its data, within its storage, neither negative
+    nor an inference tensor (torch's steps refuse those, or count them otherwise,
+    before they write anything)."""
+    return (isinstance(t, torch.Tensor) and t.layout is _strided and t.data_ptr() != 0
             and not t.is_neg() and not t.is_inference() and storage_short(t) is None)
 
 
-def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None]:
+def steps_ok(t: Any) -> bool:
+    """Whether step counter ``t`` is a one-element CPU float32/float64 tensor (with its
+    data, within its storage): the counters the compiled paths increment and read."""
+    return (isinstance(t, torch.Tensor) and t.is_cpu and t.numel() == 1
+            and t.dtype in NP_DTYPES and counter_ok(t))
+
+
+def counter(plan: TensorPlan, steps: Sequence[Any]) -> Callable[[], None] | None:
     """torch's ``step_t += 1`` on each of ``steps``, checked now, as a function to call
-    later: one compiled call per dtype where they are one-element CPU float tensors
-    (:meth:`TensorPlan.build_steps`), torch's ``_foreach_add_`` otherwise. The counters'
-    autograd versions are incremented either way."""
-    return functools.partial(_count, _step_calls(plan, steps), list(steps))
+    later (after the update: the GPU path's order): one compiled call per dtype where
+    they are one-element CPU float tensors (:meth:`TensorPlan.build_steps`), torch's
+    ``_foreach_add_`` otherwise. The counters' autograd versions are incremented either
+    way. None, with nothing done, where a counter fails :func:`counter_ok` (the caller
+    then takes the path that hands it to torch, or refuses it, before any update)."""
+    if not counters_ok(plan, steps):
+        return None
+    return functools.partial(_count, plan.scalls, list(steps))
+
+
+def counters_ok(plan: TensorPlan, steps: Sequence[Any], cpu_only: bool = False) -> bool:
+    """Whether every counter passes :func:`counter_ok` (``cpu_only``: :func:`steps_ok`),
+    read with the cached key of :func:`_step_calls` (~1 us per counter otherwise)."""
+    if _step_calls(plan, steps) is None and plan.skey is None:
+        return False  # (a negative or inference counter, one without a storage...)
+    return plan.scpu if cpu_only else plan.sok
 
 
 def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]] | None:
@@ -426,9 +457,11 @@ def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]
         skey = (list(map(_ptr, steps)), list(map(_dtype, steps)), list(map(_numel, steps)),
                 list(map(_storage_nbytes, map(_storage, steps))), list(map(_offset, steps)))
         if any(map(_is_neg, steps)) or any(map(_is_inference, steps)):
+            plan.skey = None
             return None
     except (RuntimeError, TypeError, NotImplementedError):  # a sparse tensor, not a
-        return None  # tensor, one without a storage
+        plan.skey = None  # tensor, one without a storage
+        return None
     if skey != plan.skey:
         plan.build_steps(steps, skey)
     return plan.scalls

@@ -280,8 +280,11 @@ class RowAdaGrad:
         if isinstance(rule, dict):
             try:
                 rule = Rule(**rule)
-            except TypeError as e:  # an unknown or missing field
+            except (TypeError, ValueError) as e:  # an unknown field, a bad value
                 raise ValueError(f"state_dict['rule'] is not a Rule's fields: {e}") from e
+        elif not isinstance(rule, Rule):  # (None would be the default rule)
+            raise ValueError("state_dict['rule'] must be a dict of a Rule's fields, got "
+                             f"{type(rule).__name__}")
         skipped = state_dict.get("skipped_steps", self.skipped_steps)
         if isinstance(skipped, (bool, np.bool_)) or not isinstance(
                 skipped, (int, np.integer)) or skipped < 0:

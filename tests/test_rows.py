@@ -583,6 +583,8 @@ def test_row_adagrad_from_preset(rng):
     ({"step": -1}, ValueError, r"state_dict\['step'\] must be an int >= 0"),
     ({"lr": -1.0}, ValueError, "lr must be >= 0"),
     ({"rule": {"nope": True}}, ValueError, r"state_dict\['rule'\] is not a Rule"),
+    ({"rule": {"eps_placement": "nowhere"}}, ValueError, r"state_dict\['rule'\] is not"),
+    ({"rule": None}, ValueError, r"state_dict\['rule'\] must be a dict"),
     ({"skipped_steps": -2}, ValueError, r"state_dict\['skipped_steps'\] must be"),
 ])
 def test_row_adagrad_load_state_dict_validates_first(rng, bad, exc, msg):

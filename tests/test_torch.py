@@ -1610,7 +1610,7 @@ def test_sparse_with_weight_decay_raises_before_writing() -> None:
         ropt.step()
 
 
-@pytest.mark.parametrize("how", ["pop", "reassign"])
+@pytest.mark.parametrize("how", ["pop", "reassign", "replaced"])
 def test_removed_param_group_is_not_kept_alive(how: str) -> None:
     """A param group removed from ``param_groups`` (and its state deleted): its
     parameters are freed as with torch's optimizer (the plan cache held the group)."""
@@ -1623,8 +1623,11 @@ def test_removed_param_group_is_not_kept_alive(how: str) -> None:
     opt.step()
     if how == "pop":
         opt.param_groups.pop(1)
-    else:
+    elif how == "reassign":
         opt.param_groups = opt.param_groups[:1]
+    else:  # another group in its place, without gradients yet: as many groups as plans
+        opt.param_groups.pop(1)
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
     del opt.state[head]
     ref = weakref.ref(head)
     del head
@@ -2088,6 +2091,44 @@ def test_chunk_setting_changed_between_steps(no_torch_step: None,
     assert_same(run(FT.Adagrad, [1 << 14, 1000, 1 << 14]), run(TORCH_OPT, [1 << 14, 1000, 1 << 14]))
 
 
+@pytest.mark.parametrize("how", ["freed", "inference", "negative"])
+def test_gpu_repeat_step_checks_the_counters_first(how: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA repeat-step route counts after its launch: a counter freed (the
+    fallback add wrote into freed memory: SIGSEGV), made an inference tensor or a
+    negative view after cached steps is refused, or handed to torch, before the launch.
+    No GPU here: the cached launch is replaced by one that records it ran, as the step
+    caches it for CUDA tensors (foreach=True: CPU counters)."""
+    ps = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    opt = FT.Adagrad(ps, lr=0.1, foreach=True)
+    for p in ps:
+        p.grad = torch.ones(4)
+    opt.step()
+    plan = next(iter(opt._fastadagrad_plans.values()))
+    plan[4][:] = [opt._facts(0, opt.param_groups[0]), plan[4][1], FT._ON_GPU, None]
+    launched: list[int] = []
+    monkeypatch.setattr(FT.D, "prepared_update",
+                        lambda *a, **k: (lambda: launched.append(1)))
+    opt.step()
+    assert launched == [1] and [float(opt.state[p]["step"]) for p in ps] == [2.0, 2.0]
+    launched.clear()
+    st = opt.state[ps[1]]
+    t = st["step"]
+    if how == "freed":
+        t.untyped_storage().resize_(0)
+    elif how == "negative":
+        st["step"] = torch._neg_view(t)
+    else:
+        with torch.inference_mode():
+            st["step"] = torch.empty(0, dtype=t.dtype).set_(
+                t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError):  # (ours naming it, or torch's before it writes)
+        opt.step()
+    assert not launched
+    assert_same(ps, before)
+
+
 def test_dense_layouts_checked_by_strides_each_step() -> None:
     """channels_last params (the plan compares their strides as torch gives them, and
     densely where those differ): a gradient whose size-1 dimension has another stride
@@ -2115,6 +2156,25 @@ def test_dense_layouts_checked_by_strides_each_step() -> None:
         run(FT.Adagrad, False)
     finally:
         FT._torch_step = real
+
+
+@pytest.mark.parametrize("flags", [{}, {"fused": True}], ids=str)
+def test_bad_chunk_setting_before_the_first_step_raises(flags: dict,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """config.CHUNK < 1 set before the first step: the error naming it, nothing
+    written (the plan could not be built, and every step went to torch's
+    implementation without a word)."""
+    from fastadagrad import config
+
+    monkeypatch.setattr(config, "CHUNK", -5)
+    ps = [torch.nn.Parameter(torch.ones(1 << 17)) for _ in range(2)]
+    opt = FT.Adagrad(ps, lr=0.1, **flags)
+    for p in ps:
+        p.grad = torch.full_like(p, 0.5)
+    with pytest.raises(ValueError, match=r"config\.CHUNK must be an int >= 1"):
+        opt.step()
+    assert all(bool((p == 1).all()) for p in ps)
 
 
 def test_float64_default_dtype_step_counters(no_torch_step: None) -> None:
