@@ -238,8 +238,9 @@ class AdaGrad:
 
     ``params``/``grads``: dicts (any hashable keys, the same keys in both) or
     lists/tuples of arrays, or :class:`FlatBuffer` objects. The whole model goes
-    through one compiled call per dtype per step; params and grads held in flat
-    buffers of one layout take a single call over one buffer.
+    through one compiled call per dtype per step (16-bit params: one per array, each
+    checked at every step); params and grads held in flat buffers of one layout take a
+    single call over one buffer.
 
     bfloat16 (``ml_dtypes.bfloat16``) and float16 params get float32 accumulators;
     each step runs in float32 and writes the params back rounded: ``rounding=
