@@ -82,7 +82,11 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
     key = (id(hyper), step if hyper.lr_decay else 1)
     hit = plan.coef_cache.get(key)
     if hit is None or hit[0] is not hyper:
-        coefs = [coefficients(hyper, g[0].dtype, step) for g in plan.groups]
+        last = plan.coef_last  # a learning-rate schedule: the last step's, another lr
+        if last is not None and last[0].family() is hyper.family():
+            coefs = [hyper.relr(c, g[0].dtype, step) for c, g in zip(last[1], plan.groups)]
+        else:
+            coefs = [coefficients(hyper, g[0].dtype, step) for g in plan.groups]
         # the serial kernel called directly with float coefficients: the by-name entry
         # point's flag lookup and NumPy-scalar unboxing cost ~0.5 us per call
         serial = [(cpu.kernels(c[7]).many_serial, tuple(float(x) for x in c[:7]))
@@ -90,6 +94,7 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
         if len(plan.coef_cache) >= 4:
             plan.coef_cache.clear()
         hit = plan.coef_cache[key] = (hyper, coefs, serial)
+    plan.coef_last = hit
     _, plan_coefs, plan_serial = hit
     runs = []
     for (proto, idx, table, total), coefs in zip(plan.groups, plan_coefs):
@@ -134,8 +139,9 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     """What :func:`update_one_fast` needs for ``hyper``'s formula on ``dtype`` at
     ``step``: ``(checked serial kernel, coefficients as a float64 array, parallel
-    kernel)`` (both kernels take the array and round its values to the array dtype: the
-    same bits as dtype scalars); or None for a dtype the kernels do not take. Raises like
+    kernel, the coefficients as dtype scalars)`` (both kernels take the array and
+    round its values to the array dtype: the same bits as dtype scalars); or None for a
+    dtype the kernels do not take. Raises like
     :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
     per set of hyperparameters."""
     if dtype != _F32 and dtype != _F64:  # (an equal dtype object from pickle too)
@@ -144,7 +150,20 @@ def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     k = cpu.kernels(coefs[7])
     table = np.array([float(c) for c in coefs[:7]], np.float64)
     table.flags.writeable = False  # shared by every call with these hyperparameters
-    return k.checked_span, table, k.flat_parallel
+    return k.checked_span, table, k.flat_parallel, coefs
+
+
+def checked_kernel_relr(fast: tuple, hyper: H.Hyper, dtype: np.dtype, step: int
+                        ) -> tuple:
+    """:func:`checked_kernel` for ``hyper`` from ``fast``, made by it for a Hyper of
+    the same family (:meth:`Hyper.with_lr`: only ``lr`` differs) and dtype: the
+    kernels kept, the learning rate's entries replaced (a learning-rate schedule's
+    step: ~1 us where the whole set took ~5)."""
+    coefs = hyper.relr(fast[3], dtype, step)
+    table = fast[1].copy()  # (entries 0, 1 and 5 hold the learning rate)
+    table[0], table[1], table[5] = coefs[0], coefs[1], coefs[5]
+    table.flags.writeable = False
+    return fast[0], table, fast[2], coefs
 
 
 def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
@@ -159,7 +178,7 @@ def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
-    kernel, table, parallel = fast
+    kernel, table, parallel = fast[0], fast[1], fast[2]
     try:
         code = kernel(p, g, h, table, config.PARALLEL_THRESHOLD)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):

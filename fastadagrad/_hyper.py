@@ -97,7 +97,10 @@ def check_hyper(name: str, value: object, *, positive: bool = False) -> float:
     Any real number is accepted (int, float, NumPy scalars, ``fractions.Fraction``,
     ``decimal.Decimal``...), bools are not.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
+    if type(value) is float:  # the common case, without the ABC check (~1 us)
+        if value >= 0.0 and value != math.inf and (value or not positive):
+            return value
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(
         value, (numbers.Real, np.integer, np.floating, *_decimal("Decimal"))
     ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -162,6 +165,39 @@ class Hyper:
             else check_hyper("grad_scale", grad_scale, positive=True),
             rule=Rule() if rule is None else rule,
         )
+
+    def with_lr(self, lr: float) -> Hyper:
+        """A copy with learning rate ``lr`` (validated by the caller, as by
+        :func:`check_hyper`): a learning-rate schedule's per-step Hyper, ~0.5 us where
+        ``dataclasses.replace`` took ~2.5. The copy knows the Hyper it came from
+        (:meth:`family`): scalars cached for that one need only their lr entries
+        replaced (:meth:`relr`)."""
+        new = object.__new__(Hyper)
+        d = new.__dict__
+        d.update(self.__dict__)
+        d["lr"] = lr
+        d["signed_zeros"] = (self.signed_zeros & 2) | int(math.copysign(1.0, lr) < 0)
+        d["_family"] = self.family()
+        return new
+
+    def family(self) -> Hyper:
+        """The Hyper this one was made from by :meth:`with_lr` (itself if none): two
+        Hypers of one family differ at most in ``lr``."""
+        return self.__dict__.get("_family", self)
+
+    def relr(self, coefs: tuple, dtype: np.dtype, step: int = 1) -> tuple:
+        """:meth:`coefficients` for ``dtype`` at ``step``, from ``coefs``, those of a
+        Hyper of the same :meth:`family` for the same dtype: only the entries that hold
+        the learning rate are made again (the same bits: each is ``clr`` rounded to the
+        dtype once, as there)."""
+        t = np.dtype(dtype).type
+        clr = self.clr(step)
+        if t is np.float32 and clr >= F32_INF_FROM:
+            return self.coefficients(dtype, step)  # (raises, naming the step's lr)
+        r = t(clr)
+        if coefs[7] & LR_AFTER:
+            return (coefs[0], r, coefs[2], coefs[3], coefs[4], r, coefs[6], coefs[7])
+        return (r, coefs[1], coefs[2], coefs[3], coefs[4], r, coefs[6], coefs[7])
 
     def clr(self, step: int) -> float:
         """Learning rate at ``step`` (counted from 1), torch's ``lr_decay`` rule, in double."""

@@ -322,7 +322,7 @@ class Plan:
 
     __slots__ = ("params", "states", "descrs", "paddr", "haddr", "nbytes", "obj", "meta",
                  "nw", "gaddr", "groups", "threads", "fast", "coef_cache", "gpu", "par",
-                 "chunk", "gkinds", "gmeta")
+                 "chunk", "gkinds", "gmeta", "coef_last")
 
     def __init__(self) -> None:
         self.params: tuple[Any, ...] = ()
@@ -332,6 +332,7 @@ class Plan:
         # (id(hyper), step) -> (hyper, kernel scalars per dtype group, (serial kernel,
         # float scalars) per group): filled by the dispatcher, emptied with the groups
         self.coef_cache: dict[tuple[int, int], tuple[Any, list, list]] = {}
+        self.coef_last: tuple[Any, list, list] | None = None
         self.gpu: Any = None  # the GPU path's cache (fastadagrad.cuda.GpuCache)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy and pickle: empty
@@ -461,6 +462,7 @@ class Plan:
         self.groups, self.threads, self.par = groups, threads, None
         self.chunk = config.CHUNK  # (the tables' span length: a setting read at build)
         self.coef_cache = {}
+        self.coef_last = None  # (the last hit: its groups are these)
 
 
 _NDARRAY = id(np.ndarray)

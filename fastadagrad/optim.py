@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -183,7 +182,8 @@ def _cached_fast(lr: float, eps: float, lr_decay: float, weight_decay: float,
 
 _TODO = object()
 _ND = np.ndarray
-#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel) of the last
+#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel, coefficients:
+#: see D.checked_kernel) of the last
 #: plain call that took the fast path; the float objects themselves are
 #: kept, so ``lr is _LAST[0]`` means the same value (and -0.0 is not 0.0)
 _LAST: tuple = (_TODO,) * 6
@@ -387,7 +387,7 @@ class AdaGrad:
                                  "the host; lr_decay is applied on the device)")
             self._schedule = value
         else:
-            self.hyper = dataclasses.replace(self.hyper, lr=check_hyper("lr", value))
+            self.hyper = self.hyper.with_lr(check_hyper("lr", value))
             self._schedule = None
 
     @property
@@ -406,7 +406,7 @@ class AdaGrad:
             raise type(e)(f"the learning-rate schedule at step {step}: {e} (nothing was "
                           "updated)") from e
         if lr != self.hyper.lr or negative_zero(lr) != negative_zero(self.hyper.lr):
-            self.hyper = dataclasses.replace(self.hyper, lr=lr)  # (-0.0 == 0.0)
+            self.hyper = self.hyper.with_lr(lr)  # (-0.0 == 0.0)
         return self.hyper
 
     def update(self, params: Any, grads: Any, *, grad_scale: float | None = None) -> bool:
@@ -598,8 +598,12 @@ class AdaGrad:
         cached = self._one
         if cached is None or cached[0] is not hyper or cached[1] != step or cached[2] != dt:
             try:
-                fast = D.checked_kernel(hyper, dt, step) if isinstance(dt, np.dtype) \
-                    else None
+                if (cached is not None and cached[3] is not None and cached[2] == dt
+                        and cached[0].family() is hyper.family()):
+                    fast = D.checked_kernel_relr(cached[3], hyper, dt, step)  # new lr
+                else:
+                    fast = D.checked_kernel(hyper, dt, step) if isinstance(
+                        dt, np.dtype) else None
             except ValueError:  # e.g. lr overflows float32: the full path says so
                 fast = None
             cached = self._one = (hyper, step, dt, fast)

@@ -604,6 +604,49 @@ def test_schedule_to_a_zero_of_the_other_sign_is_followed() -> None:
             assert_bits_equal(p["w"], ref["w"], f"step {step}: {first!r} then {second!r}")
 
 
+@pytest.mark.parametrize("model", ["one array", "dict", "mixed dtypes"])
+@pytest.mark.parametrize("rule", [None, "after"])
+@pytest.mark.parametrize("lr_decay", [0.0, 0.3])
+def test_learning_rate_changed_every_step_is_the_reference(model: str, rule: str | None,
+                                                           lr_decay: float) -> None:
+    """A learning rate set before every step (a schedule: only the lr entries of the
+    cached scalars are made again, Hyper.with_lr / relr), through the one-array and
+    the many-array paths, float32 and float64, each placement of lr, with lr_decay:
+    the reference's bits at every step; a value float32 cannot hold raises naming lr,
+    nothing written, and the next good value steps on."""
+    from fastadagrad._hyper import Hyper, Rule
+
+    rng = np.random.default_rng(5)
+    shapes = {"one array": {"w": (64, F32)}, "dict": {"w": (64, F32), "b": (7, F32)},
+              "mixed dtypes": {"w": (64, F32), "b": (7, np.float64)}}[model]
+    p = {k: rng.standard_normal(n).astype(dt) for k, (n, dt) in shapes.items()}
+    ref_p = {k: v.copy() for k, v in p.items()}
+    ref_h = {k: np.zeros_like(v) for k, v in p.items()}
+    r = Rule(lr_placement="after") if rule else Rule()
+    opt = fastadagrad.AdaGrad(lr=0.1, lr_decay=lr_decay, weight_decay=0.01, rule=r)
+    lrs = [0.1, 0.05, 0.0, -0.0, 1e-30, 3e-3, 0.2, 0.2, 1e-3]
+    for step, lr in enumerate(lrs, 1):
+        opt.lr = lr
+        g = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in p.items()}
+        opt.update(p, g)
+        hyper = Hyper.make(lr=lr, lr_decay=lr_decay, weight_decay=0.01, rule=r)
+        for k in p:
+            reference_step(ref_p[k], g[k], ref_h[k], hyper, step)
+            assert_bits_equal(p[k], ref_p[k], f"step {step}, {k}")
+    opt.lr = 1e40  # finite in double, inf in float32 (after lr_decay too)
+    before = {k: v.copy() for k, v in p.items()}
+    with pytest.raises(ValueError, match="lr"):
+        opt.update(p, g)
+    for k in p:
+        assert_bits_equal(p[k], before[k], k)
+    opt.lr = 0.01
+    opt.update(p, g)
+    hyper = Hyper.make(lr=0.01, lr_decay=lr_decay, weight_decay=0.01, rule=r)
+    for k in p:
+        reference_step(ref_p[k], g[k], ref_h[k], hyper, len(lrs) + 1)
+        assert_bits_equal(p[k], ref_p[k], k)
+
+
 @pytest.mark.parametrize("bad,exc", [(-1.0, ValueError), (float("inf"), ValueError),
                                      ("x", TypeError)])
 def test_bad_schedule_value_names_the_step(bad: object, exc: type) -> None:
