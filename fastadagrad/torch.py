@@ -513,8 +513,9 @@ class Adagrad(torch.optim.Adagrad):
             return None
         eps, decay, maximize = group["eps"], group["lr_decay"], group["maximize"]
         # (with their types: 0.1 == np.float32(0.1) == tensor(0.1) and True == 1, but
-        # torch's steps take each differently)
-        return (gi, len(group["params"]), lr, eps, wd, decay, maximize, type(eps),
+        # torch's steps take each differently; lr's value is not one: a scheduler's new
+        # value only needs new scalars, see _repeat_step)
+        return (gi, len(group["params"]), type(lr), eps, wd, decay, maximize, type(eps),
                 type(wd), type(decay), type(maximize), group["fused"], group["foreach"],
                 group["differentiable"], getattr(self, "grad_scale", None) is None,
                 getattr(self, "found_inf", None) is None,
@@ -537,6 +538,18 @@ class Adagrad(torch.optim.Adagrad):
         memo = plan[4]
         if memo[0] is None or memo[0] != self._facts(gi, group):
             return None
+        lr = group["lr"]
+        if lr != memo[4]:  # (a zero's sign is in the facts) a scheduler's new value
+            if memo[2] is _ON_GPU:
+                return None  # (the device path's scalars: the full analysis)
+            try:  # the kernels' scalars again, checked as the full analysis does
+                memo[3] = _coefficients("fused" if memo[2] == "fused" else "vsqrt", lr,
+                                        group["eps"], group["lr_decay"],
+                                        group["weight_decay"], group["maximize"], 1.0,
+                                        bool(group["foreach"]))
+            except (TypeError, ValueError):  # a value only torch's step takes
+                return None
+            memo[4] = lr
         params = group["params"]
         grads = list(map(_get_grad, params))
         if not all(map(_not_none, grads)):
@@ -560,8 +573,11 @@ class Adagrad(torch.optim.Adagrad):
             return functools.partial(_run_then_count, run, count, [*params, *sums])
         # rebuild=False: a parameter or state that changed (its dtype, say, for which the
         # kernel's formula was not checked) takes the full analysis
-        return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
-                         steps=steps, rebuild=False)
+        try:
+            return T.prepare(plan[1], params, grads, sums, memo[1], memo[2], memo[3],
+                             steps=steps, rebuild=False)
+        except (TypeError, ValueError):  # a new lr's scalars that the dtype cannot hold:
+            return None  # the full analysis (torch's step, as without a scheduler)
 
     def _reads_earlier_counters(self) -> set[int]:
         """The param groups with ``lr_decay`` that share a step counter with an earlier
@@ -840,7 +856,7 @@ class Adagrad(torch.optim.Adagrad):
                 run = T.prepare(plan, params, grads, sums, labels, kernels, coefs,
                                 steps=steps)
                 if run is not None and memo is not None:
-                    memo[1:] = [labels, kernels, coefs]
+                    memo[1:] = [labels, kernels, coefs, lr]
                 return run
             # clr depends on each parameter's step: the steps after this increment, in
             # the counters' dtype; each counter once (one shared by two parameters is
@@ -890,7 +906,7 @@ class Adagrad(torch.optim.Adagrad):
         hyper = (_cuda_hyper.__wrapped__ if H.negative_zero(args[0], args[3])
                  else _cuda_hyper)(*args)
         if memo is not None and not lr_decay:
-            memo[1:] = [labels, _ON_GPU, hyper]
+            memo[1:] = [labels, _ON_GPU, hyper, args[0]]
 
         def run() -> None:
             if not lr_decay:  # one learning rate for every parameter

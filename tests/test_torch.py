@@ -2105,7 +2105,7 @@ def test_gpu_repeat_step_checks_the_counters_first(how: str,
         p.grad = torch.ones(4)
     opt.step()
     plan = next(iter(opt._fastadagrad_plans.values()))
-    plan[4][:] = [opt._facts(0, opt.param_groups[0]), plan[4][1], FT._ON_GPU, None]
+    plan[4][:] = [opt._facts(0, opt.param_groups[0]), plan[4][1], FT._ON_GPU, None, 0.1]
     launched: list[int] = []
     monkeypatch.setattr(FT.D, "prepared_update",
                         lambda *a, **k: (lambda: launched.append(1)))
@@ -2285,25 +2285,53 @@ def test_repeated_steps_follow_every_change(mode: str) -> None:
         assert_same(mine, ref, f"step {s}")
 
 
-def test_repeated_steps_skip_the_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second step of an unchanged model does not run the full analysis; a change
-    of a hyperparameter does."""
+@pytest.mark.parametrize("flags", [{"fused": True}, {}], ids=str)
+def test_repeated_steps_skip_the_analysis(monkeypatch: pytest.MonkeyPatch,
+                                          flags: dict) -> None:
+    """The second step of an unchanged model does not run the full analysis, nor does
+    a new learning rate (a scheduler's: only the kernels' scalars are made again, the
+    bits stay torch's); a change of another hyperparameter does."""
     ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4)])]
-    opt = FT.Adagrad(ps, lr=0.1, fused=True)
-    for p, g in zip(ps, _grads(ps, 0)):
-        p.grad = g
-    opt.step()
-    calls = []
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    opt, ropt = FT.Adagrad(ps, lr=0.1, **flags), TORCH_OPT(ref, lr=0.1, **flags)
+
+    seeds = iter(range(100))
+
+    def step() -> None:
+        seed = next(seeds)
+        for o, qs in ((opt, ps), (ropt, ref)):
+            for q, g in zip(qs, _grads(qs, seed)):
+                q.grad = g
+            o.step()
+
+    calls: list[int] = []
+    step()
     full = FT.Adagrad._prepare_cpu
     monkeypatch.setattr(FT.Adagrad, "_prepare_cpu",
                         lambda self, *a, **k: calls.append(1) or full(self, *a, **k))
-    opt.step()
+    step()
     assert calls == []
-    opt.param_groups[0]["lr"] = 0.2
-    opt.step()
+    for lr in (0.2, 0.05, 0.05, 1e-3):
+        opt.param_groups[0]["lr"] = ropt.param_groups[0]["lr"] = lr
+        step()
+        assert calls == []
+        assert_same(ps, ref)
+    opt.param_groups[0]["weight_decay"] = ropt.param_groups[0]["weight_decay"] = 0.1
+    step()
     assert calls == [1]
-    opt.step()
+    step()
     assert calls == [1]
+    assert_same(ps, ref)
+    opt.param_groups[0]["lr"] = ropt.param_groups[0]["lr"] = 3.5e38  # beyond float32:
+    outcomes = []  # torch's outcome (its error, or its bits) with the new scalars
+    for o in (opt, ropt):
+        try:
+            o.step()
+            outcomes.append(None)
+        except RuntimeError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == outcomes[1]
+    assert_same(ps, ref)
 
 
 class _SeenAsCuda(torch.Tensor):
