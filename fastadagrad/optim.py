@@ -196,15 +196,39 @@ _PLAIN: dict[tuple[float, float], list] = {}
 
 def _plain_fast(lr: float, eps: float) -> list | None:
     """:func:`_cached_fast` for float ``lr`` and ``eps`` and every other argument at its
-    default, kept in ``_PLAIN`` (at most 256 pairs, then started again)."""
+    default, kept in ``_PLAIN`` (at most 256 pairs, then started again). A new ``lr``
+    with an ``eps`` seen before (a learning-rate schedule) is made from the last entry
+    of that ``eps``: :meth:`Hyper.with_lr` and the lr entries of its scalars only
+    (18 -> a few us a call)."""
+    key = (eps, math.copysign(1.0, eps))
+    last = _PLAIN_LAST.get(key)
     try:
-        fast = _cached_fast(lr, eps, _ZERO, _ZERO, False, None, None, 1)
+        if last is None:
+            fast = _cached_fast(lr, eps, _ZERO, _ZERO, False, None, None, 1)
+        else:
+            hyper = last[3].with_lr(check_hyper("lr", lr))
+            fast = [_relr_entry(last[0], hyper, _F32), _relr_entry(last[1], hyper, _F64),
+                    None, hyper, 1]
     except (TypeError, ValueError):
         return None
     if len(_PLAIN) >= 256:
         _PLAIN.clear()
-    _PLAIN[(lr, eps)] = fast
+    _PLAIN[(lr, eps)] = _PLAIN_LAST[key] = fast
     return fast
+
+
+def _relr_entry(entry: Any, hyper: Hyper, dtype: np.dtype) -> Any:
+    """A :func:`_cached_fast` entry for ``hyper`` from ``entry``, made for a Hyper of
+    its family for ``dtype`` (see :func:`_dispatch.checked_kernel_relr`)."""
+    if entry is _TODO or entry is None:  # not made yet, or lr did not fit the dtype
+        return _TODO
+    try:
+        return D.checked_kernel_relr(entry, hyper, dtype, 1)
+    except ValueError:  # this lr overflows float32: the full path says so
+        return None
+
+
+_PLAIN_LAST: dict[tuple[float, float], list] = {}  # (eps, its sign) -> newest entry
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 
 

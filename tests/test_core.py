@@ -196,6 +196,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     monkeypatch.setattr(cpu, "kernels", kernels)
     optim._cached_fast.cache_clear()  # cached kernels from before the patch
     optim._PLAIN.clear()
+    optim._PLAIN_LAST.clear()
     return calls
 
 
@@ -301,6 +302,30 @@ def test_grads_the_scan_did_not_know_are_learned(rng, monkeypatch, tmp_path, cas
         opt.update(params, grads)
     for k in params:
         assert_bits_equal(params[k], before[k], k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_functional_call_with_a_new_lr_each_call(rng, dtype):
+    """adagrad_update(lr=...) with a new value at each call (a schedule: the scalars
+    are made from the last call's, only their lr entries again): the reference's bits,
+    float32's overflow still refused naming lr with nothing written, then on again."""
+    p, h = rng.standard_normal(1000).astype(dtype), np.zeros(1000, dtype)
+    ref_p, ref_h = p.copy(), h.copy()
+    eps = 1e-7 + rng.random() * 1e-9  # (a pair of this test's own in the caches)
+    for lr in (0.1, 0.05, 0.0, 0.02, 1e-30, 0.02, 3e-3, 0.5):
+        g = rng.standard_normal(1000).astype(dtype)
+        assert fastadagrad.adagrad_update(p, g, h, lr=lr, eps=eps)
+        reference_step(ref_p, g, ref_h, Hyper.make(lr=lr, eps=eps))
+        assert_bits_equal(p, ref_p, f"lr={lr}")
+        assert_bits_equal(h, ref_h, f"lr={lr}")
+    if dtype == np.float32:
+        before = p.copy()
+        with pytest.raises(ValueError, match="lr"):
+            fastadagrad.adagrad_update(p, g, h, lr=1e39, eps=eps)
+        assert_bits_equal(p, before, "p")
+    fastadagrad.adagrad_update(p, g, h, lr=0.01, eps=eps)
+    reference_step(ref_p, g, ref_h, Hyper.make(lr=0.01, eps=eps))
+    assert_bits_equal(p, ref_p, "after")
 
 
 def test_separate_arrays_take_one_call_per_dtype(rng, monkeypatch):
