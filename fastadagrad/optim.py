@@ -213,6 +213,8 @@ def _plain_fast(lr: float, eps: float) -> list | None:
         return None
     if len(_PLAIN) >= 256:
         _PLAIN.clear()
+    if len(_PLAIN_LAST) >= 64:  # (an eps of its own at every call: bounded too)
+        _PLAIN_LAST.clear()
     _PLAIN[(lr, eps)] = _PLAIN_LAST[key] = fast
     return fast
 
