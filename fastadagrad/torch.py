@@ -107,16 +107,6 @@ from .presets import PRESETS
 
 __all__ = ["Adagrad", "compiled_paths"]
 
-try:  # torch's decorator: grad mode from `differentiable`, graph breaks for dynamo
-    from torch.optim.optimizer import _use_grad_for_differentiable as _use_grad
-except ImportError:  # pragma: no cover - another torch layout
-    def _use_grad(func: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(func)
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with torch.set_grad_enabled(self.defaults["differentiable"]):
-                return func(self, *args, **kwargs)
-        return wrapper
-
 #: torch's implementation, for the tensors the kernels cannot take (a module global so
 #: that tests can check it is not called)
 _torch_step = _torch_adagrad.adagrad
@@ -474,7 +464,6 @@ class Adagrad(torch.optim.Adagrad):
     # torch.compile: a graph break, the step runs as it does eagerly (dynamo would trace
     # into Numba's dispatcher and fail on its first call in a process); ~0.4 us a call
     @torch.compiler.disable
-    @_use_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Perform one optimization step; returns ``closure()``'s loss if given.
 
@@ -496,12 +485,37 @@ class Adagrad(torch.optim.Adagrad):
                   and any(g["lr_decay"] != 0 for g in groups[1:]) else set())
         if any(isinstance(g["lr"], torch.Tensor) for g in groups):
             shared |= self._lr_in_updated_memory()
-        runs = [self._prepare_group(i, group, plans, i in shared)
-                for i, group in enumerate(groups)]
+        runs = None if shared else self._repeat_steps(groups, plans)
+        if runs is None:
+            # torch's grad mode for its steps (and for what the analysis creates): off,
+            # on with differentiable=True, as torch.optim.Adagrad.step sets it. The
+            # repeated steps above run no torch operation that records autograd
+            # history, so they skip the switch (two calls of ~1.3 us)
+            with torch.set_grad_enabled(bool(self.defaults["differentiable"])):
+                runs = [self._prepare_group(i, group, plans, i in shared)
+                        for i, group in enumerate(groups)]
+                for run in runs:
+                    if run is not None:
+                        run()
+            return loss
         for run in runs:
-            if run is not None:
-                run()
+            run()
         return loss
+
+    def _repeat_steps(self, groups: list[dict[str, Any]], plans: dict[int, Any]
+                      ) -> list[Callable[[], None]] | None:
+        """Every group's :meth:`_repeat_step`, validated, or None if one cannot repeat
+        (then every group goes through :meth:`_prepare_group`)."""
+        runs = []
+        for gi, group in enumerate(groups):
+            plan = plans.get(id(group))
+            if plan is None or plan[0] is not group:
+                return None
+            run = self._repeat_step(gi, group, plan)
+            if run is None:
+                return None
+            runs.append(run)
+        return runs
 
     # -- one param group ------------------------------------------------------------
 

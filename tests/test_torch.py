@@ -619,6 +619,51 @@ def test_plan_is_reused_across_steps(no_torch_step: None, monkeypatch: pytest.Mo
     assert len(builds) == 1
 
 
+
+def test_repeated_step_checks_in_one_pass(no_torch_step: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the third step on, a model whose tensors did not change takes the one-pass
+    check of every tensor (``_tensorplan._unchanged``), not the list-by-list one, and
+    gives torch's bits."""
+    slow = []
+    real = _tensorplan._step_calls
+
+    def counting(*a: object, **k: object) -> object:
+        slow.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_tensorplan, "_step_calls", counting)
+    ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (4, 4), (3,)])]
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    opt, ropt = FT.Adagrad(ps, lr=0.1, weight_decay=0.1), TORCH_OPT(ref, lr=0.1,
+                                                                   weight_decay=0.1)
+    for step in range(6):
+        for p, q, g in zip(ps, ref, _grads(ps, step)):
+            p.grad, q.grad = g, g.clone()
+        if step == 2:
+            slow.clear()
+        opt.step()
+        ropt.step()
+    assert slow == []
+    assert_same(ps, ref)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_step_keeps_the_callers_grad_mode(enabled: bool) -> None:
+    """The repeated step runs without switching the grad mode, the others with torch's
+    (off): either way the caller's mode is back after the step, and the update leaves
+    no autograd history on the parameters."""
+    ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (4, 4)])]
+    opt = FT.Adagrad(ps, lr=0.1)
+    for step in range(4):
+        for p, g in zip(ps, _grads(ps, step)):
+            p.grad = g
+        with torch.set_grad_enabled(enabled):
+            opt.step()
+            assert torch.is_grad_enabled() is enabled
+        assert all(p.grad_fn is None and p.is_leaf for p in ps)
+
+
 # ------------------------------------------ dense tensors that are not contiguous
 
 def _conv_net(dtype: torch.dtype) -> torch.nn.Module:
@@ -2044,6 +2089,12 @@ def test_grads_overlap_matches_brute_force(n: int) -> None:
                     for g, b in zip(gaddr.tolist(), nbytes.tolist()) if b
                     for s, e in zip(start.tolist(), end.tolist()) if e > s)
         assert _tensorplan._grads_overlap(plan, gaddr) == brute
+        # step counters: one inside a gradient, or up to 7 bytes before it, is held
+        counters = sorted(rng.integers(980, 1010 + 32 * n, rng.integers(0, 4)).tolist())
+        plan.caddr = (counters, np.array(counters, np.int64))
+        held = any(g - 7 <= c < g + b for g, b in zip(gaddr.tolist(), nbytes.tolist())
+                   if b for c in counters)
+        assert _tensorplan._grads_hold_counters(plan, gaddr) == held
 
 
 def test_thread_count_change_between_steps(no_torch_step: None) -> None:
