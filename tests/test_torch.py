@@ -432,10 +432,13 @@ def test_closure_runs_with_grad_enabled(no_torch_step: None) -> None:
 
 
 @pytest.mark.parametrize("sched", ["step", "lambda", "exp"])
-def test_lr_schedulers(sched: str, no_torch_step: None) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_lr_schedulers(sched: str, mode: str, dtype: torch.dtype, no_torch_step: None
+                       ) -> None:
     def run(cls: type) -> list[torch.Tensor]:
-        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4)])]
-        opt = cls(ps, lr=0.2)
+        ps = [p.requires_grad_() for p in _params(dtype, [(10,), (3, 4)])]
+        opt = cls(ps, lr=0.2, weight_decay=0.1, **MODES[mode])
         s = {"step": lambda: torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.3),
              "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 / (e + 1)),
              "exp": lambda: torch.optim.lr_scheduler.ExponentialLR(opt, 0.7)}[sched]()
@@ -444,6 +447,38 @@ def test_lr_schedulers(sched: str, no_torch_step: None) -> None:
                 p.grad = g
             opt.step()
             s.step()
+        return ps
+
+    assert_same(run(FT.Adagrad), run(TORCH_OPT))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """fused=True with a learning rate changed at every step: the repeated step makes
+    the new scalars from the last ones (``_NewLr``), not a new Hyper, with torch's bits
+    at every step."""
+    made = []
+    real = FT._fused_hyper
+
+    def counting(*a: object) -> object:
+        made.append(a[0])
+        return real(*a)
+
+    counting.__wrapped__ = real.__wrapped__  # type: ignore[attr-defined]
+    monkeypatch.setattr(FT, "_fused_hyper", counting)
+    lrs = [0.2, 0.15, 0.15, 3e-3, 0.0, 1e-30, 0.07, 0.5]
+
+    def run(cls: type) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(dtype, [(10,), (3, 4)])]
+        opt = cls(ps, lr=lrs[0], fused=True, eps=1e-3)
+        for step, lr in enumerate(lrs):
+            opt.param_groups[0]["lr"] = lr
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            opt.step()
+            if cls is FT.Adagrad and step:
+                assert made == [lrs[0]], (step, made)
         return ps
 
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
