@@ -161,7 +161,7 @@ class TensorPlan:
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
                  "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
-                 "chunk", "caddr", "dense_raw", "sok", "scpu")
+                 "chunk", "caddr", "dense_raw", "sok", "scpu", "sdistinct")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -203,6 +203,7 @@ class TensorPlan:
         if calls is not None:
             c = sorted(key[0])  # (for _grads_hold_counters: as a list and an array)
             self.caddr = (c, np.array(c, np.int64))
+            self.sdistinct = len(set(c)) == len(c)  # (no counter for two parameters)
             dts = key[1]
             for dt in sorted(set(dts), key=str):
                 addr = np.fromiter((a for a, d in zip(key[0], dts) if d == dt), np.int64)
@@ -522,6 +523,24 @@ def _step_calls(plan: TensorPlan, steps: Sequence[Any]) -> list[tuple[Any, Any]]
     if skey != plan.skey:
         plan.build_steps(steps, skey)
     return plan.scalls
+
+
+def next_common_step(plan: TensorPlan) -> float | None:
+    """The value every step counter of the plan will hold after its increment, if they
+    all hold one value now (torch's ``step`` for ``lr_decay``: one learning rate for the
+    whole group), else None. Only after :func:`prepare` checked the counters in this
+    call (it reads them through their addresses). None too where two parameters share
+    a counter: torch increments it between their updates, each its own step."""
+    if not plan.sdistinct:
+        return None
+    value = None
+    for proto, addresses in plan.scalls:
+        ok, nxt = cpu.next_common_at(proto, addresses)
+        if not ok or (value is not None and addresses.size and nxt != value):
+            return None
+        if addresses.size:
+            value = nxt
+    return value
 
 
 def _count(scalls: list[tuple[Any, Any]] | None, steps: list[Any] | None = None) -> None:

@@ -500,3 +500,19 @@ def add_one_at(proto, addresses):
     for a in addresses:
         x = _view(a, 1, proto)
         x[0] += 1
+
+
+@jit()
+def next_common_at(proto, addresses):
+    """``(True, x + 1)`` if the ``proto``-dtype numbers at ``addresses`` are all equal
+    to one ``x`` (the sum rounded to the dtype, then widened to float64: the value
+    :func:`add_one_at` will leave), else ``(False, 0.0)``. Read-only."""
+    if addresses.size == 0:
+        return True, 0.0
+    first = _view(addresses[0], 1, proto)[0]
+    for a in addresses:
+        if _view(a, 1, proto)[0] != first:
+            return False, 0.0
+    nxt = np.empty(1, proto.dtype)  # + 1 rounded to the dtype, as add_one_at's store
+    nxt[0] = first + 1
+    return True, np.float64(nxt[0])

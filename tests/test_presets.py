@@ -136,6 +136,28 @@ def test_torch_comparison_detects_each_fma(dtype: type, drop: str) -> None:
     assert _run_vs_torch(dtype, kw, rule, shapes=[(2**12 + 7,), (7,)]) != []
 
 
+def test_fma_lr_decay_is_the_exact_rational_rounded_once() -> None:
+    """``clr`` with ``fma_lr_decay``: lr / ((step - 1) * lr_decay + 1), the denominator
+    exact and rounded once (an FMA), for whole and fractional steps, huge ones, and
+    denominators beyond double range (then torch's clr: 0)."""
+    import math
+    from fractions import Fraction
+
+    rng = np.random.default_rng(5)
+    rule = Rule(fma_lr_decay=True)
+    steps = [1, 2, 3, 10**6 + 1, 2**53 + 1, 2**60, 7.5, 2.0**24, 1e300]
+    for _ in range(3000):
+        lr = float(10 ** rng.uniform(-30, 30))
+        decay = float(rng.choice([0.1, 0.25, 1e-10, rng.random(), 10 ** rng.uniform(-300, 300)]))
+        step = steps[int(rng.integers(len(steps)))]
+        try:
+            want = lr / float(Fraction(step - 1) * Fraction(decay) + 1)
+        except OverflowError:
+            want = lr / math.inf
+        assert Hyper.make(lr=lr, lr_decay=decay, rule=rule).clr(step) == want, (lr, decay,
+                                                                                 step)
+
+
 def test_torch_default_capability_is_the_fma_free_rule() -> None:
     """ATen's DEFAULT (no-AVX) kernel does no FMA: it matches the rule without them."""
     code = textwrap.dedent("""

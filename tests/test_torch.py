@@ -453,6 +453,46 @@ def test_lr_schedulers(sched: str, mode: str, dtype: torch.dtype, no_torch_step:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_lr_decay_steps_repeat(mode: str, dtype: torch.dtype, no_torch_step: None,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``lr_decay`` the learning rate depends on the step: where every counter of
+    the group holds one value, the repeated step reads it after checking the tensors
+    (no full analysis from the third step on); where they differ (a parameter without
+    a gradient at one step lags behind from then on), the full analysis splits the
+    group by step. torch's bits and counters either way, with a scheduler too."""
+    full = []
+    real = FT.Adagrad._prepare_cpu
+
+    def counting(self: object, *a: object, **k: object) -> object:
+        full.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu", counting)
+
+    def run(cls: type, lag: bool) -> tuple[list[torch.Tensor], list[float], int]:
+        ps = [p.requires_grad_() for p in _params(dtype, [(10,), (3, 4), (5,)])]
+        opt = cls(ps, lr=0.3, lr_decay=0.25, weight_decay=0.1, **MODES[mode])
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+        for step in range(7):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = None if lag and step == 3 and p is ps[1] else g
+            if step == 2:
+                full.clear()
+            opt.step()
+            sched.step()
+        return ps + [opt.state[p]["sum"] for p in ps], [float(opt.state[p]["step"])
+                                                         for p in ps], len(full)
+
+    for lag in (False, True):
+        out, steps, analysed = run(FT.Adagrad, lag)
+        ref, rsteps, _ = run(TORCH_OPT, lag)
+        assert_same(out, ref, f"lag={lag}")
+        assert steps == rsteps
+        assert analysed == (4 if lag else 0), (lag, analysed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """fused=True with a learning rate changed at every step: the repeated step makes
