@@ -126,11 +126,14 @@ def _torch_calls(dtype: np.dtype) -> list[tuple[str, Callable[[], Any]]]:
 
     tdt = getattr(torch, dtype.name)
 
-    def step(shapes: dict[str, tuple[int, ...]], flags: dict[str, bool]) -> None:
+    def step(shapes: dict[str, tuple[int, ...]], flags: dict[str, Any], n: int = 1
+             ) -> None:
         ps = [torch.nn.Parameter(torch.ones(s, dtype=tdt)) for s in shapes.values()]
         for p in ps:
             p.grad = torch.full_like(p, 0.5)
-        fat.Adagrad(ps, lr=0.01, **flags).step()
+        opt = fat.Adagrad(ps, lr=0.01, **flags)
+        for _ in range(n):
+            opt.step()
 
     def sparse() -> None:
         emb = torch.nn.Embedding(100, 8, sparse=True, dtype=tdt)
@@ -142,6 +145,9 @@ def _torch_calls(dtype: np.dtype) -> list[tuple[str, Callable[[], Any]]]:
            for name, flags in (("", {}), ("(foreach=True)", {"foreach": True}),
                                ("(fused=True)", {"fused": True}))
            for m, kind in ((SMALL_MODEL, "serial"), (LARGE_MODEL, "parallel"))]
+    # (lr_decay's repeated step reads the step counters with its own compiled call)
+    out.append((f"fastadagrad.torch.Adagrad(lr_decay=0.1), {len(SMALL_MODEL)} tensors, "
+                "3 steps", functools.partial(step, SMALL_MODEL, {"lr_decay": 0.1}, 3)))
     return [*out, ("fastadagrad.torch.Adagrad, sparse nn.Embedding gradient", sparse)]
 
 

@@ -222,11 +222,13 @@ table = np.ones((500, 16), np.float32)
 for rowwise in (False, True):
     fastadagrad.RowAdaGrad(table.copy(), rowwise=rowwise).update(
         np.array([3, 7, 3]), np.full((3, 16), 0.5, np.float32))
-for flags in ({}, {"foreach": True}, {"fused": True}):
+for flags in ({}, {"foreach": True}, {"fused": True}, {"lr_decay": 0.5}):
     ps = [torch.nn.Parameter(torch.ones(s)) for s in ((32, 16), (16,), (16, 4), (4,))]
     for p in ps:
         p.grad = torch.full_like(p, 0.5)
-    fat.Adagrad(ps, lr=0.1, **flags).step()
+    opt = fat.Adagrad(ps, lr=0.1, **flags)
+    for _ in range(3):  # (the repeated steps' own compiled checks)
+        opt.step()
 emb = torch.nn.Embedding(40, 4, sparse=True)
 emb(torch.tensor([5, 1, 5])).sum().backward()
 fat.Adagrad(emb.parameters()).step()
@@ -236,8 +238,8 @@ print(_compile_notice.compile_count())
 
 def test_warmup_rows_and_torch_cover_their_first_steps(tmp_path):
     """`warmup --rows --torch`: a new process's first row updates and torch adapter
-    steps (three flag sets, a sparse embedding) compile nothing (after the plain
-    warm-up they compiled 6 and 17 functions, seconds each)."""
+    steps (three flag sets and lr_decay, repeated; a sparse embedding) compile nothing
+    (after the plain warm-up they compiled 6 and 17 functions, seconds each)."""
     pytest.importorskip("torch")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("FASTADAGRAD_NO_CACHE", None)
@@ -246,7 +248,7 @@ def test_warmup_rows_and_torch_cover_their_first_steps(tmp_path):
                        text=True, check=True)
     lines = r.stdout.splitlines()
     assert sum(ln.startswith("  rows   float32 RowAdaGrad.update") for ln in lines) == 4
-    assert sum(ln.startswith("  torch  float32 fastadagrad.torch.Adagrad") for ln in lines) == 7
+    assert sum(ln.startswith("  torch  float32 fastadagrad.torch.Adagrad") for ln in lines) == 8
     r = subprocess.run([sys.executable, "-c", ROWS_TORCH_CHILD], cwd=ROOT, env=env,
                        capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "0" and "compiling" not in r.stderr, (r.stdout, r.stderr)
