@@ -17,9 +17,11 @@ from . import _hyper as H
 from . import _rounding as R
 from . import config
 from ._arrays import Labels, check_flags, coefficients, cross_overlap, describe, is_cuda_array
+from ._plan import data_addresses
 from ._rounding import check_options  # noqa: F401  (the public modules' way down)
 
 _F32 = np.dtype(np.float32)
+_NO_KEY = (np.uint32(0), np.uint32(0))
 
 
 def _check_host(x: Any, label: str, *, writable: bool) -> np.ndarray:
@@ -28,8 +30,11 @@ def _check_host(x: Any, label: str, *, writable: bool) -> np.ndarray:
     return check_flags(x, label, writable=writable)
 
 
-def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
-    """Check one (param, grad, state[, master]) set: half p and g, float32 h and m."""
+def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels, alone: bool = True
+                      ) -> None:
+    """Check one (param, grad, state[, master]) set: half p and g, float32 h and m.
+    ``alone=False``: the caller checks every array's bytes against every other's
+    (:func:`_check_across`), these among them."""
     _check_host(p, lab.param, writable=True)
     if not R.is_half(p.dtype):
         raise TypeError(f"{lab.param} has dtype {p.dtype}; the half-precision path "
@@ -60,8 +65,8 @@ def check_half_triple(p: Any, g: Any, h: Any, m: Any, lab: Labels) -> None:
         if x.shape != p.shape:
             raise ValueError(f"{label} has shape {x.shape} but {lab.param} has shape "
                              f"{p.shape}; they must match")
-    for i, (a, la, wa) in enumerate(arrays):  # written arrays must alias nothing
-        for b, lb, wb in arrays[i + 1:]:
+    for i, (a, la, wa) in enumerate(arrays if alone else ()):  # written arrays must
+        for b, lb, wb in arrays[i + 1:]:  # alias nothing
             if (wa or wb) and a.size and np.may_share_memory(a, b):
                 raise ValueError(f"{la} and {lb} share memory; a parameter, its state "
                                  "and master copy are updated in place and must not "
@@ -101,9 +106,9 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         raise ValueError("params, grads and states must have the same length")
     tensors = range(n) if tensors is None else tensors
     for i in range(n):
-        check_half_triple(params[i], grads[i], states[i], ms[i], labels[i])
-    if n > 1:  # across tensors too: no written array may alias another tensor's
-        _check_across(params, grads, states, ms, labels)
+        check_half_triple(params[i], grads[i], states[i], ms[i], labels[i], n == 1)
+    if n > 1:  # one sort of every array's bytes: each set's own aliases, and across
+        _check_across(params, grads, states, ms, labels)  # (~3 us a set pair by pair)
     K = _kernels()
     chunk = config.chunk()  # (the parallel kernels' span: checked before any write)
     coefs = coefficients(hyper, _F32, step)
@@ -125,8 +130,9 @@ def prepare(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
                                          "nothing was updated")
     calls = []
     for i, t in zip(range(n), tensors):
-        k0, k1 = R.stream_key(seed, step, t) if seed is not None else (
-            np.uint32(0), np.uint32(0))
+        # (the random stream's key: stochastic rounding only; nearest ignores it)
+        k0, k1 = R.stream_key(seed, step, t) if seed is not None and (
+            rounding == "stochastic") else _NO_KEY
         calls.append((params[i].reshape(-1).view(carriers[i]),
                       grads[i].reshape(-1).view(carriers[i]), states[i].reshape(-1),
                       None if ms[i] is None else ms[i].reshape(-1), k0, k1,
@@ -306,14 +312,17 @@ def _check_model(params: Sequence[Any], grads: Sequence[Any], states: Sequence[A
 def _check_across(params: Sequence[np.ndarray], grads: Sequence[np.ndarray],
                   states: Sequence[np.ndarray], masters: Sequence[Any],
                   labels: Sequence[Labels]) -> None:
-    """Byte ranges of every written array against every other array: one sort."""
-    ranges = []
+    """Byte ranges of every written array against every other array: one sort.
+    (The arrays were checked: exact, C-contiguous NumPy arrays.)"""
+    arrays, about = [], []
     for i in range(len(params)):
         for arr, role, w in ((params[i], "param", True), (grads[i], "grad", False),
                              (states[i], "state", True), (masters[i], "master", True)):
             if arr is not None and arr.size:
-                a = arr.__array_interface__["data"][0]
-                ranges.append((a, a + arr.nbytes, w, i, role))
+                arrays.append(arr)
+                about.append((arr.nbytes, w, i, role))
+    ranges = [(a, a + nb, w, i, role)
+              for a, (nb, w, i, role) in zip(data_addresses(arrays), about)]
     ranges.sort()
     far_w: tuple[int, Any] | None = None
     far_all: tuple[int, Any] | None = None

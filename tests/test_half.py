@@ -516,6 +516,58 @@ def _cross_alias(case, opt, params, grads):
                                               "grads['w']")}[case]
 
 
+def test_data_addresses_are_numpys():
+    from fastadagrad._plan import data_addresses
+
+    arrays = [np.zeros(n, dt) for n, dt in ((5, np.float32), (0, BF16), (3, np.float64),
+                                            (7, np.float16))]
+    arrays.append(np.zeros((4, 6), np.float32)[1:3])  # a view: its own data address
+    for k in (1, 2, len(arrays)):  # (two or fewer: read in Python)
+        assert data_addresses(arrays[:k]) == [a.__array_interface__["data"][0]
+                                              for a in arrays[:k]]
+
+
+@pytest.mark.parametrize("case", ["grad is its own param", "grad over another param",
+                                  "grad is another state", "grad is a master copy",
+                                  "param over another param"])
+def test_class_16bit_model_refuses_aliasing_within_the_group(rng, case):
+    """A model of several 16-bit arrays: one sort of all their byte ranges checks each
+    set's own arrays and the sets against each other (the compiled address read); an
+    alias raises naming both arrays, and nothing changes."""
+    params = {k: rng.standard_normal(s).astype(BF16)
+              for k, s in (("a", (6, 4)), ("b", (24,)), ("c", (3, 8)))}
+    grads = {k: rng.standard_normal(v.shape).astype(BF16) for k, v in params.items()}
+    opt = fastadagrad.AdaGrad(master_weights=True)
+    opt.update(params, grads)
+    if case == "grad is its own param":
+        grads["b"], names = params["b"], ("params['b']", "grads['b']")
+    elif case == "grad over another param":
+        grads["c"] = params["a"].reshape(-1)[:24].reshape(3, 8)
+        names = ("params['a']", "grads['c']")
+    elif case == "grad is another state":
+        grads["b"] = opt.h["a"].reshape(-1)[:12].view(BF16)
+        names = ("state_sum['a']", "grads['b']")
+    elif case == "grad is a master copy":
+        grads["a"] = opt.master["c"].reshape(-1)[:12].view(BF16).reshape(6, 4)
+        names = ("the master copy of params['c']", "grads['a']")
+    else:
+        params["c"] = params["b"].reshape(3, 8)
+        names = ("params['b']", "params['c']")
+    before = {k: v.copy() for k, v in params.items()}
+    h0 = {k: v.copy() for k, v in opt.h.items()}
+    m0 = {k: v.copy() for k, v in opt.master.items()}
+    with pytest.raises(ValueError, match="share memory") as err:
+        opt.update(params, grads)
+    assert all(name in str(err.value) for name in names), str(err.value)
+    for key in params:
+        assert_bits_equal(params[key], before[key], key)
+    for key in opt.h:
+        assert_bits_equal(opt.h[key], h0[key], key)
+    for key in opt.master:
+        assert_bits_equal(opt.master[key], m0[key], key)
+    assert opt.step == 1
+
+
 @pytest.mark.parametrize("case", ["float16 param over float32 param",
                                   "bf16 grad over float32 param",
                                   "float32 grad over bf16 param",
