@@ -89,6 +89,7 @@ import operator
 import os
 import warnings
 from collections.abc import Callable
+from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -637,8 +638,14 @@ class Adagrad(torch.optim.Adagrad):
             coefs, memo[4] = memo[3], lr
         params = group["params"]
         grads = list(map(_get_grad, params))
-        if not all(map(_not_none, grads)):
+        present = list(map(_not_none, grads))
+        if memo[5] is None:  # every parameter had a gradient at the last step
+            if not all(present):
+                return None
+        elif present != memo[5]:  # the same parameters without one as at the last step
             return None
+        else:  # (those are skipped, as torch skips them: the plan holds the others)
+            params, grads = list(compress(params, present)), list(compress(grads, present))
         states = list(map(self.state.__getitem__, params))
         try:
             sums, steps = list(map(_get_sum, states)), list(map(_get_step, states))
@@ -721,7 +728,8 @@ class Adagrad(torch.optim.Adagrad):
         params = group["params"]
         grads = list(map(_get_grad, params))
         index: Any = range(len(params))
-        if not all(map(_not_none, grads)):  # parameters without a gradient are skipped
+        present = list(map(_not_none, grads))
+        if not all(present):  # parameters without a gradient are skipped
             index = [k for k, g in enumerate(grads) if g is not None]
             params, grads = [params[k] for k in index], [grads[k] for k in index]
         if not params:
@@ -800,10 +808,12 @@ class Adagrad(torch.optim.Adagrad):
             memo = plan[4]
             fast = self._prepare_cpu(tplan, params, grads, sums, steps, labels, formula,
                                      group, dtypes,
-                                     memo if isinstance(index, range) else None)
+                                     memo)
             if fast is not None:
                 if len(memo) > 1:  # the next step may skip the decisions above
                     memo[0] = self._facts(gi, group)
+                    # which parameters had a gradient (None: all of them)
+                    memo[5:] = [None if isinstance(index, range) else present]
                 return fast
         # a mix: sort every tensor to the path that can take it. With lr_decay, a step
         # counter shared by two parameters (one listed twice) is incremented between
@@ -863,6 +873,7 @@ class Adagrad(torch.optim.Adagrad):
                 runs.append(torch_update(cuda))
             if len(plan[4]) > 1:  # the next step may skip the decisions above
                 plan[4][0] = self._facts(gi, group)
+                plan[4][5:] = [None]  # (whole: every parameter had a gradient)
 
         def run_all() -> None:
             for r in runs:

@@ -492,6 +492,50 @@ def test_lr_decay_steps_repeat(mode: str, dtype: torch.dtype, no_torch_step: Non
         assert analysed == (4 if lag else 0), (lag, analysed)
 
 
+@pytest.mark.parametrize("lr_decay", [0.0, 0.25])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_parameters_without_gradients_repeat(mode: str, lr_decay: float,
+                                             no_torch_step: None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parameters whose ``.grad`` is None (a frozen layer still in the optimizer) are
+    skipped as torch skips them; while the same ones have none, the repeated step takes
+    the others without the full analysis. A change of which have one goes through the
+    full analysis again. torch's bits and counters throughout."""
+    full = []
+    real = FT.Adagrad._prepare_cpu
+
+    def counting(self: object, *a: object, **k: object) -> object:
+        full.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu", counting)
+    none_at = {0: {0}, 1: {0}, 2: {0}, 3: {0}, 4: {0, 2}, 5: {0, 2}, 6: set(), 7: {0},
+               8: {0}}
+
+    def run(cls: type) -> tuple[list[torch.Tensor], list[float], list[int]]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4), (5,),
+                                                                   (7,)])]
+        opt = cls(ps, lr=0.3, lr_decay=lr_decay, **MODES[mode])
+        analysed = []
+        for step in range(9):
+            for k, (p, g) in enumerate(zip(ps, _grads(ps, step))):
+                p.grad = None if k in none_at[step] else g
+            full.clear()
+            opt.step()
+            analysed.append(len(full))
+        return (ps + [opt.state[p]["sum"] for p in ps if p in opt.state],
+                [float(opt.state[p]["step"]) for p in ps if p in opt.state], analysed)
+
+    out, steps, analysed = run(FT.Adagrad)
+    ref, rsteps, _ = run(TORCH_OPT)
+    assert_same(out, ref)
+    assert steps == rsteps
+    # the first step, and each step after a change of which parameters have gradients;
+    # with lr_decay, also a step whose counters differ (the last: one skipped two steps)
+    want = [1, 0, 0, 0, 1, 0, 1, 1, 0 if lr_decay == 0 else 1]
+    assert analysed == want
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2231,7 +2275,9 @@ def test_gpu_repeat_step_checks_the_counters_first(how: str,
         p.grad = torch.ones(4)
     opt.step()
     plan = next(iter(opt._fastadagrad_plans.values()))
-    plan[4][:] = [opt._facts(0, opt.param_groups[0]), plan[4][1], FT._ON_GPU, None, 0.1]
+    # (facts, labels, the device path's mark, its Hyper, lr, every parameter with a grad)
+    plan[4][:] = [opt._facts(0, opt.param_groups[0]), plan[4][1], FT._ON_GPU, None, 0.1,
+                  None]
     launched: list[int] = []
     monkeypatch.setattr(FT.D, "prepared_update",
                         lambda *a, **k: (lambda: launched.append(1)))
