@@ -161,7 +161,7 @@ class TensorPlan:
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
                  "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
-                 "chunk", "caddr", "dense_raw", "sok", "scpu", "sdistinct")
+                 "chunk", "caddr", "dense_raw", "sok", "scpu", "sdistinct", "gview")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -173,6 +173,9 @@ class TensorPlan:
         self.skey: Any = None
         self.scalls: Any = None
         self.ckey: Any = None
+        #: the gradients' storage sizes and offsets (views) the last step accepted for
+        #: this plan's parameters, or None
+        self.gview: Any = None
 
     def build_steps(self, steps: Sequence[Any], key: Any) -> None:
         """The step counters' increment: (proto, addresses) per dtype, or None when a
@@ -213,7 +216,7 @@ class TensorPlan:
     def build(self, params: Sequence[Any], states: Sequence[Any], labels: Sequence[Any],
               key: Any) -> None:
         n = len(params)
-        self.key = None
+        self.key = self.gview = None  # (gview: checked against other sizes)
         for i in range(n):
             p, h = params[i], states[i]
             for x, label in ((p, labels[i].param), (h, labels[i].state)):
@@ -340,10 +343,11 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         # (~1.4 us for 4 tensors, ~14 us for 100; NumPy's fixed costs were ~5 us)
         room = list(map(_storage_nbytes, map(_storage, grads)))
         offsets = list(map(_offset, grads))
-        if (room != plan.nbytes_list or any(offsets)) and any(map(
-                _lt, map(_sub, room, map(_mul, offsets, plan.itemsize_list)),
-                plan.nbytes_list)):  # views into larger buffers: bytes after the view
-            return None
+        if room != plan.nbytes_list or any(offsets):  # views into larger buffers
+            if any(map(_lt, map(_sub, room, map(_mul, offsets, plan.itemsize_list)),
+                       plan.nbytes_list)):  # (the bytes after each view)
+                return None
+            plan.gview = (room, offsets)  # (for _unchanged: these views hold theirs)
     except (ValueError, RuntimeError):  # RuntimeError: data_ptr() of a sparse tensor,
         return None  # the storage of a tensor without one (NotImplementedError)
     if _grads_overlap(plan, gaddr):  # a gradient sharing memory with what is written
@@ -360,8 +364,9 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                states: Sequence[Any], steps: Sequence[Any] | None) -> np.ndarray | None:
     """The gradients' addresses when the step's tensors are those the plan describes
     (every parameter contiguous when it was built) and the gradients and counters are
-    as they were at the last step: autograd's contiguous gradients, filling their
-    storages, clear of the written memory, and the same counters. None otherwise,
+    as they were at the last step: contiguous gradients filling their storages (as
+    autograd makes them) or views at the offsets, in storages of the sizes, accepted
+    at the last step, clear of the written memory; the same counters. None otherwise,
     with nothing changed (:func:`prepare` then reads everything again, one question at
     a time, and decides). The same checks as that path, for this case, with one pass
     per attribute over all the tensors instead of one per attribute and list (the
@@ -377,12 +382,17 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         metas = list(map(meta, ts[:n] + ts[w:]))
         if ((ptrs[:n], ptrs[n:2 * n], metas[:n], list(map(_state_meta, states)),
              rooms[:n], rooms[n:2 * n]) != plan.key
-                or metas[n:] != metas[:n] or rooms[w:] != plan.nbytes_list
+                or metas[n:] != metas[:n]
                 or not all(map(_contig, ts)) or any(map(_is_neg, ts))
                 or any(map(_is_inference, ts[:w]))):
             return None
         offsets = list(map(_offset, ts[2 * n:]))  # the counters' and the gradients'
-        if any(offsets[w - 2 * n:]):
+        groom, goffsets = rooms[w:], offsets[w - 2 * n:]
+        # autograd's gradients fill their storages from offset 0; views into a larger
+        # buffer (DDP's gradient_as_bucket_view) at the offsets, in storages of the
+        # sizes, that the other path accepted at the last step hold their bytes too
+        if (groom != plan.nbytes_list or any(goffsets)) and plan.gview != (groom,
+                                                                          goffsets):
             return None
         if steps is not None and ((ptrs[2 * n:w], list(map(_dtype, steps)),
                                    list(map(_numel, steps)), rooms[2 * n:w],

@@ -1313,25 +1313,42 @@ def test_storage_freed_or_shrunk_raises_before_writing(which: str, how: str,
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_grads_as_views_of_one_buffer_stay_compiled(mode: str, no_torch_step: None) -> None:
+def test_grads_as_views_of_one_buffer_stay_compiled(mode: str, no_torch_step: None,
+                                                    monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
     """Gradients that are views into one flat buffer (DDP's ``gradient_as_bucket_view``,
     flat-gradient trainers): storage offsets and storages larger than the view pass the
-    per-step storage check, with torch's bits."""
+    per-step storage check, with torch's bits; from the third step on through the
+    one-pass check (views at the offsets and in storages of the sizes accepted at the
+    last step). A buffer shrunk in place under them is refused, nothing written."""
+    slow = []
+    real = _tensorplan._step_calls
+    monkeypatch.setattr(_tensorplan, "_step_calls",
+                        lambda *a, **k: slow.append(1) or real(*a, **k))
     params = _params(torch.float32, [(5, 7), (17,), (3, 16)])
     runs = []
     for cls in (TORCH_OPT, FT.Adagrad):
         ps = [p.clone().requires_grad_() for p in params]
         opt = cls(ps, lr=0.1, **MODES[mode])
         flat = torch.zeros(sum(p.numel() for p in ps) + 5)
-        for s in range(3):
+        for s in range(5):
             off = 5
             for p, g in zip(ps, _grads(params, s)):
                 p.grad = flat[off:off + p.numel()].view(p.shape).copy_(g)
                 off += p.numel()
             assert ps[1].grad.storage_offset() > 0
+            if s == 2:
+                slow.clear()
             opt.step()
+        if cls is FT.Adagrad:
+            assert slow == []
         runs.append([t.detach() for p in ps for t in (p, opt.state[p]["sum"])])
     assert_same(runs[1], runs[0])
+    before = [t.clone() for t in runs[1]]
+    flat.untyped_storage().resize_(4 * (flat.numel() - 10))  # the last view: past its end
+    with pytest.raises(RuntimeError, match="storage"):
+        opt.step()
+    assert_same(runs[1], before)
 
 
 @pytest.mark.parametrize("route", ["grad_scale", "differentiable", "shared step",
