@@ -207,8 +207,9 @@ class Hyper:
             if self.rule.fma_lr_decay:  # exact rational, rounded once (math.fma is 3.13+)
                 # (a/b) * (n/d) + 1 as integers: Python's int / int is correctly
                 # rounded, as float(Fraction(...)) is (~5 us a step with Fraction)
-                k = step - 1
-                a, b = (k, 1) if isinstance(k, int) else float(k).as_integer_ratio()
+                k = step - 1  # (an integer as itself: a float would round above 2^53)
+                a, b = ((int(k), 1) if isinstance(k, (int, np.integer))
+                        else float(k).as_integer_ratio())
                 n, d = float(self.lr_decay).as_integer_ratio()
                 return self.lr / ((a * n + b * d) / (b * d))
             return self.lr / (1.0 + (step - 1) * self.lr_decay)

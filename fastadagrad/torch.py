@@ -357,13 +357,20 @@ def _coefficients(formula: str, lr: Any, eps: float, lr_decay: float,
     if formula == "fused":
         if type(maximize) is not bool:  # torch's fused kernel takes a bool only
             raise TypeError("maximize must be a bool for the fused step")
-        if step != int(step):  # torch's fused kernel uses it as it is
-            raise ValueError(f"step {step} is not a whole number")
+        # torch's CPU kernel reads the counter as a float (``item<float>()``) whatever
+        # its dtype: a float64 count above 2^24 is rounded to float32 first
+        step = float(np.float32(step))
+        if not math.isfinite(step) or step != int(step):  # torch's kernel uses it as it
+            raise ValueError(f"step {step} is not a whole number")  # is: torch's step
         args = (float(lr), float(eps), float(lr_decay), float(weight_decay), bool(maximize))
         # -0.0 == 0.0 and hashes alike: the cache would hand a zero lr or weight decay
         # the other sign, which reaches the bits of a zero parameter
         hyper = (_fused_hyper.__wrapped__ if H.negative_zero(args[0], args[3])
                  else _fused_hyper)(*args)
+        try:
+            hyper.clr(int(step))
+        except ZeroDivisionError:  # (step - 1) * lr_decay == -1: C++'s lr / 0 in
+            raise ValueError("the learning rate's denominator is 0") from None  # torch's
         return functools.partial(D.coefficients, hyper, step=int(step))
     neg_clr = _neg_clr(lr, lr_decay, step, foreach)
     flags = (H.MAXIMIZE if maximize else 0) | (H.WD_COUPLED if weight_decay != 0 else 0)
@@ -549,15 +556,17 @@ class Adagrad(torch.optim.Adagrad):
                   and any(g["lr_decay"] != 0 for g in groups[1:]) else set())
         if any(isinstance(g["lr"], torch.Tensor) for g in groups):
             shared |= self._lr_in_updated_memory()
-        runs = None if shared else self._repeat_steps(groups, plans)
-        if runs is None:
+        runs = [None if i in shared else self._repeated(i, group, plans)
+                for i, group in enumerate(groups)]
+        if None in runs:
             # torch's grad mode for its steps (and for what the analysis creates): off,
             # on with differentiable=True, as torch.optim.Adagrad.step sets it. The
-            # repeated steps above run no torch operation that records autograd
-            # history, so they skip the switch (two calls of ~1.3 us)
+            # repeated steps run no torch operation that records autograd history, so
+            # where every group repeats they skip the switch (two calls of ~1.3 us)
             with torch.set_grad_enabled(bool(self.defaults["differentiable"])):
-                runs = [self._prepare_group(i, group, plans, i in shared)
-                        for i, group in enumerate(groups)]
+                runs = [run if run is not None else
+                        self._prepare_group(i, group, plans, i in shared, tried=True)
+                        for i, (group, run) in enumerate(zip(groups, runs))]
                 for run in runs:
                     if run is not None:
                         run()
@@ -566,20 +575,14 @@ class Adagrad(torch.optim.Adagrad):
             run()
         return loss
 
-    def _repeat_steps(self, groups: list[dict[str, Any]], plans: dict[int, Any]
-                      ) -> list[Callable[[], None]] | None:
-        """Every group's :meth:`_repeat_step`, validated, or None if one cannot repeat
-        (then every group goes through :meth:`_prepare_group`)."""
-        runs = []
-        for gi, group in enumerate(groups):
-            plan = plans.get(id(group))
-            if plan is None or plan[0] is not group:
-                return None
-            run = self._repeat_step(gi, group, plan)
-            if run is None:
-                return None
-            runs.append(run)
-        return runs
+    def _repeated(self, gi: int, group: dict[str, Any], plans: dict[int, Any]
+                  ) -> Callable[[], None] | None:
+        """Group ``gi``'s :meth:`_repeat_step`, validated, or None where it cannot
+        repeat (then :meth:`_prepare_group` takes it, and the others' runs are kept)."""
+        plan = plans.get(id(group))
+        if plan is None or plan[0] is not group:
+            return None
+        return self._repeat_step(gi, group, plan)
 
     # -- one param group ------------------------------------------------------------
 
@@ -716,12 +719,14 @@ class Adagrad(torch.optim.Adagrad):
         return out
 
     def _prepare_group(self, gi: int, group: dict[str, Any], plans: dict[int, Any],
-                       to_torch: bool = False) -> Callable[[], None] | None:
+                       to_torch: bool = False, tried: bool = False
+                       ) -> Callable[[], None] | None:
         """Validate group ``gi`` and return the function that updates it (or None);
-        ``to_torch``: with torch's implementation (checked as on every route to it)."""
+        ``to_torch``: with torch's implementation (checked as on every route to it);
+        ``tried``: :meth:`_repeat_step` returned None for it in this step."""
         plan = plans.get(id(group))
         if plan is not None and plan[0] is group and not to_torch:
-            run = self._repeat_step(gi, group, plan)
+            run = None if tried else self._repeat_step(gi, group, plan)
             if run is not None:
                 return run
             plan[4][:] = [None]  # set again below if this step takes the same path

@@ -145,13 +145,15 @@ def test_fma_lr_decay_is_the_exact_rational_rounded_once() -> None:
 
     rng = np.random.default_rng(5)
     rule = Rule(fma_lr_decay=True)
-    steps = [1, 2, 3, 10**6 + 1, 2**53 + 1, 2**60, 7.5, 2.0**24, 1e300]
+    steps = [1, 2, 3, 10**6 + 1, 2**53 + 1, 2**60, 7.5, 2.0**24, 1e300,
+             np.int64(2**53 + 2), np.int64(2**62 + 2)]  # (NumPy integers: step - 1 exact)
     for _ in range(3000):
         lr = float(10 ** rng.uniform(-30, 30))
         decay = float(rng.choice([0.1, 0.25, 1e-10, rng.random(), 10 ** rng.uniform(-300, 300)]))
         step = steps[int(rng.integers(len(steps)))]
         try:
-            want = lr / float(Fraction(step - 1) * Fraction(decay) + 1)
+            want = lr / float(Fraction(int(step) - 1 if isinstance(step, np.integer)
+                                       else step - 1) * Fraction(decay) + 1)
         except OverflowError:
             want = lr / math.inf
         assert Hyper.make(lr=lr, lr_decay=decay, rule=rule).clr(step) == want, (lr, decay,

@@ -536,6 +536,77 @@ def test_parameters_without_gradients_repeat(mode: str, lr_decay: float,
     assert analysed == want
 
 
+def test_groups_repeat_beside_one_that_cannot(no_torch_step: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group that cannot take the repeated step (a frozen layer's group: no gradient)
+    does not make the others' validated steps be prepared again: one validation per
+    group per step, torch's bits."""
+    def run(cls: type, calls: list[int] | None) -> list[torch.Tensor]:
+        ps = [p.requires_grad_() for p in _params(torch.float32, [(10,), (3, 4), (5,)])]
+        frozen = torch.ones(4, requires_grad=True)
+        opt = cls([{"params": ps}, {"params": [frozen], "lr": 0.5}], lr=0.1)
+        for step in range(5):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            if calls is not None:
+                calls.clear()
+            opt.step()
+        return ps + [frozen]
+
+    real = _tensorplan.prepare
+    calls: list[int] = []
+    monkeypatch.setattr(_tensorplan, "prepare",
+                        lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    out = run(FT.Adagrad, calls)
+    assert calls == [3], calls
+    assert_same(out, run(TORCH_OPT, None))
+
+
+@pytest.mark.parametrize("pdtype", DTYPES)
+def test_fused_reads_a_float64_counter_as_float(pdtype: torch.dtype,
+                                                no_torch_step: None) -> None:
+    """torch's fused CPU kernel reads the step counter as a float32 (``item<float>``)
+    whatever its dtype: a float64 count above 2^24, set by hand, is rounded first."""
+    for k in range(6):
+        out = []
+        for cls in (TORCH_OPT, FT.Adagrad):
+            p = torch.tensor([1.0, -2.0, 3.0], dtype=pdtype, requires_grad=True)
+            opt = cls([p], lr=0.3, lr_decay=0.7, fused=True)
+            opt.state[p]["step"] = torch.tensor(float(2**24 + 2 * k), dtype=torch.float64)
+            opt.state[p]["sum"] = torch.zeros_like(p)
+            for s in range(3):
+                p.grad = torch.full_like(p, 0.5 + s)
+                opt.step()
+            out.append([p.detach(), opt.state[p]["sum"], opt.state[p]["step"]])
+        assert_same(out[1], out[0], f"count 2^24 + {2 * k}")
+
+
+@pytest.mark.parametrize("value, decay", [(float("inf"), 0.5), (-1.0, 1.0),
+                                          (float("nan"), 0.5)])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_counter_beyond_a_finite_learning_rate_is_torchs(value: float, decay: float,
+                                                         mode: str) -> None:
+    """A counter of inf or NaN, or one that makes ``1 + (step - 1) * lr_decay`` zero:
+    torch's outcome (its fused kernel computes lr / 0 or lr / inf in C++; its other
+    paths raise ZeroDivisionError where Python divides by 0), nothing else."""
+    def run(cls: type) -> object:
+        p = torch.tensor([1.0, 2.0], requires_grad=True)
+        opt = cls([p], lr=0.5, lr_decay=decay, **MODES[mode])
+        for s in range(3):
+            p.grad = torch.full_like(p, 1.0 + s)
+            if s == 1:
+                opt.state[p]["step"].fill_(value)
+            try:
+                opt.step()
+            except ZeroDivisionError as e:
+                return type(e), p.detach().clone()
+        return None, p.detach().clone(), opt.state[p]["step"].clone()
+
+    out, ref = run(FT.Adagrad), run(TORCH_OPT)
+    assert out[0] is ref[0]
+    assert_same(list(out[1:]), list(ref[1:]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
