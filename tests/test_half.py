@@ -527,6 +527,23 @@ def test_data_addresses_are_numpys():
                                               for a in arrays[:k]]
 
 
+def _assert_alias_refused(opt, params, grads, names):
+    """The step raises "share memory" naming both arrays; nothing changes."""
+    before = {k: v.copy() for k, v in params.items()}
+    h0 = {k: v.copy() for k, v in opt.h.items()}
+    m0 = {k: v.copy() for k, v in opt.master.items()}
+    with pytest.raises(ValueError, match="share memory") as err:
+        opt.update(params, grads)
+    assert all(name in str(err.value) for name in names), str(err.value)
+    for key in params:
+        assert_bits_equal(params[key], before[key], key)
+    for key in opt.h:
+        assert_bits_equal(opt.h[key], h0[key], key)
+    for key in opt.master:
+        assert_bits_equal(opt.master[key], m0[key], key)
+    assert opt.step == 1
+
+
 @pytest.mark.parametrize("case", ["grad is its own param", "grad over another param",
                                   "grad is another state", "grad is a master copy",
                                   "param over another param"])
@@ -553,19 +570,7 @@ def test_class_16bit_model_refuses_aliasing_within_the_group(rng, case):
     else:
         params["c"] = params["b"].reshape(3, 8)
         names = ("params['b']", "params['c']")
-    before = {k: v.copy() for k, v in params.items()}
-    h0 = {k: v.copy() for k, v in opt.h.items()}
-    m0 = {k: v.copy() for k, v in opt.master.items()}
-    with pytest.raises(ValueError, match="share memory") as err:
-        opt.update(params, grads)
-    assert all(name in str(err.value) for name in names), str(err.value)
-    for key in params:
-        assert_bits_equal(params[key], before[key], key)
-    for key in opt.h:
-        assert_bits_equal(opt.h[key], h0[key], key)
-    for key in opt.master:
-        assert_bits_equal(opt.master[key], m0[key], key)
-    assert opt.step == 1
+    _assert_alias_refused(opt, params, grads, names)
 
 
 @pytest.mark.parametrize("case", ["float16 param over float32 param",
@@ -580,19 +585,7 @@ def test_class_mixed_model_refuses_aliasing_across_groups(rng, case):
     opt = fastadagrad.AdaGrad(master_weights=True)
     opt.update(params, grads)
     names = _cross_alias(case, opt, params, grads)
-    before = {k: v.copy() for k, v in params.items()}
-    h0 = {k: v.copy() for k, v in opt.h.items()}
-    m0 = {k: v.copy() for k, v in opt.master.items()}
-    with pytest.raises(ValueError, match="share memory") as err:
-        opt.update(params, grads)
-    assert all(name in str(err.value) for name in names), str(err.value)
-    for key in params:
-        assert_bits_equal(params[key], before[key], key)
-    for key in opt.h:
-        assert_bits_equal(opt.h[key], h0[key], key)
-    for key in opt.master:
-        assert_bits_equal(opt.master[key], m0[key], key)
-    assert opt.step == 1
+    _assert_alias_refused(opt, params, grads, names)
 
 
 @pytest.mark.parametrize("bad", ["wrong shape", "overflowing lr"])

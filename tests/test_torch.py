@@ -452,6 +452,19 @@ def test_lr_schedulers(sched: str, mode: str, dtype: torch.dtype, no_torch_step:
     assert_same(run(FT.Adagrad), run(TORCH_OPT))
 
 
+def _count_full_analyses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each full analysis of an all-CPU group."""
+    full: list[int] = []
+    real = FT.Adagrad._prepare_cpu
+
+    def counting(self: object, *a: object, **k: object) -> object:
+        full.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu", counting)
+    return full
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_lr_decay_steps_repeat(mode: str, dtype: torch.dtype, no_torch_step: None,
@@ -461,14 +474,7 @@ def test_lr_decay_steps_repeat(mode: str, dtype: torch.dtype, no_torch_step: Non
     (no full analysis from the third step on); where they differ (a parameter without
     a gradient at one step lags behind from then on), the full analysis splits the
     group by step. torch's bits and counters either way, with a scheduler too."""
-    full = []
-    real = FT.Adagrad._prepare_cpu
-
-    def counting(self: object, *a: object, **k: object) -> object:
-        full.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu", counting)
+    full = _count_full_analyses(monkeypatch)
 
     def run(cls: type, lag: bool) -> tuple[list[torch.Tensor], list[float], int]:
         ps = [p.requires_grad_() for p in _params(dtype, [(10,), (3, 4), (5,)])]
@@ -501,14 +507,7 @@ def test_parameters_without_gradients_repeat(mode: str, lr_decay: float,
     skipped as torch skips them; while the same ones have none, the repeated step takes
     the others without the full analysis. A change of which have one goes through the
     full analysis again. torch's bits and counters throughout."""
-    full = []
-    real = FT.Adagrad._prepare_cpu
-
-    def counting(self: object, *a: object, **k: object) -> object:
-        full.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(FT.Adagrad, "_prepare_cpu", counting)
+    full = _count_full_analyses(monkeypatch)
     none_at = {0: {0}, 1: {0}, 2: {0}, 3: {0}, 4: {0, 2}, 5: {0, 2}, 6: set(), 7: {0},
                8: {0}}
 
