@@ -66,6 +66,29 @@ KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 }
 
 
+#: tensor types whose ``__torch_function__`` is torch's own (or disabled, as
+#: ``nn.Parameter``'s): reading their attributes runs no user code
+_HOOKLESS = frozenset((torch.Tensor, torch.nn.Parameter))
+_DISABLED_TF = torch.nn.Parameter.__torch_function__
+_TENSOR_TF = torch.Tensor.__torch_function__.__func__
+
+
+def hookless(tensors: Sequence[Any]) -> bool:
+    """Whether no tensor of ``tensors`` is of a subclass that overrides
+    ``__torch_function__``: reading such a tensor's attributes (its ``data_ptr()``,
+    ``.grad``) runs the subclass's code, which can swap or free the storage of a tensor
+    already checked in this step. Those go to torch's implementation, whose operations
+    read each pointer as they run (and call the override, as torch's steps do)."""
+    types = set(map(type, tensors))
+    if types <= _HOOKLESS:
+        return True
+    for t in types - _HOOKLESS:  # (subclasses: rare; read every time, never cached)
+        f = getattr(t, "__torch_function__", None)
+        if f is not _DISABLED_TF and getattr(f, "__func__", None) is not _TENSOR_TF:
+            return False
+    return True
+
+
 def dense_strides(x: Any) -> tuple[int, ...] | None:
     """The strides of strided tensor ``x`` if its elements fill one block of memory
     with no gaps and no overlap (contiguous, ``channels_last``, any permutation of the
@@ -302,8 +325,10 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         if got is not None:  # (None: read everything again, below, and decide there)
             return _runner(plan, params, states, steps,
                            None if steps is None else plan.scalls,
-                           got, formula, coefficients, count)
+                           got[0], formula, coefficients, count, got[1])
     n = len(params)
+    if not hookless([*params, *states, *grads, *(steps or ())]):
+        return None  # (before any attribute is read: torch's implementation)
     if pmeta is None:
         pmeta = list(map(meta, params))
     # the addresses and metas are read again at every step (a parameter whose storage
@@ -316,10 +341,11 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     # update those): a change rebuilds the plan, which checks every tensor (~7 us per
     # 100 tensors for each read)
     try:
+        stores = list(map(_storage, [*params, *states]))
         key = (list(map(_ptr, params)), list(map(_ptr, states)), pmeta,
                list(map(_state_meta, states)),
-               list(map(_storage_nbytes, map(_storage, params))),
-               list(map(_storage_nbytes, map(_storage, states))))
+               list(map(_storage_nbytes, stores[:n])),
+               list(map(_storage_nbytes, stores[n:])))
         if key != plan.key or not ((all(map(_contig, params)) and all(map(_contig, states)))
                                    if plan.dense is None
                                    else _same_layout(plan, params, states)) or any(
@@ -341,7 +367,8 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         # be read past its end: the mixed path then raises, naming it). Autograd's
         # gradients fill their storages exactly, from offset 0: one list comparison
         # (~1.4 us for 4 tensors, ~14 us for 100; NumPy's fixed costs were ~5 us)
-        room = list(map(_storage_nbytes, map(_storage, grads)))
+        stores += map(_storage, grads)
+        room = list(map(_storage_nbytes, stores[2 * n:]))
         offsets = list(map(_offset, grads))
         if room != plan.nbytes_list or any(offsets):  # views into larger buffers
             if any(map(_lt, map(_sub, room, map(_mul, offsets, plan.itemsize_list)),
@@ -357,16 +384,21 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         return None  # a counter only torch's implementations take
     if scalls is not None and _grads_hold_counters(plan, gaddr):
         return None  # torch's single-tensor step: counted between the reads
-    return _runner(plan, params, states, steps, scalls, gaddr, formula, coefficients, count)
+    if steps is not None:
+        stores += map(_storage, steps)  # (checked by _step_calls: each has one)
+    return _runner(plan, params, states, steps, scalls, gaddr, formula, coefficients, count,
+                   stores)
 
 
 def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
-               states: Sequence[Any], steps: Sequence[Any] | None) -> np.ndarray | None:
-    """The gradients' addresses when the step's tensors are those the plan describes
-    (every parameter contiguous when it was built) and the gradients and counters are
-    as they were at the last step: contiguous gradients filling their storages (as
-    autograd makes them) or views at the offsets, in storages of the sizes, accepted
-    at the last step, clear of the written memory; the same counters. None otherwise,
+               states: Sequence[Any], steps: Sequence[Any] | None
+               ) -> tuple[np.ndarray, list[Any]] | None:
+    """The gradients' addresses and every tensor's storage when the step's tensors are
+    those the plan describes (every parameter contiguous when it was built) and the
+    gradients and counters are as they were at the last step: contiguous gradients
+    filling their storages (as autograd makes them) or views at the offsets, in
+    storages of the sizes, accepted at the last step, clear of the written memory; the
+    same counters. None otherwise,
     with nothing changed (:func:`prepare` then reads everything again, one question at
     a time, and decides). The same checks as that path, for this case, with one pass
     per attribute over all the tensors instead of one per attribute and list (the
@@ -376,9 +408,12 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     ts = [*params, *states] if steps is None else [*params, *states, *steps]
     w = len(ts)
     ts += grads
+    if not hookless(ts):
+        return None
     try:
         ptrs = list(map(_ptr, ts))
-        rooms = list(map(_storage_nbytes, map(_storage, ts)))
+        stores = list(map(_storage, ts))
+        rooms = list(map(_storage_nbytes, stores))
         metas = list(map(meta, ts[:n] + ts[w:]))
         if ((ptrs[:n], ptrs[n:2 * n], metas[:n], list(map(_state_meta, states)),
              rooms[:n], rooms[n:2 * n]) != plan.key
@@ -405,15 +440,19 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     if _grads_check(gaddr, plan.nbytes, plan.wstart, plan.wend,
                     _NONE if steps is None else plan.caddr[1]):
         return None
-    return gaddr
+    return gaddr, stores
 
 
 def _runner(plan: TensorPlan, params: Sequence[Any], states: Sequence[Any],
             steps: Sequence[Any] | None, scalls: Any, gaddr: np.ndarray,
             formula: str | dict[Any, str], coefficients: Callable[[np.dtype], tuple],
-            count: bool) -> Callable[[], None]:
+            count: bool, pins: list[Any]) -> Callable[[], None]:
     """:func:`prepare`'s step, every tensor checked: the compiled calls per dtype
-    group, the counters' increment first (``count``), the autograd versions after."""
+    group, the counters' increment first (``count``), the autograd versions after.
+    ``pins``: the storages of the tensors read and written, as they were checked; the
+    run holds them, so that their memory stays allocated until it has run, whatever
+    code runs before it (the other groups' checks can call a tensor subclass's
+    ``__torch_function__``, which may swap a checked tensor's storage: ``p.data = x``)."""
     threshold = config.PARALLEL_THRESHOLD
     if plan.largest >= threshold:  # below, only serial kernels run: any table serves
         threads = cpu.numba_threads()  # thread-local: the caller may change it
@@ -440,6 +479,7 @@ def _runner(plan: TensorPlan, params: Sequence[Any], states: Sequence[Any],
     written = [*params, *states] if steps is None else [*params, *states, *steps]
 
     def run() -> None:
+        assert pins is not None  # (held until now)
         if scalls is not None:  # torch counts the step before it updates
             _count(scalls)
         for par, ser, args in calls:

@@ -606,6 +606,81 @@ def test_counter_beyond_a_finite_learning_rate_is_torchs(value: float, decay: fl
     assert_same(list(out[1:]), list(ref[1:]))
 
 
+SWAP_DURING_STEP = """
+import os, sys, torch, fastadagrad.torch as FT
+N = 1 << 16
+arm = {"on": False, "victim": None}
+p0 = torch.randn(N, requires_grad=True)
+
+class Swapper(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if arm["on"] and getattr(func, "__name__", "") == sys.argv[2]:
+            arm["on"] = False
+            with torch.no_grad():
+                p0.data = torch.zeros(N)  # p0's checked storage freed here
+            arm["victim"] = torch.zeros(N)  # (likely reuses the freed block)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+e = torch.randn(8).as_subclass(Swapper).requires_grad_()
+groups = [{"params": [p0, e]}] if sys.argv[1] == "one" else [{"params": [p0]},
+                                                             {"params": [e]}]
+opt = FT.Adagrad(groups, lr=0.1)
+for s in range(4):
+    p0.grad, e.grad = torch.ones(N), torch.ones(8)
+    arm["on"] = s == 3
+    opt.step()
+print(int((arm["victim"] != 0).sum()))
+"""
+
+
+@pytest.mark.parametrize("groups, hook", [("two", "__get__"), ("two", "data_ptr"),
+                                          ("one", "data_ptr")])
+def test_subclass_swapping_a_storage_during_the_step(groups: str, hook: str) -> None:
+    """A parameter of a tensor subclass whose ``__torch_function__`` (run when the step
+    reads its ``.grad`` or its address) swaps another parameter's storage after that
+    one was checked: the checked storages are held until the compiled run has written
+    them, and the subclass's own group is torch's step. Was a write into freed memory
+    (SIGSEGV, heap corruption, or a freed block's new owner overwritten)."""
+    r = subprocess.run([sys.executable, "-c", SWAP_DURING_STEP, groups, hook],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert r.stdout.split()[-1] == "0"  # nothing written into the freed block
+
+
+def test_subclass_with_torch_function_takes_torchs_step() -> None:
+    """A parameter subclass that overrides ``__torch_function__`` sees the in-place
+    operations of torch's step (its group is torch's), with torch's bits; a subclass
+    that does not override it stays compiled."""
+    seen: list[str] = []
+
+    class Watched(torch.nn.Parameter):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore
+            seen.append(getattr(func, "__name__", ""))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    class Plain(torch.nn.Parameter):
+        pass
+
+    assert _tensorplan.hookless([Plain(torch.ones(2)), torch.ones(1)])
+    assert not _tensorplan.hookless([torch.ones(1), Watched(torch.ones(2))])
+    out = []
+    for cls in (FT.Adagrad, TORCH_OPT):
+        seen.clear()
+        ps = [Watched(t) for t in _params(torch.float32, [(10,), (3, 4)])]
+        opt = cls(ps, lr=0.1)
+        for step in range(3):
+            for p, g in zip(ps, _grads(ps, step)):
+                p.grad = g
+            opt.step()
+        out.append(([p.detach().as_subclass(torch.Tensor) for p in ps], sorted(set(seen))))
+    assert_same(out[0][0], out[1][0])
+    assert "addcdiv_" in out[0][1], out[0][1]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
