@@ -951,6 +951,13 @@ class Adagrad(torch.optim.Adagrad):
         if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
             return None  # torch reads it on the device; leave that to torch
         foreach = bool(group["foreach"])  # (None on CPU tensors: the single-tensor step)
+        if foreach and isinstance(lr, torch.Tensor) and any(
+                p.dim() == 0 and torch.promote_types(p.dtype, lr.dtype) != p.dtype
+                for p in params):
+            # torch's _foreach_mul(grads, -clr) multiplies two 0-dim tensors there: type
+            # promotion computes g * -clr in the lr's wider dtype, rounded once (the
+            # kernels round -clr to the parameter's dtype first): torch's step
+            return None
         try:
             if lr_decay == 0:  # clr does not depend on the step
                 coefs = _coefficients(formula, lr, args[0], *args[1:], 1.0, foreach)

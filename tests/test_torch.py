@@ -681,6 +681,25 @@ def test_subclass_with_torch_function_takes_torchs_step() -> None:
     assert "addcdiv_" in out[0][1], out[0][1]
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (3,)])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_zero_dim_param_with_a_wider_tensor_lr(mode: str, shape: tuple) -> None:
+    """A 0-dim float32 parameter (a learned scale) with a float64 tensor ``lr``: with
+    ``foreach=True`` torch multiplies two 0-dim tensors, so type promotion computes
+    ``g * -clr`` in float64 and rounds once; torch's bits with every flag set."""
+    def run(cls: type, seed: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        p = torch.randn(shape, generator=g).requires_grad_()
+        opt = cls([p], lr=torch.tensor(0.05, dtype=torch.float64), **MODES[mode])
+        for _ in range(4):
+            p.grad = torch.randn(shape, generator=g)
+            opt.step()
+        return [p.detach(), opt.state[p]["sum"]]
+
+    for seed in range(40):
+        assert_same(run(FT.Adagrad, seed), run(TORCH_OPT, seed), f"seed {seed}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_scheduler_makes_no_new_hyper(dtype: torch.dtype, no_torch_step: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
