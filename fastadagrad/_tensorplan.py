@@ -398,11 +398,11 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     gradients and counters are as they were at the last step: contiguous gradients
     filling their storages (as autograd makes them) or views at the offsets, in
     storages of the sizes, accepted at the last step, clear of the written memory; the
-    same counters. None otherwise,
-    with nothing changed (:func:`prepare` then reads everything again, one question at
-    a time, and decides). The same checks as that path, for this case, with one pass
-    per attribute over all the tensors instead of one per attribute and list (the
-    fixed cost of ~25 passes was half a small model's overhead)."""
+    same counters. None otherwise, with nothing changed (:func:`prepare` then reads
+    everything again, one question at a time, and decides). The same checks as that
+    path, for this case, with one pass per attribute over all the tensors instead of
+    one per attribute and list (the fixed cost of ~25 passes was half a small model's
+    overhead). Tensors of a subclass with a ``__torch_function__`` are left to it."""
     n = len(params)
     # the tensors written (parameters, states, counters), then the gradients
     ts = [*params, *states] if steps is None else [*params, *states, *steps]
