@@ -207,3 +207,27 @@ def test_special_values_keep_the_reference_bits(dtype, rule, eps):
     cpu.kernels(coefs[-1]).span(p2, g, h2, *(float(x) for x in coefs[:-1]))
     assert_bits_equal(h2, h1)
     assert_bits_equal(p2, p1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_counter_kernels_match_python(dtype):
+    """``add_one_at`` and ``next_common_at`` (the torch adapter's step counters, one
+    number at each address) against the same arithmetic in NumPy: + 1 rounded to the
+    counters' dtype (float32 stops at 2^24), a common value or none, read-only."""
+    proto = np.empty(0, dtype)
+    for values in ([3.0, 3.0, 3.0], [2.0**24, 2.0**24], [2.0**24 - 1] * 4, [5.0],
+                   [1.0, 2.0], [7.0, 7.0, 8.0], []):
+        buf = np.array(values, dtype)
+        addresses = np.array([buf.ctypes.data + i * buf.itemsize for i in range(buf.size)],
+                             np.int64)
+        before = buf.copy()
+        ok, nxt = cpu.next_common_at(proto, addresses)
+        assert_bits_equal(buf, before)  # (read-only)
+        same = len(set(values)) <= 1
+        assert ok == same
+        if same and values:
+            assert nxt == float(dtype(values[0]) + dtype(1))
+        cpu.add_one_at(proto, addresses)
+        assert_bits_equal(buf, (before + dtype(1)).astype(dtype))
+        if same and values:
+            assert float(buf[0]) == nxt  # the value the increment leaves
