@@ -478,8 +478,7 @@ def _runner(plan: TensorPlan, params: Sequence[Any], states: Sequence[Any],
         steps = scalls = None
     written = [*params, *states] if steps is None else [*params, *states, *steps]
 
-    def run() -> None:
-        assert pins is not None  # (held until now)
+    def run(pins: list[Any] = pins) -> None:  # (a default: held, even under -O)
         if scalls is not None:  # torch counts the step before it updates
             _count(scalls)
         for par, ser, args in calls:

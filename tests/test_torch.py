@@ -635,15 +635,18 @@ print(int((arm["victim"] != 0).sum()))
 """
 
 
-@pytest.mark.parametrize("groups, hook", [("two", "__get__"), ("two", "data_ptr"),
-                                          ("one", "data_ptr")])
-def test_subclass_swapping_a_storage_during_the_step(groups: str, hook: str) -> None:
+@pytest.mark.parametrize("groups, hook, optimize", [
+    ("two", "__get__", False), ("two", "data_ptr", False), ("one", "data_ptr", False),
+    ("two", "__get__", True)])  # (python -O: the run must still hold the storages)
+def test_subclass_swapping_a_storage_during_the_step(groups: str, hook: str,
+                                                    optimize: bool) -> None:
     """A parameter of a tensor subclass whose ``__torch_function__`` (run when the step
     reads its ``.grad`` or its address) swaps another parameter's storage after that
     one was checked: the checked storages are held until the compiled run has written
     them, and the subclass's own group is torch's step. Was a write into freed memory
     (SIGSEGV, heap corruption, or a freed block's new owner overwritten)."""
-    r = subprocess.run([sys.executable, "-c", SWAP_DURING_STEP, groups, hook],
+    r = subprocess.run([sys.executable, *(["-O"] if optimize else []), "-c",
+                        SWAP_DURING_STEP, groups, hook],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert r.stdout.split()[-1] == "0"  # nothing written into the freed block
