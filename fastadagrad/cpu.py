@@ -143,7 +143,7 @@ def _checked_span(p, g, h, c, threshold, flags):  # type: ignore[no-untyped-def]
     """Typing stub of the checked functional update (see :func:`_checked_span_impl`)."""
 
 
-@overload(_checked_span, jit_options={"error_model": "numpy"})
+@overload(_checked_span, inline="always", jit_options={"error_model": "numpy"})
 def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped-def]
     """One serial step on three arrays, checked inside the compiled call.
 
