@@ -265,7 +265,8 @@ def fast_kernel(p: np.ndarray, g: np.ndarray, h: np.ndarray, serial: bool = Fals
     table = np.array([float(x) for x in coefs[:7]], np.float64)
     if serial:
         never = np.iinfo(np.int64).max
-        return lambda: k.checked_span(p, g, h, table, never)
+        lr = float(table[5])  # the step's learning rate: the kernel's own argument
+        return lambda: k.checked_span(p, g, h, table, lr, never)
     return lambda: k.flat_parallel(p, g, h, table)
 
 

@@ -170,6 +170,7 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
     a, b, ei, eo, wd, lw, gs = coefficients(p.dtype)
     a_, b_, ei_, eo_, wd_, lw_, gs_ = coefficients(p.dtype, floats=False)
     table = np.array([a, b, ei, eo, wd, lw, gs], np.float64)
+    lr_ = lw  # the learning rate, as the checked kernel takes it (a float)
     never = np.iinfo(np.int64).max
     shipped = config.PARALLEL_THRESHOLD
 
@@ -190,7 +191,7 @@ def kernel_calls(p: np.ndarray, g: np.ndarray, h: np.ndarray
         "plain numba without division": lambda: without_division(*q, lr, eps),
         # the serial kernel adagrad_update runs (checked_span: the compiled checks, then
         # the loop), here with the parallel hand-off switched off
-        "fastadagrad serial kernel": lambda: k.checked_span(p, g, h, table, never),
+        "fastadagrad serial kernel": lambda: k.checked_span(p, g, h, table, lr_, never),
         "fastadagrad serial kernel, NumPy-scalar coefficients":
             lambda: k.span(p, g, h, a_, b_, ei_, eo_, wd_, lw_, gs_),
         "plain numba serial": lambda: plain_serial(p, g, h, lr, eps),
@@ -309,7 +310,8 @@ def option_calls(name: str, p: np.ndarray, g: np.ndarray, h: np.ndarray, serial:
     if serial:
         never = np.iinfo(np.int64).max
         plain = opt.serial
-        return {OPTION_PAIR[0]: lambda: k.checked_span(p, g, h, table, never),
+        lr = float(table[5])  # the learning rate, as the checked kernel takes it
+        return {OPTION_PAIR[0]: lambda: k.checked_span(p, g, h, table, lr, never),
                 OPTION_PAIR[1]: lambda: plain(p, g, h, *s)}
     par = opt.parallel
     return {OPTION_PAIR[0]: lambda: k.flat_parallel(p, g, h, table),

@@ -8,6 +8,7 @@ write: an error leaves every input bit-unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -139,56 +140,79 @@ _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
 def checked_kernel(hyper: H.Hyper, dtype: np.dtype, step: int) -> tuple | None:
     """What :func:`update_one_fast` needs for ``hyper``'s formula on ``dtype`` at
     ``step``: ``(checked serial kernel, coefficients as a float64 array, parallel
-    kernel, the coefficients as dtype scalars)`` (both kernels take the array and
-    round its values to the array dtype: the same bits as dtype scalars); or None for a
-    dtype the kernels do not take. Raises like
-    :meth:`Hyper.coefficients` (a float32 overflow). Meant to be cached by the caller
-    per set of hyperparameters."""
+    kernel, the coefficients as dtype scalars, the step's learning rate (a float), the
+    bound a learning rate must stay below on this dtype)`` (both kernels take the array
+    and round its values to the array dtype: the same bits as dtype scalars); or None
+    for a dtype the kernels do not take. Raises like :meth:`Hyper.coefficients` (a
+    float32 overflow). Meant to be cached by the caller per set of hyperparameters; a
+    schedule's new learning rate needs no new entry (:func:`update_one_fast`'s ``lr``).
+    """
     if dtype != _F32 and dtype != _F64:  # (an equal dtype object from pickle too)
         return None
     coefs = coefficients(hyper, dtype, step)
     k = cpu.kernels(coefs[7])
     table = np.array([float(c) for c in coefs[:7]], np.float64)
     table.flags.writeable = False  # shared by every call with these hyperparameters
-    return k.checked_span, table, k.flat_parallel, coefs
+    return (k.checked_span, table, k.flat_parallel, coefs, float(hyper.clr(step)),
+            H.F32_INF_FROM if dtype == _F32 else math.inf)
 
 
 def checked_kernel_relr(fast: tuple, hyper: H.Hyper, dtype: np.dtype, step: int
                         ) -> tuple:
     """:func:`checked_kernel` for ``hyper`` from ``fast``, made by it for a Hyper of
     the same family (:meth:`Hyper.with_lr`: only ``lr`` differs) and dtype: the
-    kernels kept, the learning rate's entries replaced (a learning-rate schedule's
-    step: ~1 us where the whole set took ~5)."""
+    kernels kept, the learning rate's entries replaced (~1 us where the whole set took
+    ~5)."""
     coefs = hyper.relr(fast[3], dtype, step)
-    table = fast[1].copy()  # (entries 0, 1 and 5 hold the learning rate)
-    table[0], table[1], table[5] = coefs[0], coefs[1], coefs[5]
-    table.flags.writeable = False
-    return fast[0], table, fast[2], coefs
+    return fast[0], _lr_table(fast[1], coefs), fast[2], coefs, float(hyper.clr(step)), \
+        fast[5]
 
 
-def update_one_fast(p: Any, g: Any, h: Any, fast: tuple) -> bool:
+def _lr_table(table: np.ndarray, coefs: tuple) -> np.ndarray:
+    """``table`` with the learning-rate entries (0, 1 and 5) of ``coefs``."""
+    new = table.copy()
+    new[0], new[1], new[5] = coefs[0], coefs[1], coefs[5]
+    new.flags.writeable = False
+    return new
+
+
+def update_one_fast(p: Any, g: Any, h: Any, fast: tuple, lr: float | None = None) -> bool:
     """The functional update on three NumPy arrays, checked in compiled code.
 
-    ``fast`` from :func:`checked_kernel` for ``p.dtype``. True if the step was applied:
-    by the checked serial kernel itself, or, for arrays at or above the parallel
-    threshold that it checked, by the parallel kernel. False means nothing was written:
-    not three plain C-contiguous float arrays of one dtype and shape, or overlapping
-    arrays; the caller then takes :func:`update`, which raises naming the problem. For
-    nonfinite="ignore" only.
+    ``fast`` from :func:`checked_kernel` for ``p.dtype``; ``lr``: the step's learning
+    rate (``clr``) where it is not ``fast``'s own: a float, finite, >= 0 and below
+    ``fast[5]`` (the caller checks; a float32 overflow must take the full path, which
+    raises). True if the step was applied: by the checked serial kernel itself, or, for
+    arrays at or above the parallel threshold that it checked, by the parallel kernel.
+    False means nothing was written: not three plain C-contiguous float arrays of one
+    dtype and shape, or overlapping arrays; the caller then takes :func:`update`, which
+    raises naming the problem. For nonfinite="ignore" only.
     """
     if type(p) is not np.ndarray or type(g) is not np.ndarray or type(h) is not np.ndarray:
         return False
-    kernel, table, parallel = fast[0], fast[1], fast[2]
+    if lr is None:
+        lr = fast[4]
     try:
-        code = kernel(p, g, h, table, config.PARALLEL_THRESHOLD)
+        code = fast[0](p, g, h, fast[1], lr, config.PARALLEL_THRESHOLD)
     except Exception:  # Numba cannot type an argument (e.g. a byte-swapped dtype):
         return False  # nothing ran; the full path says what is wrong
     if code == 0:
         return True
     if code == 4:  # checked; large enough for all threads
-        run_parallel_checked(p, g, h, parallel, table)
+        run_parallel_checked(p, g, h, fast[2], table_at(fast, lr))
         return True
     return False
+
+
+def table_at(fast: tuple, lr: float) -> np.ndarray:
+    """``fast``'s coefficient table with learning rate ``lr`` (the parallel kernel
+    reads it from the table; only large arrays get there, where a copy is nothing)."""
+    if lr is fast[4]:
+        return fast[1]
+    t = type(fast[3][0])
+    r = t(lr)
+    return _lr_table(fast[1], (t(1.0), r, 0, 0, 0, r) if fast[3][7] & H.LR_AFTER
+                     else (r, t(1.0), 0, 0, 0, r))
 
 
 def run_parallel_checked(p: np.ndarray, g: np.ndarray, h: np.ndarray,

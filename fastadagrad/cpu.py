@@ -139,12 +139,12 @@ def _nonfinite_at(g, i, grad_scale, flags):
     return np.int32(not math.isfinite(x))
 
 
-def _checked_span(p, g, h, c, threshold, flags):  # type: ignore[no-untyped-def]
+def _checked_span(p, g, h, c, lr, threshold, flags):  # type: ignore[no-untyped-def]
     """Typing stub of the checked functional update (see :func:`_checked_span_impl`)."""
 
 
 @overload(_checked_span, inline="always", jit_options={"error_model": "numpy"})
-def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped-def]
+def _checked_span_impl(p, g, h, c, lr, threshold, flags):  # type: ignore[no-untyped-def]
     """One serial step on three arrays, checked inside the compiled call.
 
     What the Python validator would check, without it (its ~10 us per call were 5-10x
@@ -154,6 +154,11 @@ def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped
     must match (2) and no two arrays may overlap (3). ``c`` holds the seven coefficients
     as float64 (``lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale``): one array
     argument instead of seven floats is ~0.1-0.15 us less of dispatcher work per call.
+    The learning rate comes apart, as ``lr`` (a float: the step's ``clr``, rounded to
+    the array dtype here, as the table's entries are), and takes the place of the
+    table's three learning-rate entries: a learning-rate schedule changes only this
+    argument (a new table per step cost ~1.5 us of a ~1 us call). The caller checks
+    that ``lr`` is finite, >= 0 and, for float32, below float32's overflow threshold.
     At or above ``config.parallel_from(itemsize)`` of ``threshold``
     (``config.PARALLEL_THRESHOLD``), it returns 4 having checked everything but updated
     nothing (the caller runs the parallel kernel). Returns 0 after the update; codes 1-3
@@ -166,10 +171,10 @@ def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped
           and p.ndim == g.ndim == h.ndim and p.mutable and h.mutable
           and isinstance(c, types.Array) and c.dtype == types.float64 and c.ndim == 1
           and c.layout == "C")
-    if not ok:
-        return lambda p, g, h, c, threshold, flags: 1
+    if not ok or not isinstance(lr, types.Float):
+        return lambda p, g, h, c, lr, threshold, flags: 1
 
-    def impl(p, g, h, c, threshold, flags):
+    def impl(p, g, h, c, lr, threshold, flags):
         if p.shape != g.shape or p.shape != h.shape or c.size != 7:
             return 2
         n = p.size
@@ -183,10 +188,13 @@ def _checked_span_impl(p, g, h, c, threshold, flags):  # type: ignore[no-untyped
         # flat views of the C-contiguous arrays (``reshape(n)``, whose implementation
         # is compiled apart, made the cached kernel import numba.np.arrayobj on loading)
         pf, gf, hf = _view(pa, n, p), _view(ga, n, g), _view(ha, n, h)
-        lr_num, lr_after, eps_in, eps_out, wd, lr_wd, grad_scale = (
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6])
+        eps_in, eps_out, wd, grad_scale = c[2], c[3], c[4], c[6]
+        if flags & H.LR_AFTER:  # (the table's entries 0, 1 and 5, from lr)
+            lr_num, lr_after = 1.0, lr
+        else:
+            lr_num, lr_after = lr, 1.0
         for i in range(n):
-            _update_at(pf, gf, hf, i, lr_num, lr_after, eps_in, eps_out, wd, lr_wd,
+            _update_at(pf, gf, hf, i, lr_num, lr_after, eps_in, eps_out, wd, lr,
                        grad_scale, flags)
         return 0
 
@@ -246,8 +254,8 @@ def _build(flags: int) -> Kernels:
                       lr_after, eps_in, eps_out, wd, lr_wd, grad_scale, F)
 
     @jit(error_model="numpy")
-    def checked_span(p, g, h, c, threshold):
-        return _checked_span(p, g, h, c, threshold, F)
+    def checked_span(p, g, h, c, lr, threshold):
+        return _checked_span(p, g, h, c, lr, threshold, F)
 
     if S != F:  # the check kernels are shared by every flag set with the same S
         k = kernels(S)

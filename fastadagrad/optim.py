@@ -42,17 +42,22 @@ def adagrad_update(param: Any, grad: Any, state_sum: Any, *, lr: float = 0.01,
     # compiled checked kernel is called straight away: 2^10 f32, 1.47 -> 1.01 us
     # against 0.70 us for the bare kernel (2-core AMD EPYC, interleaved; `make bench`:
     # 1.43x, bench/results/cpu.md).
+    # A new float lr (a schedule) with that eps takes the same call: the kernel takes
+    # the learning rate as an argument (checked here as check_hyper would, and below
+    # float32's overflow threshold for float32: last[8]); 5.8 -> ~1 us a call.
     last = _LAST
-    if (not options and lr is last[0] and eps is last[1] and type(param) is _ND
-            and param.dtype is last[2] and type(grad) is _ND and type(state_sum) is _ND):
+    if (not options and eps is last[1] and type(param) is _ND and param.dtype is last[2]
+            and type(grad) is _ND and type(state_sum) is _ND
+            and (lr is last[0] or (type(lr) is float and 0.0 <= lr < last[8]))):
         try:
-            code = last[3](param, grad, state_sum, last[4], config.PARALLEL_THRESHOLD)
+            code = last[3](param, grad, state_sum, last[4], lr, config.PARALLEL_THRESHOLD)
         except Exception:  # Numba cannot type an argument: the full path says why
             code = 1
         if code == 0:
             return True
         if code == 4:  # checked; large enough for all threads
-            D.run_parallel_checked(param, grad, state_sum, last[5], last[4])
+            D.run_parallel_checked(param, grad, state_sum, last[5],
+                                   last[4] if lr is last[0] else D.table_at(last[3:], lr))
             return True
     elif options and not options.keys() <= _OPTIONS:
         bad = min(options.keys() - _OPTIONS)
@@ -182,8 +187,8 @@ def _cached_fast(lr: float, eps: float, lr_decay: float, weight_decay: float,
 
 _TODO = object()
 _ND = np.ndarray
-#: (lr, eps, dtype, checked kernel, coefficient table, parallel kernel, coefficients:
-#: see D.checked_kernel) of the last
+#: (lr, eps, dtype, then D.checked_kernel's tuple: checked kernel, coefficient table,
+#: parallel kernel, coefficients, learning rate, learning-rate bound) of the last
 #: plain call that took the fast path; the float objects themselves are
 #: kept, so ``lr is _LAST[0]`` means the same value (and -0.0 is not 0.0)
 _LAST: tuple = (_TODO,) * 6
@@ -622,18 +627,23 @@ class AdaGrad:
         step = self.step + 1 if hyper.lr_decay else 1
         dt = getattr(p, "dtype", None)
         cached = self._one
+        lr = None
         if cached is None or cached[0] is not hyper or cached[1] != step or cached[2] != dt:
-            try:
-                if (cached is not None and cached[3] is not None and cached[2] == dt
-                        and cached[0].family() is hyper.family()):
-                    fast = D.checked_kernel_relr(cached[3], hyper, dt, step)  # new lr
-                else:
+            if (cached is not None and cached[3] is not None and cached[2] == dt
+                    and cached[0].family() is hyper.family()):
+                # only the learning rate differs (a schedule, lr_decay's next step): the
+                # same kernel and table, the rate as the kernel's argument
+                lr = float(hyper.clr(step))
+                if not lr < cached[3][5]:
+                    return False  # (overflows float32: the full path raises, naming it)
+            else:
+                try:
                     fast = D.checked_kernel(hyper, dt, step) if isinstance(
                         dt, np.dtype) else None
-            except ValueError:  # e.g. lr overflows float32: the full path says so
-                fast = None
-            cached = self._one = (hyper, step, dt, fast)
-        return cached[3] is not None and D.update_one_fast(p, g, h, cached[3])
+                except ValueError:  # e.g. lr overflows float32: the full path says so
+                    fast = None
+                cached = self._one = (hyper, step, dt, fast)
+        return cached[3] is not None and D.update_one_fast(p, g, h, cached[3], lr)
 
     def _new_state(self, params: Any, keys: list[Any], plist: list[Any]
                    ) -> tuple[Any, list[FlatBuffer]]:

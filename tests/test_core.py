@@ -304,25 +304,45 @@ def test_grads_the_scan_did_not_know_are_learned(rng, monkeypatch, tmp_path, cas
         assert_bits_equal(params[k], before[k], k)
 
 
+@pytest.mark.parametrize("n", [1000, config.PARALLEL_THRESHOLD + 5])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_functional_call_with_a_new_lr_each_call(rng, dtype):
-    """adagrad_update(lr=...) with a new value at each call (a schedule: the scalars
-    are made from the last call's, only their lr entries again): the reference's bits,
-    float32's overflow still refused naming lr with nothing written, then on again."""
-    p, h = rng.standard_normal(1000).astype(dtype), np.zeros(1000, dtype)
+def test_functional_call_with_a_new_lr_each_call(rng, dtype, n, monkeypatch):
+    """adagrad_update(lr=...) with a new value at each call (a schedule: the compiled
+    checked call takes the learning rate as its own argument, the parallel kernel a
+    table made for it): the reference's bits, serial and parallel, -0.0's sign
+    included, without the full path; a value the check refuses (NaN, inf, negative,
+    beyond float32) still takes the full path, which raises naming lr with nothing
+    written; then on again."""
+    from fastadagrad import optim
+
+    full = [0]
+    real = optim._adagrad_update
+
+    def counting(*a, **kw):
+        full[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(optim, "_adagrad_update", counting)
+    p, h = rng.standard_normal(n).astype(dtype), np.zeros(n, dtype)
+    p[:3] = (-0.0, 0.0, -0.0)
     ref_p, ref_h = p.copy(), h.copy()
     eps = 1e-7 + rng.random() * 1e-9  # (a pair of this test's own in the caches)
-    for lr in (0.1, 0.05, 0.0, 0.02, 1e-30, 0.02, 3e-3, 0.5):
-        g = rng.standard_normal(1000).astype(dtype)
+    lrs = (0.1, 0.05, 0.0, -0.0, 0.02, 1e-30, 0.02, 3e-3, 0.5)
+    for lr in lrs:
+        g = rng.standard_normal(n).astype(dtype)
+        g[:3] = 0.5
         assert fastadagrad.adagrad_update(p, g, h, lr=lr, eps=eps)
         reference_step(ref_p, g, ref_h, Hyper.make(lr=lr, eps=eps))
         assert_bits_equal(p, ref_p, f"lr={lr}")
         assert_bits_equal(h, ref_h, f"lr={lr}")
-    if dtype == np.float32:
-        before = p.copy()
+    assert full[0] <= 1  # (the first call with this eps)
+    before = p.copy(), h.copy()
+    bad = [math.nan, math.inf, -1.0] + ([1e39] if dtype == np.float32 else [])
+    for lr in bad:
         with pytest.raises(ValueError, match="lr"):
-            fastadagrad.adagrad_update(p, g, h, lr=1e39, eps=eps)
-        assert_bits_equal(p, before, "p")
+            fastadagrad.adagrad_update(p, g, h, lr=lr, eps=eps)
+        assert_bits_equal(p, before[0], f"p after lr={lr}")
+        assert_bits_equal(h, before[1], f"h after lr={lr}")
     fastadagrad.adagrad_update(p, g, h, lr=0.01, eps=eps)
     reference_step(ref_p, g, ref_h, Hyper.make(lr=0.01, eps=eps))
     assert_bits_equal(p, ref_p, "after")
