@@ -477,6 +477,21 @@ def _on_device(device: int) -> Any:
     return _cuda.gpus[device]
 
 
+def on_device_of(x: Any) -> Any:
+    """A device guard for allocating beside array ``x``: its device is current inside
+    (CuPy's own guard for a CuPy array, which allocates on CuPy's current device; a
+    no-op where the device is unknown or there is one GPU). torch allocates on the
+    tensor's device by itself."""
+    dev = None if simulator() else _device_id(x)
+    if dev is None:
+        return _NO_GUARD
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy.cuda.Device(dev)
+    return _on_device(dev)
+
+
 def _refuse_if_capturing(what: str) -> None:
     """Raise if a CUDA graph is being captured on torch's current stream: a host to
     device copy cannot be captured, and the captured step would use stale tables."""
@@ -831,14 +846,14 @@ def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
     capturable = tables.capturable
     key = (step if hyper.lr_decay and not capturable else 0, nonfinite)
     last = tables.launches
-    if last is None or last[0] is not hyper or last[1] != key:
-        # coefficients() raises here, before anything is written, if one overflows
-        last = tables.launches = (hyper, key, *_plan_launches(tables, hyper, step,
-                                                              nonfinite))
-    if capturable:
-        tables.set_lr(hyper, stream)
-    _, _, checks, updates, finish = last
-    with _on_device(tables.device):
+    with _on_device(tables.device):  # (loading a kernel makes its device current too)
+        if last is None or last[0] is not hyper or last[1] != key:
+            # coefficients() raises here, before anything is written, if one overflows
+            last = tables.launches = (hyper, key, *_plan_launches(tables, hyper, step,
+                                                                  nonfinite))
+        if capturable:
+            tables.set_lr(hyper, stream)
+        _, _, checks, updates, finish = last
         for k, blocks, tpb, args in checks:
             run_kernel(k, stream, blocks, tpb, args)
         if nonfinite == "raise":
@@ -925,15 +940,16 @@ def full_like(x: Any, value: float) -> Any:
         import torch
 
         return torch.full_like(x.detach(), value, memory_format=torch.contiguous_format)
-    if type(x).__module__.split(".")[0] == "cupy":
-        import cupy
+    with on_device_of(x):  # (on x's device, not whichever is current)
+        if type(x).__module__.split(".")[0] == "cupy":
+            import cupy
 
-        return cupy.full(x.shape, value, x.dtype)
-    d = _describe(x, "array")
-    dt = _TYPESTRS.get(d.typestr)
-    if dt is None:  # let validation name the offending array later
-        dt = np.dtype(np.float32)
-    return full(d.size, dt, value).reshape(d.shape)
+            return cupy.full(x.shape, value, x.dtype)
+        d = _describe(x, "array")
+        dt = _TYPESTRS.get(d.typestr)
+        if dt is None:  # let validation name the offending array later
+            dt = np.dtype(np.float32)
+        return full(d.size, dt, value).reshape(d.shape)
 
 
 def to_host(a: Any) -> np.ndarray:

@@ -373,11 +373,12 @@ def state_like(p: Any, fill: float) -> Any:
         import torch
 
         return torch.full(tuple(p.shape), fill, dtype=torch.float32, device=p.device)
-    if type(p).__module__.split(".")[0] == "cupy":
-        import cupy
+    with fcuda.on_device_of(p):  # (on p's device, not whichever is current)
+        if type(p).__module__.split(".")[0] == "cupy":
+            import cupy
 
-        return cupy.full(p.shape, fill, np.float32)
-    return fcuda.full(int(np.prod(p.shape)), np.float32, fill).reshape(p.shape)
+            return cupy.full(p.shape, fill, np.float32)
+        return fcuda.full(int(np.prod(p.shape)), np.float32, fill).reshape(p.shape)
 
 
 def master_like(p: Any) -> Any:
@@ -386,7 +387,8 @@ def master_like(p: Any) -> Any:
     if fcuda._is_torch(p):
         return p.detach().float().clone()
     if type(p).__module__.split(".")[0] == "cupy":
-        return p.astype(np.float32)
+        with fcuda.on_device_of(p):
+            return p.astype(np.float32)
     raise TypeError("master_weights=True on the GPU takes torch or CuPy arrays (a Numba "
                     "device array has no float32 conversion here); pass master copies "
                     "yourself to adagrad_update(master=...)")

@@ -251,3 +251,47 @@ def test_device_of_each_array_kind() -> None:
     assert fcuda._device_id(ns(gpu_data=ns(context=ns(device=ns(id=3))))) == 3
     assert fcuda._device_id(ns()) is None
     assert fcuda._device_id(cuda.to_device(np.ones(2))) in (None, 0)
+
+
+def test_kernels_load_and_state_is_made_under_the_arrays_device_guard(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a kernel makes its device current (cuda.core's ``set_current``) and new
+    state is allocated on the current device: both happen inside the guard of the
+    arrays' device, which restores the caller's device afterwards (the guard is a
+    recorder here: the simulator has one device)."""
+    import contextlib
+
+    from fastadagrad import cuda_launch as L
+
+    depth, events = [0], []
+
+    @contextlib.contextmanager
+    def guard(device: int) -> Any:
+        depth[0] += 1
+        events.append(("enter", device))
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    real = L.kernel
+
+    def kernel(kind: str, dtype: Any, flags: int, device: int) -> Any:
+        events.append(("load", kind, depth[0] > 0))
+        return real(kind, dtype, flags, device)
+
+    monkeypatch.setattr(fcuda, "_on_device", guard)
+    monkeypatch.setattr(L, "kernel", kernel)
+    L._KERNELS.clear()  # loaded again, through the wrapper
+    ps = [cuda.to_device(np.ones(10, np.float32)), cuda.to_device(np.ones(3, np.float64))]
+    gs = [cuda.to_device(np.ones(10, np.float32)), cuda.to_device(np.ones(3, np.float64))]
+    AdaGrad(lr=0.1, nonfinite="skip").update(ps, gs)
+    loads = [e for e in events if e[0] == "load"]
+    assert loads and all(inside for _, _, inside in loads), events
+    # new state beside an array of device 1: that device's guard (the simulator's arrays
+    # carry no device, so the guard's choice is checked on its own)
+    events.clear()
+    monkeypatch.setattr(fcuda, "simulator", lambda: False)
+    with fcuda.on_device_of(_on(np.ones(2, np.float32), 1)):
+        pass
+    assert events == [("enter", 1)]
