@@ -9,10 +9,12 @@ Two launch paths, chosen once per process before anything is launched:
   cached ``LaunchConfig`` and a cached ``cuda.core.Stream`` per stream handle. At load
   the kernel's argument count and sizes (``Kernel.num_arguments``/``arguments_info``)
   are compared with the layout the kernels are written for; a difference raises.
-* ``"dispatcher"``: the same kernel sources through ``numba.cuda.jit`` with an explicit
-  signature, launched by Numba's dispatcher (~50-85 us of host time per launch on the
-  H100 machine, against a few us). Used under the CUDA simulator, when ``cuda.core``
-  cannot be imported, or when ``FASTADAGRAD_CUDA_LAUNCHER=dispatcher`` asks for it.
+* ``"dispatcher"``: the same kernel sources through ``numba.cuda.jit``, compiled at
+  the first launch for the argument types :meth:`DispatcherKernel.prepare` passes (those
+  of the kernel's signature), launched by Numba's dispatcher (~50-85 us of host time
+  per launch on the H100 machine, against a few us). Used under the CUDA simulator,
+  when ``cuda.core`` cannot be imported, or when ``FASTADAGRAD_CUDA_LAUNCHER=dispatcher``
+  asks for it.
 
 No fallback happens after a launch: an error raised by a launch propagates (the update
 is not idempotent, ``h += g*g``, so it is never retried on another path).
@@ -192,9 +194,6 @@ def _performance_warnings() -> list[type[Warning]]:
     except ImportError:  # an older numba-cuda: numba's class is the one it uses
         return found
     return [*found, cuda_errors.NumbaPerformanceWarning]
-
-    def launch(self, stream: Any, blocks: int, tpb: int, args: tuple) -> None:
-        self.launch_prepared(stream, blocks, tpb, self.prepare(args))
 
 
 def run_kernel(kernel: Any, stream: Any, blocks: int, tpb: int, packed: Any) -> None:
