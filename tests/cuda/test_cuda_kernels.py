@@ -31,9 +31,16 @@ from fastadagrad.presets import PRESETS  # noqa: E402
 from fastadagrad.reference import reference_step  # noqa: E402
 
 # The simulator's FMA is two roundings (up to 1 ulp of h per step), and in the torch rule
-# ``g + wd*p`` can cancel, which magnifies p's 1-ulp differences in g; over 3 steps the
-# worst case seen is 10 ulp (torch rule, float32). The rules without FMA agree exactly.
+# ``g + wd*p`` can cancel, which magnifies p's 1-ulp differences in g; over 3 steps of
+# the sizes tested here (up to 100 elements) the worst case seen is 10 ulp (torch rule,
+# float32; larger arrays draw more cancellations: 64 ulp at 1,000). On a GPU, and for
+# the rules without an FMA under the simulator too, the bits are the CPU's.
 ULP_BOUND = 16 if fcuda.simulator() else 0
+
+
+def ulp_bound(rule: Rule) -> int:
+    """The tolerance for ``rule``: :data:`ULP_BOUND` where it has an FMA, else 0."""
+    return ULP_BOUND if rule.fma_accumulate or rule.fma_weight_decay else 0
 
 RULES = {
     "numpy": (Rule(), dict(lr=0.01, eps=1e-7), 0.0),
@@ -79,8 +86,8 @@ def test_cuda_kernel_matches_reference(rule, n, dtype):
     for step in (1, 2, 3):
         assert fa.adagrad_update(dp, dg, dh, step=step, rule=r, **kw) is True
         reference_step(p, g, h, hyper, step)
-    assert ulps(dp.copy_to_host(), p) <= ULP_BOUND
-    assert ulps(dh.copy_to_host(), h) <= ULP_BOUND
+    assert ulps(dp.copy_to_host(), p) <= ulp_bound(r)
+    assert ulps(dh.copy_to_host(), h) <= ulp_bound(r)
     np.testing.assert_array_equal(dg.copy_to_host(), g)  # the gradient is read only
 
 
