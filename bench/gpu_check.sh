@@ -2,6 +2,7 @@
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
 # machine's own python3 (nothing is installed). Writes at most 10 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
+#                   (the first step records the commit and a digest of the sources)
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
 #   pytest.log      junit XML of the real-GPU tests/cuda run (no simulator), CUDA-graph
 #                   capture test included (their text output is in checks.log)
@@ -62,12 +63,16 @@ step() {  # step NAME TIMEOUT_S COMMAND...
   [ "$rc" = 0 ] || FAILED=$((FAILED + 1))
 }
 
+# which code ran: the commit where the tree has its .git, and always a digest of the
+# package, bench and test sources (compare with the same command on a checkout)
+step source 10 bash -c "date -u; git rev-parse HEAD 2>/dev/null || echo 'no .git here'; \
+find fastadagrad bench tests -name '*.py' | LC_ALL=C sort | xargs sha256sum | sha256sum"
 step env 30 "$PY" -c "import numba, numba_cuda, numpy, torch; import cuda.core as cc; \
 print('numba', numba.__version__, 'numba-cuda', numba_cuda.__version__, 'numpy', \
 numpy.__version__, 'torch', torch.__version__, 'cuda.core', cc.__version__); \
 from numba import cuda; print(cuda.get_current_device().name, torch.cuda.device_count(), 'GPUs')"
 step validate 130 "$PY" -m fastadagrad validate --quick --json "$OUT/validate.json"
-step pytest-gpu 120 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
+step pytest-gpu 150 "$PY" -m pytest tests/cuda -q -p no:cacheprovider -rs \
   -o addopts="" "${PYW[@]}" --junitxml="$OUT/pytest.xml"
 [ -f "$OUT/pytest.xml" ] && mv "$OUT/pytest.xml" "$OUT/pytest.log"
 step overhead 60 bash -c "'$PY' bench/gpu_overhead.py --profile '$OUT/profile.txt' > '$OUT/overhead.txt'"
