@@ -579,23 +579,8 @@ def adagrad_span_emu(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
     loop) took 7.3, 28.4 and 462 us at 2^14, 2^16 and 2^20 (the IEEE loop: 5.6, 22.1,
     327 us).
     """
-    # one loop per combination, its two flags constants in it: the vector code then has
-    # no negation or decay term it does not use (as run-time values, both were computed
-    # and selected in every step)
-    if flags & H.MAXIMIZE:
-        if flags & H.WD_COUPLED:
-            _emu_span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, True, True)
-        else:
-            _emu_span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, True, False)
-    elif flags & H.WD_COUPLED:
-        _emu_span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, False, True)
-    else:
-        _emu_span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, False, False)
-
-
-@jit(error_model="numpy", inline="always")
-def _emu_span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, maximize, coupled):
-    """:func:`adagrad_span_emu`'s loop, pasted into each of its four branches."""
+    maximize = (flags & H.MAXIMIZE) != 0
+    coupled = (flags & H.WD_COUPLED) != 0
     n = p.size
     step = _lanes(p)
     nv = n - n % step
