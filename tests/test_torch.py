@@ -192,6 +192,33 @@ def _emulation_used() -> bool:
     return False
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_emulated_path_gives_torchs_nan_with_maximize(dtype: torch.dtype, foreach: bool
+                                                      ) -> None:
+    # maximize negates the gradient, which flips a NaN's sign; the emulated kernel keeps
+    # that negation (as a run-time choice: a constant one lets LLVM fold (-g)*(-g) into
+    # g*g), so a NaN gradient gives torch's NaN, sign included, in the vector steps and
+    # the element-by-element tail, with and without weight decay
+    if not _emulation_used():
+        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    ints = torch.int32 if dtype == torch.float32 else torch.int64
+    for n in (5, 4099):
+        for wd in (0.0, 0.25):
+            out = []
+            for cls in (torch.optim.Adagrad, FT.Adagrad):
+                p = torch.full((n,), 0.5, dtype=dtype, requires_grad=True)
+                opt = cls([p], lr=0.03, maximize=True, weight_decay=wd, foreach=foreach)
+                g = torch.full((n,), 0.25, dtype=dtype)
+                g[3] = float("nan")
+                g[n - 2] = -float("nan")
+                p.grad = g
+                opt.step()
+                out.append((p.detach().view(ints).clone(), opt.state[p]["sum"].view(ints)))
+            assert torch.equal(out[0][0], out[1][0]), (n, wd, "param")
+            assert torch.equal(out[0][1], out[1][1]), (n, wd, "sum")
+
+
 def test_emulated_sqrt_is_the_routine_exhaustively() -> None:
     # every mantissa/exponent-parity pattern of the normal range, against vmsSqrt itself
     if not _emulation_used():
