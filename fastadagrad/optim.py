@@ -191,7 +191,7 @@ _ND = np.ndarray
 #: parallel kernel, coefficients, learning rate, learning-rate bound) of the last
 #: plain call that took the fast path; the float objects themselves are
 #: kept, so ``lr is _LAST[0]`` means the same value (and -0.0 is not 0.0)
-_LAST: tuple = (_TODO,) * 6
+_LAST: tuple = (_TODO,) * 9
 _OPTIONS = frozenset(("lr_decay", "weight_decay", "maximize", "step", "grad_scale",
                       "nonfinite", "rule", "rounding", "seed", "master"))
 adagrad_update.__doc__ = _adagrad_update.__doc__
