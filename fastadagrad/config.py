@@ -12,15 +12,19 @@ import os
 from numba.extending import register_jitable
 
 #: Below this many float32 elements the serial kernel is used: waking the omp thread pool
-#: costs a few microseconds per call (~3 us even for 16 elements). Measured
-#: with ``bench/cpu_probe.py`` (the smallest size from which the parallel call beats the
-#: serial one at every larger size): float32 32,768 on the 2-core AMD EPYC and 24,576 on
-#: a 16-core Intel Xeon host; float64 12,288 and 6,144 (bench/results/cpu-probe-*.md).
-#: float64 arrays switch at a quarter of this (:func:`parallel_from`: 8,192, the AMD
-#: machine's tie, already a win on the Xeon): each element costs more (double sqrt/div).
+#: costs a few microseconds per call (~3 us even for 16 elements). Chosen from
+#: ``bench/cpu_probe.py``'s threshold section (the smallest size from which the forced-
+#: parallel call beats the forced-serial one at every larger measured size) on two CPU
+#: families: float32 24,576 on the 2-core AMD EPYC (its last two runs; earlier runs
+#: 16,384-65,536) and on a 16-core Intel Xeon host, 16,384 on a 2-core Intel Xeon; at
+#: 24,576 the parallel call was 1.15x (AMD EPYC) and 1.25x (2-core Xeon) faster than
+#: the serial one (bench/results/cpu-probe-*.md). float64 arrays switch at a quarter of
+#: this (:func:`parallel_from`: 6,144; the AMD EPYC's run before its last, the 16-core
+#: and the 2-core Xeon gave 6,144, 6,144 and 4,096, the last AMD run no stable float64
+#: crossover): each element costs more (double sqrt/div).
 #: A process forked after parallel kernels ran on Numba's omp layer sets it to
 #: ``sys.maxsize`` (serial kernels only; see ``cpu._after_fork_in_child``).
-PARALLEL_THRESHOLD: int = 1 << 15
+PARALLEL_THRESHOLD: int = 24_576
 
 
 @register_jitable
