@@ -66,6 +66,26 @@ def _view(typingctx, address, n, proto):  # type: ignore[no-untyped-def]
     return retty(address, n, proto), codegen
 
 
+@intrinsic
+def layer_threads(typingctx):  # type: ignore[no-untyped-def]
+    """The thread count of the running threading layer: a call of its C function
+    ``int get_num_threads(void)``, under the symbol name that Numba registers when it
+    starts the layer and that its own parallel loops call (``numba.np.ufunc.parallel``:
+    ``ll.add_symbol('get_num_threads', ...)``). Numba's ``get_num_threads`` compiles
+    to a ctypes pointer, which cannot be cached; a call of the symbol can. Only valid
+    once the layer runs: :func:`fastadagrad.cpu.numba_threads` starts it, then checks
+    this call against ``numba.get_num_threads()`` before using it."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), []), "get_num_threads")
+        return builder.sext(builder.call(fn, []), ir.IntType(64))
+
+    return types.int64(), codegen
+
+
 @jit(inline="always")
 def chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c):  # type: ignore[no-untyped-def]
     """The ``(p, g, h)`` views of span ``c`` of a chunk table (tensor ``ctensor[c]``,

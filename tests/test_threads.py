@@ -307,3 +307,55 @@ def test_forked_child_after_torchs_openmp_work_updates() -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert proc.stdout.split()[-1] == "0", (proc.stdout, proc.stderr[-3000:])
+
+
+_COUNT = """
+import threading, numba
+from fastadagrad import cpu
+n = cpu.numba_threads()
+print(cpu._count is cpu._compiled_count, n, numba.get_num_threads())
+numba.set_num_threads(1)
+one = cpu.numba_threads()
+numba.set_num_threads(n)
+seen = []
+def other():  # the count is per thread: set in another, it stays here
+    numba.set_num_threads(1)
+    seen.append(cpu.numba_threads())
+t = threading.Thread(target=other)
+t.start()
+t.join()
+print(one, seen[0], cpu.numba_threads())
+"""
+
+
+@pytest.mark.parametrize("layer", ["default", "workqueue"])
+def test_compiled_thread_count_follows_set_num_threads(layer: str) -> None:
+    """Once the threading layer runs, ``cpu.numba_threads()`` is the compiled call of
+    the layer's count (not Numba's Python function), and it follows
+    ``numba.set_num_threads`` in the calling thread only, under the default layer and
+    under workqueue (each registers its own ``get_num_threads``)."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "3"}
+    if layer != "default":
+        env["NUMBA_THREADING_LAYER"] = layer
+    proc = subprocess.run([sys.executable, "-c", _COUNT], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "3", "3", "1", "1", "3"], proc.stdout
+
+
+@pytest.mark.parametrize("answer", ["wrong", "raises"])
+def test_thread_count_keeps_numbas_function_where_the_compiled_one_differs(
+        monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    """A compiled count that gives another number than Numba's (or cannot be built
+    or linked) is not used: ``numba.get_num_threads`` stays."""
+    from fastadagrad import cpu
+
+    def compiled() -> int:
+        if answer == "raises":
+            raise RuntimeError("no symbol get_num_threads")
+        return 7
+
+    monkeypatch.setattr(cpu, "_count", numba.get_num_threads)
+    monkeypatch.setattr(cpu, "_compiled_count", compiled)
+    cpu._use_compiled_count(numba.get_num_threads())
+    assert cpu._count is numba.get_num_threads
