@@ -49,6 +49,8 @@ def chunk() -> int:
     """:data:`CHUNK`, checked: a bad setting raises before anything is written (a
     negative one made the parallel kernels skip every element)."""
     c = CHUNK
+    if type(c) is int and c >= 1:  # (the usual value, without the ABC check: ~0.4 us)
+        return c
     if isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 1:
         raise ValueError(f"fastadagrad.config.CHUNK must be an int >= 1, got {c!r}")
     return int(c)

@@ -593,6 +593,11 @@ class Adagrad(torch.optim.Adagrad):
         if type(lr) is not float and type(lr) is not int:
             return None
         eps, decay, maximize = group["eps"], group["lr_decay"], group["maximize"]
+        # -0.0 == 0.0, but the sign of a zero lr or weight decay reaches the bits (a
+        # float weight decay, the usual case, tested here without the call)
+        nz = ((lr == 0 and math.copysign(1.0, lr) < 0)
+              or (wd == 0.0 and math.copysign(1.0, wd) < 0)) if type(wd) is float else \
+            H.negative_zero(lr, wd)
         # (with their types: 0.1 == np.float32(0.1) == tensor(0.1) and True == 1, but
         # torch's steps take each differently; lr's value is not one: a scheduler's new
         # value only needs new scalars, see _repeat_step)
@@ -600,9 +605,7 @@ class Adagrad(torch.optim.Adagrad):
                 type(wd), type(decay), type(maximize), group["fused"], group["foreach"],
                 group["differentiable"], getattr(self, "grad_scale", None) is None,
                 getattr(self, "found_inf", None) is None,
-                getattr(self, "_need_device_dtype_check_for_fused", True),
-                # -0.0 == 0.0, but the sign of a zero lr or weight decay reaches the bits
-                H.negative_zero(lr, wd))
+                getattr(self, "_need_device_dtype_check_for_fused", True), nz)
 
     def _repeat_step(self, gi: int, group: dict[str, Any], plan: tuple
                      ) -> Callable[[], None] | None:
