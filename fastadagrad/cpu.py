@@ -464,9 +464,9 @@ def numba_threads() -> int:
     torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
     n = numba.get_num_threads()
+    _use_compiled_count(n)
     if before is not None and torch.get_num_threads() != before:
         torch.set_num_threads(before)
-    _use_compiled_count(n)
     _STARTED = True
     return n
 
