@@ -86,12 +86,16 @@ def cpu_update_many(params: Sequence[np.ndarray], grads: Sequence[Any],
         last = plan.coef_last  # a learning-rate schedule: the last step's, another lr
         if last is not None and last[0].family() is hyper.family():
             coefs = [hyper.relr(c, g[0].dtype, step) for c, g in zip(last[1], plan.groups)]
+            # relr makes entries 0, 1 and 5 again (the learning rate's), and keeps the
+            # flags: the same kernels, and the other floats as they were (~1 us a step)
+            serial = [(k, (float(c[0]), float(c[1]), f[2], f[3], f[4], float(c[5]), f[6]))
+                      for (k, f), c in zip(last[2], coefs)]
         else:
             coefs = [coefficients(hyper, g[0].dtype, step) for g in plan.groups]
-        # the serial kernel called directly with float coefficients: the by-name entry
-        # point's flag lookup and NumPy-scalar unboxing cost ~0.5 us per call
-        serial = [(cpu.kernels(c[7]).many_serial, tuple(float(x) for x in c[:7]))
-                  for c in coefs]
+            # the serial kernel called directly with float coefficients: the by-name
+            # entry point's flag lookup and NumPy-scalar unboxing cost ~0.5 us per call
+            serial = [(cpu.kernels(c[7]).many_serial, tuple(float(x) for x in c[:7]))
+                      for c in coefs]
         if len(plan.coef_cache) >= 4:
             plan.coef_cache.clear()
         hit = plan.coef_cache[key] = (hyper, coefs, serial)
