@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 10 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 12 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #                   (the first step records the commit and a digest of the sources)
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
@@ -16,6 +16,10 @@
 #   cpu-probe.json, cpu-probe.md   bench/cpu_probe.py on the machine's host CPU (its
 #                   kernels against plain loops and the roofline kernel on all its
 #                   threads, and where the serial/parallel threshold falls there)
+#   torch-probe.json, torch-probe.md   bench/torch_probe.py on the host CPU (the torch
+#                   adapter against torch.optim.Adagrad's three CPU paths, all threads)
+# BUNDLE=file.tgz also packs everything under $OUT into that one archive at the end (for
+# a runner that returns only a few files: point OUT at a scratch folder).
 # Steps, most important first; each has its own timeout and the whole run a budget
 # (BUDGET seconds, default 480): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
@@ -89,5 +93,7 @@ FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
   -o addopts="" "${PYW[@]}" -k sm_90
 step cpu-probe 120 "$PY" bench/cpu_probe.py --json "$OUT/cpu-probe.json"
+step torch-probe 90 "$PY" "${PYW[@]}" bench/torch_probe.py --json "$OUT/torch-probe.json"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
+[ -n "${BUNDLE:-}" ] && [ "$DRY" = 0 ] && tar -czf "$BUNDLE" -C "$OUT" .
 exit "$FAILED"
