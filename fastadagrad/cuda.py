@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
@@ -658,11 +659,73 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
         run = prepared(gc, params, grads, states, labels, hyper, step, nonfinite)
         if run is not None:
             return run()
+    elif plan is None and n == 1:  # a functional call: as validated by an earlier one?
+        call = _CALLS.get((id(params[0]), id(states[0])))
+        if call is not None and call.holds(params[0], grads[0], states[0]):
+            tables, stream = call.tables, _stream_ref(params[0], None)
+            if tables.gptr != call.gptr:  # another call of this layout moved them
+                tables.refresh_grads(call.gptr, stream)
+            return _run(tables, stream, hyper, step, nonfinite, labels)
     if check_mix is not None:
         check_mix()
     require_gpu()
     tables, stream = _validate_and_plan(params, grads, states, labels, hyper, step, gc)
+    if plan is None and n == 1:
+        _remember_call(params[0], grads[0], states[0], tables)
     return _run(tables, stream, hyper, step, nonfinite, labels)
+
+
+class _Call:
+    """The arrays of a functional call that validated, held weakly (the cache keeps no
+    array alive), with what :func:`_getters` read from them and their tables.
+
+    A later call is as validated when its param and state are the same live objects,
+    every getter reads the same from param, grad and state (Numba arrays, which never
+    change in place: the grad is the same live object too), and the launch
+    configuration that the tables were built with is still ``config``'s. That is the
+    test :meth:`GpuCache.holds` makes for an optimizer's arrays.
+    """
+
+    __slots__ = ("refs", "getters", "seen", "tables", "gptr")
+
+    def __init__(self, p: Any, g: Any, h: Any, getters: tuple, tables: Tables) -> None:
+        self.getters = getters
+        ident = getters is _ID_GETTERS
+        # (weakref.ref raises TypeError for a type that cannot be referenced weakly)
+        self.refs = (weakref.ref(p), weakref.ref(h), weakref.ref(g) if ident else None)
+        self.seen = None if ident else [(f(p), f(g), f(h)) for f in getters]
+        self.tables, self.gptr = tables, list(tables.gptr)
+
+    def holds(self, p: Any, g: Any, h: Any) -> bool:
+        refs, layout = self.refs, self.tables.layout
+        if refs[0]() is not p or refs[1]() is not h or layout[1:5] != (
+                config.GPU_CHUNK, config.THREADS_PER_BLOCK, config.BLOCKS_PER_SM,
+                config.GPU_MAX_BLOCKS):
+            return False
+        if self.seen is None:
+            return refs[2]() is g
+        for f, seen in zip(self.getters, self.seen):
+            if (f(p), f(g), f(h)) != seen:
+                return False
+        return True
+
+
+#: functional calls that validated, by (id(param), id(state)); each entry checks that
+#: those are still the same live objects before it is used
+_CALLS: dict[tuple[int, int], _Call] = {}
+
+
+def _remember_call(p: Any, g: Any, h: Any, tables: Tables) -> None:
+    getters = _getters(p)
+    if not getters or _getters(g) is not getters or _getters(h) is not getters:
+        return  # a mix of array kinds (or another kind): validated at every call
+    try:
+        call = _Call(p, g, h, getters, tables)
+    except TypeError:  # an array type without weak references: not cached
+        return
+    if len(_CALLS) >= 1024:
+        _CALLS.clear()
+    _CALLS[(id(p), id(h))] = call
 
 
 def prepared(gc: GpuCache, params: Sequence[Any], grads: Sequence[Any],
@@ -786,7 +849,7 @@ def _validate_and_plan(params: Sequence[Any], grads: Sequence[Any], states: Sequ
             if tables is None:
                 tables = Tables(layout, pptr, gptr, hptr, sizes, dtypes, device, stream,
                                 False, step, hyper)
-                if len(_TABLES) >= 64:
+                if len(_TABLES) >= 1024:  # (a model stepped one tensor per call)
                     _TABLES.clear()
                 _TABLES[layout] = tables
     if tables.gptr != gptr:
@@ -844,7 +907,9 @@ def _run(tables: Tables, stream: Any, hyper: H.Hyper, step: int, nonfinite: str,
     from .cuda_launch import run_kernel
 
     capturable = tables.capturable
-    key = (step if hyper.lr_decay and not capturable else 0, nonfinite)
+    # (the variants' switches too: packed launches name their kernel and grid)
+    key = (step if hyper.lr_decay and not capturable else 0, nonfinite,
+           config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM, config.GPU_UNROLL_CHUNKS)
     last = tables.launches
     with _on_device(tables.device):  # (loading a kernel makes its device current too)
         if last is None or last[0] is not hyper or last[1] != key:

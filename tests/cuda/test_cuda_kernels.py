@@ -695,6 +695,89 @@ def test_unrolled_chunks_match_the_chunked_kernel(monkeypatch, rule, dtype):
             assert ulps(out[1][len(sizes) + k], h) <= ULP_BOUND
 
 
+def test_a_variant_switched_between_calls_on_the_same_arrays_takes_effect(monkeypatch):
+    """The launches packed for one call are reused by the next only while the
+    variants' switches stay as they were: switching config.GPU_GRID_STRIDE,
+    GRID_STRIDE_BLOCKS_PER_SM or GPU_UNROLL_CHUNKS between two calls on the same arrays
+    changes the kernel (or its grid) at the next call."""
+    from fastadagrad import config
+
+    seen = _update_launches(monkeypatch, K.GRID_STRIDE | K.UNROLL_CHUNKS)
+    monkeypatch.setattr(config, "GPU_CHUNK", 4)
+    n = 300 * config.GPU_CHUNK  # more chunks than one block per SM
+    p, g, h = inputs(n, np.float32, seed=5)
+    dp, dg, dh = cuda.to_device(p), cuda.to_device(g), cuda.to_device(h)
+    monkeypatch.setattr(config, "GPU_MAX_BLOCKS", None)  # the grids' own sizes
+    for grid_stride, per_sm, unrolled in ((False, 4, False), (True, 4, False),
+                                          (True, 1, False), (False, 1, True),
+                                          (False, 1, False)):
+        monkeypatch.setattr(config, "GPU_GRID_STRIDE", grid_stride)
+        monkeypatch.setattr(config, "GRID_STRIDE_BLOCKS_PER_SM", per_sm)
+        monkeypatch.setattr(config, "GPU_UNROLL_CHUNKS", unrolled)
+        assert fa.adagrad_update(dp, dg, dh) is True
+        reference_step(p, g, h, Hyper.make(), 1)
+    sms = fcuda._sm_count()
+    cap = min(300, sms * config.BLOCKS_PER_SM)  # the chunked kernel's grid
+    assert min(cap, 4 * sms) != min(cap, sms)  # (the blocks-per-SM switch shows)
+    assert seen == [(False, cap), (True, min(cap, 4 * sms)), (True, min(cap, sms)),
+                    (True, cap), (False, cap)]
+    np.testing.assert_array_equal(dh.copy_to_host(), h)
+    assert ulps(dp.copy_to_host(), p) <= ULP_BOUND
+
+
+def test_functional_calls_on_the_same_arrays_are_validated_once(monkeypatch):
+    """adagrad_update on the same live param and state, and the same gradient (Numba
+    arrays never change in place: identity), validates at the first call only; another
+    gradient, another state or a changed launch configuration validates again; the
+    cache holds no array alive; bad input after cached calls is still refused, naming
+    the array, with nothing written; every step gives the reference's bits."""
+    import gc
+    import weakref
+
+    from fastadagrad import config
+
+    calls = []
+    real = fcuda._validate_and_plan
+    monkeypatch.setattr(fcuda, "_validate_and_plan",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    hyper = Hyper.make()
+    p, g, h = inputs(300, np.float32, seed=9)
+    dp, dg, dh = cuda.to_device(p), cuda.to_device(g), cuda.to_device(h)
+
+    def step(dp, dg, dh, g, h):  # the device arrays, then the reference's
+        assert fa.adagrad_update(dp, dg, dh) is True
+        reference_step(p, g, h, hyper, 1)
+
+    for _ in range(3):
+        step(dp, dg, dh, g, h)
+    assert len(calls) == 1
+    g2 = (g * 0.5).astype(np.float32)
+    dg2 = cuda.to_device(g2)
+    step(dp, dg2, dh, g2, h)
+    step(dp, dg2, dh, g2, h)
+    assert len(calls) == 2  # another gradient object: validated once
+    h2 = h.copy()
+    dh2 = cuda.to_device(h2)
+    step(dp, dg2, dh2, g2, h2)
+    assert len(calls) == 3  # another state for the same param
+    monkeypatch.setattr(config, "GPU_CHUNK", 64)
+    step(dp, dg2, dh, g2, h)
+    assert len(calls) == 4  # the tables were built for another chunk size
+    bad = cuda.to_device(np.ones(299, np.float32))
+    before = dp.copy_to_host(), dh.copy_to_host()
+    with pytest.raises(ValueError, match="grad has shape"):
+        fa.adagrad_update(dp, bad, dh)
+    np.testing.assert_array_equal(dp.copy_to_host(), before[0])
+    np.testing.assert_array_equal(dh.copy_to_host(), before[1])
+    assert ulps(dp.copy_to_host(), p) <= ULP_BOUND
+    np.testing.assert_array_equal(dh.copy_to_host(), h)
+    np.testing.assert_array_equal(dh2.copy_to_host(), h2)
+    refs = [weakref.ref(x) for x in (dp, dg, dh, dg2, dh2)]
+    del dp, dg, dh, dg2, dh2, bad
+    gc.collect()
+    assert all(r() is None for r in refs)  # the cache kept none of them
+
+
 def test_device_flat_buffer_nonfinite_error_names_the_tensor():
     """As on the host: the first tensor of the buffer whose gradient is NaN/inf."""
     rng = np.random.default_rng(13)

@@ -177,3 +177,52 @@ def test_torch_adapter_on_cuda_matches_torch_bits(monkeypatch, kw, dtype):
     assert (worst, worst_h) == (0, 0), f"params {worst} ulp, sums {worst_h} ulp from torch"
     if kw.get("foreach", True):  # the kernels' path: validated at the first step only
         assert len(calls) == 1
+
+
+def test_functional_calls_on_torch_tensors_follow_in_place_changes(monkeypatch):
+    """adagrad_update on torch CUDA tensors validates once while param and state are the
+    same tensors with the same address, shape, layout and dtype (the gradient: the same
+    of those, any tensor object); a storage swapped in place (``.data =``) or a new
+    gradient address is validated again, and a dtype changed in place is refused,
+    naming the parameter, with nothing written. The bits are the CPU reference's."""
+    from fastadagrad._hyper import Hyper
+    from fastadagrad.reference import reference_step
+
+    calls = []
+    real = fcuda._validate_and_plan
+    monkeypatch.setattr(fcuda, "_validate_and_plan",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    p = torch.randn(1000, device="cuda", generator=gen)
+    g = torch.randn(1000, device="cuda", generator=gen)
+    h = torch.zeros(1000, device="cuda")
+    hp, hh = p.cpu().numpy(), h.cpu().numpy()
+    hyper = Hyper.make()
+
+    def step():
+        assert fa.adagrad_update(p, g, h) is True
+        reference_step(hp, g.cpu().numpy(), hh, hyper, 1)
+
+    step()
+    step()
+    g.mul_(0.5)  # in place: the same address
+    step()
+    assert len(calls) == 1
+    g = g.clone()  # another address
+    step()
+    step()
+    assert len(calls) == 2
+    h.data = h.data.clone()  # the state's storage swapped under the same tensor
+    step()
+    p.data = p.data.clone()
+    step()
+    assert len(calls) == 4
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(p.cpu().numpy(), hp)
+    np.testing.assert_array_equal(h.cpu().numpy(), hh)
+    p.data = p.data.double()
+    before = h.clone()
+    with pytest.raises(TypeError, match="param"):
+        fa.adagrad_update(p, g, h)
+    assert torch.equal(h, before)
+    np.testing.assert_array_equal(p.cpu().numpy(), hp.astype(np.float64))
