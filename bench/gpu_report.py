@@ -149,13 +149,19 @@ def variant_lines(d: Path) -> list[str]:
     if sweep.exists():
         f32 = re.split(r"^float64: copy", sweep.read_text(), flags=re.M)[0]
         pct = r"\s*:\s+[\d.]+ us\s+\d+ GB/s\s+([\d.]+)% of copy"
+        # a variant's line counts only where gpu_sweep read back that the variant ran
+        # ("[ran: ...]"): an older sweep relaunched the default kernel's packed launches
         default = [float(x) for x in re.findall(r"library chunked \(default config\)" + pct,
                                                 f32)]
         one = [float(x) for x in re.findall(r"library chunked, 1 per pass" + pct, f32)]
-        four = [float(x) for x in re.findall(r"library chunked, 4 per pass" + pct, f32)]
+        four = [float(x) for x in re.findall(
+            r"library chunked, 4 per pass" + pct + r" \[ran: 4 per pass", f32)]
         grid: dict[int, list[float]] = {}
-        for b, x in re.findall(r"library grid-stride x\d+ blocks/SM=(\d+)" + pct, f32):
+        for b, x in re.findall(r"library grid-stride x\d+ blocks/SM=(\d+)" + pct
+                               + r" \[ran: grid-stride", f32):
             grid.setdefault(int(b), []).append(float(x))
+        untagged = re.search(r"library (grid-stride|chunked, 4 per pass).*% of copy$", f32,
+                             flags=re.M)
         model = {k: [float(t) for t in re.findall(
             rf"100-tensor model, {k} per pass\s*:\s+([\d.]+) us", f32)] for k in (1, 4)}
         parts = []
@@ -169,6 +175,9 @@ def variant_lines(d: Path) -> list[str]:
         if model[1] and model[4]:
             parts.append(f"100-tensor model {_median(model[1]):,.0f} µs with one per pass, "
                          f"{_median(model[4]):,.0f} µs with four")
+        if untagged and not (four or grid):
+            parts.append("the one-tensor variants were not measured (this sweep did not "
+                         "check which kernel ran, and relaunched the default one)")
         if parts:
             out.append("Kernel variants, float32 at 2^26 (`bench/gpu_sweep.py`, % of a "
                        "copy's bandwidth): " + "; ".join(parts) + ".")

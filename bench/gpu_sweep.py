@@ -79,11 +79,25 @@ def unrolled4(p, g, h, lr, eps):
         i += s
 
 
-def library_line(what: str, t: float, nbytes: int, tc: float) -> str:
+def library_line(what: str, t: float, nbytes: int, tc: float, ran: str = "") -> str:
     """One timed library case: ``t`` seconds for ``nbytes`` moved, a copy of the same
-    bytes taking ``tc`` (bench/gpu_report.py reads these lines)."""
+    bytes taking ``tc``, and what :func:`ran` says was launched (bench/gpu_report.py
+    reads these lines, and counts a variant's figure only where ``ran`` names it)."""
     return (f"  library {what:32}: {t * 1e6:8.1f} us {nbytes / t / 1e9:7.0f} GB/s "
-            f"{100 * tc / t:5.1f}% of copy")
+            f"{100 * tc / t:5.1f}% of copy" + (f" [ran: {ran}]" if ran else ""))
+
+
+def ran(p, h) -> str:
+    """The kernel that the last functional call on ``p`` and ``h`` launched, read from
+    its packed launches: "grid-stride", "4 per pass" or "1 per pass", and its grid."""
+    call = fc._CALLS.get((id(p), id(h)))
+    launches = call.tables.launches if call is not None else None
+    if not launches or not launches[3]:
+        return "unknown"
+    k, blocks = launches[3][0][:2]
+    kind = ("grid-stride" if k.flags & K.GRID_STRIDE else
+            "4 per pass" if k.flags & K.UNROLL_CHUNKS else "1 per pass")
+    return f"{kind}, {blocks} blocks"
 
 
 def model_line(per_pass: int, t: float, frac_copy: float) -> str:
@@ -145,12 +159,13 @@ def main() -> int:
                 t = gpu_time(lambda: fa.adagrad_update(p, g, h))
                 what = f"grid-stride x{K.UNROLL} blocks/SM={bps}" if on else \
                     "chunked (default config)"
-                print(library_line(what, t, nbytes, tc))
+                print(library_line(what, t, nbytes, tc, ran(p, h)))
         config.GPU_GRID_STRIDE, config.GRID_STRIDE_BLOCKS_PER_SM = gs0, bps0
         for on in (False, True, False, True):  # the chunked kernel, 1 or 4 per pass
             config.GPU_UNROLL_CHUNKS = on
             t = gpu_time(lambda: fa.adagrad_update(p, g, h))
-            print(library_line(f"chunked, {K.UNROLL if on else 1} per pass", t, nbytes, tc))
+            print(library_line(f"chunked, {K.UNROLL if on else 1} per pass", t, nbytes, tc,
+                               ran(p, h)))
         config.GPU_UNROLL_CHUNKS = False
         model(dt, tc / nbytes)
         if dt == np.float32:

@@ -56,20 +56,22 @@ def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path, monkeypa
     sweep = pytest.importorskip("bench.gpu_sweep", reason="numba-cuda is not installed")
     nbytes, tc = 10**9, 1e-3  # a copy of these bytes takes 1 ms
 
-    def lib(what, pct):  # gpu_sweep's own line for a case at ``pct`` of copy bandwidth
-        return sweep.library_line(what, tc * 100 / pct, nbytes, tc)
+    def lib(what, pct, ran=""):  # gpu_sweep's line for a case at ``pct`` of copy bandwidth
+        return sweep.library_line(what, tc * 100 / pct, nbytes, tc, ran)
 
     def chunked(k, pct):
-        return lib(f"chunked, {k} per pass", pct)
+        return lib(f"chunked, {k} per pass", pct, f"{k} per pass, 264 blocks")
 
     def model(k, t):
         return sweep.model_line(k, t, 0.8)
 
     f32 = ["float32: copy 4176 GB/s",
            lib("chunked (default config)", 67.8),
-           lib("grid-stride x4 blocks/SM=4", 92.0),
+           lib("grid-stride x4 blocks/SM=4", 92.0, "grid-stride, 528 blocks"),
            lib("chunked (default config)", 67.0),
-           lib("grid-stride x4 blocks/SM=8", 87.0),
+           lib("grid-stride x4 blocks/SM=8", 87.0, "grid-stride, 1056 blocks"),
+           # the default kernel relaunched under a variant's name: not the variant's
+           lib("grid-stride x4 blocks/SM=2", 99.0, "1 per pass, 8192 blocks"),
            chunked(1, 68.0), chunked(4, 90.0),
            chunked(1, 68.0), chunked(4, 91.0),
            model(1, 150e-6), model(4, 120e-6), model(1, 152e-6), model(4, 118e-6)]
@@ -86,3 +88,19 @@ def test_variant_lines_read_the_sweep_and_the_second_validate(tmp_path, monkeypa
     monkeypatch.setattr(gpu_report, "ROOT", tmp_path.parent)
     assert ("there (validate-variants.json: the kernel variants, sweep.txt: launch "
             "configurations).</sub>") in gpu_report.check_block(tmp_path)
+
+
+def test_variant_figures_need_the_sweep_to_say_the_variant_ran(tmp_path):
+    """A sweep whose library lines do not say which kernel ran (an older gpu_sweep,
+    which relaunched the default kernel under the variants' names) gives no variant
+    figure, and says so; the default kernel's figure is still reported."""
+    pct = "    380.0 us    3528 GB/s  {}% of copy"
+    f32 = ["float32: copy 4134 GB/s",
+           "  library chunked (default config)        : " + pct.format(85.3),
+           "  library grid-stride x4 blocks/SM=4      : " + pct.format(85.4),
+           "  library chunked, 4 per pass             : " + pct.format(85.6)]
+    (tmp_path / "sweep.txt").write_text("\n".join(["NVIDIA H200 SMs=132", *f32]))
+    text = " ".join(gpu_report.variant_lines(tmp_path))
+    assert "chunked kernel 85.3%" in text
+    assert "grid-stride 85" not in text and "four per pass in chunks" not in text
+    assert "the one-tensor variants were not measured" in text

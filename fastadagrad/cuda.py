@@ -629,7 +629,9 @@ def update(params: Sequence[Any], grads: Sequence[Any], states: Sequence[Any],
     writability, device, aliasing) before anything is written or launched; an
     optimizer's ``plan`` keeps the validated description (:class:`GpuCache`) and the
     device tables across steps, so a step whose arrays all match what was validated
-    validates nothing again.
+    validates nothing again. A functional call (no ``plan``, one array of each) is
+    remembered the same way, holding its arrays weakly (:class:`_Call`): a later call on
+    the same live param and state, with a gradient that reads the same, reuses it.
 
     Launches run on the producer's stream (module docstring), on the device that owns
     the arrays, without synchronizing, except:
