@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot hardware check, run ONCE on a GPU machine from the repository root with the
-# machine's own python3 (nothing is installed). Writes at most 12 files under $OUT:
+# machine's own python3 (nothing is installed). Writes at most 14 files under $OUT:
 #   checks.log      every step's command, output, exit code and seconds, in order
 #                   (the first step records the commit and a digest of the sources)
 #   validate.json   python -m fastadagrad validate --quick --json (0 ulp, launch path)
@@ -13,22 +13,24 @@
 #                   and the 4-per-pass kernel variants (config.GPU_GRID_STRIDE,
 #                   config.GPU_UNROLL_CHUNKS) against the default
 #   validate-variants.json   validate --quick with both variants on (bits, GB/s)
-#   cpu-probe.json, cpu-probe.md   bench/cpu_probe.py on the machine's host CPU (its
+#   cpu-probe-a.json/.md, cpu-probe-b.json/.md   bench/cpu_probe.py on the machine's
+#                   host CPU, in two halves so that a timeout loses only one: (a) its
 #                   kernels against plain loops and the roofline kernel on all its
-#                   threads, and where the serial/parallel threshold falls there)
+#                   threads, and where the serial/parallel threshold falls there; (b)
+#                   the serial kernel, every option set, what bounds the update in cache
 #   torch-probe.json, torch-probe.md   bench/torch_probe.py on the host CPU (the torch
 #                   adapter against torch.optim.Adagrad's three CPU paths, all threads)
 # BUNDLE=file.tgz also packs everything under $OUT into that one archive at the end (for
 # a runner that returns only a few files: point OUT at a scratch folder).
 # Steps, most important first; each has its own timeout and the whole run a budget
-# (BUDGET seconds, default 480): a step that would start with under 10 s left is
+# (BUDGET seconds, default 540): a step that would start with under 10 s left is
 # skipped and counted as failed, so the script ends within the budget and never hangs.
 # --dry-run prints the steps without running them; SKIP="name ..." leaves steps out (a
 # rerun of what changed, on a short device budget). Exit status: failed steps.
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 PY="${PYTHON:-python3}"
-BUDGET="${BUDGET:-480}"
+BUDGET="${BUDGET:-540}"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 mkdir -p "$OUT"
@@ -92,7 +94,11 @@ FASTADAGRAD_CUDA_LAUNCHER=dispatcher step pytest-dispatcher 60 "$PY" -m pytest \
   -k "separate or capturable or launch_path or known_values"
 step pytest-ptx 40 "$PY" -m pytest tests/test_cuda_ptx.py -q -p no:cacheprovider -x \
   -o addopts="" "${PYW[@]}" -k sm_90
-step cpu-probe 120 "$PY" bench/cpu_probe.py --json "$OUT/cpu-probe.json"
+# (16 cores, 2026-11-28: the whole probe took over 120 s; its halves 63 s and ~35 s)
+step cpu-probe-a 110 "$PY" bench/cpu_probe.py --only flat --only threshold \
+  --only roofline --json "$OUT/cpu-probe-a.json"
+step cpu-probe-b 80 "$PY" bench/cpu_probe.py --only serial --only options --only bound \
+  --json "$OUT/cpu-probe-b.json"
 step torch-probe 90 "$PY" "${PYW[@]}" bench/torch_probe.py --json "$OUT/torch-probe.json"
 echo "failed steps: $FAILED; seconds: $(( $(date +%s) - START ))" | tee -a "$LOG"
 [ -n "${BUNDLE:-}" ] && [ "$DRY" = 0 ] && tar -czf "$BUNDLE" -C "$OUT" .
