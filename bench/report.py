@@ -465,6 +465,10 @@ def torch_probe_targets(tprobe: dict[str, Any] | None
         out.append((f"{row['model']}: {names} ≥ {goal:g}× faster than torch fused, "
                     "interleaved probe", " / ".join(fmt_ratio(v, "×") for _, v in fast),
                     "—", all(v >= goal for _, v in fast)))
+    for row in tprobe.get("flat", []):
+        r = row["torch_fused_over_fast"]
+        out.append((f"2^{row['n'].bit_length() - 1} f32: ≥ 2.5× faster than torch fused, "
+                    "interleaved probe", fmt_ratio(r, "×"), "—", r >= 2.5))
     return out
 
 

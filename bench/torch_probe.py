@@ -17,7 +17,8 @@ the size of the cache takes many steps to get it back: the 100-tensor model on t
 over 15 blocks, took 1,738 us at the first step, 1,025 us at the sixth and 820-865 us
 from the twelfth on), and the result is the median of the block medians: the steady
 state pytest-benchmark measures case by case, with a disturbance on the shared cores
-hitting every implementation alike instead of one case.
+hitting every implementation alike instead of one case. Last, the same blocks for one
+flat float32 array of 2^16 elements: ``adagrad_update`` against torch fused's step.
 It records the CPU, the thread counts and the load average at the start and the end.
 """
 
@@ -47,6 +48,9 @@ from bench.test_bench_torch import CHANNELS_LAST, IMPLS, MODELS, make_step  # no
 
 #: at least 1.5x torch fused on the 100-tensor model, never slower elsewhere
 GOALS = {"torch-model100": 1.5}
+#: one flat float32 array, fastadagrad's functional update (the flat benchmarks'
+#: "fastadagrad" row) against torch fused on the same values: at least 2.5x
+FLAT_N, FLAT_GOAL = 1 << 16, 2.5
 
 
 def goal(model: str) -> float:
@@ -59,6 +63,33 @@ def probe_model(shapes: list[tuple[int, ...]], reps: int, blocks: int,
     steps: dict[str, Callable[[], Any]] = {
         impl: make_step(impl, shapes, channels_last=channels_last) for impl in IMPLS}
     for step in steps.values():  # compiles, creates the state, faults the pages in
+        for _ in range(3):
+            step()
+    per_block: dict[str, list[float]] = {impl: [] for impl in steps}
+    order = list(steps)
+    for _ in range(blocks):
+        rng.shuffle(order)
+        for impl in order:
+            step, times = steps[impl], []
+            for _ in range(reps):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            per_block[impl].append(statistics.median(times[reps // 2:]))
+    return {impl: statistics.median(v) for impl, v in per_block.items()}
+
+
+def probe_flat(n: int, reps: int, blocks: int, rng: random.Random) -> dict[str, float]:
+    """:func:`probe_model`'s blocks for one flat float32 array of ``n`` elements:
+    ``adagrad_update`` (the flat benchmarks' fastadagrad row) and torch fused's step,
+    each on its own copy of the flat benchmarks' values and its own state."""
+    import numpy as np
+
+    p0, g0 = B.flat_source(n, np.float32)
+    fp, fh = p0.copy(), np.zeros(n, np.float32)
+    steps = {B.FAST: B.fast_functional(fp, g0.copy(), fh),
+             B.TORCH_FUSED: B.torch_step([p0.copy()], [g0.copy()], B.TORCH_FUSED)}
+    for step in steps.values():
         for _ in range(3):
             step()
     per_block: dict[str, list[float]] = {impl: [] for impl in steps}
@@ -99,6 +130,12 @@ def markdown(r: dict[str, Any]) -> str:
             out.append(f"| {row['model']} ({row['parameters']:,}, {row['tensors']} "
                        f"tensors) | {impl} | {med[impl]:,.1f} µs | {base / med[impl]:.2f}× "
                        f"| {target} |")
+    for row in r.get("flat", []):
+        med = row["median_us"]
+        out += ["", f"One flat {row['dtype']} array of {row['n']:,} elements, the same "
+                "blocks: `adagrad_update` "
+                f"{med[B.FAST]:,.1f} µs, torch fused {med[B.TORCH_FUSED]:,.1f} µs: "
+                f"{row['torch_fused_over_fast']:.2f}× (target ≥ {FLAT_GOAL:g}×)."]
     return "\n".join(out) + "\n"
 
 
@@ -127,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t0:6.1f} s] {model}: torch fused ÷ adapter " + ", ".join(
             f"{k.removeprefix('fastadagrad.torch').strip() or 'default'} {v:.2f}"
             for k, v in best.items()), flush=True)
+    n = 256 if args.quick else FLAT_N
+    med = probe_flat(n, reps, blocks, rng)
+    flat = [{"dtype": "float32", "n": n, "median_us": {k: round(v * 1e6, 3)
+                                                         for k, v in med.items()},
+             "torch_fused_over_fast": med[B.TORCH_FUSED] / med[B.FAST]}]
+    print(f"[{time.time() - t0:6.1f} s] flat float32 {n}: torch fused ÷ adagrad_update "
+          f"{flat[0]['torch_fused_over_fast']:.2f}", flush=True)
     result = {
         "probe": "bench/torch_probe.py", "quick": args.quick,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
@@ -136,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                      "numba": numba.__version__, "python": platform.python_version()},
         "reps": reps, "blocks": blocks, "loadavg_start": load0,
         "loadavg_end": list(os.getloadavg()), "duration_s": round(time.time() - t0, 1),
-        "models": rows,
+        "models": rows, "flat": flat,
     }
     if args.json:
         machine.write_results(args.json, result, markdown)
