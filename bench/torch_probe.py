@@ -60,9 +60,17 @@ def goal(model: str) -> float:
 def probe_model(shapes: list[tuple[int, ...]], reps: int, blocks: int,
                 rng: random.Random, channels_last: bool = False) -> dict[str, float]:
     """Median over blocks of each implementation's median step time, in seconds."""
-    steps: dict[str, Callable[[], Any]] = {
-        impl: make_step(impl, shapes, channels_last=channels_last) for impl in IMPLS}
-    for step in steps.values():  # compiles, creates the state, faults the pages in
+    return interleaved({impl: make_step(impl, shapes, channels_last=channels_last)
+                        for impl in IMPLS}, reps, blocks, rng)
+
+
+def interleaved(steps: dict[str, Callable[[], Any]], reps: int, blocks: int,
+                rng: random.Random) -> dict[str, float]:
+    """Three warm-up steps each (compiles, creates the state, faults the pages in),
+    then ``blocks`` blocks in which the steps take turns in shuffled order, ``reps``
+    timed steps each: the median over blocks of each one's block median, taken over
+    the block's second half of steps (module docstring)."""
+    for step in steps.values():
         for _ in range(3):
             step()
     per_block: dict[str, list[float]] = {impl: [] for impl in steps}
@@ -80,30 +88,16 @@ def probe_model(shapes: list[tuple[int, ...]], reps: int, blocks: int,
 
 
 def probe_flat(n: int, reps: int, blocks: int, rng: random.Random) -> dict[str, float]:
-    """:func:`probe_model`'s blocks for one flat float32 array of ``n`` elements:
+    """:func:`interleaved` blocks for one flat float32 array of ``n`` elements:
     ``adagrad_update`` (the flat benchmarks' fastadagrad row) and torch fused's step,
     each on its own copy of the flat benchmarks' values and its own state."""
     import numpy as np
 
     p0, g0 = B.flat_source(n, np.float32)
     fp, fh = p0.copy(), np.zeros(n, np.float32)
-    steps = {B.FAST: B.fast_functional(fp, g0.copy(), fh),
-             B.TORCH_FUSED: B.torch_step([p0.copy()], [g0.copy()], B.TORCH_FUSED)}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    per_block: dict[str, list[float]] = {impl: [] for impl in steps}
-    order = list(steps)
-    for _ in range(blocks):
-        rng.shuffle(order)
-        for impl in order:
-            step, times = steps[impl], []
-            for _ in range(reps):
-                t = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t)
-            per_block[impl].append(statistics.median(times[reps // 2:]))
-    return {impl: statistics.median(v) for impl, v in per_block.items()}
+    return interleaved({B.FAST: B.fast_functional(fp, g0.copy(), fh),
+                        B.TORCH_FUSED: B.torch_step([p0.copy()], [g0.copy()],
+                                                    B.TORCH_FUSED)}, reps, blocks, rng)
 
 
 def markdown(r: dict[str, Any]) -> str:
