@@ -716,7 +716,7 @@ class _Memory:
 
 
 def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float,
-                   maximize: bool, sqrt_fn: int, emulate: bool
+                   maximize: bool, sqrt_fn: tuple[int, int], emulate: bool
                    ) -> Callable[[], None] | None:
     """torch's sparse Adagrad step for one parameter, validated; None if it cannot run.
 

@@ -126,17 +126,46 @@ _ONE = torch.tensor(1.0)
 _ON_GPU = object()
 
 
-def _vml_sqrt_addresses() -> dict[Any, int]:
-    """Addresses of MKL's vmsSqrt/vmdSqrt inside the loaded libtorch_cpu, if exported."""
+def _vml_sqrt_addresses() -> dict[Any, tuple[int, int]]:
+    """MKL's vmsSqrt/vmdSqrt inside the loaded libtorch_cpu, if exported, as the pairs
+    ``(routine, threads)`` the kernels take (:func:`cpu_vsqrt._vsqrt`): ``threads`` is
+    the address of ``MKL_Set_Num_Threads_Local`` where it behaves as documented, else
+    0."""
     libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
     for path in sorted(glob.glob(os.path.join(libdir, "libtorch_cpu.*"))):
         try:
             lib = ctypes.CDLL(path)
-            return {torch.float32: ctypes.cast(lib.vmsSqrt, ctypes.c_void_p).value,
-                    torch.float64: ctypes.cast(lib.vmdSqrt, ctypes.c_void_p).value}
+            threads = _mkl_threads_local(lib)
+            return {torch.float32: (ctypes.cast(lib.vmsSqrt, ctypes.c_void_p).value,
+                                    threads),
+                    torch.float64: (ctypes.cast(lib.vmdSqrt, ctypes.c_void_p).value,
+                                    threads)}
         except (OSError, AttributeError):
             continue
     return {}
+
+
+def _mkl_threads_local(lib: ctypes.CDLL) -> int:
+    """Address of MKL's C function ``int MKL_Set_Num_Threads_Local(int)`` in ``lib``,
+    checked once: setting 1 must make ``MKL_Get_Max_Threads()`` 1 on this thread, and
+    putting the previous value back must restore it. 0 where it is missing or does
+    not (the kernels then call the square root without it: the same bits, slower
+    after ``torch.set_num_threads``). The mixed-case names are MKL's C interface (an
+    ``int`` by value); the lower-case ones may be its Fortran interface (a pointer), as
+    in torch 2.13's build, so they are not used."""
+    try:
+        setter, getter = lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads
+    except AttributeError:
+        return 0
+    setter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+    getter.restype, getter.argtypes = ctypes.c_int, []
+    before = getter()
+    prev = setter(1)
+    one = getter()
+    setter(prev)
+    if one != 1 or getter() != before:
+        return 0
+    return ctypes.cast(setter, ctypes.c_void_p).value or 0
 
 
 _VSQRT = _vml_sqrt_addresses()
@@ -232,7 +261,7 @@ def _emulation_ok_f64(exhaustive: bool = False) -> bool:
     return _same_as_routine(fn, [bits.view(np.float64) for bits in xs])
 
 
-def _same_as_routine(fn: int, xs: list[np.ndarray]) -> bool:
+def _same_as_routine(fn: tuple[int, int], xs: list[np.ndarray]) -> bool:
     """Whether the emulation gives routine ``fn``'s bits on every array of ``xs``, both
     in steps and element by element, every element emulated."""
     for x in xs:

@@ -332,6 +332,78 @@ def test_failed_emulation_check_keeps_the_routine(no_torch_step: None,
         _compare(_params(dt, [(2**12 + 3,), (5,)]), 3, {"lr_decay": 0.1})
 
 
+@pytest.fixture
+def mkl_dynamic_off() -> Any:
+    """MKL's C service functions in libtorch_cpu, with MKL's dynamic threading off (as
+    ``torch.set_num_threads`` leaves it) and a thread-local count of 2 on this thread;
+    everything put back after the test."""
+    import ctypes
+    import glob
+    import os
+
+    if not FT._VSQRT or not FT._VSQRT[torch.float32][1]:
+        pytest.skip("this torch build exports no MKL_Set_Num_Threads_Local")
+    path = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                  "libtorch_cpu.*"))[0]
+    lib = ctypes.CDLL(path)
+    setter, getter, dynamic = (lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads,
+                               lib.MKL_Set_Dynamic)
+    setter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+    getter.restype, getter.argtypes = ctypes.c_int, []
+    dynamic.restype, dynamic.argtypes = None, [ctypes.c_int]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # (MKL's dynamic threading off)
+    prev = setter(2)
+    try:
+        yield getter
+    finally:
+        setter(prev)
+        torch.set_num_threads(before)
+        dynamic(1)
+
+
+def test_mkl_square_root_runs_on_one_thread(mkl_dynamic_off: Any) -> None:
+    # with MKL's dynamic threading off, each routine call would start a team of all the
+    # threads (~2 us a call: 8x the kernel's time at 2^16 float32, blocks of 512). The
+    # kernels call it with MKL's thread-local count set to 1 and put the caller's back.
+    # A stand-in for the routine records the count it runs under.
+    import ctypes
+
+    from fastadagrad import cpu_vsqrt as V
+
+    getter = mkl_dynamic_off
+    seen = []
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_int64)
+    def routine(n: int, src: int, dst: int, mode: int) -> None:
+        seen.append(getter())
+        ctypes.memmove(dst, src, 4 * n)
+
+    fake = ctypes.cast(routine, ctypes.c_void_p).value
+    threads = FT._VSQRT[torch.float32][1]
+    x = np.arange(1, 40, dtype=np.float32)
+    out = np.zeros_like(x)
+    assert getter() == 2
+    V.mkl_sqrt_routine(fake, x, out)  # the bare address: no change of the count
+    V.mkl_sqrt_routine((fake, threads), x, out)
+    V.mkl_sqrt_routine((fake, 0), x, out)  # no setter: as the bare address
+    assert seen == [2, 1, 2]
+    assert getter() == 2  # the caller's count, put back
+    np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("size", [(2**12 + 3,), (2**16,)], ids=str)
+@pytest.mark.parametrize("mode", ["single", "foreach"])
+def test_eager_formula_after_set_num_threads(mode: str, size: tuple[int, ...],
+                                             mkl_dynamic_off: Any, no_torch_step: None
+                                             ) -> None:
+    # torch's bits and the caller's MKL thread count, serial and parallel kernels
+    for dt in DTYPES:
+        _compare(_params(dt, [size, (5,)]), 3, {"lr_decay": 0.1, **MODES[mode]})
+    assert mkl_dynamic_off() == 2
+
+
 # ------------------------------------------------------------- the Optimizer API
 
 def test_signature_and_defaults_are_torchs() -> None:
