@@ -29,7 +29,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _dispatch as D
-from . import config, cpu, cpu_rows, cpu_vsqrt
+from . import config, cpu, cpu_rows, cpu_vsqrt, cpu_vsqrt_z0
 from ._jit import jit
 
 NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -63,6 +63,9 @@ KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     # float32 and float64: the same bits as "vsqrt" where MKL's generic kernels run
     # (used per dtype only where its self-check against the routine passed)
     "vsqrt-emu": (cpu_vsqrt.adagrad_many_emu_parallel, cpu_vsqrt.adagrad_many_emu_serial),
+    # the same bits where MKL's AVX-512 kernels run (float32 and float64, each used only
+    # where its self-check passed)
+    "vsqrt-z0": (cpu_vsqrt_z0.Z0.many_parallel, cpu_vsqrt_z0.Z0.many_serial),
 }
 
 

@@ -42,6 +42,8 @@ Validation and dispatch live in ``_tensorplan.py``; this module knows nothing of
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -337,11 +339,9 @@ def _float_array(t: types.Type) -> bool:
     return isinstance(t, types.Array) and t.dtype in (types.float32, types.float64)
 
 
-@intrinsic
-def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
-    """``out[i:i+L]`` = MKL's square root of ``x[i:i+L]`` (``L``: :data:`LANES` for
-    float32, :data:`LANES64` for float64); False, with nothing written, when a lane
-    needs the routine (:func:`_needs_routine`)."""
+def sqrt_lanes_typing(x, out, i, emit, needs):  # type: ignore[no-untyped-def]
+    """The typing and code of a ``_sqrt_lanes`` intrinsic (:func:`_sqrt_lanes`) whose
+    square root is ``emit(builder, v)`` on lanes none of which ``needs(builder, v)``."""
     if not (_float_array(x) and _float_array(out) and x.dtype == out.dtype
             and isinstance(i, types.Integer)):
         return None
@@ -352,22 +352,19 @@ def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
         align = 4 if elem == _F32 else 8
         xv = builder.load(_lane_pointer(context, builder, sig.args[0], args[0], args[2], vt),
                           align=align)
-        done = builder.not_(_needs_routine(builder, xv))
+        done = builder.not_(needs(builder, xv))
         with builder.if_then(done, likely=True):
-            builder.store(_emit_sqrt(builder, xv), _lane_pointer(
+            builder.store(emit(builder, xv), _lane_pointer(
                 context, builder, sig.args[1], args[1], args[2], vt), align=align)
         return done
 
     return types.boolean(x, out, i), codegen
 
 
-@intrinsic
-def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
-               ):  # type: ignore[no-untyped-def]
-    """One step of torch's eager formula (module docstring) on ``[i, i+L)`` of the
-    spans (``L`` as for :func:`_sqrt_lanes`), with MKL's square root emulated
-    (:func:`_emit_sqrt`); False, with nothing written, when a new accumulator needs the
-    routine."""
+def emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, emit, needs
+                     ):  # type: ignore[no-untyped-def]
+    """The typing and code of an ``_emu_lanes`` intrinsic (:func:`_emu_lanes`) whose
+    square root is ``emit(builder, v)`` on lanes none of which ``needs(builder, v)``."""
     if not (_float_array(p) and p.dtype == g.dtype == h.dtype and _float_array(g)
             and _float_array(h) and isinstance(i, types.Integer)
             and neg_clr == eps == wd == p.dtype and maximize == coupled == types.boolean):
@@ -387,15 +384,34 @@ def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
         gv = builder.select(coupled, builder.call(
             fma_v, [pv, _broadcast(builder, wd, vt), gv]), gv)
         hv = builder.call(fma_v, [gv, gv, hv])
-        done = builder.not_(_needs_routine(builder, hv))
+        done = builder.not_(needs(builder, hv))
         with builder.if_then(done, likely=True):
-            std = builder.fadd(_emit_sqrt(builder, hv), _broadcast(builder, eps, vt))
+            std = builder.fadd(emit(builder, hv), _broadcast(builder, eps, vt))
             step = builder.fdiv(builder.fmul(_broadcast(builder, neg_clr, vt), gv), std)
             builder.store(hv, hp, align=align)
             builder.store(builder.fadd(pv, step), pp, align=align)
         return done
 
     return types.boolean(p, g, h, i, neg_clr, eps, wd, maximize, coupled), codegen
+
+
+@intrinsic
+def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
+    """``out[i:i+L]`` = MKL's square root of ``x[i:i+L]`` (``L``: :data:`LANES` for
+    float32, :data:`LANES64` for float64); False, with nothing written, when a lane
+    needs the routine (:func:`_needs_routine`)."""
+    return sqrt_lanes_typing(x, out, i, _emit_sqrt, _needs_routine)
+
+
+@intrinsic
+def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
+               ):  # type: ignore[no-untyped-def]
+    """One step of torch's eager formula (module docstring) on ``[i, i+L)`` of the
+    spans (``L`` as for :func:`_sqrt_lanes`), with MKL's square root emulated
+    (:func:`_emit_sqrt`); False, with nothing written, when a new accumulator needs the
+    routine."""
+    return emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, _emit_sqrt,
+                            _needs_routine)
 
 
 @intrinsic
@@ -538,32 +554,115 @@ def _lanes_impl(a):  # type: ignore[no-untyped-def]
     return lambda a: n
 
 
-@jit(error_model="numpy")
-def mkl_sqrt_emulated(x, out, lanes):
-    """``out`` = MKL's square root of ``x`` (1-D float32 or float64), in steps of
-    :data:`LANES`/:data:`LANES64` if ``lanes`` (as the kernels), else element by element
-    (as their tails). Returns how many elements need the routine (float32: a set sign
-    bit; float64: outside MKL's vector path and not +0): those are left unwritten."""
-    n = x.size
-    step = _lanes(x)
-    nv = n - n % step if lanes else 0
-    left = 0
-    for i in range(0, nv, step):
-        if not _sqrt_lanes(x, out, i):
-            for j in range(i, i + step):
-                left += _sqrt_into(x, out, j)
-    for j in range(nv, n):
-        left += _sqrt_into(x, out, j)
-    return left
+class Family(NamedTuple):
+    """The kernels of torch's eager formula with one emulation of MKL's square root
+    (:func:`family`)."""
+
+    #: ``(x, out, lanes)``: ``out`` = the emulated square root of ``x`` (1-D float32 or
+    #: float64), in steps of :data:`LANES`/:data:`LANES64` if ``lanes`` (as the
+    #: kernels), else element by element (as their tails). Returns how many elements
+    #: need the routine: those are left unwritten.
+    sqrt_emulated: Any
+    #: ``(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)``: one step on 1-D spans in ONE
+    #: pass, :data:`LANES` (float32) or :data:`LANES64` (float64) elements at a time,
+    #: element by element after the last whole step and in any step with an
+    #: accumulator the emulation does not cover (the routine ``sqrt_fn`` then gives
+    #: that element's square root). ``one``: scratch of one element.
+    span: Any
+    #: :func:`adagrad_many_vsqrt_parallel` with ``span``
+    many_parallel: Any
+    #: serial twin of ``many_parallel`` for small models
+    many_serial: Any
 
 
-@jit(error_model="numpy", inline="always")
-def _sqrt_into(x, out, j):
-    ok, s = _sqrt_emulated(x[j])
-    if not ok:
-        return 1
-    out[j] = s
-    return 0
+def family(sqrt_lanes: Any, emu_lanes: Any, sqrt_emulated: Any) -> Family:
+    """The kernels of torch's eager formula built on one emulation of MKL's square root:
+    ``sqrt_lanes`` and ``emu_lanes`` (intrinsics such as :func:`_sqrt_lanes` and
+    :func:`_emu_lanes`: a whole step of lanes, or False with nothing written) and
+    ``sqrt_emulated`` (a scalar overload such as :func:`_sqrt_emulated`: ``(True, s)``
+    or ``(False, x)`` where the routine must give it). Each kind of MKL kernel has its
+    own three (this module: MKL's generic kernels; :mod:`cpu_vsqrt_z0`: its AVX-512
+    kernels); the loops around them are these, compiled once per kind (Numba keys its
+    cache on the closure's contents)."""
+
+    @jit(error_model="numpy", inline="always")
+    def sqrt_into(x, out, j):
+        ok, s = sqrt_emulated(x[j])
+        if not ok:
+            return 1
+        out[j] = s
+        return 0
+
+    @jit(error_model="numpy")
+    def sqrt_array(x, out, lanes):
+        n = x.size
+        step = _lanes(x)
+        nv = n - n % step if lanes else 0
+        left = 0
+        for i in range(0, nv, step):
+            if not sqrt_lanes(x, out, i):
+                for j in range(i, i + step):
+                    left += sqrt_into(x, out, j)
+        for j in range(nv, n):
+            left += sqrt_into(x, out, j)
+        return left
+
+    @jit(error_model="numpy")
+    def elements(p, g, h, one, lo, hi, sqrt_fn, neg_clr, eps, wd, maximize, coupled):
+        for i in range(lo, hi):
+            gi = -g[i] if maximize else g[i]
+            if coupled:
+                gi = fma(p[i], wd, gi)
+            x = fma(gi, gi, h[i])
+            h[i] = x
+            ok, s = sqrt_emulated(x)
+            if not ok:  # e.g. a loaded state: the routine's own NaN
+                _vsqrt(sqrt_fn, h[i:i + 1], one)
+                s = one[0]
+            p[i] = p[i] + (neg_clr * gi) / (s + eps)
+
+    @jit(error_model="numpy")
+    def span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
+        maximize = (flags & H.MAXIMIZE) != 0
+        coupled = (flags & H.WD_COUPLED) != 0
+        n = p.size
+        step = _lanes(p)
+        nv = n - n % step
+        for i in range(0, nv, step):
+            if not emu_lanes(p, g, h, i, neg_clr, eps, wd, maximize, coupled):
+                elements(p, g, h, one, i, i + step, sqrt_fn, neg_clr, eps, wd, maximize,
+                         coupled)
+        elements(p, g, h, one, nv, n, sqrt_fn, neg_clr, eps, wd, maximize, coupled)
+
+    @jit(parallel=True)
+    def many_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn, neg_clr,
+                      eps, wd, flags):
+        for c in prange(ctensor.size):
+            p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+            one = np.empty(1, proto.dtype)
+            span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
+
+    @jit()
+    def many_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn, neg_clr,
+                    eps, wd, flags):
+        one = np.empty(1, proto.dtype)
+        for c in range(ctensor.size):
+            p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+            span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
+
+    return Family(sqrt_array, span, many_parallel, many_serial)
+
+
+#: the kernels with MKL's generic square root emulated. Single thread, float32, AMD
+#: EPYC, median of interleaved runs: the span about the time of the IEEE loop of torch's
+#: fused formula (see :data:`LANES`), where the blocked version it replaced
+#: (``rsqrtps`` on a block of 512 written back to memory, then a second loop) took 7.3,
+#: 28.4 and 462 us at 2^14, 2^16 and 2^20 (the IEEE loop: 5.6, 22.1, 327 us).
+EX = family(_sqrt_lanes, _emu_lanes, _sqrt_emulated)
+mkl_sqrt_emulated = EX.sqrt_emulated
+adagrad_span_emu = EX.span
+adagrad_many_emu_parallel = EX.many_parallel
+adagrad_many_emu_serial = EX.many_serial
 
 
 @jit(error_model="numpy")
@@ -571,70 +670,6 @@ def mkl_sqrt_routine(sqrt_fn, x, out):
     """``out = vmsSqrt(x)``/``vmdSqrt(x)`` through the routine's address (the reference
     side)."""
     _vsqrt(sqrt_fn, x, out)
-
-
-@jit(error_model="numpy")
-def _emu_elements(p, g, h, one, lo, hi, sqrt_fn, neg_clr, eps, wd, maximize, coupled):
-    """:func:`_emu_lanes` element by element on ``[lo, hi)``, the square root of an
-    accumulator the emulation does not cover from the routine (``one``: scratch of one
-    element)."""
-    for i in range(lo, hi):
-        gi = -g[i] if maximize else g[i]
-        if coupled:
-            gi = fma(p[i], wd, gi)
-        x = fma(gi, gi, h[i])
-        h[i] = x
-        ok, s = _sqrt_emulated(x)
-        if not ok:  # e.g. a loaded state: the routine's own NaN
-            _vsqrt(sqrt_fn, h[i:i + 1], one)
-            s = one[0]
-        p[i] = p[i] + (neg_clr * gi) / (s + eps)
-
-
-@jit(error_model="numpy")
-def adagrad_span_emu(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
-    """:func:`adagrad_span_vsqrt` with MKL's square root emulated, in ONE pass:
-    :data:`LANES` (float32) or :data:`LANES64` (float64) elements at a time
-    (:func:`_emu_lanes`), element by element after the last whole step and in any step
-    with an accumulator the emulation does not cover (:func:`_emu_elements`: the
-    routine then gives that element's square root). ``one``: scratch of one element.
-
-    Single thread, float32, AMD EPYC, median of interleaved runs: about the time of the
-    IEEE loop of torch's fused formula (see :data:`LANES`), where the blocked version
-    this replaced (``rsqrtps`` on a block of 512 written back to memory, then a second
-    loop) took 7.3, 28.4 and 462 us at 2^14, 2^16 and 2^20 (the IEEE loop: 5.6, 22.1,
-    327 us).
-    """
-    maximize = (flags & H.MAXIMIZE) != 0
-    coupled = (flags & H.WD_COUPLED) != 0
-    n = p.size
-    step = _lanes(p)
-    nv = n - n % step
-    for i in range(0, nv, step):
-        if not _emu_lanes(p, g, h, i, neg_clr, eps, wd, maximize, coupled):
-            _emu_elements(p, g, h, one, i, i + step, sqrt_fn, neg_clr, eps, wd,
-                          maximize, coupled)
-    _emu_elements(p, g, h, one, nv, n, sqrt_fn, neg_clr, eps, wd, maximize, coupled)
-
-
-@jit(parallel=True)
-def adagrad_many_emu_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
-                              sqrt_fn, neg_clr, eps, wd, flags):
-    """:func:`adagrad_many_vsqrt_parallel` with :func:`adagrad_span_emu`."""
-    for c in prange(ctensor.size):
-        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
-        one = np.empty(1, proto.dtype)
-        adagrad_span_emu(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
-
-
-@jit()
-def adagrad_many_emu_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen,
-                            sqrt_fn, neg_clr, eps, wd, flags):
-    """Serial twin of :func:`adagrad_many_emu_parallel` for small models."""
-    one = np.empty(1, proto.dtype)
-    for c in range(ctensor.size):
-        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
-        adagrad_span_emu(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 # --- sparse gradients: torch's sparse branch on coalesced rows -----------------------------

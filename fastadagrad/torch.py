@@ -29,9 +29,10 @@ What ``step`` does with each parameter that has a gradient:
 
     with ``torch.sqrt`` the MKL routine torch itself calls (it is not correctly
     rounded; see :mod:`fastadagrad.cpu_vsqrt`): in float32 and float64 its arithmetic
-    reproduced inline (MKL's generic kernels, the ones it runs on AMD CPUs; each dtype
-    checked against the routine once per process), and where that check fails the
-    routine itself called on blocks;
+    reproduced inline (MKL's generic kernels, the ones it runs on AMD CPUs, and its
+    AVX-512 kernels, the ones it runs on Intel CPUs with AVX-512: see
+    :mod:`fastadagrad.cpu_vsqrt_z0`; each dtype checked against the routine once per
+    process), and where those checks fail the routine itself called on blocks;
     ``clr = lr / (1 + (step-1)*lr_decay)`` in double;
   * ``fused=True`` (ATen's fused kernel): the ``"torch"`` preset of
     :mod:`fastadagrad.presets` (FMAs, IEEE square root).
@@ -102,7 +103,7 @@ from torch.optim import optimizer as _torch_optimizer
 from . import _dispatch as D
 from . import _hyper as H
 from . import _tensorplan as T
-from . import cpu_vsqrt
+from . import cpu_vsqrt, cpu_vsqrt_z0
 from ._plan import Plan
 from .presets import PRESETS
 
@@ -170,11 +171,12 @@ def _mkl_threads_local(lib: ctypes.CDLL) -> int:
 
 _VSQRT = _vml_sqrt_addresses()
 _CHECKED: dict[tuple[str, Any], bool] = {}
-#: the eager formula's kernels per dtype, by whether the emulated square root passed its
-#: check for (float32, float64): built once, so that a plan's cached choice compares equal
-_EAGER = {(e32, e64): {np.dtype(np.float32): "vsqrt-emu" if e32 else "vsqrt",
-                       np.dtype(np.float64): "vsqrt-emu" if e64 else "vsqrt"}
-          for e32 in (False, True) for e64 in (False, True)}
+#: the eager formula's kernels per dtype (float32's, float64's), each "vsqrt-emu" (MKL's
+#: generic square root emulated), "vsqrt-z0" (its AVX-512 one emulated) or "vsqrt" (the
+#: routine called): one dict per choice, so that a plan's cached choice compares equal
+_EAGER: dict[tuple[str, str], dict[np.dtype, str]] = {}
+#: the emulations of MKL's square root, in the order they are tried
+_EMULATIONS = ("vsqrt-emu", "vsqrt-z0")
 
 
 def compiled_paths() -> dict[str, bool]:
@@ -205,9 +207,15 @@ def _formula_ok(formula: str, dtype: Any) -> bool:
 
 def _eager_kernels() -> dict[np.dtype, str]:
     """The kernels of torch's eager formula per dtype (after their self-checks): through
-    the emulated MKL square root where it reproduces the routine, else the routine."""
-    return _EAGER[_formula_ok("vsqrt-emu", torch.float32),
-                  _formula_ok("vsqrt-emu", torch.float64)]
+    an emulation of MKL's square root where it reproduces the routine (MKL's generic
+    kernels, then its AVX-512 ones), else the routine."""
+    key = tuple(next((e for e in _EMULATIONS if _formula_ok(e, dt)), "vsqrt")
+                for dt in (torch.float32, torch.float64))
+    kernels = _EAGER.get(key)
+    if kernels is None:
+        kernels = _EAGER.setdefault(key, {np.dtype(np.float32): key[0],
+                                          np.dtype(np.float64): key[1]})
+    return kernels
 
 
 def _emulation_ok(exhaustive: bool = False, dtype: Any = torch.float32) -> bool:
@@ -261,16 +269,49 @@ def _emulation_ok_f64(exhaustive: bool = False) -> bool:
     return _same_as_routine(fn, [bits.view(np.float64) for bits in xs])
 
 
-def _same_as_routine(fn: tuple[int, int], xs: list[np.ndarray]) -> bool:
-    """Whether the emulation gives routine ``fn``'s bits on every array of ``xs``, both
-    in steps and element by element, every element emulated."""
+def _z0_ok(exhaustive: bool = False, dtype: Any = torch.float32) -> bool:
+    """Whether :mod:`cpu_vsqrt_z0`'s emulation gives the routine's bits, in steps and
+    element by element, on inputs of its range. float32: every 61st of the 2^24
+    mantissa/exponent-parity patterns of [1, 4) (all of them if ``exhaustive``: the
+    tests), then 1024 random mantissas of every exponent of the range (the table of
+    ``vrsqrt14`` and the arithmetic scale by 4^k). float64: 64 random mantissas and the
+    edge mantissas of every exponent of the range, 2^24 more random inputs if
+    ``exhaustive``. ~10 ms once per process."""
+    z = cpu_vsqrt_z0
+    rng = np.random.default_rng(0)
+    if dtype == torch.float32:
+        exps = np.arange(z.LO >> 23, (z.HI >> 23) + 1, dtype=np.int32)
+        xs = [np.arange(0x7F << 23, 0x81 << 23, 1 if exhaustive else 61, dtype=np.int32),
+              ((exps[:, None] << 23) | rng.integers(0, 1 << 23, (exps.size, 1024),
+                                                    dtype=np.int32)).ravel(),
+              np.array([z.LO, z.LO + 1, z.HI - 1, z.HI], np.int32)]
+        xs = [bits.view(np.float32) for bits in xs]
+    else:
+        exps = np.arange(z.D_LO >> 52, (z.D_HI >> 52) + 1, dtype=np.uint64)
+        edges = np.array([0, 1, (1 << 26) - 1, 1 << 26, (1 << 52) - 1], np.uint64)
+        mant = np.concatenate((rng.integers(0, 1 << 52, (exps.size, 64), dtype=np.uint64),
+                               np.broadcast_to(edges, (exps.size, edges.size))), axis=1)
+        xs = [((exps[:, None] << np.uint64(52)) | mant).ravel()]
+        if exhaustive:
+            e = rng.integers(exps[0], exps[-1] + 1, 1 << 24, dtype=np.uint64)
+            xs.append((e << np.uint64(52)) | rng.integers(0, 1 << 52, 1 << 24,
+                                                          dtype=np.uint64))
+        xs = [bits.view(np.float64) for bits in xs]
+    return _same_as_routine(_VSQRT[dtype], xs, z.Z0.sqrt_emulated)
+
+
+def _same_as_routine(fn: tuple[int, int], xs: list[np.ndarray],
+                     emulated: Any = cpu_vsqrt.mkl_sqrt_emulated) -> bool:
+    """Whether the emulation ``emulated`` (a :class:`cpu_vsqrt.Family`'s
+    ``sqrt_emulated``) gives routine ``fn``'s bits on every array of ``xs``, both in
+    steps and element by element, every element emulated."""
     for x in xs:
         theirs = np.empty_like(x)
         cpu_vsqrt.mkl_sqrt_routine(fn, x, theirs)
         ints = np.int32 if x.dtype == np.float32 else np.int64
         for lanes in (True, False):
             mine = np.empty_like(x)
-            if cpu_vsqrt.mkl_sqrt_emulated(x, mine, lanes) != 0 or not np.array_equal(
+            if emulated(x, mine, lanes) != 0 or not np.array_equal(
                     mine.view(ints), theirs.view(ints)):
                 return False
     return True
@@ -321,6 +362,8 @@ def _self_check(formula: str, dtype: Any) -> bool:
                 return False
         except Exception:  # noqa: BLE001 - not x86 (no rsqrtps to compile): not this path
             return False
+    if formula == "vsqrt-z0" and not (cpu_vsqrt_z0.available() and _z0_ok(dtype=dtype)):
+        return False
     gen = torch.Generator().manual_seed(0)
     n = 1031  # a vector body and a scalar tail, several kernel blocks
     p0 = torch.randn(n, dtype=dtype, generator=gen)

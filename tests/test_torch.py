@@ -176,20 +176,34 @@ def test_hard_coded_values() -> None:
     np.testing.assert_array_equal(opt.state[p]["sum"].numpy(), h)
 
 
-# ------------------------------------------- the emulated MKL square root (float32)
+# ------------------------------------------------- the emulated MKL square roots
 
-def _emulation_used() -> bool:
-    """True where the emulation must pass: MKL's generic kernel runs on AMD CPUs (the
-    project's machines); elsewhere (Intel's AVX-512 kernel, no MKL) it may not."""
+NO_EMULATION = "no emulation of MKL's square root is expected to pass here"
+
+
+def _emulation_used() -> str | None:
+    """The emulation of MKL's square root that must pass here: "vsqrt-emu" where MKL
+    runs its generic kernels (AMD CPUs), "vsqrt-z0" where it runs its AVX-512 ones
+    (Intel CPUs with AVX-512): the project's machines. None elsewhere (another MKL or
+    CPU: the emulations may not pass there, and the routine is called)."""
+    from fastadagrad import cpu_vsqrt_z0
+
     try:
         with open("/proc/cpuinfo") as f:
-            amd = "AuthenticAMD" in f.read(4096)
+            info = f.read(4096)
     except OSError:
-        amd = False
-    if amd and FT._formula_ok("vsqrt", torch.float32):
-        assert FT._formula_ok("vsqrt-emu", torch.float32)
-        return True
-    return False
+        return None
+    if not FT._formula_ok("vsqrt", torch.float32):
+        return None
+    if "AuthenticAMD" in info:
+        name = "vsqrt-emu"
+    elif "GenuineIntel" in info and cpu_vsqrt_z0.available():
+        name = "vsqrt-z0"
+    else:
+        return None
+    assert FT._formula_ok(name, torch.float32)
+    assert FT._eager_kernels()[np.dtype(np.float32)] == name
+    return name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -200,8 +214,8 @@ def test_emulated_path_gives_torchs_nan_with_maximize(dtype: torch.dtype, foreac
     # that negation (as a run-time choice: a constant one lets LLVM fold (-g)*(-g) into
     # g*g), so a NaN gradient gives torch's NaN, sign included, in the vector steps and
     # the element-by-element tail, with and without weight decay
-    if not _emulation_used():
-        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    if _emulation_used() is None:
+        pytest.skip(NO_EMULATION)
     ints = torch.int32 if dtype == torch.float32 else torch.int64
     for n in (5, 4099):
         for wd in (0.0, 0.25):
@@ -220,32 +234,39 @@ def test_emulated_path_gives_torchs_nan_with_maximize(dtype: torch.dtype, foreac
 
 
 def test_emulated_sqrt_is_the_routine_exhaustively() -> None:
-    # every mantissa/exponent-parity pattern of the normal range, against vmsSqrt itself
-    if not _emulation_used():
-        pytest.skip("MKL's generic sqrt kernel is not the one running here")
-    assert FT._emulation_ok(exhaustive=True)
+    # every mantissa/exponent-parity pattern (of the normal range; for the AVX-512
+    # kernels' emulation, of [1, 4): vrsqrt14 and the arithmetic scale by 4^k), against
+    # vmsSqrt itself
+    name = _emulation_used()
+    if name is None:
+        pytest.skip(NO_EMULATION)
+    assert (FT._emulation_ok if name == "vsqrt-emu" else FT._z0_ok)(exhaustive=True)
 
 
 def test_emulated_float64_sqrt_is_the_routine() -> None:
     # every exponent of MKL's vector path with random and edge mantissas, +0, and 2^24
     # random inputs, against vmdSqrt itself (float64 cannot be exhaustive)
-    if not _emulation_used():
-        pytest.skip("MKL's generic sqrt kernel is not the one running here")
-    assert FT._formula_ok("vsqrt-emu", torch.float64)
-    assert FT._emulation_ok(exhaustive=True, dtype=torch.float64)
+    name = _emulation_used()
+    if name is None:
+        pytest.skip(NO_EMULATION)
+    assert FT._formula_ok(name, torch.float64)
+    assert FT._eager_kernels()[np.dtype(np.float64)] == name
+    check = FT._emulation_ok if name == "vsqrt-emu" else FT._z0_ok
+    assert check(exhaustive=True, dtype=torch.float64)
 
 
 def test_emulated_sqrt_is_used_and_differs_from_ieee(no_torch_step: None,
                                                      monkeypatch: pytest.MonkeyPatch
                                                      ) -> None:
-    if not _emulation_used():
-        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    name = _emulation_used()
+    if name is None:
+        pytest.skip(NO_EMULATION)
     calls = []
-    real = _tensorplan.KERNELS["vsqrt-emu"]
+    real = _tensorplan.KERNELS[name]
     def counting(kernel: object) -> object:
         return lambda *a: (calls.append(1), kernel(*a))  # type: ignore[operator]
 
-    monkeypatch.setitem(_tensorplan.KERNELS, "vsqrt-emu", tuple(map(counting, real)))
+    monkeypatch.setitem(_tensorplan.KERNELS, name, tuple(map(counting, real)))
     _compare(_params(torch.float32, [(2**12 + 3,)]), 3, {})
     assert calls
     # the emulation is not an IEEE square root in disguise: torch's bits are not
@@ -293,19 +314,24 @@ def test_emulated_kernel_is_the_routine_kernel(flags: int, dtype: type) -> None:
     # step and where an accumulator is negative) against the kernel that calls vmsSqrt
     # on every block, bit for bit: every length around a step, maximize and coupled
     # weight decay, accumulators at zero, subnormal, huge, inf, NaN and negative
-    if not _emulation_used():
-        pytest.skip("MKL's generic sqrt kernel is not the one running here")
+    name = _emulation_used()
+    if name is None:
+        pytest.skip(NO_EMULATION)
     from fastadagrad import _hyper as H
     from fastadagrad import cpu_vsqrt as V
+    from fastadagrad import cpu_vsqrt_z0 as Z
+
+    span = V.adagrad_span_emu if name == "vsqrt-emu" else Z.Z0.span
 
     fl = (H.MAXIMIZE if flags & 1 else 0) | (H.WD_COUPLED if flags & 2 else 0)
     t = dtype
     fn = FT._VSQRT[torch.float32 if t == np.float32 else torch.float64]
     coefs = (fn, t(-0.03), t(1e-7), t(0.25), fl)
     rng = np.random.default_rng(flags)
-    special = np.array([0.0, 1e-42, 3.4e38, np.inf, np.nan, -1.0, -0.0, 2.0] if t ==
-                       np.float32 else [0.0, 1e-310, 1e308, np.inf, np.nan, -1.0, -0.0, 2.0],
-                       t)
+    # (1e-24/2e-23, 1e-280/1e-270: either side of the AVX-512 emulation's lower bound)
+    special = np.array([0.0, 1e-42, 3.4e38, np.inf, np.nan, -1.0, -0.0, 2.0, 1e-24, 2e-23]
+                       if t == np.float32 else [0.0, 1e-310, 1e308, np.inf, np.nan, -1.0,
+                                                -0.0, 2.0, 1e-280, 1e-270], t)
     lanes = V.LANES if t == np.float32 else V.LANES64
     ints = np.int32 if t == np.float32 else np.int64
     for n in (1, lanes - 1, lanes, lanes + 1, 3 * lanes + 5, 1031):
@@ -317,7 +343,7 @@ def test_emulated_kernel_is_the_routine_kernel(flags: int, dtype: type) -> None:
         gs[0][where[:2]] = 0.0
         emu, ref = [p0.copy(), h0.copy()], [p0.copy(), h0.copy()]
         for g in gs:
-            V.adagrad_span_emu(emu[0], g, emu[1], np.empty(1, t), *coefs)
+            span(emu[0], g, emu[1], np.empty(1, t), *coefs)
             V.adagrad_span_vsqrt(ref[0], g, ref[1], np.empty(V.BLOCK, t), *coefs)
         for a, b in zip(emu, ref):
             np.testing.assert_array_equal(a.view(ints), b.view(ints), err_msg=str(n))
@@ -325,9 +351,10 @@ def test_emulated_kernel_is_the_routine_kernel(flags: int, dtype: type) -> None:
 
 def test_failed_emulation_check_keeps_the_routine(no_torch_step: None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for dt in (torch.float32, torch.float64):
-        monkeypatch.setitem(FT._CHECKED, ("vsqrt-emu", dt), False)
-    monkeypatch.delitem(_tensorplan.KERNELS, "vsqrt-emu")  # would raise KeyError if used
+    for name in FT._EMULATIONS:
+        for dt in (torch.float32, torch.float64):
+            monkeypatch.setitem(FT._CHECKED, (name, dt), False)
+        monkeypatch.delitem(_tensorplan.KERNELS, name)  # would raise KeyError if used
     for dt in (torch.float32, torch.float64):
         _compare(_params(dt, [(2**12 + 3,), (5,)]), 3, {"lr_decay": 0.1})
 
