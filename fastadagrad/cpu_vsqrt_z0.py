@@ -25,10 +25,11 @@ and uses it only where it passed.
 
 Why: the emulation runs in the same pass as the rest of the update, where the kernels
 of :mod:`cpu_vsqrt` call the routine on blocks of 512 elements. One thread, 2-core Intel
-Xeon (AVX-512), the span kernels called directly, median of 7 blocks: float32 2^16 16.1 against 27.5 us, 2^20 507 against 599 us;
-float64 2^16 45.5 against 75.3 us, 2^20 971 against 1,450 us; 1.2 us both at 2^10
-float32 (a plain IEEE loop of torch's fused formula: 26.4 and 485 us at float32 2^16
-and 2^20: ``vrsqrt14`` and FMAs leave the divider to the division).
+Xeon (AVX-512), the span kernels called directly, median of 7 blocks: float32 2^16 16.1
+against 27.5 us, 2^20 507 against 599 us; float64 2^16 45.5 against 75.3 us, 2^20 971
+against 1,450 us; 1.2 us both at 2^10 float32 (a plain IEEE loop of torch's fused
+formula: 26.4 and 485 us at float32 2^16 and 2^20: ``vrsqrt14`` and FMAs leave the
+divider to the division).
 
 The instructions need AVX-512F: :func:`available` says whether this CPU has it, and
 nothing here is compiled where it does not.
