@@ -31,8 +31,11 @@ def test_torch_probe_smoke_run(tmp_path: Path) -> None:
     med = flat["median_us"]  # (rounded to 0.001 us: the ratio is from the unrounded)
     assert flat["torch_fused_over_fast"] == pytest.approx(
         med[B.TORCH_FUSED] / med[B.FAST], rel=1e-3)
+    (after,) = r["after_set_num_threads"]
+    assert after["model"] == "torch-model100" and set(after["median_us"]) == set(IMPLS)
     md = out.with_suffix(".md").read_text()
     assert "One flat float32 array of 256 elements" in md
+    assert f"After `torch.set_num_threads({r['torch_threads']})`" in md
     assert "| torch-model100 (2,953,450" not in md  # quick: the shrunken model
     assert "fastadagrad.torch fused=True" in md and "≥ 1.5×" in md
 

@@ -19,7 +19,11 @@ from the twelfth on), and the result is the median of the block medians: the ste
 state pytest-benchmark measures case by case, with a disturbance on the shared cores
 hitting every implementation alike instead of one case. Last, the same blocks for one
 flat float32 array of 2^16 elements: ``adagrad_update`` against torch fused's step.
-It records the CPU, the thread counts and the load average at the start and the end.
+Then the 100-tensor model again after ``torch.set_num_threads`` (with the count it
+already had), which turns MKL's dynamic threading off for the rest of the process: the
+case of a training script that sets torch's thread count, where each call of MKL's
+square root the eager formula makes would otherwise start a team of threads. It
+records the CPU, the thread counts and the load average at the start and the end.
 """
 
 from __future__ import annotations
@@ -44,7 +48,13 @@ import torch  # noqa: E402
 import fastadagrad  # noqa: E402
 from bench import benchlib as B  # noqa: E402
 from bench import machine  # noqa: E402
-from bench.test_bench_torch import CHANNELS_LAST, IMPLS, MODELS, make_step  # noqa: E402
+from bench.test_bench_torch import (  # noqa: E402
+    CHANNELS_LAST,
+    FAST_TORCH,
+    IMPLS,
+    MODELS,
+    make_step,
+)
 
 #: at least 1.5x torch fused on the 100-tensor model, never slower elsewhere
 GOALS = {"torch-model100": 1.5}
@@ -124,6 +134,13 @@ def markdown(r: dict[str, Any]) -> str:
             out.append(f"| {row['model']} ({row['parameters']:,}, {row['tensors']} "
                        f"tensors) | {impl} | {med[impl]:,.1f} µs | {base / med[impl]:.2f}× "
                        f"| {target} |")
+    for row in r.get("after_set_num_threads", []):
+        med = row["median_us"]
+        base = med[B.TORCH_FUSED]
+        out += ["", f"After `torch.set_num_threads({r['torch_threads']})` (MKL's dynamic "
+                f"threading off), {row['model']}, the same blocks: " + ", ".join(
+                    f"{impl} {med[impl]:,.1f} µs ({base / med[impl]:.2f}×)"
+                    for impl in sorted(med, key=med.get)) + " (torch fused ÷ each)."]
     for row in r.get("flat", []):
         med = row["median_us"]
         out += ["", f"One flat {row['dtype']} array of {row['n']:,} elements, the same "
@@ -165,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
              "torch_fused_over_fast": med[B.TORCH_FUSED] / med[B.FAST]}]
     print(f"[{time.time() - t0:6.1f} s] flat float32 {n}: torch fused ÷ adagrad_update "
           f"{flat[0]['torch_fused_over_fast']:.2f}", flush=True)
+    # last: torch.set_num_threads turns MKL's dynamic threading off for good
+    torch.set_num_threads(torch.get_num_threads())
+    model = "torch-model100"
+    shapes = MODELS[model]()
+    if args.quick:
+        shapes = [tuple(min(d, 8) for d in s) for s in shapes]
+    med = probe_model(shapes, reps, blocks, rng, model in CHANNELS_LAST)
+    after = [{"model": model, "tensors": len(shapes), "parameters": B.numel(shapes),
+              "median_us": {k: round(v * 1e6, 3) for k, v in med.items()}}]
+    print(f"[{time.time() - t0:6.1f} s] {model} after torch.set_num_threads: torch fused "
+          f"÷ adapter default {med[B.TORCH_FUSED] / med[FAST_TORCH]:.2f}", flush=True)
     result = {
         "probe": "bench/torch_probe.py", "quick": args.quick,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
@@ -174,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                      "numba": numba.__version__, "python": platform.python_version()},
         "reps": reps, "blocks": blocks, "loadavg_start": load0,
         "loadavg_end": list(os.getloadavg()), "duration_s": round(time.time() - t0, 1),
-        "models": rows, "flat": flat,
+        "models": rows, "flat": flat, "after_set_num_threads": after,
     }
     if args.json:
         machine.write_results(args.json, result, markdown)
