@@ -67,6 +67,13 @@ KERNELS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
     # where its self-check passed)
     "vsqrt-z0": (cpu_vsqrt_z0.Z0.many_parallel, cpu_vsqrt_z0.Z0.many_serial),
 }
+#: the sparse row kernels (serial, parallel) by emulation of MKL's square root (None:
+#: the routine itself; the generic family's kernels, told not to emulate)
+SPARSE_KERNELS: dict[str | None, tuple[Callable[..., Any], Callable[..., Any]]] = {
+    None: (cpu_vsqrt.EX.sparse_serial, cpu_vsqrt.EX.sparse_parallel),
+    "vsqrt-emu": (cpu_vsqrt.EX.sparse_serial, cpu_vsqrt.EX.sparse_parallel),
+    "vsqrt-z0": (cpu_vsqrt_z0.Z0.sparse_serial, cpu_vsqrt_z0.Z0.sparse_parallel),
+}
 
 
 #: tensor types whose ``__torch_function__`` is torch's own (or disabled, as
@@ -719,7 +726,7 @@ class _Memory:
 
 
 def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float,
-                   maximize: bool, sqrt_fn: tuple[int, int], emulate: bool
+                   maximize: bool, sqrt_fn: tuple[int, int], emulation: str | None
                    ) -> Callable[[], None] | None:
     """torch's sparse Adagrad step for one parameter, validated; None if it cannot run.
 
@@ -745,16 +752,17 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     if np.may_share_memory(p, h) or grad._indices().dtype != torch.int64:
         return None
     dt = p.dtype.type
-    scalars = (sqrt_fn, dt(neg_clr), dt(eps), bool(maximize), bool(emulate))
+    scalars = (sqrt_fn, dt(neg_clr), dt(eps), bool(maximize), emulation is not None)
+    kernels = SPARSE_KERNELS[emulation]
     written = [param, state]
     if grad.is_coalesced():  # its values are read where they lie, when it runs
-        call = _sparse_call(p, h, grad, scalars)
+        call = _sparse_call(p, h, grad, scalars, kernels)
         return None if call is None else functools.partial(_run_sparse, call, written)
     if grad._values().numel() >= config.parallel_from(p.itemsize):
         cpu.numba_threads()  # start the threading layer while nothing is written
 
     def run() -> None:
-        call = _sparse_call(p, h, grad.coalesce(), scalars)
+        call = _sparse_call(p, h, grad.coalesce(), scalars, kernels)
         if call is None:  # (in-range indices, new memory: cannot happen)
             raise RuntimeError("fastadagrad: the coalesced sparse gradient of a "
                                "parameter failed its checks after validation")
@@ -763,11 +771,12 @@ def prepare_sparse(param: Any, grad: Any, state: Any, neg_clr: float, eps: float
     return run
 
 
-def _sparse_call(p: np.ndarray, h: np.ndarray, gc: Any, scalars: tuple
-                 ) -> tuple | None:
+def _sparse_call(p: np.ndarray, h: np.ndarray, gc: Any, scalars: tuple,
+                 kernels: tuple[Callable[..., Any], Callable[..., Any]]) -> tuple | None:
     """The row kernel's call for coalesced gradient ``gc`` of table ``p`` with state
-    ``h``: (parallel, arguments, tensors to keep alive), () when there is nothing to
-    write, None when its rows or values cannot be taken (shared memory, a bad row)."""
+    ``h``: (kernel, parallel, arguments, tensors to keep alive), () when there is
+    nothing to write, None when its rows or values cannot be taken (shared memory, a
+    bad row). ``kernels``: a (serial, parallel) pair of :data:`SPARSE_KERNELS`."""
     rows_t, vals_t = gc._indices()[0], gc._values()
     if not vals_t.is_contiguous():
         vals_t = vals_t.contiguous()
@@ -785,15 +794,16 @@ def _sparse_call(p: np.ndarray, h: np.ndarray, gc: Any, scalars: tuple
     per_block = max(1, cpu_vsqrt.BLOCK // p.shape[1])
     parallel = vals.size >= config.parallel_from(p.itemsize) and cpu.numba_threads() > 1
     # the arrays are made from addresses: the call holds their tensors
-    return parallel, (p, h, rows, vals, per_block, *scalars), (rows_t, vals_t)
+    return (kernels[parallel], parallel, (p, h, rows, vals, per_block, *scalars),
+            (rows_t, vals_t))
 
 
 def _run_sparse(call: tuple, written: list[Any]) -> None:
     if call:
-        parallel, args, _keep = call
+        kernel, parallel, args, _keep = call
         if parallel:
             with cpu.PARALLEL_LOCK:
-                cpu_vsqrt.adagrad_sparse_rows_parallel(*args)
+                kernel(*args)
         else:
-            cpu_vsqrt.adagrad_sparse_rows_serial(*args)
+            kernel(*args)
     increment_version(written)

@@ -42,11 +42,12 @@ Validation and dispatch live in ``_tensorplan.py``; this module knows nothing of
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -339,12 +340,40 @@ def _float_array(t: types.Type) -> bool:
     return isinstance(t, types.Array) and t.dtype in (types.float32, types.float64)
 
 
-def sqrt_lanes_typing(x, out, i, emit, needs):  # type: ignore[no-untyped-def]
-    """The typing and code of a ``_sqrt_lanes`` intrinsic (:func:`_sqrt_lanes`) whose
-    square root is ``emit(builder, v)`` on lanes none of which ``needs(builder, v)``."""
-    if not (_float_array(x) and _float_array(out) and x.dtype == out.dtype
-            and isinstance(i, types.Integer)):
+#: The kernels' ``em`` argument names the emulation of MKL's square root they compile in:
+#: a NumPy scalar whose type is the emulation's key in :data:`_ARITHMETIC` (its value is
+#: not read). A NumPy scalar is typed in Numba's C dispatcher (~25 ns a call, measured);
+#: an object of a class of ours took ~0.3 us with ``_numba_type_`` and 2.6 us through
+#: ``typeof``, and the same loops built as closures per emulation are cached under a
+#: key that changes from process to process (their cells pickle with the dispatchers'
+#: ids), so they compiled again in every process. This one: MKL's generic kernels.
+GENERIC = np.uint8(0)
+#: Numba type of an emulation tag -> (``emit(builder, v)``: its square root of every
+#: lane of a vector, ``needs(builder, v)``: whether any lane needs the routine, and a
+#: scalar overload stub ``f(x) -> (True, sqrt) | (False, x)``)
+_ARITHMETIC: dict[types.Type, tuple[Any, Any, Any]] = {}
+
+
+def register(tag: Any, emit: Any, needs: Any, scalar: Any) -> None:
+    """Give the emulation tag ``tag`` (a NumPy scalar of a type no other uses) its
+    arithmetic (see :data:`_ARITHMETIC`)."""
+    _ARITHMETIC[typeof(tag)] = (emit, needs, scalar)
+
+
+def _arithmetic(em: types.Type) -> tuple[Any, Any, Any] | None:
+    return _ARITHMETIC.get(em) if isinstance(em, types.Integer) else None
+
+
+@intrinsic
+def _sqrt_lanes(typingctx, x, out, i, em):  # type: ignore[no-untyped-def]
+    """``out[i:i+L]`` = emulation ``em``'s square root of ``x[i:i+L]`` (``L``:
+    :data:`LANES` for float32, :data:`LANES64` for float64); False, with nothing written,
+    when a lane needs the routine."""
+    arith = _arithmetic(em)
+    if arith is None or not (_float_array(x) and _float_array(out) and x.dtype == out.dtype
+                             and isinstance(i, types.Integer)):
         return None
+    emit, needs, _ = arith
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
         elem, n, _ = _lanes_of(sig.args[0].dtype)
@@ -358,24 +387,29 @@ def sqrt_lanes_typing(x, out, i, emit, needs):  # type: ignore[no-untyped-def]
                 context, builder, sig.args[1], args[1], args[2], vt), align=align)
         return done
 
-    return types.boolean(x, out, i), codegen
+    return types.boolean(x, out, i, em), codegen
 
 
-def emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, emit, needs
-                     ):  # type: ignore[no-untyped-def]
-    """The typing and code of an ``_emu_lanes`` intrinsic (:func:`_emu_lanes`) whose
-    square root is ``emit(builder, v)`` on lanes none of which ``needs(builder, v)``."""
-    if not (_float_array(p) and p.dtype == g.dtype == h.dtype and _float_array(g)
+@intrinsic
+def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled, em
+               ):  # type: ignore[no-untyped-def]
+    """One step of torch's eager formula (module docstring) on ``[i, i+L)`` of the
+    spans (``L`` as for :func:`_sqrt_lanes`), with emulation ``em``'s square root;
+    False, with nothing written, when a new accumulator needs the routine."""
+    arith = _arithmetic(em)
+    if arith is None or not (
+            _float_array(p) and p.dtype == g.dtype == h.dtype and _float_array(g)
             and _float_array(h) and isinstance(i, types.Integer)
             and neg_clr == eps == wd == p.dtype and maximize == coupled == types.boolean):
         return None
+    emit, needs, _ = arith
 
     def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
         elem, n, suffix = _lanes_of(sig.args[0].dtype)
         vt = ir.VectorType(elem, n)
         pp, gp, hp = (_lane_pointer(context, builder, sig.args[k], args[k], args[3], vt)
                       for k in range(3))
-        neg_clr, eps, wd, maximize, coupled = args[4:]
+        neg_clr, eps, wd, maximize, coupled = args[4:9]
         fma_v = _declare(builder.module, f"llvm.fma.v{n}{suffix}", vt, [vt, vt, vt])
         align = 4 if elem == _F32 else 8
         pv, gv, hv = (builder.load(x, align=align) for x in (pp, gp, hp))
@@ -392,26 +426,21 @@ def emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, emit, need
             builder.store(builder.fadd(pv, step), pp, align=align)
         return done
 
-    return types.boolean(p, g, h, i, neg_clr, eps, wd, maximize, coupled), codegen
+    return types.boolean(p, g, h, i, neg_clr, eps, wd, maximize, coupled, em), codegen
 
 
-@intrinsic
-def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
-    """``out[i:i+L]`` = MKL's square root of ``x[i:i+L]`` (``L``: :data:`LANES` for
-    float32, :data:`LANES64` for float64); False, with nothing written, when a lane
-    needs the routine (:func:`_needs_routine`)."""
-    return sqrt_lanes_typing(x, out, i, _emit_sqrt, _needs_routine)
+def _sqrt_emulated(x, em):  # type: ignore[no-untyped-def]
+    """Typing stub: emulation ``em``'s ``(True, sqrt(x))``, or ``(False, x)`` where the
+    routine must give it."""
 
 
-@intrinsic
-def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
-               ):  # type: ignore[no-untyped-def]
-    """One step of torch's eager formula (module docstring) on ``[i, i+L)`` of the
-    spans (``L`` as for :func:`_sqrt_lanes`), with MKL's square root emulated
-    (:func:`_emit_sqrt`); False, with nothing written, when a new accumulator needs the
-    routine."""
-    return emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, _emit_sqrt,
-                            _needs_routine)
+@overload(_sqrt_emulated, jit_options={"error_model": "numpy"})
+def _sqrt_emulated_impl(x, em):  # type: ignore[no-untyped-def]
+    arith = _arithmetic(em)
+    if arith is None:
+        return None
+    scalar = arith[2]
+    return lambda x, em: scalar(x)
 
 
 @intrinsic
@@ -520,13 +549,13 @@ def _sqrt_one(x):
     return np.sqrt(x)
 
 
-def _sqrt_emulated(x):  # type: ignore[no-untyped-def]
+def _sqrt_generic(x):  # type: ignore[no-untyped-def]
     """Typing stub: ``(True, MKL's square root of x)`` where the kernels emulate it (the
     scalar twin of :func:`_emit_sqrt`), ``(False, x)`` where the routine must give it."""
 
 
-@overload(_sqrt_emulated, jit_options={"error_model": "numpy"})
-def _sqrt_emulated_impl(x):  # type: ignore[no-untyped-def]
+@overload(_sqrt_generic, jit_options={"error_model": "numpy"})
+def _sqrt_generic_impl(x):  # type: ignore[no-untyped-def]
     if x == types.float32:
         def impl(x):  # type: ignore[no-untyped-def]
             if _bits(x) < 0:
@@ -554,115 +583,96 @@ def _lanes_impl(a):  # type: ignore[no-untyped-def]
     return lambda a: n
 
 
-class Family(NamedTuple):
-    """The kernels of torch's eager formula with one emulation of MKL's square root
-    (:func:`family`)."""
-
-    #: ``(x, out, lanes)``: ``out`` = the emulated square root of ``x`` (1-D float32 or
-    #: float64), in steps of :data:`LANES`/:data:`LANES64` if ``lanes`` (as the
-    #: kernels), else element by element (as their tails). Returns how many elements
-    #: need the routine: those are left unwritten.
-    sqrt_emulated: Any
-    #: ``(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)``: one step on 1-D spans in ONE
-    #: pass, :data:`LANES` (float32) or :data:`LANES64` (float64) elements at a time,
-    #: element by element after the last whole step and in any step with an
-    #: accumulator the emulation does not cover (the routine ``sqrt_fn`` then gives
-    #: that element's square root). ``one``: scratch of one element.
-    span: Any
-    #: :func:`adagrad_many_vsqrt_parallel` with ``span``
-    many_parallel: Any
-    #: serial twin of ``many_parallel`` for small models
-    many_serial: Any
+@jit(error_model="numpy", inline="always")
+def _sqrt_into(x, out, j, em):
+    ok, s = _sqrt_emulated(x[j], em)
+    if not ok:
+        return 1
+    out[j] = s
+    return 0
 
 
-def family(sqrt_lanes: Any, emu_lanes: Any, sqrt_emulated: Any) -> Family:
-    """The kernels of torch's eager formula built on one emulation of MKL's square root:
-    ``sqrt_lanes`` and ``emu_lanes`` (intrinsics such as :func:`_sqrt_lanes` and
-    :func:`_emu_lanes`: a whole step of lanes, or False with nothing written) and
-    ``sqrt_emulated`` (a scalar overload such as :func:`_sqrt_emulated`: ``(True, s)``
-    or ``(False, x)`` where the routine must give it). Each kind of MKL kernel has its
-    own three (this module: MKL's generic kernels; :mod:`cpu_vsqrt_z0`: its AVX-512
-    kernels); the loops around them are these, compiled once per kind (Numba keys its
-    cache on the closure's contents)."""
+@jit(error_model="numpy")
+def sqrt_emulated(em, x, out, lanes):
+    """``out`` = emulation ``em``'s square root of ``x`` (1-D float32 or float64), in
+    steps of :data:`LANES`/:data:`LANES64` if ``lanes`` (as the kernels), else element
+    by element (as their tails). Returns how many elements need the routine: those are
+    left unwritten."""
+    n = x.size
+    step = _lanes(x)
+    nv = n - n % step if lanes else 0
+    left = 0
+    for i in range(0, nv, step):
+        if not _sqrt_lanes(x, out, i, em):
+            for j in range(i, i + step):
+                left += _sqrt_into(x, out, j, em)
+    for j in range(nv, n):
+        left += _sqrt_into(x, out, j, em)
+    return left
 
-    @jit(error_model="numpy", inline="always")
-    def sqrt_into(x, out, j):
-        ok, s = sqrt_emulated(x[j])
-        if not ok:
-            return 1
-        out[j] = s
-        return 0
 
-    @jit(error_model="numpy")
-    def sqrt_array(x, out, lanes):
-        n = x.size
-        step = _lanes(x)
-        nv = n - n % step if lanes else 0
-        left = 0
-        for i in range(0, nv, step):
-            if not sqrt_lanes(x, out, i):
-                for j in range(i, i + step):
-                    left += sqrt_into(x, out, j)
-        for j in range(nv, n):
-            left += sqrt_into(x, out, j)
-        return left
+@jit(error_model="numpy")
+def _emu_elements(p, g, h, one, lo, hi, sqrt_fn, neg_clr, eps, wd, maximize, coupled, em):
+    """:func:`_emu_lanes` element by element on ``[lo, hi)``, the square root of an
+    accumulator the emulation does not cover from the routine (``one``: scratch of one
+    element)."""
+    for i in range(lo, hi):
+        gi = -g[i] if maximize else g[i]
+        if coupled:
+            gi = fma(p[i], wd, gi)
+        x = fma(gi, gi, h[i])
+        h[i] = x
+        ok, s = _sqrt_emulated(x, em)
+        if not ok:  # e.g. a loaded state: the routine's own NaN
+            _vsqrt(sqrt_fn, h[i:i + 1], one)
+            s = one[0]
+        p[i] = p[i] + (neg_clr * gi) / (s + eps)
 
-    @jit(error_model="numpy")
-    def elements(p, g, h, one, lo, hi, sqrt_fn, neg_clr, eps, wd, maximize, coupled):
-        for i in range(lo, hi):
-            gi = -g[i] if maximize else g[i]
-            if coupled:
-                gi = fma(p[i], wd, gi)
-            x = fma(gi, gi, h[i])
-            h[i] = x
-            ok, s = sqrt_emulated(x)
-            if not ok:  # e.g. a loaded state: the routine's own NaN
-                _vsqrt(sqrt_fn, h[i:i + 1], one)
-                s = one[0]
-            p[i] = p[i] + (neg_clr * gi) / (s + eps)
 
-    @jit(error_model="numpy")
-    def span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
-        maximize = (flags & H.MAXIMIZE) != 0
-        coupled = (flags & H.WD_COUPLED) != 0
-        n = p.size
-        step = _lanes(p)
-        nv = n - n % step
-        for i in range(0, nv, step):
-            if not emu_lanes(p, g, h, i, neg_clr, eps, wd, maximize, coupled):
-                elements(p, g, h, one, i, i + step, sqrt_fn, neg_clr, eps, wd, maximize,
-                         coupled)
-        elements(p, g, h, one, nv, n, sqrt_fn, neg_clr, eps, wd, maximize, coupled)
+@jit(error_model="numpy")
+def span_emu(em, p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags):
+    """:func:`adagrad_span_vsqrt` with emulation ``em``'s square root, in ONE pass:
+    :data:`LANES` (float32) or :data:`LANES64` (float64) elements at a time
+    (:func:`_emu_lanes`), element by element after the last whole step and in any step
+    with an accumulator the emulation does not cover (:func:`_emu_elements`: the
+    routine then gives that element's square root). ``one``: scratch of one element.
 
-    @jit(parallel=True)
-    def many_parallel(proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn, neg_clr,
-                      eps, wd, flags):
-        for c in prange(ctensor.size):
-            p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
-            one = np.empty(1, proto.dtype)
-            span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
+    Single thread, float32, AMD EPYC, median of interleaved runs, MKL's generic kernels
+    emulated: about the time of the IEEE loop of torch's fused formula (see
+    :data:`LANES`), where the blocked version this replaced (``rsqrtps`` on a block of
+    512 written back to memory, then a second loop) took 7.3, 28.4 and 462 us at 2^14,
+    2^16 and 2^20 (the IEEE loop: 5.6, 22.1, 327 us).
+    """
+    maximize = (flags & H.MAXIMIZE) != 0
+    coupled = (flags & H.WD_COUPLED) != 0
+    n = p.size
+    step = _lanes(p)
+    nv = n - n % step
+    for i in range(0, nv, step):
+        if not _emu_lanes(p, g, h, i, neg_clr, eps, wd, maximize, coupled, em):
+            _emu_elements(p, g, h, one, i, i + step, sqrt_fn, neg_clr, eps, wd, maximize,
+                          coupled, em)
+    _emu_elements(p, g, h, one, nv, n, sqrt_fn, neg_clr, eps, wd, maximize, coupled, em)
 
-    @jit()
-    def many_serial(proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn, neg_clr,
-                    eps, wd, flags):
+
+@jit(parallel=True)
+def many_emu_parallel(em, proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn,
+                      neg_clr, eps, wd, flags):
+    """:func:`adagrad_many_vsqrt_parallel` with :func:`span_emu`."""
+    for c in prange(ctensor.size):
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
         one = np.empty(1, proto.dtype)
-        for c in range(ctensor.size):
-            p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
-            span(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
-
-    return Family(sqrt_array, span, many_parallel, many_serial)
+        span_emu(em, p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
 
 
-#: the kernels with MKL's generic square root emulated. Single thread, float32, AMD
-#: EPYC, median of interleaved runs: the span about the time of the IEEE loop of torch's
-#: fused formula (see :data:`LANES`), where the blocked version it replaced
-#: (``rsqrtps`` on a block of 512 written back to memory, then a second loop) took 7.3,
-#: 28.4 and 462 us at 2^14, 2^16 and 2^20 (the IEEE loop: 5.6, 22.1, 327 us).
-EX = family(_sqrt_lanes, _emu_lanes, _sqrt_emulated)
-mkl_sqrt_emulated = EX.sqrt_emulated
-adagrad_span_emu = EX.span
-adagrad_many_emu_parallel = EX.many_parallel
-adagrad_many_emu_serial = EX.many_serial
+@jit()
+def many_emu_serial(em, proto, paddr, gaddr, haddr, ctensor, cstart, clen, sqrt_fn,
+                    neg_clr, eps, wd, flags):
+    """Serial twin of :func:`many_emu_parallel` for small models."""
+    one = np.empty(1, proto.dtype)
+    for c in range(ctensor.size):
+        p, g, h = chunk_views(proto, paddr, gaddr, haddr, ctensor, cstart, clen, c)
+        span_emu(em, p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)
 
 
 @jit(error_model="numpy")
@@ -674,19 +684,13 @@ def mkl_sqrt_routine(sqrt_fn, x, out):
 
 # --- sparse gradients: torch's sparse branch on coalesced rows -----------------------------
 
-def _sqrt_rows(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
-    """Typing stub: ``out = torch.sqrt(x)`` bits (see :func:`_sqrt_rows_impl`)."""
-
-
-@overload(_sqrt_rows, jit_options={"error_model": "numpy"})
-def _sqrt_rows_impl(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
-    """With ``emulate``: MKL's square root emulated (:func:`mkl_sqrt_emulated`) unless
-    an input needs the routine; otherwise the routine ``sqrt_fn`` itself."""
-    def impl(sqrt_fn, x, out, emulate):  # type: ignore[no-untyped-def]
-        if emulate and mkl_sqrt_emulated(x, out, True) == 0:
-            return
-        _vsqrt(sqrt_fn, x, out)
-    return impl
+@jit(error_model="numpy")
+def _sqrt_rows(sqrt_fn, x, out, emulate, em):
+    """``out = torch.sqrt(x)``'s bits: with ``emulate``, emulation ``em``'s square root
+    unless an input needs the routine; otherwise the routine ``sqrt_fn`` itself."""
+    if emulate and sqrt_emulated(em, x, out, True) == 0:
+        return
+    _vsqrt(sqrt_fn, x, out)
 
 
 @jit()
@@ -704,7 +708,7 @@ def first_bad_row(rows, nrows):
 
 @jit(error_model="numpy")
 def sparse_rows_span(p, h, rows, vals, lo, hi, hs, ss, sqrt_fn, neg_clr, eps, maximize,
-                     emulate):
+                     emulate, em):
     """torch's sparse Adagrad step on the rows ``rows[lo:hi]`` (unique, coalesced).
 
     ``p``, ``h``: (R, D) views of the parameter and its accumulator; ``vals``: (nnz, D),
@@ -727,7 +731,7 @@ def sparse_rows_span(p, h, rows, vals, lo, hi, hs, ss, sqrt_fn, neg_clr, eps, ma
             h[r, i] = x
             hs[k + i] = x
         k += d
-    _sqrt_rows(sqrt_fn, hs[:k], ss[:k], emulate)
+    _sqrt_rows(sqrt_fn, hs[:k], ss[:k], emulate, em)
     k = 0
     for j in range(lo, hi):
         r = rows[j]
@@ -738,8 +742,8 @@ def sparse_rows_span(p, h, rows, vals, lo, hi, hs, ss, sqrt_fn, neg_clr, eps, ma
 
 
 @jit()
-def adagrad_sparse_rows_serial(p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps,
-                               maximize, emulate):
+def sparse_rows_serial(em, p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps, maximize,
+                       emulate):
     """:func:`sparse_rows_span` over all rows, ``per_block`` rows per square-root call
     (about :data:`BLOCK` elements, so the scratch stays in L1)."""
     d = vals.shape[1]
@@ -747,14 +751,14 @@ def adagrad_sparse_rows_serial(p, h, rows, vals, per_block, sqrt_fn, neg_clr, ep
     ss = np.empty(per_block * d, p.dtype)
     for lo in range(0, rows.size, per_block):
         sparse_rows_span(p, h, rows, vals, lo, min(lo + per_block, rows.size), hs, ss,
-                         sqrt_fn, neg_clr, eps, maximize, emulate)
+                         sqrt_fn, neg_clr, eps, maximize, emulate, em)
 
 
 @jit(parallel=True)
-def adagrad_sparse_rows_parallel(p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps,
-                                 maximize, emulate):
-    """:func:`adagrad_sparse_rows_serial` on all threads (the rows are unique: no two
-    blocks write the same row)."""
+def sparse_rows_parallel(em, p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps, maximize,
+                         emulate):
+    """:func:`sparse_rows_serial` on all threads (the rows are unique: no two blocks
+    write the same row)."""
     d = vals.shape[1]
     nblocks = (rows.size + per_block - 1) // per_block
     for b in prange(nblocks):
@@ -762,4 +766,40 @@ def adagrad_sparse_rows_parallel(p, h, rows, vals, per_block, sqrt_fn, neg_clr, 
         hs = np.empty(per_block * d, p.dtype)
         ss = np.empty(per_block * d, p.dtype)
         sparse_rows_span(p, h, rows, vals, lo, min(lo + per_block, rows.size), hs, ss,
-                         sqrt_fn, neg_clr, eps, maximize, emulate)
+                         sqrt_fn, neg_clr, eps, maximize, emulate, em)
+
+
+class Family(NamedTuple):
+    """The kernels of torch's eager formula with one emulation of MKL's square root
+    (:func:`family`): the module's kernels with their ``em`` argument bound."""
+
+    #: ``(x, out, lanes)``: :func:`sqrt_emulated`
+    sqrt_emulated: Any
+    #: ``(p, g, h, one, sqrt_fn, neg_clr, eps, wd, flags)``: :func:`span_emu`
+    span: Any
+    #: :func:`many_emu_parallel`
+    many_parallel: Any
+    #: :func:`many_emu_serial`
+    many_serial: Any
+    #: ``(p, h, rows, vals, per_block, sqrt_fn, neg_clr, eps, maximize, emulate)``:
+    #: :func:`sparse_rows_serial` (the routine's square root where ``emulate`` is False)
+    sparse_serial: Any
+    #: :func:`sparse_rows_parallel`
+    sparse_parallel: Any
+
+
+def family(tag: Any) -> Family:
+    """The kernels for the emulation tag ``tag`` (see :data:`GENERIC`, :func:`register`)."""
+    bind = functools.partial
+    return Family(*(bind(k, tag) for k in (
+        sqrt_emulated, span_emu, many_emu_parallel, many_emu_serial, sparse_rows_serial,
+        sparse_rows_parallel)))
+
+
+register(GENERIC, _emit_sqrt, _needs_routine, _sqrt_generic)
+#: the kernels with MKL's generic square root emulated
+EX = family(GENERIC)
+mkl_sqrt_emulated = EX.sqrt_emulated
+adagrad_span_emu = EX.span
+adagrad_many_emu_parallel = EX.many_parallel
+adagrad_many_emu_serial = EX.many_serial

@@ -114,20 +114,6 @@ def _emit_sqrt(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def _sqrt_lanes(typingctx, x, out, i):  # type: ignore[no-untyped-def]
-    """:func:`cpu_vsqrt._sqrt_lanes` with this module's square root."""
-    return V.sqrt_lanes_typing(x, out, i, _emit_sqrt, _needs_routine)
-
-
-@intrinsic
-def _emu_lanes(typingctx, p, g, h, i, neg_clr, eps, wd, maximize, coupled
-               ):  # type: ignore[no-untyped-def]
-    """:func:`cpu_vsqrt._emu_lanes` with this module's square root."""
-    return V.emu_lanes_typing(p, g, h, i, neg_clr, eps, wd, maximize, coupled, _emit_sqrt,
-                              _needs_routine)
-
-
-@intrinsic
 def _sqrt_one(typingctx, x):  # type: ignore[no-untyped-def]
     """The emulated square root of one float (in the emulated range): the vector code
     on a vector of copies of ``x`` (the same instructions, hence the same table)."""
@@ -143,13 +129,13 @@ def _sqrt_one(typingctx, x):  # type: ignore[no-untyped-def]
     return x(x), codegen
 
 
-def _sqrt_emulated(x):  # type: ignore[no-untyped-def]
+def _sqrt_scalar(x):  # type: ignore[no-untyped-def]
     """Typing stub: ``(True, MKL's AVX-512 square root of x)`` in the emulated range,
     ``(False, x)`` where the routine must give it."""
 
 
-@overload(_sqrt_emulated, jit_options={"error_model": "numpy"})
-def _sqrt_emulated_impl(x):  # type: ignore[no-untyped-def]
+@overload(_sqrt_scalar, jit_options={"error_model": "numpy"})
+def _sqrt_scalar_impl(x):  # type: ignore[no-untyped-def]
     if x == types.float32:
         def impl(x):  # type: ignore[no-untyped-def]
             if np.uint32(np.uint32(V._bits(x)) - np.uint32(LO)) <= np.uint32(HI - LO):
@@ -165,6 +151,9 @@ def _sqrt_emulated_impl(x):  # type: ignore[no-untyped-def]
     return None
 
 
+#: the kernels' tag of this emulation (see :data:`cpu_vsqrt.GENERIC`)
+AVX512 = np.uint16(0)
+V.register(AVX512, _emit_sqrt, _needs_routine, _sqrt_scalar)
 #: the kernels of torch's eager formula with MKL's AVX-512 square root emulated (compiled
 #: on first use, only after :func:`available`)
-Z0 = V.family(_sqrt_lanes, _emu_lanes, _sqrt_emulated)
+Z0 = V.family(AVX512)

@@ -209,13 +209,18 @@ def _eager_kernels() -> dict[np.dtype, str]:
     """The kernels of torch's eager formula per dtype (after their self-checks): through
     an emulation of MKL's square root where it reproduces the routine (MKL's generic
     kernels, then its AVX-512 ones), else the routine."""
-    key = tuple(next((e for e in _EMULATIONS if _formula_ok(e, dt)), "vsqrt")
-                for dt in (torch.float32, torch.float64))
+    key = tuple(_emulation(dt) or "vsqrt" for dt in (torch.float32, torch.float64))
     kernels = _EAGER.get(key)
     if kernels is None:
         kernels = _EAGER.setdefault(key, {np.dtype(np.float32): key[0],
                                           np.dtype(np.float64): key[1]})
     return kernels
+
+
+def _emulation(dtype: Any) -> str | None:
+    """The emulation of MKL's square root the kernels use in ``dtype`` (the first of
+    :data:`_EMULATIONS` whose check passed), None where they call the routine."""
+    return next((e for e in _EMULATIONS if _formula_ok(e, dtype)), None)
 
 
 def _emulation_ok(exhaustive: bool = False, dtype: Any = torch.float32) -> bool:
@@ -322,7 +327,7 @@ def _sparse_self_check(dtype: Any) -> bool:
     elements, repeated indices, every option sparse gradients allow) vs the kernel."""
     gen = torch.Generator().manual_seed(1)
     kw = dict(lr=0.3, lr_decay=0.1, eps=1e-3, maximize=True)
-    emulate = _formula_ok("vsqrt-emu", dtype)
+    emulation = _emulation(dtype)
     for shape in ((41,), (37, 19), (9, 600)):
         p0 = torch.randn(shape, dtype=dtype, generator=gen)
         h0 = torch.rand(shape, dtype=dtype, generator=gen)
@@ -341,7 +346,7 @@ def _sparse_self_check(dtype: Any) -> bool:
         p, h = p0.clone(), h0.clone()
         for step, g in enumerate(grads, 1):
             run = T.prepare_sparse(p, g, h, _neg_clr(kw["lr"], kw["lr_decay"], step),
-                                   kw["eps"], kw["maximize"], _VSQRT[dtype], emulate)
+                                   kw["eps"], kw["maximize"], _VSQRT[dtype], emulation)
             if run is None:
                 return False
             run()
@@ -979,9 +984,8 @@ class Adagrad(torch.optim.Adagrad):
         neg_clr = _neg_clr(lr, group["lr_decay"], float(step + 1))
         if p.dtype == torch.float32 and (_beyond_f32(neg_clr) or _beyond_f32(group["eps"])):
             return False  # torch refuses a finite value float32 cannot hold
-        emulate = _formula_ok("vsqrt-emu", p.dtype)
         run = T.prepare_sparse(p, g, h, neg_clr, group["eps"], group["maximize"],
-                               _VSQRT[p.dtype], emulate)
+                               _VSQRT[p.dtype], _emulation(p.dtype))
         if run is None:
             return False
         runs.append(functools.partial(_count_then, step, run))

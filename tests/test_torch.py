@@ -2030,6 +2030,41 @@ def test_sparse_large_parallel(dtype: torch.dtype, no_torch_step: None) -> None:
                     k=2500, hot=300)
 
 
+@SPARSE_WARNING
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_rows_use_the_emulated_square_root(dtype: torch.dtype, no_torch_step: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # the row kernels of the emulation the CPU's MKL needs, told to emulate, serial and
+    # parallel, with accumulators outside the emulated range (zeros: rows whose values
+    # are 0; tiny sums), bit for bit against torch
+    name = _emulation_used()
+    if name is None:
+        pytest.skip(NO_EMULATION)
+    calls = []
+    real = _tensorplan.SPARSE_KERNELS[name]
+
+    def counting(kernel: Any) -> Any:
+        return lambda *a: (calls.append(a[-1]), kernel(*a))
+
+    monkeypatch.setitem(_tensorplan.SPARSE_KERNELS, name, tuple(map(counting, real)))
+    _compare_sparse([(3000, 64), (40, 7)], dtype, {"lr_decay": 0.05}, steps=3, k=2500,
+                    hot=300)
+    assert calls and all(calls)  # every call emulates
+    tiny = 1e-30 if dtype == torch.float32 else 1e-300
+    params = _params(dtype, [(50, 8)])
+    for cls in (TORCH_OPT, FT.Adagrad):
+        p = params[0].clone().requires_grad_()
+        opt = cls([p], initial_accumulator_value=tiny)
+        g = _sparse_grad((50, 8), 30, 0, dtype, 3)
+        g = torch.sparse_coo_tensor(g._indices(), g._values() * (g._values() > 0), g.shape)
+        p.grad = g
+        opt.step()
+        if cls is TORCH_OPT:
+            ref = (p.detach().clone(), opt.state[p]["sum"].clone())
+        else:
+            assert_same([p, opt.state[p]["sum"]], list(ref), "tiny")
+
+
 @pytest.mark.parametrize("mode", ["single", "foreach"])
 def test_sparse_and_dense_steps_increment_autograd_versions(mode: str,
                                                             no_torch_step: None) -> None:
