@@ -37,6 +37,12 @@ torch's eager formula 2-3x slower than the fused one over the same memory traffi
 emulation runs in the same pass as the rest of the update, :data:`LANES` (float32) or
 :data:`LANES64` (float64) elements at a time (:func:`adagrad_span_emu`).
 
+The loops around an emulation (:func:`span_emu`, :func:`many_emu_parallel`, the sparse
+rows' kernels...) are written once: their ``em`` argument names the emulation whose
+arithmetic they compile in (:data:`GENERIC`, this module's; :mod:`cpu_vsqrt_z0` adds
+MKL's AVX-512 kernels', the ones it runs on Intel CPUs with AVX-512), and
+:func:`family` binds it.
+
 Validation and dispatch live in ``_tensorplan.py``; this module knows nothing of torch.
 """
 
