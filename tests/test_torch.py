@@ -181,6 +181,19 @@ def test_hard_coded_values() -> None:
 NO_EMULATION = "no emulation of MKL's square root is expected to pass here"
 
 
+def _counting(monkeypatch: pytest.MonkeyPatch, table: dict, name: Any,
+              record: Callable[[tuple], Any] = lambda a: 1) -> list:
+    """Replace the kernel pair ``table[name]`` with kernels that append ``record(args)``
+    to the returned list, then run."""
+    calls: list = []
+
+    def counting(kernel: Any) -> Any:
+        return lambda *a: (calls.append(record(a)), kernel(*a))
+
+    monkeypatch.setitem(table, name, tuple(map(counting, table[name])))
+    return calls
+
+
 def _emulation_used() -> str | None:
     """The emulation of MKL's square root that must pass here: "vsqrt-emu" where MKL
     runs its generic kernels (AMD CPUs), "vsqrt-z0" where it runs its AVX-512 ones
@@ -261,12 +274,7 @@ def test_emulated_sqrt_is_used_and_differs_from_ieee(no_torch_step: None,
     name = _emulation_used()
     if name is None:
         pytest.skip(NO_EMULATION)
-    calls = []
-    real = _tensorplan.KERNELS[name]
-    def counting(kernel: object) -> object:
-        return lambda *a: (calls.append(1), kernel(*a))  # type: ignore[operator]
-
-    monkeypatch.setitem(_tensorplan.KERNELS, name, tuple(map(counting, real)))
+    calls = _counting(monkeypatch, _tensorplan.KERNELS, name)
     _compare(_params(torch.float32, [(2**12 + 3,)]), 3, {})
     assert calls
     # the emulation is not an IEEE square root in disguise: torch's bits are not
@@ -2040,13 +2048,8 @@ def test_sparse_rows_use_the_emulated_square_root(dtype: torch.dtype, no_torch_s
     name = _emulation_used()
     if name is None:
         pytest.skip(NO_EMULATION)
-    calls = []
-    real = _tensorplan.SPARSE_KERNELS[name]
-
-    def counting(kernel: Any) -> Any:
-        return lambda *a: (calls.append(a[-1]), kernel(*a))
-
-    monkeypatch.setitem(_tensorplan.SPARSE_KERNELS, name, tuple(map(counting, real)))
+    calls = _counting(monkeypatch, _tensorplan.SPARSE_KERNELS, name,
+                      lambda a: a[-1])  # (its emulate argument)
     _compare_sparse([(3000, 64), (40, 7)], dtype, {"lr_decay": 0.05}, steps=3, k=2500,
                     hot=300)
     assert calls and all(calls)  # every call emulates
