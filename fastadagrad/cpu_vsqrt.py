@@ -248,13 +248,19 @@ def _rsqrtps(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
     LLVM merges the quarters into the widest ``vrsqrtps`` the CPU has, which reads the
     same table)."""
     fn = _declare(builder.module, "llvm.x86.sse.rsqrt.ps", _V4F32, [_V4F32])
-    quarter = ir.VectorType(_I32, 4)
-    parts = [builder.call(fn, [builder.shuffle_vector(
-        x, x, ir.Constant(quarter, list(range(k, k + 4))))])
-        for k in range(0, x.type.count, 4)]
+    return by_parts(builder, x, 4, lambda part: builder.call(fn, [part]))
+
+
+def by_parts(builder: ir.IRBuilder, x: ir.Value, width: int, op: Any) -> ir.Value:
+    """``op`` (a vector of ``width`` lanes to one of the same type) on each ``width``
+    lanes of ``x`` in turn, the results joined back into one vector of ``x``'s lanes:
+    how a fixed-width target intrinsic is applied to the kernels' wider vectors."""
+    idx = ir.VectorType(_I32, width)
+    parts = [op(builder.shuffle_vector(x, x, ir.Constant(idx, list(range(k, k + width)))))
+             for k in range(0, x.type.count, width)]
     while len(parts) > 1:
-        width = 2 * parts[0].type.count
-        order = ir.Constant(ir.VectorType(_I32, width), list(range(width)))
+        w = 2 * parts[0].type.count
+        order = ir.Constant(ir.VectorType(_I32, w), list(range(w)))
         parts = [builder.shuffle_vector(a, b, order) for a, b in zip(parts[::2], parts[1::2])]
     return parts[0]
 

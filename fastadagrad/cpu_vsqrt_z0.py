@@ -85,15 +85,9 @@ def _rsqrt14(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
     mask = ir.IntType(width)
     fn = V._declare(builder.module, f"llvm.x86.avx512.rsqrt14.{'ps' if f32 else 'pd'}.512",
                     part, [part, part, mask])
-    idx = ir.VectorType(V._I32, width)
-    parts = [builder.call(fn, [builder.shuffle_vector(
-        x, x, ir.Constant(idx, list(range(k, k + width)))), ir.Constant(part, ir.Undefined),
-        ir.Constant(mask, -1)]) for k in range(0, x.type.count, width)]
-    while len(parts) > 1:
-        w = 2 * parts[0].type.count
-        order = ir.Constant(ir.VectorType(V._I32, w), list(range(w)))
-        parts = [builder.shuffle_vector(a, b, order) for a, b in zip(parts[::2], parts[1::2])]
-    return parts[0]
+    undefined, every = ir.Constant(part, ir.Undefined), ir.Constant(mask, -1)
+    return V.by_parts(builder, x, width,
+                      lambda v: builder.call(fn, [v, undefined, every]))
 
 
 def _emit_sqrt(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
