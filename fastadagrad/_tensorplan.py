@@ -29,7 +29,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from . import _dispatch as D
-from . import config, cpu, cpu_rows, cpu_vsqrt, cpu_vsqrt_z0
+from . import _tensorguard, config, cpu, cpu_rows, cpu_vsqrt, cpu_vsqrt_z0
 from ._jit import jit
 
 NP_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -194,7 +194,8 @@ class TensorPlan:
     __slots__ = ("key", "pdtypes", "sizes", "paddr", "haddr", "nbytes", "groups",
                  "threads", "largest", "wstart", "wend", "wlists", "skey", "scalls",
                  "ckey", "ccoefs", "contig", "dense", "nbytes_list", "itemsize_list",
-                 "chunk", "caddr", "dense_raw", "sok", "scpu", "sdistinct", "gview")
+                 "chunk", "caddr", "dense_raw", "sok", "scpu", "sdistinct", "gview",
+                 "guard")
 
     def __init__(self) -> None:
         self.key: Any = None
@@ -209,6 +210,10 @@ class TensorPlan:
         #: the gradients' storage sizes and offsets (views) the last step accepted for
         #: this plan's parameters, or None
         self.gview: Any = None
+        #: (guard, key, skey, tensor count): torch's C++ metadata check
+        #: (:mod:`_tensorguard`) of the tensors the last full check accepted, in
+        #: :func:`_unchanged`'s order, for this ``key`` and ``skey``; or None
+        self.guard: Any = None
 
     def build_steps(self, steps: Sequence[Any], key: Any) -> None:
         """The step counters' increment: (proto, addresses) per dtype, or None when a
@@ -412,25 +417,41 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     everything again, one question at a time, and decides). The same checks as that
     path, for this case, with one pass per attribute over all the tensors instead of
     one per attribute and list (the fixed cost of ~25 passes was half a small model's
-    overhead). Tensors of a subclass with a ``__torch_function__`` are left to it."""
+    overhead); and where the last step passed them, the metadata (type, device,
+    layout, dtype, shape, strides, negative bit, inference) in one C++ call of a guard
+    kept from that step (:mod:`_tensorguard`; the Python passes were ~0.7 us per
+    parameter). Tensors of a subclass with a ``__torch_function__`` are left to it."""
     n = len(params)
     # the tensors written (parameters, states, counters), then the gradients
     ts = [*params, *states] if steps is None else [*params, *states, *steps]
     w = len(ts)
     ts += grads
-    if not hookless(ts):
+    key, skey = plan.key, plan.skey
+    g = plan.guard
+    # (the guard reads no Python attribute: it runs first, in place of hookless)
+    guarded = (g is not None and g[1] is key and g[2] is skey and g[3] == len(ts)
+               and config.TORCH_GUARDS)
+    if guarded:
+        if not _tensorguard.holds(g[0], ts):
+            return None
+    elif not hookless(ts):
         return None
     try:
         ptrs = list(map(_ptr, ts))
         stores = list(map(_storage, ts))
         rooms = list(map(_storage_nbytes, stores))
-        metas = list(map(meta, ts[:n] + ts[w:]))
-        if ((ptrs[:n], ptrs[n:2 * n], metas[:n], list(map(_state_meta, states)),
-             rooms[:n], rooms[n:2 * n]) != plan.key
-                or metas[n:] != metas[:n]
-                or not all(map(_contig, ts)) or any(map(_is_neg, ts))
-                or any(map(_is_inference, ts[:w]))):
-            return None
+        if guarded:  # (the guard: the metadata are those this key was checked with)
+            if (ptrs[:n] != key[0] or ptrs[n:2 * n] != key[1] or rooms[:n] != key[4]
+                    or rooms[n:2 * n] != key[5]):
+                return None
+        else:
+            metas = list(map(meta, ts[:n] + ts[w:]))
+            if ((ptrs[:n], ptrs[n:2 * n], metas[:n], list(map(_state_meta, states)),
+                 rooms[:n], rooms[n:2 * n]) != key
+                    or metas[n:] != metas[:n]
+                    or not all(map(_contig, ts)) or any(map(_is_neg, ts))
+                    or any(map(_is_inference, ts[:w]))):
+                return None
         offsets = list(map(_offset, ts[2 * n:]))  # the counters' and the gradients'
         groom, goffsets = rooms[w:], offsets[w - 2 * n:]
         # autograd's gradients fill their storages from offset 0; views into a larger
@@ -439,17 +460,26 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         if (groom != plan.nbytes_list or any(goffsets)) and plan.gview != (groom,
                                                                           goffsets):
             return None
-        if steps is not None and ((ptrs[2 * n:w], list(map(_dtype, steps)),
-                                   list(map(_numel, steps)), rooms[2 * n:w],
-                                   offsets[:w - 2 * n]) != plan.skey
-                                  or plan.scalls is None):
-            return None
+        if steps is not None:
+            if plan.scalls is None:
+                return None
+            if guarded:
+                if (ptrs[2 * n:w] != skey[0] or rooms[2 * n:w] != skey[3]
+                        or offsets[:w - 2 * n] != skey[4]):
+                    return None
+            elif (ptrs[2 * n:w], list(map(_dtype, steps)), list(map(_numel, steps)),
+                  rooms[2 * n:w], offsets[:w - 2 * n]) != skey:
+                return None
     except (ValueError, RuntimeError, TypeError, NotImplementedError):
         return None  # (data_ptr() of a sparse tensor...: the other path says which)
     gaddr = np.array(ptrs[w:], np.int64)
     if _grads_check(gaddr, plan.nbytes, plan.wstart, plan.wend,
                     _NONE if steps is None else plan.caddr[1]):
         return None
+    if not guarded:  # every check passed in Python: the next steps check the metadata
+        made = _tensorguard.guard(ts) if (  # in C++ (the same exact types: hookless)
+            _tensorguard.usable() and set(map(type, ts)) <= _HOOKLESS) else None
+        plan.guard = None if made is None else (made, key, skey, len(ts))
     return gaddr, stores
 
 
