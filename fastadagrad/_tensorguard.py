@@ -79,40 +79,48 @@ def _guards_class() -> Any | None:
 
 def _self_check(cls: Any) -> str | None:
     """None if guards of ``cls`` accept tensors with the same metadata and reject each
-    change a repeated step relies on them to see; else what went wrong."""
-    def tensors() -> list[Any]:
-        return [torch.zeros(3, 3), torch.zeros(3, 3, dtype=torch.float64),
-                torch.nn.Parameter(torch.zeros(4)), torch.zeros(1)]
+    change a repeated step relies on them to see; else what went wrong. Every tensor
+    is made with an explicit dtype and device (a caller's ``torch.set_default_dtype``
+    or ``set_default_device`` must not make two of them alike), outside inference
+    mode (where every new tensor would be an inference tensor)."""
+    f32, f64 = torch.float32, torch.float64
 
-    with torch.inference_mode():
-        inference = torch.zeros(3, 3)
-    moved = tensors()
-    moved[0].data = torch.zeros(9)  # metadata changed in place, the same object
-    changes = {
-        "dtype": (0, torch.zeros(3, 3, dtype=torch.float64)),
-        "shape": (0, torch.zeros(1, 9)),
-        "strides": (0, torch.zeros(3, 3).t()),
-        "negative bit": (0, torch.zeros(3, 3)._neg_view()),
-        "inference tensor": (0, inference),
-        "layout": (0, torch.zeros(3, 3).to_sparse()),
-        "device": (0, torch.empty(3, 3, device="meta")),
-        "type (Parameter)": (1, torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))),
-        "type (plain tensor)": (2, torch.zeros(4, requires_grad=True)),
-    }
+    def z(*shape: int, dtype: Any = f32, **kw: Any) -> Any:
+        return torch.zeros(shape, dtype=dtype, device="cpu", **kw)
+
+    def tensors() -> list[Any]:
+        return [z(3, 3), z(3, 3, dtype=f64), torch.nn.Parameter(z(4)), z(1)]
+
     try:
-        base = tensors()
-        g = cls(*base, dynamic_dims_sizes=None, dynamic_dims_strides=None)
-        if not (g.check(*base) and g.check(*tensors())):
-            return "it rejected tensors with the same metadata"
-        for what, (i, x) in changes.items():
-            other = tensors()
-            other[i] = x
-            if g.check(*other):
-                return f"it did not see a changed {what}"
-        if g.check(*moved):
-            return "it did not see a tensor's .data replaced"
-        if holds(g, base[:-1]):
-            return "it accepted a shorter list"
+        with torch.inference_mode(False):
+            with torch.inference_mode():
+                inference = z(3, 3)
+            moved = tensors()
+            moved[0].data = z(9)  # metadata changed in place, the same object
+            changes = {
+                "dtype": (0, z(3, 3, dtype=f64)),
+                "shape": (0, z(1, 9)),
+                "strides": (0, z(3, 3).t()),
+                "negative bit": (0, z(3, 3)._neg_view()),
+                "inference tensor": (0, inference),
+                "layout": (0, z(3, 3).to_sparse()),
+                "device": (0, torch.empty(3, 3, dtype=f32, device="meta")),
+                "type (Parameter)": (1, torch.nn.Parameter(z(3, 3, dtype=f64))),
+                "type (plain tensor)": (2, z(4, requires_grad=True)),
+            }
+            base = tensors()
+            g = cls(*base, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+            if not (g.check(*base) and g.check(*tensors())):
+                return "it rejected tensors with the same metadata"
+            for what, (i, x) in changes.items():
+                other = tensors()
+                other[i] = x
+                if g.check(*other):
+                    return f"it did not see a changed {what}"
+            if g.check(*moved):
+                return "it did not see a tensor's .data replaced"
+            if holds(g, base[:-1]):
+                return "it accepted a shorter list"
     except Exception as exc:  # (any failure of a private API: say which, use Python)
         return f"its self-check raised {type(exc).__name__}: {exc}"
     return None

@@ -71,8 +71,9 @@ LIGHT_START: bool = os.environ.get("FASTADAGRAD_FULL_NUMBA_START", "") not in (
 #: layout, dtype, shape, strides, negative bit, inference) in one C++ call of torch's
 #: compiler guards (``_tensorguard.py``) instead of one Python call per tensor and
 #: property: the check of the 100-tensor model's 400 tensors took 295 -> 126 us on a
-#: 2-core Xeon. Used only where they pass a self-check in this process. ``FASTADAGRAD_NO_TORCH_GUARDS=1``
-#: turns it off (the Python checks then run at every step). Read at every step.
+#: 2-core Xeon. Used only where they pass a self-check in this process.
+#: ``FASTADAGRAD_NO_TORCH_GUARDS=1`` turns it off (the Python checks then run at every
+#: step). Read at every step.
 TORCH_GUARDS: bool = os.environ.get("FASTADAGRAD_NO_TORCH_GUARDS", "") not in (
     "1", "true", "yes")
 

@@ -1169,13 +1169,27 @@ def test_change_after_the_guard_was_built_is_torchs_outcome(
         assert_same(out, ref, change)
 
 
-def test_torch_guards_pass_their_self_check() -> None:
+@pytest.mark.parametrize("context", ["plain", "float64 default", "inference mode",
+                                     "autocast"])
+def test_torch_guards_pass_their_self_check(context: str) -> None:
     """torch's C++ tensor guards are there and see every change the repeated step
     relies on them for (this torch: where a new torch fails it, the Python checks run
-    and this test says which change it missed)."""
+    and this test says which change it missed), whatever the context of the first
+    step that runs the self-check (a caller's default dtype, inference mode and
+    autocast would otherwise make its tensors alike)."""
+    import contextlib
+
     from torch._C._dynamo.guards import TensorGuards
 
-    assert _tensorguard._self_check(TensorGuards) is None
+    if context == "float64 default":
+        torch.set_default_dtype(torch.float64)
+    ctx = {"inference mode": torch.inference_mode(), "autocast": torch.autocast("cpu")
+           }.get(context, contextlib.nullcontext())
+    try:
+        with ctx:
+            assert _tensorguard._self_check(TensorGuards) is None
+    finally:
+        torch.set_default_dtype(torch.float32)
     assert _tensorguard._guards_class() is TensorGuards
 
 
