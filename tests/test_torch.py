@@ -1193,6 +1193,28 @@ def test_torch_guards_pass_their_self_check(context: str) -> None:
     assert _tensorguard._guards_class() is TensorGuards
 
 
+def test_no_torch_guards_environment_variable() -> None:
+    """``FASTADAGRAD_NO_TORCH_GUARDS=1`` turns the C++ guards off: the repeated steps
+    keep no guard and check every tensor in Python."""
+    code = """
+import torch, fastadagrad.torch as FT
+from fastadagrad import config
+assert config.TORCH_GUARDS is False
+ps = [torch.nn.Parameter(torch.ones(5)) for _ in range(2)]
+opt = FT.Adagrad(ps, lr=0.1)
+for _ in range(4):
+    for p in ps:
+        p.grad = torch.ones(5)
+    opt.step()
+plan = opt._fastadagrad_plans[id(opt.param_groups[0])][1]
+assert plan.key is not None and plan.guard is None
+"""
+    import os
+
+    env = {**os.environ, "FASTADAGRAD_NO_TORCH_GUARDS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
 def test_guards_that_miss_a_change_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """A guard class that accepts anything (a torch whose guards changed) fails the
     self-check: a warning names it and the steps check the tensors in Python."""
