@@ -335,7 +335,9 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     ``count=False``: ``steps`` are only checked (the caller increments them): None where
     one lies inside a parameter or a state, as with ``count=True``.
     """
-    if pmeta is None and plan.dense is None and plan.key is not None:
+    repeated = pmeta is None  # (a repeated step's call: the next one will be too)
+    if repeated and plan.key is not None and (plan.dense is None
+                                              or plan.guard is not None):
         got = _unchanged(plan, params, grads, states, steps)
         if got is not None:  # (None: read everything again, below, and decide there)
             return _runner(plan, params, states, steps,
@@ -401,6 +403,9 @@ def prepare(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
         return None  # torch's single-tensor step: counted between the reads
     if steps is not None:
         stores += map(_storage, steps)  # (checked by _step_calls: each has one)
+    if repeated and plan.dense is not None:  # every check passed, strides included:
+        # the next steps check the metadata in C++ (:func:`_unchanged`)
+        _new_guard(plan, [*params, *states, *(steps or ()), *grads])
     return _runner(plan, params, states, steps, scalls, gaddr, formula, coefficients, count,
                    stores)
 
@@ -434,8 +439,8 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
     if guarded:
         if not _tensorguard.holds(g[0], ts):
             return None
-    elif not hookless(ts):
-        return None
+    elif plan.dense is not None or not hookless(ts):  # (dense: prepare's path checks
+        return None  # their strides, and keeps a guard)
     try:
         ptrs = list(map(_ptr, ts))
         stores = list(map(_storage, ts))
@@ -477,10 +482,17 @@ def _unchanged(plan: TensorPlan, params: Sequence[Any], grads: Sequence[Any],
                     _NONE if steps is None else plan.caddr[1]):
         return None
     if not guarded:  # every check passed in Python: the next steps check the metadata
-        made = _tensorguard.guard(ts) if (  # in C++ (the same exact types: hookless)
-            _tensorguard.usable() and set(map(type, ts)) <= _HOOKLESS) else None
-        plan.guard = None if made is None else (made, key, skey, len(ts))
+        _new_guard(plan, ts)  # in C++
     return gaddr, stores
+
+
+def _new_guard(plan: TensorPlan, ts: list[Any]) -> None:
+    """Keep a guard of ``ts`` (in :func:`_unchanged`'s order), every one of them
+    checked in this call against the plan's ``key`` and ``skey``, where the C++ guards
+    are used and every tensor is of a hookless type (the guard then sees a new type)."""
+    made = _tensorguard.guard(ts) if (
+        _tensorguard.usable() and set(map(type, ts)) <= _HOOKLESS) else None
+    plan.guard = None if made is None else (made, plan.key, plan.skey, len(ts))
 
 
 def _runner(plan: TensorPlan, params: Sequence[Any], states: Sequence[Any],

@@ -1169,6 +1169,57 @@ def test_change_after_the_guard_was_built_is_torchs_outcome(
         assert_same(out, ref, change)
 
 
+def _other_order(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory at its address, read in the contiguous order: another layout."""
+    return t.as_strided(t.shape, torch.empty(t.shape).stride())
+
+
+@pytest.mark.parametrize("guards", [True, False], ids=["guards", "python"])
+@pytest.mark.parametrize("mode", list(MODES), ids=str)
+@pytest.mark.parametrize("which", ["param", "sum", "grad"])
+def test_dense_layout_changed_after_the_guard_was_built_is_torchs_outcome(
+        which: str, mode: str, guards: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """channels_last tensors: after three steps (the guard is kept from the second),
+    one of them read at its address in another order. The outcome is torch's (or, with
+    fused=True, the adapter's refusal of tensors whose strides differ)."""
+    monkeypatch.setattr(config, "TORCH_GUARDS", guards)
+
+    def run(cls: type) -> tuple:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s).to(memory_format=torch.channels_last))
+              for s in ((6, 5, 3, 3), (4, 3, 2, 2))]
+        opt = cls(ps, lr=0.1, **MODES[mode])
+        try:
+            for step in range(5):
+                grads = [torch.randn(p.shape).to(memory_format=torch.channels_last)
+                         for p in ps]
+                if step == 3:
+                    if cls is FT.Adagrad:
+                        assert (_guard_of(opt) is not None) is guards
+                    if which == "param":
+                        ps[0].data = _other_order(ps[0].data)
+                    elif which == "sum":
+                        st = opt.state[ps[0]]
+                        st["sum"] = _other_order(st["sum"])
+                    else:
+                        grads[0] = _other_order(grads[0])
+                for p, g in zip(ps, grads):
+                    p.grad = g
+                opt.step()
+            err = None
+        except RuntimeError as e:
+            err = type(e)
+        return err, [t.detach().clone() for p in ps for t in (p, opt.state[p]["sum"])]
+
+    (err, out), (ref_err, ref) = run(FT.Adagrad), run(TORCH_OPT)
+    if mode == "fused":  # (test_fused_refuses_what_torchs_fused_kernel_mishandles)
+        assert (err, ref_err) == (RuntimeError, None)
+        return
+    assert err is ref_err
+    if err is None:
+        assert_same(out, ref, which)
+
+
 @pytest.mark.parametrize("context", ["plain", "float64 default", "inference mode",
                                      "autocast"])
 def test_torch_guards_pass_their_self_check(context: str) -> None:
