@@ -11,7 +11,10 @@ groups and their chunk tables) is kept in a :class:`TensorPlan`. The cache is ke
 the addresses, shapes and dtypes read again at every step, so a parameter whose storage
 was swapped (``p.data = ...``, ``load_state_dict``, ``resize_``) rebuilds the plan
 instead of being written through a stale address. Gradients are new tensors every step
-and are checked every step.
+and are checked every step. Once a step's tensors passed every check, the next steps
+read their metadata (type, device, layout, dtype, shape, strides, negative bit,
+inference) in one C++ call of a guard kept in the plan (:mod:`_tensorguard`), and only
+the addresses and storage sizes in Python.
 """
 
 from __future__ import annotations
