@@ -1126,6 +1126,45 @@ def _guard_of(opt: Any) -> Any:
     return None if plan is None else plan[1].guard
 
 
+def _changed_run(cls: type, ps: list[torch.Tensor], mode: str, guards: bool,
+                 grads_of: Callable[[list[torch.Tensor], int], list[torch.Tensor]],
+                 change: Callable[..., None]) -> tuple:
+    """Five steps of ``cls`` on ``ps``, ``change(opt, ps, grads)`` before the fourth
+    (for the adapter, once it keeps a guard, where ``guards``): the error type (or
+    None) and the params and sums."""
+    opt = cls(ps, lr=0.1, **MODES[mode])
+    try:
+        for step in range(5):
+            grads = grads_of(ps, step)
+            if step == 3:
+                if cls is FT.Adagrad:  # (the test means something: the check ran)
+                    assert (_guard_of(opt) is not None) is (
+                        guards and _tensorguard._guards_class() is not None)
+                change(opt, ps, grads)
+            for p, g in zip(ps, grads):
+                p.grad = g
+            opt.step()
+        err = None
+    except RuntimeError as e:
+        err = type(e)
+    sums = [opt.state[p]["sum"] for p in ps if "sum" in opt.state[p]]
+    return err, [t.detach().resolve_neg().clone() for t in [*ps, *sums]]
+
+
+def _assert_torchs_outcome(mine: tuple, torchs: tuple, what: str,
+                           refused: bool = False) -> None:
+    """The same error type, or none and the same bits; ``refused``: the adapter's
+    RuntimeError where torch's fused kernel pairs the wrong elements of tensors whose
+    strides differ (test_fused_refuses_what_torchs_fused_kernel_mishandles)."""
+    (err, out), (ref_err, ref) = mine, torchs
+    if refused:
+        assert (err, ref_err) == (RuntimeError, None)
+        return
+    assert err is ref_err
+    if err is None:  # (torch's implementation raises part-way through its writes)
+        assert_same(out, ref, what)
+
+
 @pytest.mark.parametrize("guards", [True, False], ids=["guards", "python"])
 @pytest.mark.parametrize("mode", list(MODES), ids=str)
 @pytest.mark.parametrize("change", list(GUARD_CHANGES))
@@ -1136,42 +1175,20 @@ def test_change_after_the_guard_was_built_is_torchs_outcome(
     metadata with the C++ guard (``guards``) or in Python: the outcome is torch's, the
     same error or the same bits."""
     monkeypatch.setattr(config, "TORCH_GUARDS", guards)
-
-    def run(cls: type) -> tuple:
-        ps = [p.requires_grad_() for p in _params(torch.float32, [(6, 6), (5,)])]
-        opt = cls(ps, lr=0.1, **MODES[mode])
-        try:
-            for step in range(5):
-                grads = _grads(ps, step)
-                if step == 3:
-                    if cls is FT.Adagrad:  # (the test means something: the check ran)
-                        assert (_guard_of(opt) is not None) is (
-                            guards and _tensorguard._guards_class() is not None)
-                    GUARD_CHANGES[change](opt, ps, grads)
-                for p, g in zip(ps, grads):
-                    p.grad = g
-                opt.step()
-            err = None
-        except RuntimeError as e:
-            err = type(e)
-        sums = [opt.state[p]["sum"] for p in ps if "sum" in opt.state[p]]
-        return err, [t.detach().resolve_neg().clone() for t in [*ps, *sums]]
-
-    (err, out), (ref_err, ref) = run(FT.Adagrad), run(TORCH_OPT)
-    if mode == "fused" and "transposed" in change:
-        # tensors of one parameter with different strides: torch's fused kernel pairs
-        # the wrong elements; the adapter refuses them, before writing
-        # (test_fused_refuses_what_torchs_fused_kernel_mishandles)
-        assert (err, ref_err) == (RuntimeError, None)
-        return
-    assert err is ref_err
-    if err is None:  # (torch's implementation raises part-way through its writes)
-        assert_same(out, ref, change)
+    mine, torchs = (_changed_run(cls, [p.requires_grad_() for p in _params(
+        torch.float32, [(6, 6), (5,)])], mode, guards, _grads, GUARD_CHANGES[change])
+        for cls in (FT.Adagrad, TORCH_OPT))
+    _assert_torchs_outcome(mine, torchs, change,
+                           refused=mode == "fused" and "transposed" in change)
 
 
 def _other_order(t: torch.Tensor) -> torch.Tensor:
     """``t``'s memory at its address, read in the contiguous order: another layout."""
     return t.as_strided(t.shape, torch.empty(t.shape).stride())
+
+
+def _channels_last_grads(ps: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    return [torch.randn(p.shape).to(memory_format=torch.channels_last) for p in ps]
 
 
 @pytest.mark.parametrize("guards", [True, False], ids=["guards", "python"])
@@ -1183,41 +1200,18 @@ def test_dense_layout_changed_after_the_guard_was_built_is_torchs_outcome(
     one of them read at its address in another order. The outcome is torch's (or, with
     fused=True, the adapter's refusal of tensors whose strides differ)."""
     monkeypatch.setattr(config, "TORCH_GUARDS", guards)
+    change = {"param": _mutate_param(_other_order),
+              "sum": _mutate_state("sum", _other_order),
+              "grad": _mutate_grad(_other_order)}[which]
 
     def run(cls: type) -> tuple:
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(s).to(memory_format=torch.channels_last))
               for s in ((6, 5, 3, 3), (4, 3, 2, 2))]
-        opt = cls(ps, lr=0.1, **MODES[mode])
-        try:
-            for step in range(5):
-                grads = [torch.randn(p.shape).to(memory_format=torch.channels_last)
-                         for p in ps]
-                if step == 3:
-                    if cls is FT.Adagrad:
-                        assert (_guard_of(opt) is not None) is guards
-                    if which == "param":
-                        ps[0].data = _other_order(ps[0].data)
-                    elif which == "sum":
-                        st = opt.state[ps[0]]
-                        st["sum"] = _other_order(st["sum"])
-                    else:
-                        grads[0] = _other_order(grads[0])
-                for p, g in zip(ps, grads):
-                    p.grad = g
-                opt.step()
-            err = None
-        except RuntimeError as e:
-            err = type(e)
-        return err, [t.detach().clone() for p in ps for t in (p, opt.state[p]["sum"])]
+        return _changed_run(cls, ps, mode, guards, _channels_last_grads, change)
 
-    (err, out), (ref_err, ref) = run(FT.Adagrad), run(TORCH_OPT)
-    if mode == "fused":  # (test_fused_refuses_what_torchs_fused_kernel_mishandles)
-        assert (err, ref_err) == (RuntimeError, None)
-        return
-    assert err is ref_err
-    if err is None:
-        assert_same(out, ref, which)
+    _assert_torchs_outcome(run(FT.Adagrad), run(TORCH_OPT), which,
+                           refused=mode == "fused")
 
 
 @pytest.mark.parametrize("context", ["plain", "float64 default", "inference mode",
